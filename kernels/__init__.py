@@ -1,0 +1,1 @@
+"""Triton kernels of lapo_fast (installed as lapo_fast.kernels)."""
