@@ -4,6 +4,7 @@
 
 #include "buffers.h"
 #include "procgen_engine.h"
+#include "vq_cpu.h"
 
 namespace py = pybind11;
 using lapo::checked_data;
@@ -84,6 +85,22 @@ class PyProcgenEngine {
   std::unique_ptr<lapo::ProcgenEngine> engine_;
 };
 
+template <typename T>
+T* ptr(uintptr_t address, const char* what) {
+  if (!address) throw py::value_error(std::string(what) + " is a null pointer");
+  return reinterpret_cast<T*>(address);
+}
+
+lapo::vq::Problem vq_problem(uintptr_t x, uintptr_t out, uintptr_t indices, uintptr_t codebook,
+                             int64_t batch, int G, int K, int d, int L, int64_t stride_b,
+                             int64_t stride_g, int64_t stride_k, int64_t stride_l) {
+  if (batch < 0 || G < 1 || K < 1 || d < 1 || L < 1)
+    throw py::value_error("vq: need batch >= 0 and G, K, d, L >= 1");
+  return {ptr<const float>(x, "x"), ptr<float>(out, "out"), ptr<int64_t>(indices, "indices"),
+          ptr<const float>(codebook, "codebook"), batch, G, K, d, L,
+          stride_b, stride_g, stride_k, stride_l};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -101,4 +118,43 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_envs", &PyProcgenEngine::num_envs)
       .def_property_readonly("num_threads", &PyProcgenEngine::num_threads)
       .def_property_readonly("closed", &PyProcgenEngine::closed);
+
+  // The fused CPU VQ kernel. Pointers are data_ptr()s of contiguous float32 / int64 CPU tensors
+  // that the caller (lapo_fast.ops.vq) has checked; work runs without the GIL.
+  m.def(
+      "vq_forward",
+      [](uintptr_t x, uintptr_t out, uintptr_t indices, uintptr_t codebook, uintptr_t counts,
+         uintptr_t sums, int64_t batch, int G, int K, int d, int L, int64_t stride_b,
+         int64_t stride_g, int64_t stride_k, int64_t stride_l, int num_threads) {
+        auto p = vq_problem(x, out, indices, codebook, batch, G, K, d, L, stride_b, stride_g,
+                            stride_k, stride_l);
+        if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
+        float* cnt = ptr<float>(counts, "counts");
+        float* sm = sums ? reinterpret_cast<float*>(sums) : nullptr;
+        lapo::vq::SearchResult r;
+        double perplexity = 0.0;
+        {
+          py::gil_scoped_release release;
+          r = lapo::vq::search(p, num_threads);
+          if (r.nonfinite == 0) perplexity = lapo::vq::accumulate(p, cnt, sm, num_threads);
+        }
+        return py::make_tuple(r.sq_err, r.nonfinite, perplexity);
+      },
+      "Nearest-code search, quantised output, indices, per-code counts (and sums if given). "
+      "Returns (sum of squared errors, rows with NaN/inf, perplexity); counts/sums are left "
+      "unwritten when a row is not finite.");
+  m.def(
+      "vq_ema_update",
+      [](uintptr_t counts, uintptr_t sums, uintptr_t ema_count, uintptr_t ema_weight,
+         uintptr_t codebook, int G, int K, int d, float decay, float eps) {
+        if (G < 1 || K < 1 || d < 1) throw py::value_error("vq: need G, K, d >= 1");
+        auto c = ptr<const float>(counts, "counts");
+        auto s = ptr<const float>(sums, "sums");
+        auto ec = ptr<float>(ema_count, "ema_count");
+        auto ew = ptr<float>(ema_weight, "ema_weight");
+        auto cb = ptr<float>(codebook, "codebook");
+        py::gil_scoped_release release;
+        lapo::vq::ema_update(G, K, d, c, s, ec, ew, cb, decay, eps);
+      },
+      "EMA codebook update with LAPO's semantics, in place.");
 }

@@ -1,0 +1,304 @@
+"""Fused EMA vector quantisation: one op, three backends.
+
+    out = vq_ema(x, codebook, ema_count, ema_weight, layout="lapo", num_latents=4)
+    out.quantized, out.indices, out.loss, out.perplexity
+
+Backends (``backend=``): "triton" (CUDA tensors; also CPU tensors under TRITON_INTERPRET=1),
+"cpu" (the C++ kernel in lapo_fast._C, AVX2 + threads), "reference" (pure PyTorch, the
+specification: lapo_fast/ops/vq_reference.py). "auto" picks triton on CUDA, cpu on CPU.
+
+Semantics are the reference LAPO code's (see vq_reference.py): argmin on the codebook before the
+update, straight-through gradient, commitment loss, EMA counts with Laplace smoothing. All
+accumulation is fp32 whatever the input dtype (bf16/fp16 accepted, e.g. under autocast); the
+codebook state is always fp32.
+
+NaN policy: a NaN or inf anywhere in x raises ValueError and leaves the codebook untouched (on CUDA
+this costs one host sync per call; ``check_finite=False`` skips it, and then non-finite rows are
+quantised as if their bad values were 0 and still update the codebook).
+
+DDP: when torch.distributed is initialised with more than one rank, the batch counts and sums are
+all-reduced before the EMA update, so every rank ends with the codebook one process would get on
+the joined batch. Dead-code refills and k-means init are broadcast from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .vq_layout import Layout
+from .vq_reference import vq_ema_reference
+
+
+class VQOutput(NamedTuple):
+    quantized: torch.Tensor   # like x, straight-through gradient
+    indices: torch.Tensor     # int64, (..., G) grouped or (B, G, L) lapo
+    loss: torch.Tensor        # commitment * mse(x, q), scalar
+    perplexity: torch.Tensor  # summed over groups, scalar
+
+
+@dataclass(frozen=True)
+class _Spec:
+    layout: Layout
+    training: bool
+    decay: float
+    eps: float
+    commitment: float
+    deterministic: bool
+    check_finite: bool
+    num_threads: int
+
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+def vq_ema(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    ema_count: torch.Tensor,
+    ema_weight: torch.Tensor,
+    *,
+    layout: str = "grouped",
+    num_latents: int = 1,
+    training: bool = True,
+    decay: float = 0.999,
+    eps: float = 1e-5,
+    commitment: float = 0.05,
+    backend: str = "auto",
+    deterministic: bool = False,
+    check_finite: bool = True,
+    num_threads: int | None = None,
+) -> VQOutput:
+    """EMA vector quantisation of x against G codebooks (G, K, d); updates the state if training."""
+    G, K, d = _check_state(codebook, ema_count, ema_weight)
+    if not torch.is_floating_point(x):
+        raise TypeError(f"vq_ema: x must be floating point, got {x.dtype}")
+    if x.device != codebook.device:
+        raise ValueError(f"vq_ema: x is on {x.device} but the codebook is on {codebook.device}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"vq_ema: decay must be in [0, 1), got {decay}")
+    lay = Layout.of(x, G, d, layout, num_latents)
+    backend = _resolve_backend(backend, x)
+    reduce = _all_reduce_fn() if training else None
+
+    if backend == "reference":
+        if check_finite and not torch.isfinite(x).all():
+            raise ValueError(_NONFINITE)
+        return VQOutput(*vq_ema_reference(
+            x, codebook, ema_count, ema_weight, lay, training=training, decay=decay, eps=eps,
+            commitment=commitment, all_reduce=reduce))
+
+    spec = _Spec(lay, training, float(decay), float(eps), float(commitment), deterministic,
+                 check_finite, num_threads or (os.cpu_count() or 1))
+    state = (codebook, ema_count, ema_weight)
+    if x.requires_grad and torch.is_grad_enabled():
+        q, idx, loss, perp = _VQFunction.apply(x, spec, backend, reduce, *state)
+    else:
+        q, idx, loss, perp = _fused_forward(x, spec, backend, reduce, *state)
+    return VQOutput(q, idx, loss, perp)
+
+
+_NONFINITE = "vq_ema: input latents contain NaN or inf; the codebook was not updated"
+
+
+def _check_state(codebook, ema_count, ema_weight):
+    if codebook.dim() != 3:
+        raise ValueError(f"vq_ema: codebook must be (groups, codes, dim), got {tuple(codebook.shape)}")
+    G, K, d = codebook.shape
+    for name, t, shape in (("codebook", codebook, (G, K, d)), ("ema_count", ema_count, (G, K)),
+                           ("ema_weight", ema_weight, (G, K, d))):
+        if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"vq_ema: {name} must be a contiguous float32 tensor of shape {shape}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+        if t.device != codebook.device:
+            raise ValueError(f"vq_ema: {name} is on {t.device}, codebook on {codebook.device}")
+    return G, K, d
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"vq_ema: unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "auto":
+        if x.is_cuda:
+            return "triton" if _triton_available() else "reference"
+        if x.device.type == "cpu":
+            return "cpu" if _cpu_kernel_available() else "reference"
+        return "reference"
+    if backend == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError("vq_ema: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"vq_ema: the cpu backend needs CPU tensors, got {x.device}")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import lapo_fast.kernels.vq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cpu_kernel_available() -> bool:
+    try:
+        from lapo_fast import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _all_reduce_fn():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+
+    def reduce(counts, sums):
+        dist.all_reduce(counts)
+        dist.all_reduce(sums)
+        return counts, sums
+
+    return reduce
+
+
+class _VQFunction(torch.autograd.Function):
+    """Straight-through output and commitment loss; the codebook learns by EMA, not by gradient."""
+
+    @staticmethod
+    def forward(ctx, x, spec, backend, reduce, codebook, ema_count, ema_weight):
+        q, idx, loss, perp = _fused_forward(x, spec, backend, reduce, codebook, ema_count, ema_weight)
+        ctx.save_for_backward(x, q)
+        ctx.coef = 2.0 * spec.commitment / max(x.numel(), 1)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(idx, perp)
+        return q, idx, loss, perp
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_perp):
+        x, q = ctx.saved_tensors
+        if grad_q is None:
+            grad_q = torch.zeros_like(x)
+        if grad_loss is None:
+            return grad_q, None, None, None, None, None, None
+        coef = grad_loss.float() * ctx.coef
+        if ctx.backend == "triton":
+            from lapo_fast.kernels.vq import vq_backward_kernel
+
+            grad_q = grad_q.contiguous()
+            grad_x = torch.empty_like(x)
+            block = 1024
+            grid = (triton_cdiv(x.numel(), block),)
+            vq_backward_kernel[grid](grad_q, x, q, grad_x, coef.reshape(1), x.numel(), BLOCK=block)
+        else:
+            grad_x = (grad_q.float() + coef * (x.float() - q.float())).to(x.dtype)
+        return grad_x, None, None, None, None, None, None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_weight):
+    x = x.detach().contiguous()
+    if backend == "triton":
+        q, idx, sq_err, counts, sums = _triton_search(x, spec, codebook)
+        if reduce is not None:
+            counts, sums = reduce(counts, sums)
+        # One launch: perplexity of the (all-reduced) counts and, when training, the EMA update.
+        perplexity = _triton_finalize(spec, counts, sums, codebook, ema_count, ema_weight)
+    else:
+        q, idx, sq_err, perplexity, counts, sums = _cpu_forward(x, spec, codebook)
+        if reduce is not None:
+            counts, sums = reduce(counts, sums)
+            perplexity = _perplexity(counts)
+        if spec.training:
+            from lapo_fast import _C
+
+            G, K, d = codebook.shape
+            _C.vq_ema_update(counts.data_ptr(), sums.data_ptr(), ema_count.data_ptr(),
+                             ema_weight.data_ptr(), codebook.data_ptr(), G, K, d, spec.decay, spec.eps)
+    loss = sq_err * (spec.commitment / max(x.numel(), 1))
+    return q, idx, loss, perplexity
+
+
+def _perplexity(counts: torch.Tensor) -> torch.Tensor:
+    probs = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(-(probs * torch.log(probs + 1e-10)).sum(-1)).sum()
+
+
+def _cpu_forward(x, spec: _Spec, codebook):
+    from lapo_fast import _C
+
+    lay = spec.layout
+    G, K, d = codebook.shape
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = torch.empty_like(xf)
+    idx = torch.empty(lay.indices_shape, dtype=torch.int64)
+    counts = torch.empty(G, K)
+    sums = torch.empty(G, K, d) if spec.training else None
+    sq_err, nonfinite, perplexity = _C.vq_forward(
+        xf.data_ptr(), out.data_ptr(), idx.data_ptr(), codebook.data_ptr(), counts.data_ptr(),
+        0 if sums is None else sums.data_ptr(), lay.batch, G, K, d, lay.L, *lay.strides(),
+        spec.num_threads)
+    if nonfinite and spec.check_finite:
+        raise ValueError(_NONFINITE)
+    return (out.to(x.dtype), idx, torch.tensor(sq_err, dtype=torch.float32),
+            torch.tensor(perplexity, dtype=torch.float32), counts, sums)
+
+
+def _search_blocks(K: int, d: int) -> tuple[int, int, int]:
+    block_d = max(16, 1 << (d - 1).bit_length())
+    block_k = max(16, min(64, 1 << (K - 1).bit_length()))
+    block_n = 64 if block_d <= 64 else 32
+    return block_n, block_k, block_d
+
+
+def _triton_search(x, spec: _Spec, codebook):
+    from lapo_fast.kernels.vq import vq_search_kernel
+
+    lay = spec.layout
+    G, K, d = codebook.shape
+    dev = x.device
+    block_n, block_k, block_d = _search_blocks(K, d)
+    tiles = max(1, triton_cdiv(lay.rows, block_n))
+    out = torch.empty_like(x)
+    idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
+    cnorm = (codebook * codebook).sum(-1)
+    err = torch.empty(G, tiles, device=dev)
+    bad = torch.empty(G, tiles, dtype=torch.int32, device=dev)
+    acc_shape = (tiles, G, K) if spec.deterministic else (G, K)
+    alloc = torch.empty if spec.deterministic else torch.zeros  # partials are fully overwritten
+    counts = alloc(acc_shape, device=dev)
+    sums = alloc((*acc_shape, d), device=dev) if spec.training else None
+    vq_search_kernel[(tiles, G)](
+        x, out, idx, codebook, cnorm, counts, counts if sums is None else sums, err, bad,
+        lay.rows, K, d, G, lay.L, *lay.strides(),
+        ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+    )
+    if spec.check_finite and int(bad.sum()) > 0:
+        raise ValueError(_NONFINITE)
+    if spec.deterministic:
+        counts = counts.sum(0)
+        sums = sums.sum(0) if sums is not None else None
+    return out, idx, err.sum(), counts, sums
+
+
+def _triton_finalize(spec, counts, sums, codebook, ema_count, ema_weight):
+    from lapo_fast.kernels.vq import vq_ema_finalize_kernel
+
+    G, K, d = codebook.shape
+    perplexity = torch.empty(G, device=codebook.device)
+    update = spec.training
+    unused = counts  # pointer arguments the kernel does not touch when not updating
+    vq_ema_finalize_kernel[(G,)](
+        counts.contiguous(), sums.contiguous() if update else unused,
+        ema_count if update else unused, ema_weight if update else unused, codebook, perplexity,
+        K, d, spec.decay, spec.eps,
+        UPDATE=update, BLOCK_K=min(64, max(16, 1 << (K - 1).bit_length())),
+        BLOCK_D=max(16, min(64, 1 << (d - 1).bit_length())),
+    )
+    return perplexity.sum()
