@@ -1,0 +1,256 @@
+"""The fused VQ-EMA op (C++ on CPU, Triton interpreted on CPU) against the PyTorch reference."""
+
+import os
+
+import pytest
+import torch
+
+from lapo_fast.ops import VectorQuantizerEMA, vq_ema
+from lapo_fast.ops.vq_layout import Layout
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_state(G, K, d, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    cb = (torch.rand(G, K, d, generator=g) * 2 - 1) * (5.0 / K)
+    return [t.to(device) for t in (cb, torch.zeros(G, K), cb.clone())]
+
+
+def make_x(layout, B, G, d, L, seed, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    D = G * d * L
+    # Clustered latents, so codes see real use rather than one code taking everything.
+    centres = torch.randn(8, D, generator=g)
+    x = centres[torch.randint(8, (B,), generator=g)] + 0.3 * torch.randn(B, D, generator=g)
+    return (0.1 * x).to(device=device, dtype=dtype)
+
+
+def assert_indices_equivalent(x, layout, codebook, idx_a, idx_b):
+    """Indices may differ only where two codes are (numerically) equally near: compare distances."""
+    rows = layout.to_groups(x.detach()).double()                        # (G, N, d)
+    cb = codebook.double()
+    dist = torch.cdist(rows, cb) ** 2                                    # (G, N, K)
+    flat = lambda idx: (idx.reshape(-1, layout.G).T if layout.kind == "grouped"  # noqa: E731
+                        else idx.permute(1, 0, 2).reshape(layout.G, -1))
+    da = dist.gather(-1, flat(idx_a).unsqueeze(-1)).squeeze(-1)
+    db = dist.gather(-1, flat(idx_b).unsqueeze(-1)).squeeze(-1)
+    best = dist.min(-1).values
+    tol = 1e-5 * (1 + rows.pow(2).sum(-1) + cb.pow(2).sum(-1).max())
+    assert ((da - best).abs() <= tol).all() and ((db - best).abs() <= tol).all()
+    assert (flat(idx_a) != flat(idx_b)).float().mean() < 0.01
+
+
+def run_pair(backend, layout, B, G, K, d, L, steps=3, dtype=torch.float32, training=True,
+             device="cpu", **kw):
+    ref_state = make_state(G, K, d)
+    fused_state = [t.clone().to(device) for t in ref_state]
+    compared_steps = 0
+    for step in range(steps):
+        x = make_x(layout, B, G, d, L, seed=step, dtype=dtype)
+        lay = Layout.of(x, G, d, layout, L)
+        cb_before = ref_state[0].clone()
+        xr = x.clone().requires_grad_()
+        xf = x.clone().to(device).requires_grad_()
+        r = vq_ema(xr, *ref_state, layout=layout, num_latents=L, backend="reference", training=training)
+        f = vq_ema(xf, *fused_state, layout=layout, num_latents=L, backend=backend, training=training, **kw)
+        assert f.quantized.dtype == x.dtype and f.quantized.shape == x.shape
+        assert f.indices.shape == r.indices.shape and f.indices.dtype == torch.int64
+        assert_indices_equivalent(x.float(), lay, cb_before, r.indices, f.indices.cpu())
+        same = (r.indices == f.indices.cpu())
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(f.loss.cpu(), r.loss.detach(), rtol=1e-3, atol=1e-6)
+        if same.all():
+            compared_steps += 1
+            torch.testing.assert_close(f.quantized.cpu(), r.quantized.detach(), **tol)
+            torch.testing.assert_close(f.perplexity.cpu(), r.perplexity, rtol=1e-4, atol=1e-4)
+            for name, a, b in zip(("codebook", "ema_count", "ema_weight"), fused_state, ref_state):
+                scale = b.abs().max().item() + 1e-6
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-4 * scale, msg=name)
+        else:
+            # A near-tie went the other way (checked above): one row moves between two codes, which
+            # legitimately changes the EMA state; continue both from the reference's state.
+            for a, b in zip(fused_state, ref_state):
+                a.copy_(b.to(a.device))
+        if training:
+            upstream = torch.randn_like(r.quantized.float()).to(dtype)
+            (r.quantized * upstream).sum().add(r.loss * 3).backward()
+            (f.quantized * upstream.to(device)).sum().add(f.loss * 3).backward()
+            if same.all():
+                torch.testing.assert_close(xf.grad.cpu(), xr.grad, **tol)
+    assert compared_steps >= 1, "every step hit a near-tie: the test data is degenerate"
+    return ref_state, fused_state
+
+
+CPU_SHAPES = [
+    # layout, B, G, K, d, L
+    ("lapo", 128, 2, 64, 16, 4),
+    ("lapo", 1, 2, 64, 16, 4),
+    ("grouped", 1, 1, 8, 4, 1),
+    ("grouped", 1000, 3, 100, 33, 1),
+    ("grouped", 65536, 1, 64, 16, 1),
+    ("grouped", 300, 1, 4096, 8, 1),
+    ("grouped", 200, 1, 16, 256, 1),
+]
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_cpu_kernel_matches_reference(shape):
+    run_pair("cpu", *shape)
+
+
+TRITON_SHAPES = [
+    ("lapo", 6, 2, 64, 16, 4),
+    ("grouped", 1, 1, 8, 4, 1),
+    ("grouped", 70, 2, 100, 33, 1),  # several code tiles, masked dims, a partial row tile
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_triton_kernel_matches_reference(shape, deterministic):
+    run_pair("triton", *shape, steps=2, device=TRITON_DEVICE, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    run_pair("cpu", "lapo", 64, 2, 64, 16, 4, steps=2, dtype=dtype)
+
+
+def test_triton_half_inputs():
+    run_pair("triton", "grouped", 20, 1, 16, 16, 1, steps=1, dtype=torch.float16, device=TRITON_DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_eval_mode_leaves_state_alone(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    ref, fused = run_pair(backend, "lapo", 16, 2, 64, 16, 4, steps=1, training=False, device=device)
+    init = make_state(2, 64, 16)
+    for a, b in zip(fused, init):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_cpu_kernel_is_deterministic_across_thread_counts():
+    x = make_x("grouped", 20000, 2, 16, 1, seed=3)
+    results = []
+    for threads in (1, 2, 3):
+        state = make_state(2, 64, 16)
+        out = vq_ema(x, *state, backend="cpu", num_threads=threads)
+        results.append((out, state))
+    for out, state in results[1:]:
+        assert torch.equal(out.indices, results[0][0].indices)
+        for a, b in zip(state, results[0][1]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_ties_go_to_the_lowest_index(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    cb = torch.zeros(1, 20, 4)
+    cb[0, 3] = cb[0, 11] = cb[0, 17] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    state = [cb.to(device), torch.ones(1, 20, device=device), cb.clone().to(device)]
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.0, 0.0]], device=device)
+    out = vq_ema(x, *state, backend=backend, training=False)
+    assert out.indices.flatten().tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_input_raises_and_keeps_state(backend, bad):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    state = make_state(2, 64, 16, device=device)
+    before = [t.clone() for t in state]
+    x = make_x("lapo", 8, 2, 16, 4, seed=0, device=device)
+    x[3, 17] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        vq_ema(x, *state, layout="lapo", num_latents=4, backend=backend)
+    for a, b in zip(state, before):
+        assert torch.equal(a, b)
+
+
+def test_bad_arguments_raise():
+    state = make_state(2, 64, 16)
+    x = torch.randn(4, 128)
+    with pytest.raises(ValueError, match="lapo layout"):
+        vq_ema(torch.randn(4, 100), *state, layout="lapo", num_latents=4)
+    with pytest.raises(ValueError, match="grouped layout"):
+        vq_ema(torch.randn(4, 31), *state)
+    with pytest.raises(TypeError, match="floating"):
+        vq_ema(torch.ones(4, 32, dtype=torch.int64), *state)
+    with pytest.raises(ValueError, match="float32"):
+        vq_ema(x, state[0].double(), state[1], state[2], layout="lapo", num_latents=4)
+    with pytest.raises(ValueError, match="unknown backend"):
+        vq_ema(x, *state, layout="lapo", num_latents=4, backend="magic")
+    with pytest.raises(ValueError, match="unknown layout"):
+        vq_ema(x, *state, layout="sideways")
+    with pytest.raises(ValueError, match="decay"):
+        vq_ema(x, *state, layout="lapo", num_latents=4, decay=1.5)
+    m = VectorQuantizerEMA()
+    with pytest.raises(ValueError, match="indices"):
+        m.lookup(torch.full((2, 2, 4), 64))
+
+
+def test_module_matches_functional_and_lookup_inverts():
+    torch.manual_seed(0)
+    m = VectorQuantizerEMA(backend="cpu").eval()
+    ref_state = [m.codebook.clone(), m.ema_count.clone(), m.ema_weight.clone()]
+    x = make_x("lapo", 32, 2, 16, 4, seed=1)
+    out = m(x)
+    ref = vq_ema(x, *ref_state, layout="lapo", num_latents=4, backend="reference", training=False)
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(m.lookup(out.indices), out.quantized)
+
+
+def test_dead_codes_are_refilled_from_the_batch():
+    m = VectorQuantizerEMA(1, 32, 8, 1, layout="grouped", dead_code_threshold=1.0, backend="cpu", decay=0.5)
+    x = torch.randn(64, 8) * 0.01 + 3.0  # far from every initial code: one code takes all
+    live_before = None
+    out = m(x)
+    assert (m.ema_count >= 1.0 - 1e-6).all()
+    rows = x.double()
+    refilled = (m.ema_count[0] == 1.0).nonzero().squeeze(1)
+    assert refilled.numel() >= 30
+    for k in refilled.tolist():  # every refilled code is one of the batch's rows
+        assert (rows - m.codebook[0, k].double()).abs().sum(-1).min() < 1e-6
+    torch.testing.assert_close(m.ema_weight[0, refilled], m.codebook[0, refilled] * 1.0)
+    assert live_before is None and out.perplexity.item() == pytest.approx(1.0)
+    # The refill spreads the next batch over many codes.
+    assert m(x).perplexity.item() > 10
+
+
+def test_kmeans_init_fits_the_first_batch():
+    x = make_x("grouped", 2000, 1, 16, 1, seed=5)
+    plain = VectorQuantizerEMA(1, 8, 16, 1, layout="grouped", backend="cpu")
+    km = VectorQuantizerEMA(1, 8, 16, 1, layout="grouped", backend="cpu", kmeans_init=True)
+    err_plain = plain.eval()(x).loss.item()
+    km.train()(x)
+    assert bool(km.initialized)
+    assert km.eval()(x).loss.item() < 0.2 * err_plain
+
+
+def _ddp_worker(rank, world, init_file, backend, x, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    state = make_state(2, 64, 16)
+    half = x.shape[0] // world
+    for _ in range(2):
+        vq_ema(x[rank * half:(rank + 1) * half], *state, layout="lapo", num_latents=4, backend=backend)
+    torch.save(state, os.path.join(out_dir, f"state{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_ddp_two_ranks_equal_one_process_on_the_joined_batch(tmp_path, backend):
+    import torch.multiprocessing as mp
+
+    x = make_x("lapo", 64, 2, 16, 4, seed=7)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), backend, x, str(tmp_path)), nprocs=2)
+    single = make_state(2, 64, 16)
+    for _ in range(2):
+        vq_ema(x, *single, layout="lapo", num_latents=4, backend="reference")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"state{rank}.pt")
+        for a, b in zip(got, single):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
