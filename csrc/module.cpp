@@ -131,18 +131,18 @@ PYBIND11_MODULE(_C, m) {
         if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
         float* cnt = ptr<float>(counts, "counts");
         float* sm = sums ? reinterpret_cast<float*>(sums) : nullptr;
-        lapo::vq::SearchResult r;
-        double perplexity = 0.0;
+        lapo::vq::ForwardResult r;
         {
           py::gil_scoped_release release;
-          r = lapo::vq::search(p, num_threads);
-          if (r.nonfinite == 0) perplexity = lapo::vq::accumulate(p, cnt, sm, num_threads);
+          r = lapo::vq::forward(p, cnt, sm, num_threads);
         }
-        return py::make_tuple(r.sq_err, r.nonfinite, perplexity);
+        return py::make_tuple(r.sq_err, r.nonfinite, r.perplexity);
       },
       "Nearest-code search, quantised output, indices, per-code counts (and sums if given). "
       "Returns (sum of squared errors, rows with NaN/inf, perplexity); counts/sums are left "
       "unwritten when a row is not finite.");
+  m.def("vq_cpu_kernel", [] { return lapo::vq::has_avx2() ? "avx2" : "portable"; },
+        "Which CPU search kernel this machine runs.");
   m.def(
       "vq_ema_update",
       [](uintptr_t counts, uintptr_t sums, uintptr_t ema_count, uintptr_t ema_weight,

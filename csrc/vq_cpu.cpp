@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -14,9 +15,13 @@ namespace lapo::vq {
 
 namespace {
 
-constexpr int kLanes = 8;    // codes per AVX2 register
-constexpr int kRowBlock = 4;  // rows searched together, sharing each codebook load
-constexpr int64_t kRowsPerTask = 2048;
+constexpr int kLanes = 8;                 // codes per AVX2 register
+constexpr int kCodeBlock = 2 * kLanes;    // codes per micro-kernel step
+constexpr int kRowBlock = 4;              // rows sharing each codebook load
+constexpr int64_t kMinRowsPerTask = 2048;
+constexpr size_t kPartialBudget = size_t(4) << 20;  // floats of per-task partial sums, in all
+constexpr size_t kTileFloats = 32768;     // codebook floats per cache tile (128 KB)
+constexpr double kParallelWork = 1 << 21; // rows*K*d below which one thread is faster
 
 ThreadPool& pool(int num_threads) {
   // One pool per thread count, kept for the process: creating threads per call would cost more
@@ -29,218 +34,281 @@ ThreadPool& pool(int num_threads) {
   return *pools[num_threads];
 }
 
-// The codebook of one group transposed to (d, Kpad) with ||c||^2 per code; padding codes have
-// +inf norm, so they never win.
+// The codebook of one group, cut into cache tiles of `tile` codes; each tile is stored
+// transposed and contiguous, (d, width), so a scan streams through it (a whole-codebook transpose
+// would put successive dims a power-of-two stride apart and thrash the cache sets). Padding codes
+// have +inf norm, so they never win.
 struct PackedCodebook {
-  int K, Kpad, d;
-  std::vector<float> ct;     // [j * Kpad + k]
+  int K, Kpad, d, tile;
+  std::vector<float> ct;     // tile at k0 starts at k0 * d: [j * width + (k - k0)]
   std::vector<float> norms;  // [k]
 
   PackedCodebook(const float* codes, int K_, int d_)
-      : K(K_), Kpad((K_ + kLanes - 1) / kLanes * kLanes), d(d_),
+      : K(K_), Kpad((K_ + kCodeBlock - 1) / kCodeBlock * kCodeBlock), d(d_),
+        tile(std::max<int>(kCodeBlock, static_cast<int>(kTileFloats / d_) / kCodeBlock * kCodeBlock)),
         ct(static_cast<size_t>(d_) * Kpad, 0.f),
         norms(Kpad, std::numeric_limits<float>::infinity()) {
     for (int k = 0; k < K; ++k) {
       float s = 0.f;
+      const int k0 = k / tile * tile, width = this->width(k0);
       for (int j = 0; j < d; ++j) {
         float c = codes[static_cast<size_t>(k) * d + j];
-        ct[static_cast<size_t>(j) * Kpad + k] = c;
+        ct[static_cast<size_t>(k0) * d + static_cast<size_t>(j) * width + (k - k0)] = c;
         s += c * c;
       }
       norms[k] = s;
     }
   }
+  int width(int k0) const { return std::min(tile, Kpad - k0); }
+  float at(int j, int k) const {
+    const int k0 = k / tile * tile;
+    return ct[static_cast<size_t>(k0) * d + static_cast<size_t>(j) * width(k0) + (k - k0)];
+  }
 };
 
-// Nearest code for R rows (each d contiguous floats in rows[r*d..]): dist = ||c||^2 - 2 x.c.
-template <int R>
-void nearest_portable(const PackedCodebook& cb, const float* rows, int32_t* best) {
-  float best_val[R];
-  for (int r = 0; r < R; ++r) {
-    best_val[r] = std::numeric_limits<float>::infinity();
-    best[r] = 0;
-  }
+// Portable search of one row (d floats, pre-scaled by 2): dist = ||c||^2 - 2 x.c.
+int32_t nearest_portable(const PackedCodebook& cb, const float* x2) {
+  float best_val = std::numeric_limits<float>::infinity();
+  int32_t best = 0;
   for (int k = 0; k < cb.K; ++k) {
-    float acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = cb.norms[k];
-    for (int j = 0; j < cb.d; ++j) {
-      float c = cb.ct[static_cast<size_t>(j) * cb.Kpad + k];
-      for (int r = 0; r < R; ++r) acc[r] -= 2.f * rows[r * cb.d + j] * c;
-    }
-    for (int r = 0; r < R; ++r)
-      if (acc[r] < best_val[r]) best_val[r] = acc[r], best[r] = k;
+    float acc = cb.norms[k];
+    for (int j = 0; j < cb.d; ++j) acc -= x2[j] * cb.at(j, k);
+    if (acc < best_val) best_val = acc, best = k;
   }
+  return best;
 }
 
-template <int R>
-__attribute__((target("avx2,fma"))) void nearest_avx2(const PackedCodebook& cb, const float* rows,
-                                                      int32_t* best) {
-  __m256 best_val[R];
-  __m256i best_idx[R];
+// R rows (x2: R*d floats, pre-scaled by 2) against the tile of codes [k0, k0 + width),
+// updating per-row, per-lane running minima (best_val/best_idx: R*8 each). Lanes see their codes
+// in ascending order and replace only on strictly smaller distance, so ties keep the lowest index.
+// D > 0 fixes d at compile time (fully unrolled dims, e.g. LAPO's 16); D == 0 reads cb.d.
+template <int R, int D>
+__attribute__((target("avx2,fma"))) void scan_avx2(const PackedCodebook& cb, const float* x2,
+                                                   int k0, float* best_val, int32_t* best_idx) {
+  __m256 bv[R];
+  __m256i bi[R];
   for (int r = 0; r < R; ++r) {
-    best_val[r] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    best_idx[r] = _mm256_setzero_si256();
+    bv[r] = _mm256_loadu_ps(best_val + r * kLanes);
+    bi[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(best_idx + r * kLanes));
   }
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int kb = 0; kb < cb.Kpad; kb += kLanes) {
-    __m256 acc[R];
-    const __m256 norm = _mm256_loadu_ps(cb.norms.data() + kb);
-    for (int r = 0; r < R; ++r) acc[r] = norm;
-    const float* col = cb.ct.data() + kb;
-    for (int j = 0; j < cb.d; ++j) {
-      const __m256 c = _mm256_loadu_ps(col + static_cast<size_t>(j) * cb.Kpad);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(2.f * rows[r * cb.d + j]), c, acc[r]);
+  const size_t stride = cb.width(k0);
+  const float* tile = cb.ct.data() + static_cast<size_t>(k0) * cb.d;
+  for (int kb = k0; kb < k0 + static_cast<int>(stride); kb += kCodeBlock) {
+    __m256 acc0[R], acc1[R];
+    const __m256 n0 = _mm256_loadu_ps(cb.norms.data() + kb);
+    const __m256 n1 = _mm256_loadu_ps(cb.norms.data() + kb + kLanes);
+    for (int r = 0; r < R; ++r) acc0[r] = n0, acc1[r] = n1;
+    const float* col = tile + (kb - k0);
+    const int d = D > 0 ? D : cb.d;
+    for (int j = 0; j < d; ++j) {
+      const __m256 c0 = _mm256_loadu_ps(col + j * stride);
+      const __m256 c1 = _mm256_loadu_ps(col + j * stride + kLanes);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x2 + r * d + j);
+        acc0[r] = _mm256_fnmadd_ps(xv, c0, acc0[r]);
+        acc1[r] = _mm256_fnmadd_ps(xv, c1, acc1[r]);
+      }
     }
-    const __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(kb));
+    const __m256i i0 = _mm256_add_epi32(lane, _mm256_set1_epi32(kb));
+    const __m256i i1 = _mm256_add_epi32(i0, _mm256_set1_epi32(kLanes));
     for (int r = 0; r < R; ++r) {
-      // Strictly less: each lane keeps the first (lowest) code among equal distances.
-      const __m256 lt = _mm256_cmp_ps(acc[r], best_val[r], _CMP_LT_OQ);
-      best_val[r] = _mm256_blendv_ps(best_val[r], acc[r], lt);
-      best_idx[r] = _mm256_castps_si256(
-          _mm256_blendv_ps(_mm256_castsi256_ps(best_idx[r]), _mm256_castsi256_ps(idx), lt));
+      __m256 lt = _mm256_cmp_ps(acc0[r], bv[r], _CMP_LT_OQ);
+      bv[r] = _mm256_blendv_ps(bv[r], acc0[r], lt);
+      bi[r] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi[r]), _mm256_castsi256_ps(i0), lt));
+      lt = _mm256_cmp_ps(acc1[r], bv[r], _CMP_LT_OQ);
+      bv[r] = _mm256_blendv_ps(bv[r], acc1[r], lt);
+      bi[r] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi[r]), _mm256_castsi256_ps(i1), lt));
     }
   }
   for (int r = 0; r < R; ++r) {
-    alignas(32) float v[kLanes];
-    alignas(32) int32_t ix[kLanes];
-    _mm256_store_ps(v, best_val[r]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ix), best_idx[r]);
-    int b = 0;
-    for (int i = 1; i < kLanes; ++i)
-      if (v[i] < v[b] || (v[i] == v[b] && ix[i] < ix[b])) b = i;
-    best[r] = ix[b];
+    _mm256_storeu_ps(best_val + r * kLanes, bv[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(best_idx + r * kLanes), bi[r]);
   }
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
-template <int R>
-void nearest(const PackedCodebook& cb, const float* rows, int32_t* best) {
-  if (has_avx2()) {
-    nearest_avx2<R>(cb, rows, best);
-  } else {
-    nearest_portable<R>(cb, rows, best);
-  }
-}
-
-inline int64_t x_offset(const Problem& p, int g, int64_t n) {
-  const int64_t b = n / p.L, l = n % p.L;
-  return b * p.stride_b + g * p.stride_g + l * p.stride_l;
-}
-
-inline int64_t index_offset(const Problem& p, int g, int64_t n) {
-  const int64_t b = n / p.L, l = n % p.L;
-  return (b * p.G + g) * p.L + l;
-}
-
-// Copies row n of group g into dst (d floats); returns false if any value is not finite.
-inline bool gather_row(const Problem& p, int g, int64_t n, float* dst) {
-  const float* src = p.x + x_offset(p, g, n);
-  bool finite = true;
-  for (int j = 0; j < p.d; ++j) {
-    dst[j] = src[j * p.stride_k];
-    finite &= std::isfinite(dst[j]);
-  }
-  return finite;
 }
 
 }  // namespace
 
-SearchResult search(const Problem& p, int num_threads) {
+bool has_avx2() {
+  // __builtin_cpu_init is needed in a dlopen'ed extension: without it the feature bits libgcc
+  // links into this .so may still be unset, and every CPU would look like it lacks AVX2.
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+
+namespace {
+
+// Per-thread working buffers, kept between calls so the hot loop neither allocates nor clears.
+struct Scratch {
+  std::vector<float> x, x2, bv;
+  std::vector<int32_t> bi, best;
+  std::vector<int64_t> x_off, i_off;
+  void resize(int n, int d) {
+    const size_t nd = static_cast<size_t>(n) * d;
+    if (x.size() < nd) x.resize(nd), x2.resize(nd);
+    if (best.size() < static_cast<size_t>(n)) {
+      best.resize(n), x_off.resize(n), i_off.resize(n);
+      bv.resize(static_cast<size_t>(n) * kLanes), bi.resize(static_cast<size_t>(n) * kLanes);
+    }
+  }
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// Nearest codes for `rows` rows (x2: rows*d, pre-scaled by 2), cache-tiled over the codebook.
+void nearest_rows(const PackedCodebook& cb, const float* x2, int rows, int32_t* out, Scratch& sc) {
+  if (!has_avx2()) {
+    for (int r = 0; r < rows; ++r) out[r] = nearest_portable(cb, x2 + static_cast<size_t>(r) * cb.d);
+    return;
+  }
+  float* bv = sc.bv.data();
+  int32_t* bi = sc.bi.data();
+  std::fill(bv, bv + static_cast<size_t>(rows) * kLanes, std::numeric_limits<float>::infinity());
+  std::fill(bi, bi + static_cast<size_t>(rows) * kLanes, 0);
+  const auto block = cb.d == 16 ? scan_avx2<kRowBlock, 16> : scan_avx2<kRowBlock, 0>;
+  const auto single = cb.d == 16 ? scan_avx2<1, 16> : scan_avx2<1, 0>;
+  for (int k0 = 0; k0 < cb.Kpad; k0 += cb.tile) {
+    int r = 0;
+    for (; r + kRowBlock <= rows; r += kRowBlock)
+      block(cb, x2 + static_cast<size_t>(r) * cb.d, k0, &bv[r * kLanes], &bi[r * kLanes]);
+    for (; r < rows; ++r)
+      single(cb, x2 + static_cast<size_t>(r) * cb.d, k0, &bv[r * kLanes], &bi[r * kLanes]);
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float* v = &bv[r * kLanes];
+    const int32_t* ix = &bi[r * kLanes];
+    int b = 0;
+    for (int i = 1; i < kLanes; ++i)
+      if (v[i] < v[b] || (v[i] == v[b] && ix[i] < ix[b])) b = i;
+    out[r] = ix[b];
+  }
+}
+
+}  // namespace
+
+ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads) {
   const int64_t rows = p.batch * p.L;
   std::vector<PackedCodebook> packed;
   packed.reserve(p.G);
   for (int g = 0; g < p.G; ++g) packed.emplace_back(p.codebook + static_cast<size_t>(g) * p.K * p.d, p.K, p.d);
 
-  const int64_t chunks = std::max<int64_t>(1, (rows + kRowsPerTask - 1) / kRowsPerTask);
+  // Row chunks per group: enough for the threads, few enough that the per-chunk partial sums
+  // stay within budget. Depends on the problem only, so results don't depend on thread count.
+  const size_t code_floats = static_cast<size_t>(p.K) * p.d;
+  const int64_t max_chunks = std::max<int64_t>(1, static_cast<int64_t>(kPartialBudget / code_floats / p.G));
+  const int64_t rows_per_chunk = std::max<int64_t>(kMinRowsPerTask, (rows + max_chunks - 1) / max_chunks);
+  const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
   const int tasks = static_cast<int>(chunks * p.G);
   std::vector<double> sq_err(tasks, 0.0);
   std::vector<int64_t> nonfinite(tasks, 0);
+  std::vector<float> part_counts(static_cast<size_t>(tasks) * p.K, 0.f);
+  std::vector<float> part_sums(sums ? static_cast<size_t>(tasks) * code_floats : 0, 0.f);
+  const bool parallel = static_cast<double>(rows) * p.G * p.K * p.d >= kParallelWork;
+  ThreadPool& workers = pool(parallel ? num_threads : 1);
 
-  pool(num_threads).parallel_for(tasks, [&](int t) {
+  workers.parallel_for(tasks, [&](int t) {
     const int g = static_cast<int>(t / chunks);
-    const int64_t begin = (t % chunks) * kRowsPerTask, end = std::min(rows, begin + kRowsPerTask);
-    const PackedCodebook& cb = packed[g];
-    const float* codes = p.codebook + static_cast<size_t>(g) * p.K * p.d;
-    std::vector<float> buf(static_cast<size_t>(kRowBlock) * p.d);
-    double err = 0.0;
+    const int64_t begin = (t % chunks) * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
+    const int n = static_cast<int>(end - begin);
+    const int d = p.d;
+    const float* codes = p.codebook + static_cast<size_t>(g) * code_floats;
+    Scratch& sc = scratch();
+    sc.resize(n, d);
+    float* __restrict xbuf = sc.x.data();
+    float* __restrict x2 = sc.x2.data();
     int64_t bad = 0;
-    for (int64_t n0 = begin; n0 < end; n0 += kRowBlock) {
-      const int r_count = static_cast<int>(std::min<int64_t>(kRowBlock, end - n0));
-      bool finite[kRowBlock];
-      for (int r = 0; r < r_count; ++r) finite[r] = gather_row(p, g, n0 + r, buf.data() + r * p.d);
-      int32_t best[kRowBlock];
-      if (r_count == kRowBlock) {
-        nearest<kRowBlock>(cb, buf.data(), best);
-      } else {
-        for (int r = 0; r < r_count; ++r) nearest<1>(cb, buf.data() + r * p.d, best + r);
+    // Walk (b, l) incrementally: no division per row.
+    int64_t b = begin / p.L, l = begin % p.L;
+    for (int r = 0; r < n; ++r) {
+      sc.x_off[r] = b * p.stride_b + g * p.stride_g + l * p.stride_l;
+      sc.i_off[r] = (b * p.G + g) * p.L + l;
+      const float* __restrict src = p.x + sc.x_off[r];
+      float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
+      float* __restrict x2r = x2 + static_cast<size_t>(r) * d;
+      const int64_t sk = p.stride_k;
+      for (int j = 0; j < d; ++j) xr[j] = src[j * sk];
+      uint32_t nonfinite_bits = 0;  // an all-ones exponent marks NaN or inf; integer OR vectorises
+      for (int j = 0; j < d; ++j) {
+        x2r[j] = 2.f * xr[j];
+        uint32_t bits;
+        std::memcpy(&bits, xr + j, sizeof bits);
+        nonfinite_bits |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
       }
-      for (int r = 0; r < r_count; ++r) {
-        const int64_t n = n0 + r;
-        bad += !finite[r];
-        p.indices[index_offset(p, g, n)] = best[r];
-        const float* c = codes + static_cast<size_t>(best[r]) * p.d;
-        float* o = p.out + x_offset(p, g, n);
-        const float* xr = buf.data() + r * p.d;
-        for (int j = 0; j < p.d; ++j) {
-          o[j * p.stride_k] = c[j];
-          const double diff = static_cast<double>(xr[j]) - c[j];
-          err += diff * diff;
-        }
+      bad += nonfinite_bits;
+      if (++l == p.L) l = 0, ++b;
+    }
+    nearest_rows(packed[g], x2, n, sc.best.data(), sc);
+
+    float* __restrict cnt = part_counts.data() + static_cast<size_t>(t) * p.K;
+    float* __restrict sm = sums ? part_sums.data() + static_cast<size_t>(t) * code_floats : nullptr;
+    double err = 0.0;
+    for (int r = 0; r < n; ++r) {
+      const int k = sc.best[r];
+      p.indices[sc.i_off[r]] = k;
+      const float* __restrict c = codes + static_cast<size_t>(k) * d;
+      const float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
+      float* __restrict o = p.out + sc.x_off[r];
+      float row_err = 0.f;
+#pragma omp simd reduction(+ : row_err)
+      for (int j = 0; j < d; ++j) {
+        const float diff = xr[j] - c[j];
+        row_err += diff * diff;
+      }
+      err += row_err;
+      const int64_t sk = p.stride_k;
+      for (int j = 0; j < d; ++j) o[j * sk] = c[j];
+      cnt[k] += 1.f;
+      if (sm) {
+        float* __restrict dst = sm + static_cast<size_t>(k) * d;
+        for (int j = 0; j < d; ++j) dst[j] += xr[j];
       }
     }
     sq_err[t] = err;
     nonfinite[t] = bad;
   });
 
-  SearchResult result;
+  ForwardResult result;
   for (int t = 0; t < tasks; ++t) {
     result.sq_err += sq_err[t];
     result.nonfinite += nonfinite[t];
   }
-  return result;
-}
+  if (result.nonfinite) return result;
 
-double accumulate(const Problem& p, float* counts, float* sums, int num_threads) {
-  const int64_t rows = p.batch * p.L;
-  // Each task owns a range of codes of one group and scans all of that group's rows in order,
-  // so every code's sums are added in row order, whatever the thread count.
-  const int ranges = std::min(p.K, 8);
-  const int per_range = (p.K + ranges - 1) / ranges;
-  std::fill(counts, counts + static_cast<size_t>(p.G) * p.K, 0.f);
-  if (sums) std::fill(sums, sums + static_cast<size_t>(p.G) * p.K * p.d, 0.f);
-
-  pool(num_threads).parallel_for(p.G * ranges, [&](int t) {
-    const int g = t / ranges;
-    const int k0 = (t % ranges) * per_range, k1 = std::min(p.K, k0 + per_range);
-    float* cnt = counts + static_cast<size_t>(g) * p.K;
-    float* sm = sums ? sums + static_cast<size_t>(g) * p.K * p.d : nullptr;
-    for (int64_t n = 0; n < rows; ++n) {
-      const int64_t k = p.indices[index_offset(p, g, n)];
-      if (k < k0 || k >= k1) continue;
-      cnt[k] += 1.f;
-      if (sm) {
-        const float* src = p.x + x_offset(p, g, n);
-        float* dst = sm + k * p.d;
-        for (int j = 0; j < p.d; ++j) dst[j] += src[j * p.stride_k];
+  // Reduce the chunks' partials in chunk order, in parallel over (group, slice of codes).
+  const int slices = std::min(p.K, 8);
+  const int per_slice = (p.K + slices - 1) / slices;
+  workers.parallel_for(p.G * slices, [&](int t) {
+    const int g = t / slices;
+    const int k0 = (t % slices) * per_slice, k1 = std::min(p.K, k0 + per_slice);
+    for (int k = k0; k < k1; ++k) {
+      float c = 0.f;
+      for (int64_t ch = 0; ch < chunks; ++ch) c += part_counts[static_cast<size_t>(g * chunks + ch) * p.K + k];
+      counts[static_cast<size_t>(g) * p.K + k] = c;
+      if (!sums) continue;
+      float* dst = sums + (static_cast<size_t>(g) * p.K + k) * p.d;
+      std::fill(dst, dst + p.d, 0.f);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const float* src = part_sums.data() + static_cast<size_t>(g * chunks + ch) * code_floats + static_cast<size_t>(k) * p.d;
+        for (int j = 0; j < p.d; ++j) dst[j] += src[j];
       }
     }
   });
 
-  double perplexity = 0.0;
   for (int g = 0; g < p.G; ++g) {
     double entropy = 0.0;
     for (int k = 0; k < p.K; ++k) {
       const double prob = rows > 0 ? counts[static_cast<size_t>(g) * p.K + k] / static_cast<double>(rows) : 0.0;
       entropy -= prob * std::log(prob + 1e-10);
     }
-    perplexity += std::exp(entropy);
+    result.perplexity += std::exp(entropy);
   }
-  return perplexity;
+  return result;
 }
 
 void ema_update(int G, int K, int d, const float* counts, const float* sums, float* ema_count,

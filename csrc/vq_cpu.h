@@ -17,18 +17,20 @@ struct Problem {
   int64_t stride_b, stride_g, stride_k, stride_l;
 };
 
-struct SearchResult {
+struct ForwardResult {
   double sq_err = 0.0;      // sum over all elements of (x - q)^2
-  int64_t nonfinite = 0;    // rows with a NaN or inf (their outputs are unspecified)
+  int64_t nonfinite = 0;    // rows with a NaN or inf (then counts/sums are left unwritten)
+  double perplexity = 0.0;  // summed over groups
 };
 
-// Pass 1: argmin per row (ties to the lowest index), quantised output and indices.
-SearchResult search(const Problem& p, int num_threads);
+// Nearest code per row (ties to the lowest index), quantised output and indices, and the batch's
+// per-code counts[g][k] (and sums[g][k][:] when sums != nullptr). Rows are split into chunks that
+// depend only on the problem size and the chunks' partials are added in order, so results are
+// identical for any thread count.
+ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads);
 
-// Pass 2: counts[g][k] (and sums[g][k][:] when sums != nullptr) of the rows assigned to each code,
-// summed in row order (deterministic for any thread count). Returns the perplexity summed over
-// groups.
-double accumulate(const Problem& p, float* counts, float* sums, int num_threads);
+// Whether this CPU runs the AVX2/FMA search (else the portable one).
+bool has_avx2();
 
 // The EMA update with LAPO's semantics (decayed counts, Laplace smoothing, codes = weight/count).
 void ema_update(int G, int K, int d, const float* counts, const float* sums, float* ema_count,

@@ -23,6 +23,7 @@ the joined batch. Dead-code refills and k-means init are broadcast from rank 0.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -134,6 +135,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import lapo_fast.kernels.vq  # noqa: F401
@@ -142,6 +144,7 @@ def _triton_available() -> bool:
     return True
 
 
+@functools.cache
 def _cpu_kernel_available() -> bool:
     try:
         from lapo_fast import _C  # noqa: F401
@@ -220,7 +223,8 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
             G, K, d = codebook.shape
             _C.vq_ema_update(counts.data_ptr(), sums.data_ptr(), ema_count.data_ptr(),
                              ema_weight.data_ptr(), codebook.data_ptr(), G, K, d, spec.decay, spec.eps)
-    loss = sq_err * (spec.commitment / max(x.numel(), 1))
+    scale = spec.commitment / max(x.numel(), 1)
+    loss = sq_err * scale if torch.is_tensor(sq_err) else torch.tensor(sq_err * scale, dtype=torch.float32)
     return q, idx, loss, perplexity
 
 
@@ -245,8 +249,10 @@ def _cpu_forward(x, spec: _Spec, codebook):
         spec.num_threads)
     if nonfinite and spec.check_finite:
         raise ValueError(_NONFINITE)
-    return (out.to(x.dtype), idx, torch.tensor(sq_err, dtype=torch.float32),
-            torch.tensor(perplexity, dtype=torch.float32), counts, sums)
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    # sq_err stays a Python float here; _fused_forward scales it into the loss tensor.
+    return out, idx, sq_err, torch.tensor(perplexity, dtype=torch.float32), counts, sums
 
 
 def _search_blocks(K: int, d: int) -> tuple[int, int, int]:

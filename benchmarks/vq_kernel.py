@@ -1,0 +1,118 @@
+"""VQ-EMA forward + EMA update: lapo_fast.ops (fused) vs the PyTorch reference vs
+vector-quantize-pytorch, same inputs, same run. CPU always; CUDA too when present.
+
+    python benchmarks/vq_kernel.py [--threads N] [--repeats R] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import dump_json, median_time, print_table  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+# (name, layout, rows B, groups G, codes K, dim d, latents L)
+CASES = [
+    ("LAPO B=128", "lapo", 128, 2, 64, 16, 4),
+    ("LAPO B=4096", "lapo", 4096, 2, 64, 16, 4),
+    ("LAPO B=65536", "lapo", 65536, 2, 64, 16, 4),
+    ("K64 d16 N=65536", "grouped", 65536, 1, 64, 16, 1),
+    ("K1024 d64 N=8192", "grouped", 8192, 1, 1024, 64, 1),
+    ("K8192 d256 N=1024", "grouped", 1024, 1, 8192, 256, 1),
+]
+
+
+def fresh_state(G, K, d, device):
+    cb = (torch.rand(G, K, d, device=device) * 2 - 1) * (5.0 / K)
+    return cb, torch.zeros(G, K, device=device), cb.clone()
+
+
+def ours(case, x, device):
+    from lapo_fast.ops import vq_ema
+
+    _, layout, B, G, K, d, L = case
+    state = fresh_state(G, K, d, device)
+    return lambda: vq_ema(x, *state, layout=layout, num_latents=L, training=True)
+
+
+def reference(case, x, device):
+    from lapo_fast.ops import Layout, vq_ema_reference
+
+    _, layout, B, G, K, d, L = case
+    state = fresh_state(G, K, d, device)
+    lay = Layout.of(x, G, d, layout, L)
+    return lambda: vq_ema_reference(x, *state, lay, training=True, decay=0.999, eps=1e-5, commitment=0.05)
+
+
+def vector_quantize_pytorch(case, x, device):
+    from vector_quantize_pytorch import VectorQuantize
+
+    _, layout, B, G, K, d, L = case
+    vq = VectorQuantize(dim=G * d, codebook_size=K, heads=G, separate_codebook_per_head=G > 1,
+                        decay=0.999, commitment_weight=0.05, kmeans_init=False).to(device).train()
+    # LAPO: (B, G*d*L) -> L tokens of G*d per sample; generic: one token of G*d per row.
+    tokens = x.view(B, G * d, L).transpose(1, 2) if layout == "lapo" else x.view(B, 1, G * d)
+
+    def run():
+        with torch.no_grad():
+            return vq(tokens)
+
+    return run
+
+
+CONTENDERS = [("ours", ours), ("reference", reference), ("vector-quantize-pytorch", vector_quantize_pytorch)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda if present")
+    p.add_argument("--cases", nargs="+", default=None, help="substring filter on case names")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+
+    rows = []
+    for device in devices:
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        for case in CASES:
+            name, layout, B, G, K, d, L = case
+            if args.cases and not any(c in name for c in args.cases):
+                continue
+            x = torch.randn(B, G * d * L, device=device) * 0.1
+            bytes_moved = 2 * x.numel() * 4 + B * G * L * 8  # read x, write q, write indices
+            times = {}
+            for cname, make in CONTENDERS:
+                try:
+                    fn = make(case, x, device)
+                except ImportError as e:
+                    print(f"# {cname} unavailable: {e}", file=sys.stderr)
+                    continue
+                reps = args.repeats if B * K * d < 2**28 else max(3, args.repeats // 2)
+                times[cname] = median_time(fn, reps, warmup=2, sync=sync)
+            for cname, t in times.items():
+                rows.append({"device": device, "case": name, "impl": cname, "ms": t * 1e3,
+                             "gb_per_s": bytes_moved / t / 1e9, "ours_speedup": t / times["ours"]})
+            print(f"{device:>4} {name:<18} ours {times['ours'] * 1e3:9.3f} ms   "
+                  + "   ".join(f"x{times[c] / times['ours']:.1f} vs {c}" for c in times if c != "ours"),
+                  flush=True)
+
+    print()
+    print_table(rows, [("device", "device", ""), ("case", "case", ""), ("impl", "implementation", ""),
+                       ("ms", "median ms", ".3f"), ("gb_per_s", "GB/s", ".2f"),
+                       ("ours_speedup", "it / ours", ".1f")])
+    if args.json:
+        dump_json(args.json, {"benchmark": "vq_kernel", "threads": args.threads, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
