@@ -34,15 +34,15 @@ def fresh_state(G, K, d, device):
     return cb, torch.zeros(G, K, device=device), cb.clone()
 
 
-def ours(case, x, device):
+def ours(case, x, device, threads):
     from lapo_fast.ops import vq_ema
 
     _, layout, B, G, K, d, L = case
     state = fresh_state(G, K, d, device)
-    return lambda: vq_ema(x, *state, layout=layout, num_latents=L, training=True)
+    return lambda: vq_ema(x, *state, layout=layout, num_latents=L, training=True, num_threads=threads)
 
 
-def reference(case, x, device):
+def reference(case, x, device, threads):
     from lapo_fast.ops import Layout, vq_ema_reference
 
     _, layout, B, G, K, d, L = case
@@ -51,7 +51,7 @@ def reference(case, x, device):
     return lambda: vq_ema_reference(x, *state, lay, training=True, decay=0.999, eps=1e-5, commitment=0.05)
 
 
-def vector_quantize_pytorch(case, x, device):
+def vector_quantize_pytorch(case, x, device, threads):
     from vector_quantize_pytorch import VectorQuantize
 
     _, layout, B, G, K, d, L = case
@@ -72,7 +72,7 @@ CONTENDERS = [("ours", ours), ("reference", reference), ("vector-quantize-pytorc
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every contender")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda if present")
     p.add_argument("--cases", nargs="+", default=None, help="substring filter on case names")
@@ -93,7 +93,7 @@ def main() -> None:
             times = {}
             for cname, make in CONTENDERS:
                 try:
-                    fn = make(case, x, device)
+                    fn = make(case, x, device, args.threads)
                 except ImportError as e:
                     print(f"# {cname} unavailable: {e}", file=sys.stderr)
                     continue

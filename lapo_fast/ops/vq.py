@@ -54,6 +54,7 @@ class _Spec:
 
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+_CORES = os.cpu_count() or 1
 
 
 def vq_ema(
@@ -93,7 +94,7 @@ def vq_ema(
             commitment=commitment, all_reduce=reduce))
 
     spec = _Spec(lay, training, float(decay), float(eps), float(commitment), deterministic,
-                 check_finite, num_threads or (os.cpu_count() or 1))
+                 check_finite, num_threads or _CORES)
     state = (codebook, ema_count, ema_weight)
     if x.requires_grad and torch.is_grad_enabled():
         q, idx, loss, perp = _VQFunction.apply(x, spec, backend, reduce, *state)
@@ -205,6 +206,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_weight):
+    """Search, then (after the DDP all-reduce, if any) the EMA update; returns q, idx, loss, perplexity."""
     x = x.detach().contiguous()
     if backend == "triton":
         q, idx, sq_err, counts, sums = _triton_search(x, spec, codebook)
@@ -212,19 +214,18 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
             counts, sums = reduce(counts, sums)
         # One launch: perplexity of the (all-reduced) counts and, when training, the EMA update.
         perplexity = _triton_finalize(spec, counts, sums, codebook, ema_count, ema_weight)
-    else:
-        q, idx, sq_err, perplexity, counts, sums = _cpu_forward(x, spec, codebook)
-        if reduce is not None:
-            counts, sums = reduce(counts, sums)
-            perplexity = _perplexity(counts)
-        if spec.training:
-            from lapo_fast import _C
+        return q, idx, sq_err * (spec.commitment / max(x.numel(), 1)), perplexity
 
-            G, K, d = codebook.shape
-            _C.vq_ema_update(counts.data_ptr(), sums.data_ptr(), ema_count.data_ptr(),
-                             ema_weight.data_ptr(), codebook.data_ptr(), G, K, d, spec.decay, spec.eps)
-    scale = spec.commitment / max(x.numel(), 1)
-    loss = sq_err * scale if torch.is_tensor(sq_err) else torch.tensor(sq_err * scale, dtype=torch.float32)
+    from lapo_fast import _C
+
+    q, idx, loss, perplexity, counts, sums = _cpu_forward(x, spec, codebook)
+    if reduce is not None:
+        counts, sums = reduce(counts, sums)
+        perplexity = _perplexity(counts)
+    if spec.training:
+        G, K, d = codebook.shape
+        _C.vq_ema_update(counts.data_ptr(), sums.data_ptr(), ema_count.data_ptr(),
+                         ema_weight.data_ptr(), codebook.data_ptr(), G, K, d, spec.decay, spec.eps)
     return q, idx, loss, perplexity
 
 
@@ -251,8 +252,8 @@ def _cpu_forward(x, spec: _Spec, codebook):
         raise ValueError(_NONFINITE)
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
-    # sq_err stays a Python float here; _fused_forward scales it into the loss tensor.
-    return out, idx, sq_err, torch.tensor(perplexity, dtype=torch.float32), counts, sums
+    loss, perplexity = torch.tensor((sq_err * spec.commitment / max(x.numel(), 1), perplexity)).unbind()
+    return out, idx, loss, perplexity, counts, sums
 
 
 def _search_blocks(K: int, d: int) -> tuple[int, int, int]:
