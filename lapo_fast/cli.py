@@ -8,7 +8,7 @@ import sys
 from . import __version__
 
 # What `train` will chain once the stages land; listed so the stub says exactly what is missing.
-_PLANNED_STAGES = ("collect", "lam", "bc", "decode", "finetune", "eval", "umap", "report")
+_PLANNED_STAGES = ("lam", "bc", "decode", "finetune", "eval", "umap", "report")
 
 
 def _cmd_envs(args: argparse.Namespace) -> int:
@@ -27,11 +27,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"lapo-fast {__version__}: the end-to-end trainer for {args.env} is not built yet.\n"
         "Available now:\n"
         "  - lapo_fast.envs.ProcgenVecEnv: the batched C++ Procgen engine (lapo-fast envs lists the games)\n"
-        "  - benchmarks/env_step.py: engine vs gym3 vs envpool\n"
+        "  - lapo_fast.ops: the fused VQ-EMA op (Triton / C++ / reference)\n"
+        "  - lapo-fast collect / data {info,verify,import-lapo,ingest}: frame datasets and loaders\n"
+        "  - benchmarks/: env_step.py, vq_kernel.py, loader.py\n"
         f"Still to come: {', '.join(_PLANNED_STAGES)}.",
         file=sys.stderr,
     )
     return 3
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from .data import collect, random_policy
+    from .envs.games import check_game
+
+    check_game(args.env)
+    if args.policy != "random":
+        raise ValueError(f"--policy {args.policy!r}: only 'random' exists until policy checkpoints land "
+                         "with the trainer (stages)")
+    out = collect(args.out, args.env, random_policy(seed=args.seed), frames=args.frames,
+                  num_envs=args.num_envs, seed=args.seed, start_level=args.start_level,
+                  num_levels=args.num_levels, distribution_mode=args.distribution_mode,
+                  policy_name=args.policy, codec=args.codec)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import FrameDataset, import_lapo, ingest_videos
+
+    if args.data_command == "info":
+        print(json.dumps(FrameDataset(args.dir).info(), indent=1))
+    elif args.data_command == "verify":
+        info = FrameDataset(args.dir).verify()
+        print(f"ok: {args.dir}: {info['frames']} frames in {info['episodes']} episodes, "
+              f"{info['shards']} shards, {info['bytes_per_frame']:.0f} B/frame, all checksums match")
+    elif args.data_command == "import-lapo":
+        for out in import_lapo(args.dir, args.out, codec=args.codec):
+            print(f"wrote {out}")
+    elif args.data_command == "ingest":
+        print(f"wrote {ingest_videos(args.videos, args.out, size=args.size, codec=args.codec)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envs", help="list the Procgen games and their distribution modes")
     p.set_defaults(func=_cmd_envs)
 
+    p = sub.add_parser("collect", help="record a frame dataset with the batched engine")
+    p.add_argument("--env", required=True, help="Procgen game")
+    p.add_argument("--policy", default="random", help="'random' (uniform over the 15 actions)")
+    p.add_argument("--frames", type=int, required=True, help="frames to store (whole episodes)")
+    p.add_argument("--out", required=True, help="dataset directory (resumes if it exists)")
+    p.add_argument("--num-envs", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-level", type=int, default=0, help="first level of this split")
+    p.add_argument("--num-levels", type=int, default=0, help="levels in this split (0: unbounded)")
+    p.add_argument("--distribution-mode", default="easy")
+    p.add_argument("--codec", default="lz4", choices=["lz4", "zstd"])
+    p.set_defaults(func=_cmd_collect)
+
+    p = sub.add_parser("data", help="inspect, verify, import and ingest frame datasets")
+    data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    q = data.add_parser("info", help="summarise a dataset")
+    q.add_argument("dir")
+    q = data.add_parser("verify", help="check every shard's checksums and that every chunk decodes")
+    q.add_argument("dir")
+    q = data.add_parser("import-lapo", help="convert the reference LAPO code's npz expert data")
+    q.add_argument("dir", help="a game folder with train/ and test/ folders of .npz chunks")
+    q.add_argument("--out", required=True)
+    q.add_argument("--codec", default="lz4", choices=["lz4", "zstd"])
+    q = data.add_parser("ingest", help="action-free videos or image folders -> dataset (episode = file)")
+    q.add_argument("videos", nargs="+")
+    q.add_argument("--out", required=True)
+    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--codec", default="lz4", choices=["lz4", "zstd"])
+    p.set_defaults(func=_cmd_data)
+
     p = sub.add_parser("train", help="run the whole method on one game (not built yet: says what exists)")
     p.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")
     p.add_argument("--out", default=None, help="run directory")
@@ -59,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .data.format import DatasetError
+
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, DatasetError) as e:
         parser.exit(2, f"lapo-fast: error: {e}\n")
 
 

@@ -1,0 +1,134 @@
+"""Batch loaders feeding training: a CPU prefetcher (numpy gathers on a background thread, pinned
+memory when CUDA is there) and an NVIDIA DALI pipeline fed by the same sampler. `make_loader`
+picks DALI on a GPU when it is installed, the CPU path otherwise."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from .windows import WindowSampler
+
+
+def normalize(obs: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, C) -> float (..., C, H, W) in [-0.5, 0.5], as LAPO's models expect."""
+    return obs.permute(*range(obs.dim() - 3), -1, -3, -2).float().div_(255.0).sub_(0.5)
+
+
+class PrefetchLoader:
+    """Yields dicts of torch tensors (obs uint8 (B, W, H, W, C) plus metadata), sampled on a
+    background thread `prefetch` batches ahead; moved to `device` (non-blocking from pinned
+    memory when that is CUDA)."""
+
+    def __init__(self, sampler: WindowSampler, *, device="cpu", prefetch: int = 4, pin_memory=None):
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = {k: torch.from_numpy(v) for k, v in self.sampler.sample().items()}
+                if self.pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced to the consumer on its next batch
+            self._error = e
+            self._queue.put(None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self._queue.get()
+        if batch is None:
+            raise RuntimeError("the loader's sampling thread failed") from self._error
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __del__(self):
+        self._stop.set()
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool}
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DaliLoader:
+    """The same batches through an NVIDIA DALI pipeline: our sampler feeds fn.external_source,
+    DALI transfers them (device_id=None: a CPU-only pipeline, used by the tests), and yields
+    torch tensors. On a GPU the copy to device memory is DALI's, prefetched `prefetch` deep."""
+
+    def __init__(self, sampler: WindowSampler, *, device_id: int | None = None, prefetch: int = 2,
+                 num_threads: int = 2):
+        from nvidia.dali import fn, pipeline_def
+
+        self.sampler = sampler
+        self.device_id = device_id
+        keys = ["obs", *sorted(sampler.meta)]
+        self.keys = keys
+
+        def source():
+            batch = sampler.sample()
+            return [batch[k] for k in keys]
+
+        @pipeline_def(batch_size=1, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch,
+                      exec_dynamic=True)
+        def pipe():
+            outs = fn.external_source(source=source, num_outputs=len(keys), batch=False)
+            return tuple(o.gpu() for o in outs) if device_id is not None else tuple(outs)
+
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        outs = self.pipe.run()
+        batch = {}
+        for k, o in zip(self.keys, outs):
+            if self.device_id is None:
+                batch[k] = torch.from_numpy(np.array(o.as_array()[0]))
+                continue
+            # Straight from DALI's device buffer into a torch CUDA tensor, on the current stream.
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dense = o.as_tensor()
+            dtype = _TORCH_DTYPES[np.dtype(dense.dtype.name.lower()) if hasattr(dense.dtype, "name") else dense.dtype]
+            out = torch.empty(dense.shape()[1:], dtype=dtype, device=f"cuda:{self.device_id}")
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+            batch[k] = out
+        return batch
+
+
+def make_loader(sampler: WindowSampler, device="cpu", prefer_dali: bool = True):
+    """DALI on CUDA when installed, else the CPU prefetcher (which pins memory for CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda" and prefer_dali and dali_available():
+        return DaliLoader(sampler, device_id=device.index or 0)
+    return PrefetchLoader(sampler, device=device)

@@ -1,0 +1,169 @@
+"""Where frame datasets come from: our engine (collect), the reference LAPO code's expert data
+(import-lapo), and action-free video from anywhere (ingest)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .format import DatasetError, Manifest
+from .writer import DatasetWriter
+
+Policy = Callable[[np.ndarray], np.ndarray]  # obs (N, 64, 64, 3) uint8 -> actions (N,)
+
+
+def random_policy(num_actions: int = 15, seed: int = 0) -> Policy:
+    rng = np.random.default_rng(seed)
+    return lambda obs: rng.integers(0, num_actions, len(obs), dtype=np.int32)
+
+
+def collect(out_dir, env_name: str, policy: Policy, *, frames: int, num_envs: int = 64, seed: int = 0,
+            start_level: int = 0, num_levels: int = 0, distribution_mode: str = "easy",
+            policy_name: str = "random", progress: bool = True, codec: str = "lz4",
+            shard_frames: int = 16384, resume: bool = True) -> Path:
+    """Records whole episodes from `num_envs` parallel envs until `frames` frames are stored.
+
+    Each env's episode is buffered and written when it ends (episodes are never cut), with the
+    true action, reward and done per frame and the episode return. The level range
+    [start_level, start_level + num_levels) is the split (e.g. train: 0..N, test: N..). Writes
+    shards as it goes: an interrupted run leaves a readable dataset, and running again with the
+    same arguments resumes (with new seeds) until `frames` are stored.
+    """
+    from lapo_fast.envs import ProcgenVecEnv
+
+    out_dir = Path(out_dir)
+    source = {"kind": "collect", "env": env_name, "policy": policy_name, "seed": seed,
+              "num_envs": num_envs, "start_level": start_level, "num_levels": num_levels,
+              "distribution_mode": distribution_mode}
+    resuming = (out_dir / "manifest.json").exists()
+    writer = DatasetWriter(out_dir, codec=codec, source=source, resume=resume, shard_frames=shard_frames)
+    if resuming and writer.manifest.source.get("env") != env_name:
+        raise DatasetError(f"{out_dir} holds {writer.manifest.source.get('env')} data, not {env_name}")
+    run = len(writer.manifest.source.setdefault("runs", []))
+    writer.manifest.source["runs"].append({"seed": seed + run})
+    env = ProcgenVecEnv(env_name, num_envs, seed=seed + run, start_level=start_level,
+                        num_levels=num_levels, distribution_mode=distribution_mode)
+    obs_buf: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+    act_buf: list[list[int]] = [[] for _ in range(num_envs)]
+    rew_buf: list[list[float]] = [[] for _ in range(num_envs)]
+    bar = _progress(frames, writer.num_frames, progress)
+    obs, _ = env.reset()
+    while writer.num_frames < frames:
+        actions = np.asarray(policy(obs), dtype=np.int32)
+        snapshot = obs.copy()
+        obs, reward, terminated, _, info = env.step(actions)
+        for i in range(num_envs):
+            obs_buf[i].append(snapshot[i])
+            act_buf[i].append(int(actions[i]))
+            rew_buf[i].append(float(reward[i]))
+            if terminated[i]:
+                n = len(obs_buf[i])
+                done = np.zeros(n, np.bool_)
+                done[-1] = True
+                writer.add_episode(np.stack(obs_buf[i]), action=np.array(act_buf[i]), reward=np.array(rew_buf[i]),
+                                   done=done, episode_return=float(info["final_return"][i]))
+                bar.update(n)
+                obs_buf[i], act_buf[i], rew_buf[i] = [], [], []
+                if writer.num_frames >= frames:
+                    break
+    writer.close()
+    bar.close()
+    env.close()
+    return out_dir
+
+
+def import_lapo(src_dir, out_dir, *, codec: str = "lz4", progress: bool = True) -> list[Path]:
+    """Converts the reference LAPO code's expert data: a game folder with train/ and test/
+    folders of .npz chunks (obs (N,64,64,3) uint8, ta, done, rewards, ep_returns, values), one
+    chunk in memory at a time, into OUT/train and OUT/test."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    splits = [s for s in ("train", "test") if (src_dir / s).is_dir()]
+    if not splits:
+        raise DatasetError(f"{src_dir}: expected train/ and/or test/ folders of .npz chunks")
+    made = []
+    for split in splits:
+        files = sorted((src_dir / split).glob("*.npz"))
+        if not files:
+            raise DatasetError(f"{src_dir / split}: no .npz chunks")
+        writer = DatasetWriter(out_dir / split, codec=codec, source={"kind": "import-lapo", "from": str(src_dir / split)})
+        carry: dict[str, list[np.ndarray]] = {}
+        bar = _progress(None, 0, progress, desc=f"import {split}")
+        for f in files:
+            try:
+                chunk = np.load(f)
+                obs = chunk["obs"]
+                done = chunk["done"].astype(bool)
+                cols = {"action": chunk["ta"], "reward": chunk["rewards"], "done": done,
+                        "value": chunk["values"], "ep_return": chunk["ep_returns"]}
+            except (KeyError, ValueError, OSError) as e:
+                raise DatasetError(f"{f}: not a LAPO data chunk ({e})") from e
+            if obs.dtype != np.uint8 or obs.shape[1:] != (64, 64, 3):
+                raise DatasetError(f"{f}: obs must be (N, 64, 64, 3) uint8, got {obs.dtype} {obs.shape}")
+            cols = {k: np.asarray(v).reshape(len(obs), -1)[:, 0] if np.ndim(v) > 1 else np.asarray(v) for k, v in cols.items()}
+            cols["obs"] = obs
+            for k, v in cols.items():
+                carry.setdefault(k, []).append(v)
+            joined = {k: np.concatenate(v) for k, v in carry.items()}
+            ends = np.flatnonzero(joined["done"])
+            start = 0
+            for end in ends:  # done marks an episode's last frame
+                sl = slice(start, end + 1)
+                writer.add_episode(joined["obs"][sl], action=joined["action"][sl], reward=joined["reward"][sl],
+                                   done=joined["done"][sl], value=joined["value"][sl],
+                                   episode_return=float(joined["ep_return"][end]))
+                start = end + 1
+            carry = {k: [v[start:]] for k, v in joined.items()}
+            bar.update(len(obs))
+        writer.close()  # frames after the last done belong to an unfinished episode: dropped
+        bar.close()
+        made.append(out_dir / split)
+    return made
+
+
+def ingest_videos(paths, out_dir, *, size: int = 64, codec: str = "lz4", progress: bool = True) -> Path:
+    """Action-free video into a dataset: each video file (mp4/H.264, webm/VP9, anything FFmpeg
+    reads, via PyAV) or folder of images (sorted by name) is one episode, resized to size x size."""
+    from PIL import Image
+
+    writer = DatasetWriter(out_dir, frame_shape=(size, size, 3), codec=codec,
+                           source={"kind": "ingest", "files": [str(p) for p in paths]})
+    bar = _progress(None, 0, progress, desc="ingest")
+
+    def resize(img: Image.Image) -> np.ndarray:
+        return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+            if not files:
+                raise DatasetError(f"{p}: no images in this folder")
+            frames = np.stack([resize(Image.open(f)) for f in files])
+        elif p.is_file():
+            import av
+
+            try:
+                with av.open(str(p)) as container:
+                    frames = np.stack([resize(fr.to_image()) for fr in container.decode(video=0)])
+            except (av.error.FFmpegError, ValueError) as e:
+                raise DatasetError(f"{p}: cannot decode video ({e})") from e
+        else:
+            raise DatasetError(f"{p}: no such file or folder")
+        writer.add_episode(frames)
+        bar.update(len(frames))
+    writer.close()
+    bar.close()
+    return Path(out_dir)
+
+
+def _progress(total, initial, enabled, desc="frames"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="frame", unit_scale=True,
+                desc=desc, dynamic_ncols=True)
+
+
+def describe(directory) -> str:
+    return json.dumps(Manifest.load(Path(directory)).source)

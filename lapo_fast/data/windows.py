@@ -1,0 +1,68 @@
+"""Window sampling: batches of (o_{t-k}, ..., o_t, o_{t+1}) that never cross an episode boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def valid_starts(episodes: np.ndarray, window: int) -> np.ndarray:
+    """First-frame indices of every window of `window` frames lying inside one episode."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    firsts, lengths = episodes[:, 0], episodes[:, 1]
+    counts = np.maximum(lengths - window + 1, 0)
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError(f"no episode has {window} frames: nothing to sample")
+    # For each valid window: its episode's first frame + its offset within the episode.
+    ep_of = np.repeat(np.arange(len(episodes)), counts)
+    offset = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    return firsts[ep_of] + offset
+
+
+class WindowSampler:
+    """Uniform batches of windows over valid positions (with replacement), seeded.
+
+    context k: windows hold k + 2 frames, o_{t-k} .. o_t, o_{t+1} (LAPO's IDM: k = 1).
+    Returns frames (B, k+2, H, W, C) uint8 gathered from `frames` (a memmap or array), and
+    optionally the per-frame metadata windows (e.g. true actions for probes).
+    """
+
+    def __init__(self, frames: np.ndarray, episodes: np.ndarray, *, context: int = 1,
+                 batch_size: int = 128, seed: int = 0, meta: dict[str, np.ndarray] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if context < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
+        self.frames = frames
+        self.window = context + 2
+        self.batch_size = batch_size
+        self.starts = valid_starts(np.asarray(episodes), self.window)
+        self.rng = np.random.default_rng(seed)
+        self.meta = meta or {}
+        self._offsets = np.arange(self.window)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def sample_indices(self) -> np.ndarray:
+        """(B, window) frame indices of one batch."""
+        pick = self.rng.integers(0, len(self.starts), self.batch_size)
+        return self.starts[pick][:, None] + self._offsets
+
+    def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        flat = idx.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # sorted reads are kinder to a memmap
+        out = np.empty((flat.size, *self.frames.shape[1:]), np.uint8)
+        out[order] = self.frames[flat[order]]
+        batch = {"obs": out.reshape(*idx.shape, *self.frames.shape[1:])}
+        for k, v in self.meta.items():
+            batch[k] = np.asarray(v[flat]).reshape(idx.shape)
+        return batch
+
+    def sample(self) -> dict[str, np.ndarray]:
+        return self.gather(self.sample_indices())
+
+    def __iter__(self):
+        while True:
+            yield self.sample()

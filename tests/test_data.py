@@ -1,0 +1,233 @@
+"""Frame datasets: round trip, windows, corruption, interrupted writes, import, ingest, loaders."""
+
+import numpy as np
+import pytest
+import torch
+
+from lapo_fast.data import (
+    DatasetError, DatasetWriter, FrameDataset, PrefetchLoader, WindowSampler, collect, import_lapo,
+    ingest_videos, normalize, random_policy, valid_starts,
+)
+
+
+def fake_episodes(n_eps=5, seed=0, shape=(64, 64, 3)):
+    rng = np.random.default_rng(seed)
+    eps = []
+    for e in range(n_eps):
+        T = int(rng.integers(1, 300))
+        frames = rng.integers(0, 256, (T, *shape), dtype=np.uint8)
+        frames[:, :32] = 7  # some redundancy, like real frames
+        eps.append((frames, rng.integers(0, 15, T), rng.random(T).astype(np.float32)))
+    return eps
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_round_trip_is_bit_identical(tmp_path, codec):
+    eps = fake_episodes()
+    with DatasetWriter(tmp_path / "ds", codec=codec, chunk_frames=64, shard_frames=200) as w:
+        for frames, actions, rewards in eps:
+            w.add_episode(frames, action=actions, reward=rewards, episode_return=rewards.sum())
+    ds = FrameDataset(tmp_path / "ds")
+    info = ds.verify()
+    assert info["episodes"] == len(eps) and info["shards"] >= 2
+    for e, (frames, actions, rewards) in enumerate(eps):
+        np.testing.assert_array_equal(ds.episode(e), frames)
+    all_frames = np.concatenate([e[0] for e in eps])
+    np.testing.assert_array_equal(ds.cache(), all_frames)
+    np.testing.assert_array_equal(ds.meta("action"), np.concatenate([e[1] for e in eps]))
+    np.testing.assert_allclose(ds.meta("episode_return"), [e[2].sum() for e in eps], rtol=1e-5)
+
+
+def test_windows_never_cross_episodes_and_cover_every_position():
+    episodes = np.array([[0, 5], [5, 1], [6, 3], [9, 10]])
+    starts = valid_starts(episodes, 3)
+    expected = [s for first, length in episodes for s in range(first, first + length - 2)]
+    assert starts.tolist() == expected
+    frames = np.arange(19, dtype=np.uint8).reshape(19, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
+    sampler = WindowSampler(frames, episodes, context=1, batch_size=512, seed=0,
+                            meta={"ep": np.repeat(np.arange(4), episodes[:, 1])})
+    seen = set()
+    for _ in range(20):
+        b = sampler.sample()
+        assert b["obs"].shape == (512, 3, 2, 2, 3)
+        ids = b["obs"][:, :, 0, 0, 0].astype(int)
+        assert (np.diff(ids, axis=1) == 1).all()
+        assert (b["ep"] == b["ep"][:, :1]).all(), "a window crossed an episode boundary"
+        seen |= set(ids[:, 0].tolist())
+    assert seen == set(expected)
+    with pytest.raises(ValueError, match="no episode"):
+        valid_starts(np.array([[0, 2]]), 3)
+
+
+def test_same_seed_same_batches():
+    episodes = np.array([[0, 50], [50, 50]])
+    frames = np.random.default_rng(0).integers(0, 255, (100, 4, 4, 3), dtype=np.uint8)
+    a = WindowSampler(frames, episodes, seed=3, batch_size=8).sample()["obs"]
+    b = WindowSampler(frames, episodes, seed=3, batch_size=8).sample()["obs"]
+    np.testing.assert_array_equal(a, b)
+
+
+def _small_dataset(path, codec="lz4"):
+    with DatasetWriter(path, codec=codec, chunk_frames=32, shard_frames=100) as w:
+        for frames, actions, rewards in fake_episodes(4, seed=1):
+            w.add_episode(frames, action=actions)
+    return FrameDataset(path)
+
+
+def test_corrupt_or_truncated_shards_raise_naming_the_file(tmp_path):
+    ds = _small_dataset(tmp_path / "ds")
+    shard = tmp_path / "ds" / ds.manifest.shards[0].file
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="00000.bin.*(corrupt|checksum)"):
+        FrameDataset(tmp_path / "ds").verify()
+    with pytest.raises(DatasetError, match="corrupt"):
+        FrameDataset(tmp_path / "ds").cache()
+    shard.write_bytes(bytes(data[:-50]))
+    with pytest.raises(DatasetError, match="00000.bin: truncated"):
+        FrameDataset(tmp_path / "ds").frames(0, 10)
+    with pytest.raises(DatasetError, match="no dataset manifest"):
+        FrameDataset(tmp_path / "nothing")
+
+
+def test_interrupted_writer_leaves_a_readable_dataset_and_resumes(tmp_path):
+    eps = fake_episodes(6, seed=2)
+    with pytest.raises(RuntimeError):
+        with DatasetWriter(tmp_path / "ds", shard_frames=1) as w:  # a shard per episode
+            for i, (frames, actions, _) in enumerate(eps):
+                if i == 3:
+                    w._pending.append(frames)  # half-written work of an episode in flight
+                    raise RuntimeError("killed")
+                w.add_episode(frames, action=actions)
+    ds = FrameDataset(tmp_path / "ds")
+    ds.verify()
+    assert ds.manifest.num_episodes == 3
+    with DatasetWriter(tmp_path / "ds", resume=True, shard_frames=1) as w:
+        for frames, actions, _ in eps[3:]:
+            w.add_episode(frames, action=actions)
+    ds = FrameDataset(tmp_path / "ds")
+    ds.verify()
+    for e, (frames, actions, _) in enumerate(eps):
+        np.testing.assert_array_equal(ds.episode(e), frames)
+    with pytest.raises(DatasetError, match="resume"):
+        DatasetWriter(tmp_path / "ds")
+
+
+def test_writer_rejects_bad_frames(tmp_path):
+    w = DatasetWriter(tmp_path / "ds")
+    with pytest.raises(ValueError, match="uint8"):
+        w.add_episode(np.zeros((3, 64, 64, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        w.add_episode(np.zeros((3, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="has 2 values"):
+        w.add_episode(np.zeros((3, 64, 64, 3), np.uint8), action=[1, 2])
+
+
+def test_collect_records_true_episodes_and_resumes(tmp_path):
+    out = tmp_path / "ds"
+    collect(out, "starpilot", random_policy(seed=0), frames=400, num_envs=8, seed=1, progress=False)
+    ds = FrameDataset(out)
+    ds.verify()
+    assert ds.num_frames >= 400
+    done = ds.meta("done")
+    ends = ds.episodes[:, 0] + ds.episodes[:, 1] - 1
+    assert done[ends].all() and done.sum() == len(ends)
+    rewards = np.asarray(ds.meta("reward"))
+    returns = [rewards[f:f + n].sum() for f, n in ds.episodes]
+    np.testing.assert_allclose(ds.meta("episode_return"), returns, rtol=1e-5)
+    before = ds.num_frames
+    collect(out, "starpilot", random_policy(seed=1), frames=before + 300, num_envs=8, seed=1, progress=False)
+    ds2 = FrameDataset(out)
+    ds2.verify()
+    assert ds2.num_frames >= before + 300
+    np.testing.assert_array_equal(ds2.frames(0, before), ds.frames(0, before))
+
+
+def test_import_lapo_npz_chunks(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "starpilot"
+    all_obs, all_done = [], []
+    for split in ("train", "test"):
+        (src / split).mkdir(parents=True)
+        for c in range(3):
+            n = 100
+            obs = rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8)
+            done = rng.random(n) < 0.05
+            np.savez(src / split / f"chunk_{c}.npz", obs=obs, ta=rng.integers(0, 15, (n, 1)),
+                     done=done, rewards=rng.random(n), ep_returns=rng.random(n), values=rng.random(n))
+            if split == "train":
+                all_obs.append(obs)
+                all_done.append(done)
+    made = import_lapo(src, tmp_path / "out", progress=False)
+    assert [p.name for p in made] == ["train", "test"]
+    ds = FrameDataset(tmp_path / "out" / "train")
+    ds.verify()
+    obs, done = np.concatenate(all_obs), np.concatenate(all_done)
+    last_end = np.flatnonzero(done)[-1]
+    np.testing.assert_array_equal(ds.cache(), obs[:last_end + 1])  # the unfinished tail is dropped
+    assert ds.manifest.num_episodes == done.sum()
+    bad = tmp_path / "bad" / "train"
+    bad.mkdir(parents=True)
+    np.savez(bad / "x.npz", frames=np.zeros(3))
+    with pytest.raises(DatasetError, match="x.npz: not a LAPO data chunk"):
+        import_lapo(tmp_path / "bad", tmp_path / "out2", progress=False)
+
+
+def test_ingest_video_and_image_folder(tmp_path):
+    av = pytest.importorskip("av")
+    from PIL import Image
+
+    video = tmp_path / "clip.webm"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for i in range(12):
+            img = np.zeros((96, 128, 3), np.uint8)
+            img[:, : 10 * (i + 1)] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((40, 40, 3), i * 50, np.uint8)).save(folder / f"{i:03d}.png")
+    ds = FrameDataset(ingest_videos([video, folder], tmp_path / "ds", progress=False))
+    ds.verify()
+    assert ds.episodes[:, 1].tolist() == [12, 5]
+    clip = ds.episode(0)
+    assert clip.shape == (12, 64, 64, 3)
+    assert clip[0].mean() < clip[-1].mean()  # the white bar grows
+    np.testing.assert_array_equal(ds.episode(1)[:, 0, 0, 0], [0, 50, 100, 150, 200])
+    with pytest.raises(DatasetError, match="no such file"):
+        ingest_videos([tmp_path / "missing.mp4"], tmp_path / "ds2", progress=False)
+
+
+def test_prefetch_loader_yields_the_samplers_batches(tmp_path):
+    ds = _small_dataset(tmp_path / "ds")
+    mm = ds.cache()
+    ref = WindowSampler(mm, ds.episodes, seed=5, batch_size=16, meta={"action": ds.meta("action")})
+    loader = PrefetchLoader(WindowSampler(mm, ds.episodes, seed=5, batch_size=16,
+                                          meta={"action": ds.meta("action")}), prefetch=3)
+    for _ in range(5):
+        want = ref.sample()
+        got = next(loader)
+        np.testing.assert_array_equal(got["obs"].numpy(), want["obs"])
+        np.testing.assert_array_equal(got["action"].numpy(), want["action"])
+    loader.close()
+    x = normalize(got["obs"])
+    assert x.shape == (16, 3, 3, 64, 64) and x.min() >= -0.5 and x.max() <= 0.5
+
+
+def test_dali_cpu_pipeline_equals_numpy_path(tmp_path):
+    from lapo_fast.data import DaliLoader, dali_available
+
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed (optional extra: pip install -e '.[dali]')")
+    ds = _small_dataset(tmp_path / "ds")
+    mm = ds.cache()
+    ref = WindowSampler(mm, ds.episodes, seed=9, batch_size=8)
+    dali = DaliLoader(WindowSampler(mm, ds.episodes, seed=9, batch_size=8), device_id=None, prefetch=1)
+    for _ in range(4):
+        np.testing.assert_array_equal(next(dali)["obs"].numpy(), ref.sample()["obs"])
