@@ -51,13 +51,10 @@ class WindowSampler:
         return self.starts[pick][:, None] + self._offsets
 
     def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        flat = idx.reshape(-1)
-        order = np.argsort(flat, kind="stable")  # sorted reads are kinder to a memmap
-        out = np.empty((flat.size, *self.frames.shape[1:]), np.uint8)
-        out[order] = self.frames[flat[order]]
-        batch = {"obs": out.reshape(*idx.shape, *self.frames.shape[1:])}
+        # One fancy-index gather (measured faster than np.take(out=) or sorted reads, memmap or RAM).
+        batch = {"obs": np.asarray(self.frames[idx])}
         for k, v in self.meta.items():
-            batch[k] = np.asarray(v[flat]).reshape(idx.shape)
+            batch[k] = np.asarray(v[idx])
         return batch
 
     def sample(self) -> dict[str, np.ndarray]:
