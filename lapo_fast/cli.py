@@ -37,14 +37,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from .data import collect, random_policy
+    from .data import checkpoint_policy, collect, random_policy
     from .envs.games import check_game
 
     check_game(args.env)
-    if args.policy != "random":
-        raise ValueError(f"--policy {args.policy!r}: only 'random' exists until policy checkpoints land "
-                         "with the trainer (stages)")
-    out = collect(args.out, args.env, random_policy(seed=args.seed), frames=args.frames,
+    policy = (random_policy(seed=args.seed) if args.policy == "random"
+              else checkpoint_policy(args.policy, seed=args.seed))
+    out = collect(args.out, args.env, policy, frames=args.frames,
                   num_envs=args.num_envs, seed=args.seed, start_level=args.start_level,
                   num_levels=args.num_levels, distribution_mode=args.distribution_mode,
                   policy_name=args.policy, codec=args.codec)
@@ -85,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="record a frame dataset with the batched engine")
     p.add_argument("--env", required=True, help="Procgen game")
-    p.add_argument("--policy", default="random", help="'random' (uniform over the 15 actions)")
+    p.add_argument("--policy", default="random",
+                   help="'random' (uniform over the 15 actions) or a torch.export policy file (.pt2: "
+                        "uint8 obs (N,64,64,3) -> logits (N,15) or actions (N,))")
     p.add_argument("--frames", type=int, required=True, help="frames to store (whole episodes)")
     p.add_argument("--out", required=True, help="dataset directory (resumes if it exists)")
     p.add_argument("--num-envs", type=int, default=64)

@@ -220,6 +220,46 @@ def test_prefetch_loader_yields_the_samplers_batches(tmp_path):
     assert x.shape == (16, 3, 3, 64, 64) and x.min() >= -0.5 and x.max() <= 0.5
 
 
+def test_device_resident_loader_gives_the_samplers_batches(tmp_path):
+    from lapo_fast.data import DeviceResidentLoader
+
+    ds = _small_dataset(tmp_path / "ds")
+    mm = ds.cache()
+    ref = WindowSampler(mm, ds.episodes, seed=2, batch_size=8, meta={"action": ds.meta("action")})
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    loader = DeviceResidentLoader(WindowSampler(mm, ds.episodes, seed=2, batch_size=8,
+                                                meta={"action": ds.meta("action")}), device=dev)
+    for _ in range(3):
+        want, got = ref.sample(), next(loader)
+        np.testing.assert_array_equal(got["obs"].cpu().numpy(), want["obs"])
+        np.testing.assert_array_equal(got["action"].cpu().numpy(), want["action"])
+
+
+def test_collect_with_a_torchscript_policy(tmp_path):
+    from lapo_fast.data import checkpoint_policy
+
+    class AlwaysRight(torch.nn.Module):
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            logits = obs.float().mean(dim=(1, 2, 3))[:, None] * 0.0 - 1e9 + torch.zeros(1, 15)
+            return logits + 1e9 * torch.nn.functional.one_hot(torch.tensor(7), 15)
+
+    path = tmp_path / "policy.pt2"
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(AlwaysRight(), (torch.zeros(2, 64, 64, 3, dtype=torch.uint8),),
+                                  dynamic_shapes={"obs": {0: batch}})
+    torch.export.save(program, str(path))
+    collect(tmp_path / "ds", "starpilot", checkpoint_policy(path), frames=100, num_envs=4,
+            policy_name=str(path), progress=False)
+    ds = FrameDataset(tmp_path / "ds")
+    assert (np.asarray(ds.meta("action")) == 7).all()
+    assert ds.manifest.source["policy"] == str(path)
+    with pytest.raises(DatasetError, match="no such policy"):
+        checkpoint_policy(tmp_path / "missing.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="not a torch.export policy"):
+        checkpoint_policy(tmp_path / "junk.pt2")
+
+
 def test_dali_cpu_pipeline_equals_numpy_path(tmp_path):
     from lapo_fast.data import DaliLoader, dali_available
 

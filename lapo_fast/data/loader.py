@@ -1,11 +1,12 @@
-"""Batch loaders feeding training: a CPU prefetcher (numpy gathers on a background thread, pinned
-memory when CUDA is there) and an NVIDIA DALI pipeline fed by the same sampler. `make_loader`
-picks DALI on a GPU when it is installed, the CPU path otherwise."""
+"""Batch loaders feeding training, all drawing from one WindowSampler: a CPU prefetcher (numpy
+gathers on a background thread, pinned memory when CUDA is there), an NVIDIA DALI pipeline, and a
+device-resident mode for datasets that fit in GPU memory. `make_loader` picks one."""
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -70,6 +71,29 @@ _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.fl
                  np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool}
 
 
+class DeviceResidentLoader:
+    """The whole frame array copied once to `device` (when it fits in GPU memory): windows are
+    gathered there, so no frame crosses PCIe during training. Same batches as the sampler."""
+
+    def __init__(self, sampler: WindowSampler, device="cuda"):
+        self.sampler = sampler
+        self.device = torch.device(device)
+        with warnings.catch_warnings():  # a read-only memmap: torch warns, and we never write to it
+            warnings.simplefilter("ignore", UserWarning)
+            self.frames = torch.from_numpy(np.asarray(sampler.frames)).to(self.device)
+        self.meta = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in sampler.meta.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        idx = torch.from_numpy(self.sampler.sample_indices()).to(self.device, non_blocking=True)
+        batch = {"obs": self.frames[idx]}
+        for k, v in self.meta.items():
+            batch[k] = v[idx]
+        return batch
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -126,9 +150,15 @@ class DaliLoader:
         return batch
 
 
-def make_loader(sampler: WindowSampler, device="cpu", prefer_dali: bool = True):
-    """DALI on CUDA when installed, else the CPU prefetcher (which pins memory for CUDA)."""
+def make_loader(sampler: WindowSampler, device="cpu", prefer_dali: bool = True, resident_fraction: float = 0.5):
+    """On CUDA: the frames resident in GPU memory when they take under `resident_fraction` of
+    what is free, else DALI when installed, else the CPU prefetcher with pinned memory.
+    On CPU: the prefetcher."""
     device = torch.device(device)
-    if device.type == "cuda" and prefer_dali and dali_available():
-        return DaliLoader(sampler, device_id=device.index or 0)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if sampler.frames.nbytes < resident_fraction * free:
+            return DeviceResidentLoader(sampler, device)
+        if prefer_dali and dali_available():
+            return DaliLoader(sampler, device_id=device.index or 0)
     return PrefetchLoader(sampler, device=device)

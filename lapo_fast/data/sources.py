@@ -20,6 +20,32 @@ def random_policy(num_actions: int = 15, seed: int = 0) -> Policy:
     return lambda obs: rng.integers(0, num_actions, len(obs), dtype=np.int32)
 
 
+def checkpoint_policy(path, *, seed: int = 0, device: str = "cpu", greedy: bool = False) -> Policy:
+    """A policy saved with torch.export (.pt2): module(obs uint8 (N, 64, 64, 3)) -> logits
+    (N, 15) float, sampled (or argmax with greedy=True), or actions (N,) int."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such policy checkpoint")
+    try:
+        module = torch.export.load(str(path)).module()
+    except Exception as e:  # torch raises several types for a file that is not an exported program
+        raise DatasetError(f"{path}: not a torch.export policy ({type(e).__name__}: {e})") from e
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        out = module(torch.from_numpy(obs).to(device))
+        if out.dtype.is_floating_point:
+            if tuple(out.shape) != (len(obs), 15):
+                raise DatasetError(f"{path}: policy returned logits of shape {tuple(out.shape)}, expected ({len(obs)}, 15)")
+            out = out.argmax(-1) if greedy else torch.multinomial(out.float().softmax(-1), 1, generator=gen)[:, 0]
+        return out.to(torch.int32).cpu().numpy()
+
+    return act
+
+
 def collect(out_dir, env_name: str, policy: Policy, *, frames: int, num_envs: int = 64, seed: int = 0,
             start_level: int = 0, num_levels: int = 0, distribution_mode: str = "easy",
             policy_name: str = "random", progress: bool = True, codec: str = "lz4",
