@@ -222,38 +222,50 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
     sc.resize(n, d);
     float* __restrict xbuf = sc.x.data();
     float* __restrict x2 = sc.x2.data();
+    // Everything the loops read is copied to locals first: the int64 index stores below could
+    // otherwise alias p's int64 fields and force a reload of each on every row.
+    const float* __restrict x = p.x;
+    float* __restrict out = p.out;
+    int64_t* __restrict indices = p.indices;
+    int64_t* __restrict x_off = sc.x_off.data();
+    int64_t* __restrict i_off = sc.i_off.data();
+    int32_t* __restrict best = sc.best.data();
+    const int64_t sb = p.stride_b, sg = p.stride_g, sk = p.stride_k, sl = p.stride_l;
+    const int L = p.L, G = p.G;
     int64_t bad = 0;
     // Walk (b, l) incrementally: no division per row.
-    int64_t b = begin / p.L, l = begin % p.L;
+    int64_t b = begin / L, l = begin % L;
     for (int r = 0; r < n; ++r) {
-      sc.x_off[r] = b * p.stride_b + g * p.stride_g + l * p.stride_l;
-      sc.i_off[r] = (b * p.G + g) * p.L + l;
-      const float* __restrict src = p.x + sc.x_off[r];
+      x_off[r] = b * sb + g * sg + l * sl;
+      i_off[r] = (b * G + g) * L + l;
+      const float* __restrict src = x + x_off[r];
       float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
       float* __restrict x2r = x2 + static_cast<size_t>(r) * d;
-      const int64_t sk = p.stride_k;
-      for (int j = 0; j < d; ++j) xr[j] = src[j * sk];
-      uint32_t nonfinite_bits = 0;  // an all-ones exponent marks NaN or inf; integer OR vectorises
+      // One pass per value: re-reading xr as vectors right after these scalar stores would
+      // stall on store forwarding.
+      uint32_t nonfinite_bits = 0;  // an all-ones exponent marks NaN or inf
       for (int j = 0; j < d; ++j) {
-        x2r[j] = 2.f * xr[j];
+        const float v = src[j * sk];
+        xr[j] = v;
+        x2r[j] = 2.f * v;
         uint32_t bits;
-        std::memcpy(&bits, xr + j, sizeof bits);
+        std::memcpy(&bits, &v, sizeof bits);
         nonfinite_bits |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
       }
       bad += nonfinite_bits;
-      if (++l == p.L) l = 0, ++b;
+      if (++l == L) l = 0, ++b;
     }
-    nearest_rows(packed[g], x2, n, sc.best.data(), sc);
+    nearest_rows(packed[g], x2, n, best, sc);
 
     float* __restrict cnt = part_counts.data() + static_cast<size_t>(t) * p.K;
     float* __restrict sm = sums ? part_sums.data() + static_cast<size_t>(t) * code_floats : nullptr;
     double err = 0.0;
     for (int r = 0; r < n; ++r) {
-      const int k = sc.best[r];
-      p.indices[sc.i_off[r]] = k;
+      const int k = best[r];
+      indices[i_off[r]] = k;
       const float* __restrict c = codes + static_cast<size_t>(k) * d;
       const float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
-      float* __restrict o = p.out + sc.x_off[r];
+      float* __restrict o = out + x_off[r];
       float row_err = 0.f;
 #pragma omp simd reduction(+ : row_err)
       for (int j = 0; j < d; ++j) {
@@ -261,7 +273,6 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
         row_err += diff * diff;
       }
       err += row_err;
-      const int64_t sk = p.stride_k;
       for (int j = 0; j < d; ++j) o[j * sk] = c[j];
       cnt[k] += 1.f;
       if (sm) {
