@@ -84,7 +84,7 @@ def test_mixed_games_match_gym3():
         assert np.array_equal(obs, g_obs) and np.array_equal(rew, g_rew) and np.array_equal(term, g_first)
 
 
-def _trajectory_digest(num_threads, seed=11, steps=400):
+def _trajectory(num_threads, seed=11, steps=400):
     env = ProcgenVecEnv("starpilot", 24, seed=seed, num_threads=num_threads)
     actions = np.random.default_rng(3).integers(0, 15, (steps, 24), dtype=np.int32)
     out = env.rollout(steps, actions=actions)
@@ -94,11 +94,11 @@ def _trajectory_digest(num_threads, seed=11, steps=400):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_deterministic_across_thread_counts_and_runs(threads):
-    ref = _trajectory_digest(2)
-    other = _trajectory_digest(threads)
+    ref = _trajectory(2)
+    other = _trajectory(threads)
     for key in ref:
         np.testing.assert_array_equal(ref[key], other[key], err_msg=key)
-    different_seed = _trajectory_digest(2, seed=12)
+    different_seed = _trajectory(2, seed=12)
     assert not np.array_equal(ref["obs"], different_seed["obs"])
 
 

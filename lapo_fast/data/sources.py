@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .format import DatasetError, Manifest
+from .format import DatasetError
 from .writer import DatasetWriter
 
 Policy = Callable[[np.ndarray], np.ndarray]  # obs (N, 64, 64, 3) uint8 -> actions (N,)
@@ -190,6 +189,3 @@ def _progress(total, initial, enabled, desc="frames"):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="frame", unit_scale=True,
                 desc=desc, dynamic_ncols=True)
 
-
-def describe(directory) -> str:
-    return json.dumps(Manifest.load(Path(directory)).source)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +130,3 @@ class DatasetWriter:
         if exc_type is None:
             self.close()
 
-
-def remove_uncommitted(directory) -> None:
-    """Deletes temporary files an interrupted writer left behind."""
-    for p in Path(directory).rglob("*.tmp*"):
-        os.remove(p)

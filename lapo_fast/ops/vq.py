@@ -194,14 +194,14 @@ class _VQFunction(torch.autograd.Function):
             grad_q = grad_q.contiguous()
             grad_x = torch.empty_like(x)
             block = 1024
-            grid = (triton_cdiv(x.numel(), block),)
+            grid = (_cdiv(x.numel(), block),)
             vq_backward_kernel[grid](grad_q, x, q, grad_x, coef.reshape(1), x.numel(), BLOCK=block)
         else:
             grad_x = (grad_q.float() + coef * (x.float() - q.float())).to(x.dtype)
         return grad_x, None, None, None, None, None, None
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -270,7 +270,7 @@ def _triton_search(x, spec: _Spec, codebook):
     G, K, d = codebook.shape
     dev = x.device
     block_n, block_k, block_d = _search_blocks(K, d)
-    tiles = max(1, triton_cdiv(lay.rows, block_n))
+    tiles = max(1, _cdiv(lay.rows, block_n))
     out = torch.empty_like(x)
     idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
     cnorm = (codebook * codebook).sum(-1)
