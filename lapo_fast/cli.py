@@ -66,7 +66,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         for out in import_lapo(args.dir, args.out, codec=args.codec):
             print(f"wrote {out}")
     elif args.data_command == "ingest":
-        print(f"wrote {ingest_videos(args.videos, args.out, size=args.size, codec=args.codec)}")
+        print(f"wrote {ingest_videos(args.videos, args.out, size=args.size, codec=args.codec, decoder=args.decoder)}")
     return 0
 
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--size", type=int, default=64)
     q.add_argument("--codec", default="lz4", choices=["lz4", "zstd"])
+    q.add_argument("--decoder", default="auto", choices=["auto", "pyav", "dali"],
+                   help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("train", help="run the whole method on one game (not built yet: says what exists)")

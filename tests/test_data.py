@@ -203,6 +203,13 @@ def test_ingest_video_and_image_folder(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         ingest_videos([tmp_path / "missing.mp4"], tmp_path / "ds2", progress=False)
 
+    # DALI's decoder (CPU backend here: VP9; NVDEC on a GPU) gives the same frames as PyAV.
+    from lapo_fast.data import dali_available
+    from lapo_fast.data.sources import _decode_video_dali
+
+    if dali_available():
+        np.testing.assert_array_equal(_decode_video_dali(video, 64, device_id=None), clip)
+
 
 def test_prefetch_loader_yields_the_samplers_batches(tmp_path):
     ds = _small_dataset(tmp_path / "ds")
@@ -218,6 +225,32 @@ def test_prefetch_loader_yields_the_samplers_batches(tmp_path):
     loader.close()
     x = normalize(got["obs"])
     assert x.shape == (16, 3, 3, 64, 64) and x.min() >= -0.5 and x.max() <= 0.5
+
+
+def test_pooled_sampler_stays_bounded_and_visits_every_episode(tmp_path):
+    from lapo_fast.data import PooledSampler
+
+    with DatasetWriter(tmp_path / "ds", frame_shape=(2, 2, 3), chunk_frames=16, shard_frames=64) as w:
+        for e in range(12):
+            frames = np.zeros((30 + e, 2, 2, 3), np.uint8)
+            frames[:, 0, 0, 0] = np.arange(30 + e)
+            frames[:, 0, 0, 1] = e
+            w.add_episode(frames, action=np.full(30 + e, e))
+    ds = FrameDataset(tmp_path / "ds")
+    with pytest.raises(ValueError, match="longest episode"):
+        PooledSampler(ds, capacity_frames=20)
+    pool = PooledSampler(ds, capacity_frames=120, batch_size=32, swap_every=5, swap_fraction=0.5,
+                         meta_keys=("action",))
+    assert pool.buffer.nbytes == 120 * 12
+    for _ in range(200):
+        b = pool.sample()
+        ep = b["obs"][:, :, 0, 0, 1].astype(int)
+        t = b["obs"][:, :, 0, 0, 0].astype(int)
+        assert (ep == ep[:, :1]).all(), "a window crossed an episode boundary"
+        assert (np.diff(t, axis=1) == 1).all()
+        assert (b["action"] == ep).all()
+        assert pool._used() <= pool.capacity
+    assert pool.visited == set(range(12))
 
 
 def test_device_resident_loader_gives_the_samplers_batches(tmp_path):

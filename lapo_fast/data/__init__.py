@@ -2,13 +2,14 @@
 
 from .format import CODECS, DatasetError, Manifest
 from .loader import DaliLoader, DeviceResidentLoader, PrefetchLoader, dali_available, make_loader, normalize
+from .pool import PooledSampler
 from .reader import FrameDataset
 from .sources import checkpoint_policy, collect, import_lapo, ingest_videos, random_policy
 from .windows import WindowSampler, valid_starts
 from .writer import DatasetWriter
 
 __all__ = [
-    "CODECS", "DaliLoader", "DeviceResidentLoader", "DatasetError", "DatasetWriter", "FrameDataset", "Manifest", "PrefetchLoader",
+    "CODECS", "DaliLoader", "DeviceResidentLoader", "DatasetError", "DatasetWriter", "FrameDataset", "Manifest", "PooledSampler", "PrefetchLoader",
     "WindowSampler", "checkpoint_policy", "collect", "dali_available", "import_lapo", "ingest_videos", "make_loader",
     "normalize", "random_policy", "valid_starts",
 ]

@@ -80,14 +80,26 @@ class FrameDataset:
         return out
 
     def frames(self, start: int, stop: int) -> np.ndarray:
-        """Frames [start, stop) decoded (for small reads; use cache() for training)."""
+        """Frames [start, stop), decoding only the chunks that hold them."""
         if not 0 <= start <= stop <= self.num_frames:
             raise IndexError(f"frames [{start}, {stop}) outside [0, {self.num_frames})")
         out = np.empty((stop - start, *self.manifest.frame_shape), np.uint8)
         for i, shard in enumerate(self.manifest.shards):
-            lo, hi = max(start, shard.first_frame), min(stop, shard.first_frame + shard.frames)
-            if lo < hi:
-                out[lo - start:hi - start] = self.decode_shard(i)[lo - shard.first_frame:hi - shard.first_frame]
+            if shard.first_frame >= stop or shard.first_frame + shard.frames <= start:
+                continue
+            data = None
+            for row in self.index[i]:
+                first, n = int(row[2]), int(row[3])
+                lo, hi = max(start, first), min(stop, first + n)
+                if lo >= hi:
+                    continue
+                data = data if data is not None else self._read_shard(i)
+                if lo == first and hi == first + n:
+                    self._decode_chunk(i, data, row, out[lo - start:hi - start])
+                else:
+                    chunk = np.empty((n, *self.manifest.frame_shape), np.uint8)
+                    self._decode_chunk(i, data, row, chunk)
+                    out[lo - start:hi - start] = chunk[lo - first:hi - first]
         return out
 
     def episode(self, e: int) -> np.ndarray:

@@ -148,10 +148,56 @@ def import_lapo(src_dir, out_dir, *, codec: str = "lz4", progress: bool = True) 
     return made
 
 
-def ingest_videos(paths, out_dir, *, size: int = 64, codec: str = "lz4", progress: bool = True) -> Path:
+def _decode_video_pyav(path: Path, resize) -> np.ndarray:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return np.stack([resize(fr.to_image()) for fr in container.decode(video=0)])
+    except (av.error.FFmpegError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot decode video ({e})") from e
+
+
+def _decode_video_dali(path: Path, size: int, device_id: int | None = 0) -> np.ndarray:
+    """A whole video file decoded and resized by DALI: on the GPU with NVDEC (H.264, HEVC, VP9,
+    AV1) for a device_id, or DALI's CPU backend (VP8, VP9, MJPEG) for device_id=None."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=2, device_id=device_id)
+    def pipe():
+        encoded = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
+        frames = fn.decoders.video(encoded, device="cpu" if device_id is None else "mixed")
+        return fn.resize(frames, resize_x=size, resize_y=size)
+
+    p = pipe()
+    p.build()
+    p.feed_input("video", [np.fromfile(path, np.uint8)])
+    try:
+        (out,) = p.run()
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: DALI cannot decode this video ({str(e).splitlines()[0]})") from e
+    out = out.as_cpu() if device_id is not None else out
+    return np.asarray(out.as_array()[0], dtype=np.uint8)
+
+
+def ingest_videos(paths, out_dir, *, size: int = 64, codec: str = "lz4", progress: bool = True,
+                  decoder: str = "auto") -> Path:
     """Action-free video into a dataset: each video file (mp4/H.264, webm/VP9, anything FFmpeg
-    reads, via PyAV) or folder of images (sorted by name) is one episode, resized to size x size."""
+    reads) or folder of images (sorted by name) is one episode, resized to size x size.
+
+    decoder: "pyav" (CPU, FFmpeg), "dali" (GPU, NVDEC), or "auto": DALI when CUDA and DALI are
+    both present, else PyAV.
+    """
     from PIL import Image
+
+    if decoder not in ("auto", "pyav", "dali"):
+        raise ValueError(f"unknown decoder {decoder!r}; use auto, pyav or dali")
+    if decoder == "auto":
+        import torch
+
+        from .loader import dali_available
+
+        decoder = "dali" if torch.cuda.is_available() and dali_available() else "pyav"
 
     writer = DatasetWriter(out_dir, frame_shape=(size, size, 3), codec=codec,
                            source={"kind": "ingest", "files": [str(p) for p in paths]})
@@ -167,13 +213,7 @@ def ingest_videos(paths, out_dir, *, size: int = 64, codec: str = "lz4", progres
                 raise DatasetError(f"{p}: no images in this folder")
             frames = np.stack([resize(Image.open(f)) for f in files])
         elif p.is_file():
-            import av
-
-            try:
-                with av.open(str(p)) as container:
-                    frames = np.stack([resize(fr.to_image()) for fr in container.decode(video=0)])
-            except (av.error.FFmpegError, ValueError) as e:
-                raise DatasetError(f"{p}: cannot decode video ({e})") from e
+            frames = _decode_video_dali(p, size) if decoder == "dali" else _decode_video_pyav(p, resize)
         else:
             raise DatasetError(f"{p}: no such file or folder")
         writer.add_episode(frames)
