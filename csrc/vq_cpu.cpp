@@ -1,6 +1,7 @@
 #include "vq_cpu.h"
 
 #include <immintrin.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,10 +26,17 @@ constexpr double kParallelWork = 1 << 21; // rows*K*d below which one thread is 
 
 ThreadPool& pool(int num_threads) {
   // One pool per thread count, kept for the process: creating threads per call would cost more
-  // than the search itself at LAPO's batch sizes.
+  // than the search itself at LAPO's batch sizes. A forked child (e.g. a DataLoader worker)
+  // inherits the pools but not their threads, so it builds its own and abandons the parent's.
   static std::mutex mutex;
   static std::vector<std::unique_ptr<ThreadPool>> pools;
+  static pid_t owner = getpid();
   std::lock_guard<std::mutex> lock(mutex);
+  if (getpid() != owner) {
+    for (auto& p : pools) p.release();  // their threads do not exist here: never join them
+    pools.clear();
+    owner = getpid();
+  }
   if (pools.size() <= static_cast<size_t>(num_threads)) pools.resize(num_threads + 1);
   if (!pools[num_threads]) pools[num_threads] = std::make_unique<ThreadPool>(num_threads);
   return *pools[num_threads];

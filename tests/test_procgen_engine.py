@@ -243,6 +243,30 @@ def test_engine_checks_buffers_itself():
         _C.ProcgenEngine("/nonexistent/libenv.so", ["starpilot"], [n], [0], options, 1, bufs)
 
 
+def test_env_used_in_a_forked_child_raises_instead_of_hanging():
+    import multiprocessing as mp
+
+    global _FORKED_ENV
+    env = _FORKED_ENV = ProcgenVecEnv("starpilot", 4, seed=0, num_threads=2)
+    env.step(np.zeros(4, np.int32))
+    with mp.get_context("fork").Pool(1) as pool:  # the child inherits the env through memory
+        message = pool.apply_async(_step_in_child).get(timeout=60)
+    assert "another process" in message
+    env.step(np.zeros(4, np.int32))  # the parent's env still works
+    _FORKED_ENV = None
+
+
+_FORKED_ENV = None
+
+
+def _step_in_child():
+    try:
+        _FORKED_ENV.step(np.zeros(4, np.int32))
+    except RuntimeError as e:
+        return str(e)
+    return "stepped"
+
+
 def test_missing_procgen_is_a_clear_error(monkeypatch):
     import importlib.util
 

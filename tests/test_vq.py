@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +254,21 @@ def test_ddp_two_ranks_equal_one_process_on_the_joined_batch(tmp_path, backend):
         got = torch.load(tmp_path / f"state{rank}.pt")
         for a, b in zip(got, single):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_cpu_kernel_works_in_a_forked_child():
+    import multiprocessing as mp
+
+    x = make_x("grouped", 20000, 2, 16, 1, seed=4)
+    state = make_state(2, 64, 16)
+    parent = vq_ema(x, *[t.clone() for t in state], backend="cpu", num_threads=2)  # parent's pool exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as workers:
+        child = workers.apply_async(_vq_in_child, (x.numpy(), [t.numpy() for t in state])).get(timeout=60)
+    assert np.array_equal(child, parent.indices.numpy())
+
+
+def _vq_in_child(x, state):
+    # numpy in and out: torch's own intra-op threads are not fork-safe, and that is not under test.
+    out = vq_ema(torch.from_numpy(x), *map(torch.from_numpy, state), backend="cpu", num_threads=2)
+    return out.indices.numpy()

@@ -166,6 +166,7 @@ class ProcgenVecEnv:
             "episode_length": self.episode_length, "final_return": self.final_return,
             "final_length": self.final_length,
         }
+        self._pid = os.getpid()
         self._engine = _C.ProcgenEngine(
             self._lib_path, self.instance_games, self.instance_sizes, self.instance_seeds,
             list(self.options.items()), self.num_threads, buffers,
@@ -281,6 +282,9 @@ class ProcgenVecEnv:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this ProcgenVecEnv is closed")
+        if os.getpid() != self._pid:  # a forked child has the engine's memory but not its threads
+            raise RuntimeError("this ProcgenVecEnv was created in another process (before a fork); "
+                               "create envs in the process that steps them")
 
     def _set_actions(self, actions: ActionsLike) -> None:
         a = _to_numpy(actions)
