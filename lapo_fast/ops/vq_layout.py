@@ -13,6 +13,7 @@ row n of group g is (b, l) = divmod(n, L), element k is at
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +48,7 @@ class Layout:
 
     @property
     def batch(self) -> int:
-        n = 1
-        for s in self.lead_shape:
-            n *= s
-        return n
+        return math.prod(self.lead_shape)
 
     @property
     def rows(self) -> int:
