@@ -167,6 +167,9 @@ def test_nonfinite_input_raises_and_keeps_state(backend, bad):
         vq_ema(x, *state, layout="lapo", num_latents=4, backend=backend)
     for a, b in zip(state, before):
         assert torch.equal(a, b)
+    if backend == "cpu":  # never silent on the CPU, even when asked not to check
+        with pytest.raises(ValueError, match="NaN or inf"):
+            vq_ema(x, *state, layout="lapo", num_latents=4, backend=backend, check_finite=False)
 
 
 def test_bad_arguments_raise():

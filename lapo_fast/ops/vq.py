@@ -12,9 +12,10 @@ update, straight-through gradient, commitment loss, EMA counts with Laplace smoo
 accumulation is fp32 whatever the input dtype (bf16/fp16 accepted, e.g. under autocast); the
 codebook state is always fp32.
 
-NaN policy: a NaN or inf anywhere in x raises ValueError and leaves the codebook untouched (on CUDA
-this costs one host sync per call; ``check_finite=False`` skips it, and then non-finite rows are
-quantised as if their bad values were 0 and still update the codebook).
+NaN policy: a NaN or inf anywhere in x raises ValueError and leaves the codebook untouched. On
+CUDA the check costs one host sync per call; ``check_finite=False`` skips it there (and on the
+reference path), and then non-finite values are treated as 0 by the Triton kernel. The CPU kernel
+detects them for free and always raises.
 
 DDP: when torch.distributed is initialised with more than one rank, the batch counts and sums are
 all-reduced before the EMA update, so every rank ends with the codebook one process would get on
@@ -254,7 +255,7 @@ def _cpu_forward(x, spec: _Spec, codebook):
         xf.data_ptr(), out.data_ptr(), idx.data_ptr(), codebook.data_ptr(), counts.data_ptr(),
         0 if sums is None else sums.data_ptr(), lay.batch, G, K, d, lay.L, *lay.strides(),
         spec.num_threads)
-    if nonfinite and spec.check_finite:
+    if nonfinite:  # free to detect on the CPU, so always enforced there (check_finite is a CUDA knob)
         raise ValueError(_NONFINITE)
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
