@@ -7,8 +7,10 @@ lowest index), writes the quantised rows and indices, and adds the tile's per-co
 (one-hot^T @ x) into the accumulators: with one atomic per used code per tile, or, in the
 deterministic mode, into per-tile partials that the host sums in a fixed order.
 
-vq_ema_finalize_kernel: one program per group: perplexity of the batch counts, then the EMA update of counts (with
-Laplace smoothing), weights and codes.
+vq_ema_finalize_kernel: one program per group: loss and NaN count from the search's per-tile
+partials, perplexity of the batch counts, then (unless the input had NaN/inf) the EMA update of
+counts (with Laplace smoothing), weights and codes. So a training step is three launches: one
+zero-fill of the accumulators, the search, the finalize.
 
 vq_backward_kernel: grad_x = grad_q + coef * (x - q), one elementwise pass.
 """
@@ -19,7 +21,7 @@ import triton.language as tl
 
 @triton.jit
 def vq_search_kernel(
-    x_ptr, out_ptr, idx_ptr, codebook_ptr, cnorm_ptr,
+    x_ptr, out_ptr, idx_ptr, codebook_ptr,
     counts_ptr, sums_ptr, err_ptr, bad_ptr,
     n_rows, K, d, G, L,
     stride_b, stride_g, stride_k, stride_l,
@@ -53,7 +55,8 @@ def vq_search_kernel(
         code_mask = codes < K
         c = tl.load(cb_base + codes[:, None] * d + dims[None, :],
                     mask=code_mask[:, None] & dim_mask[None, :], other=0.0)
-        cnorm = tl.load(cnorm_ptr + g * K + codes, mask=code_mask, other=float("inf"))
+        # ||c||^2 on the fly (the tile is loaded anyway): no separate launch; padding never wins.
+        cnorm = tl.where(code_mask, tl.sum(c * c, axis=1), float("inf"))
         dots = tl.dot(x, tl.trans(c), input_precision="ieee")
         dist = cnorm[None, :] - 2.0 * dots
         tile_min = tl.min(dist, axis=1)
@@ -92,11 +95,27 @@ def vq_search_kernel(
 
 @triton.jit
 def vq_ema_finalize_kernel(
-    counts_ptr, sums_ptr, ema_count_ptr, ema_weight_ptr, codebook_ptr, perplexity_ptr,
-    K, d, decay, eps,
-    UPDATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    counts_ptr, sums_ptr, ema_count_ptr, ema_weight_ptr, codebook_ptr,
+    err_ptr, bad_ptr, stats_ptr,
+    K, d, G, tiles, numel, decay, eps, commitment,
+    UPDATE: tl.constexpr, GUARD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """stats (zeroed by the host) receives [loss, perplexity summed over groups, rows with NaN/inf]."""
     g = tl.program_id(0)
+    # The search kernel's per-tile partials: this group's squared error, and every group's bad
+    # rows (so all programs agree on whether to update).
+    err = 0.0
+    bad = 0
+    for t0 in range(0, tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        err += tl.sum(tl.load(err_ptr + g * tiles + t, mask=t < tiles, other=0.0), axis=0)
+        for h in range(0, G):
+            bad += tl.sum(tl.load(bad_ptr + h * tiles + t, mask=t < tiles, other=0), axis=0)
+    tl.atomic_add(stats_ptr, err * commitment / numel)
+    if g == 0:
+        tl.store(stats_ptr + 2, bad.to(tl.float32))
+
     rows = 0.0   # the batch's rows (all ranks' under DDP): the sum of its counts
     total = 0.0  # sum of the decayed EMA counts
     for k0 in range(0, K, BLOCK_K):
@@ -113,8 +132,13 @@ def vq_ema_finalize_kernel(
         code_mask = codes < K
         p = tl.load(counts_ptr + g * K + codes, mask=code_mask, other=0.0) / tl.maximum(rows, 1.0)
         entropy += tl.sum(tl.where(code_mask, -p * tl.log(p + 1e-10), 0.0), axis=0)
-    tl.store(perplexity_ptr + g, tl.exp(entropy))
+    tl.atomic_add(stats_ptr + 1, tl.exp(entropy))
 
+    # With GUARD, non-finite input leaves the state as it was (the host raises): every store below
+    # writes back the old value then.
+    keep_old = 0.0
+    if GUARD:
+        keep_old = tl.where(bad > 0, 1.0, 0.0)
     if UPDATE:
         dims = tl.arange(0, BLOCK_D)
         for k0 in range(0, K, BLOCK_K):
@@ -124,15 +148,18 @@ def vq_ema_finalize_kernel(
             old = tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0)
             c = decay * old + (1.0 - decay) * cnt
             c = (c + eps) / (total + K * eps) * total
-            tl.store(ema_count_ptr + g * K + codes, c, mask=code_mask)
+            keep = (tl.zeros_like(c) + keep_old) > 0
+            tl.store(ema_count_ptr + g * K + codes, tl.where(keep, old, c), mask=code_mask)
             for j0 in range(0, d, BLOCK_D):
                 dj = j0 + dims
                 m = code_mask[:, None] & (dj < d)[None, :]
                 off = (g * K + codes)[:, None] * d + dj[None, :]
-                w = decay * tl.load(ema_weight_ptr + off, mask=m, other=0.0) \
-                    + (1.0 - decay) * tl.load(sums_ptr + off, mask=m, other=0.0)
-                tl.store(ema_weight_ptr + off, w, mask=m)
-                tl.store(codebook_ptr + off, w / c[:, None], mask=m)
+                old_w = tl.load(ema_weight_ptr + off, mask=m, other=0.0)
+                w = decay * old_w + (1.0 - decay) * tl.load(sums_ptr + off, mask=m, other=0.0)
+                keep2 = (tl.zeros_like(w) + keep_old) > 0
+                old_code = tl.load(codebook_ptr + off, mask=m, other=0.0)
+                tl.store(ema_weight_ptr + off, tl.where(keep2, old_w, w), mask=m)
+                tl.store(codebook_ptr + off, tl.where(keep2, old_code, w / c[:, None]), mask=m)
 
 
 @triton.jit

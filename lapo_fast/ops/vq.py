@@ -216,12 +216,7 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
     """Search, then (after the DDP all-reduce, if any) the EMA update; returns q, idx, loss, perplexity."""
     x = x.detach().contiguous()
     if backend == "triton":
-        q, idx, sq_err, counts, sums = _triton_search(x, spec, codebook)
-        if reduce is not None:
-            counts, sums = reduce(counts, sums)
-        # One launch: perplexity of the (all-reduced) counts and, when training, the EMA update.
-        perplexity = _triton_finalize(spec, counts, sums, codebook, ema_count, ema_weight)
-        return q, idx, sq_err * (spec.commitment / max(x.numel(), 1)), perplexity
+        return _triton_forward(x, spec, reduce, codebook, ema_count, ema_weight)
 
     from lapo_fast import _C
 
@@ -272,8 +267,9 @@ def _search_blocks(K: int, d: int) -> tuple[int, int, int]:
     return block_n, block_k, block_d
 
 
-def _triton_search(x, spec: _Spec, codebook):
-    from lapo_fast.kernels.vq import vq_search_kernel
+def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
+    """Three launches: zero-fill, search (+ per-tile partials), finalize (loss, perplexity, EMA)."""
+    from lapo_fast.kernels.vq import vq_ema_finalize_kernel, vq_search_kernel
 
     lay = spec.layout
     G, K, d = codebook.shape
@@ -282,39 +278,38 @@ def _triton_search(x, spec: _Spec, codebook):
     tiles = max(1, _cdiv(lay.rows, block_n))
     out = torch.empty_like(x)
     idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
-    cnorm = (codebook * codebook).sum(-1)
     err = torch.empty(G, tiles, device=dev)
     bad = torch.empty(G, tiles, dtype=torch.int32, device=dev)
-    acc_shape = (tiles, G, K) if spec.deterministic else (G, K)
-    alloc = torch.empty if spec.deterministic else torch.zeros  # partials are fully overwritten
-    counts = alloc(acc_shape, device=dev)
-    sums = alloc((*acc_shape, d), device=dev) if spec.training else None
+    sum_size = G * K * d if spec.training else 0
+    if spec.deterministic:  # per-tile partials, fully overwritten, summed below in a fixed order
+        stats = torch.zeros(3, device=dev)
+        counts = torch.empty(tiles, G, K, device=dev)
+        sums = torch.empty(tiles, G, K, d, device=dev) if spec.training else None
+    else:  # one zero-filled buffer: [loss, perplexity, bad | counts | sums], atomics add into it
+        flat = torch.zeros(3 + G * K + sum_size, device=dev)
+        stats, counts = flat[:3], flat[3:3 + G * K].view(G, K)
+        sums = flat[3 + G * K:].view(G, K, d) if spec.training else None
     vq_search_kernel[(tiles, G)](
-        x, out, idx, codebook, cnorm, counts, counts if sums is None else sums, err, bad,
+        x, out, idx, codebook, counts, counts if sums is None else sums, err, bad,
         lay.rows, K, d, G, lay.L, *lay.strides(),
         ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
     )
-    if spec.check_finite and int(bad.sum()) > 0:
-        raise ValueError(_NONFINITE)
     if spec.deterministic:
         counts = counts.sum(0)
         sums = sums.sum(0) if sums is not None else None
-    return out, idx, err.sum(), counts, sums
-
-
-def _triton_finalize(spec, counts, sums, codebook, ema_count, ema_weight):
-    from lapo_fast.kernels.vq import vq_ema_finalize_kernel
-
-    G, K, d = codebook.shape
-    perplexity = torch.empty(G, device=codebook.device)
+    if reduce is not None:
+        counts, sums = reduce(counts, sums)
     update = spec.training
     unused = counts  # pointer arguments the kernel does not touch when not updating
     vq_ema_finalize_kernel[(G,)](
-        counts.contiguous(), sums.contiguous() if update else unused,
-        ema_count if update else unused, ema_weight if update else unused, codebook, perplexity,
-        K, d, spec.decay, spec.eps,
-        UPDATE=update, BLOCK_K=min(64, max(16, 1 << (K - 1).bit_length())),
-        BLOCK_D=max(16, min(64, 1 << (d - 1).bit_length())),
+        counts, sums if update else unused, ema_count if update else unused,
+        ema_weight if update else unused, codebook, err, bad, stats,
+        K, d, G, tiles, max(x.numel(), 1), spec.decay, spec.eps, spec.commitment,
+        UPDATE=update, GUARD=spec.check_finite,
+        BLOCK_K=min(64, max(16, 1 << (K - 1).bit_length())),
+        BLOCK_D=max(16, min(64, 1 << (d - 1).bit_length())), BLOCK_T=256,
     )
-    return perplexity.sum()
+    if spec.check_finite and stats[2].item() > 0:
+        raise ValueError(_NONFINITE)
+    return out, idx, stats[0], stats[1]
