@@ -1,0 +1,42 @@
+"""The lapo-fast command line: help, version, envs, the train stub, and the data commands."""
+
+import json
+
+import pytest
+
+from lapo_fast import __version__
+from lapo_fast.cli import main
+from lapo_fast.envs import GAMES
+
+
+def test_version_help_and_envs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    assert main([]) == 0 and "collect" in capsys.readouterr().out
+    assert main(["envs"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(GAMES)
+    assert "memory" in next(line for line in lines if line.startswith("maze"))
+
+
+def test_train_stub_says_what_exists_and_rejects_unknown_games(capsys):
+    assert main(["train", "--env", "starpilot"]) == 3
+    assert "not built yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--env", "pong"])
+    assert e.value.code == 2 and "unknown Procgen game" in capsys.readouterr().err
+
+
+def test_collect_then_info_and_verify(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(["collect", "--env", "starpilot", "--frames", "200", "--num-envs", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["data", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["frames"] >= 200 and info["source"]["env"] == "starpilot"
+    assert main(["data", "verify", str(out)]) == 0
+    assert "all checksums match" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["data", "verify", str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "no dataset manifest" in capsys.readouterr().err
