@@ -1,0 +1,9 @@
+"""The networks of LAPO: IMPALA-CNN trunk, U-Net world model, latent IDM, policies, decoder."""
+
+from .fdm import UNetFDM
+from .impala import ImpalaEncoder
+from .lam import IDMOutput, LatentActionModel, LatentIDM, stack_frames
+from .policy import ActionDecoder, LatentPolicy
+
+__all__ = ["ActionDecoder", "IDMOutput", "ImpalaEncoder", "LatentActionModel", "LatentIDM", "LatentPolicy",
+           "UNetFDM", "stack_frames"]

@@ -1,0 +1,67 @@
+"""LAPO's latent action model: the quantised inverse dynamics model and the world model around it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lapo_fast.ops import VectorQuantizerEMA
+
+from .fdm import UNetFDM
+from .impala import ImpalaEncoder
+
+
+def stack_frames(window: torch.Tensor) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, T*C, H, W): frames stacked on channels, as the CNNs take them."""
+    return window.flatten(1, 2)
+
+
+class IDMOutput(NamedTuple):
+    latent: torch.Tensor      # (B, latent_dim) before quantisation (stage 2's regression target)
+    quantized: torch.Tensor   # (B, latent_dim), straight-through
+    indices: torch.Tensor     # (B, codebooks, latents)
+    vq_loss: torch.Tensor
+    perplexity: torch.Tensor
+
+
+class LatentIDM(nn.Module):
+    """IDM(o_{t-k}..o_t, o_{t+1}) -> latent action z_t, vector-quantised (LAPO: 2 x 64 x 16, 4 latents)."""
+
+    def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
+                 num_codebooks: int = 2, codebook_size: int = 64, code_dim: int = 16, num_latents: int = 4,
+                 **vq_kwargs):
+        super().__init__()
+        if num_codebooks * code_dim * num_latents != latent_dim:
+            raise ValueError(f"latent_dim={latent_dim} must equal codebooks*code_dim*latents = "
+                             f"{num_codebooks}*{code_dim}*{num_latents}")
+        self.encoder = ImpalaEncoder(frames * channels, impala_scale)
+        self.head = nn.Linear(self.encoder.out_features, latent_dim)
+        self.vq = VectorQuantizerEMA(num_codebooks, codebook_size, code_dim, num_latents, layout="lapo",
+                                     **vq_kwargs)
+
+    def forward(self, window: torch.Tensor) -> IDMOutput:
+        """window: (B, T, C, H, W) normalised frames, the last one o_{t+1}."""
+        z = self.head(self.encoder(stack_frames(window)))
+        vq = self.vq(z)
+        return IDMOutput(z, vq.quantized, vq.indices, vq.loss, vq.perplexity)
+
+
+class LatentActionModel(nn.Module):
+    """Stage 1: the IDM labels each transition with a latent action; the FDM must reconstruct
+    o_{t+1} from the past frames and that latent alone."""
+
+    def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
+                 fdm_width: int = 24, **idm_kwargs):
+        super().__init__()
+        self.idm = LatentIDM(frames, channels, impala_scale, latent_dim, **idm_kwargs)
+        self.fdm = UNetFDM((frames - 1) * channels, latent_dim, fdm_width, channels)
+
+    def forward(self, window: torch.Tensor):
+        """Returns (total loss, reconstruction loss, IDM output, predicted o_{t+1})."""
+        out = self.idm(window)
+        pred = self.fdm(stack_frames(window[:, :-1]), out.quantized)
+        recon = F.mse_loss(pred, window[:, -1])
+        return recon + out.vq_loss, recon, out, pred
