@@ -43,7 +43,8 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=[
-        "lapo_fast", "lapo_fast.data", "lapo_fast.envs", "lapo_fast.models", "lapo_fast.ops", "lapo_fast.kernels",
+        "lapo_fast", "lapo_fast.data", "lapo_fast.envs", "lapo_fast.models", "lapo_fast.ops", "lapo_fast.stages",
+        "lapo_fast.kernels",
     ],
     package_dir={"lapo_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("lapo_fast._C")],

@@ -8,7 +8,7 @@ import sys
 from . import __version__
 
 # What `train` will chain once the stages land; listed so the stub says exactly what is missing.
-_PLANNED_STAGES = ("lam", "bc", "decode", "finetune", "eval", "umap", "report")
+_PLANNED_STAGES = ("bc", "decode", "finetune", "eval", "umap", "report")
 
 
 def _cmd_envs(args: argparse.Namespace) -> int:
@@ -29,6 +29,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "  - lapo_fast.envs.ProcgenVecEnv: the batched C++ Procgen engine (lapo-fast envs lists the games)\n"
         "  - lapo_fast.ops: the fused VQ-EMA op (Triton / C++ / reference)\n"
         "  - lapo-fast collect / data {info,verify,import-lapo,ingest}: frame datasets and loaders\n"
+        "  - lapo-fast lam: stage 1 (latent IDM + FDM), resumable\n"
         "  - benchmarks/: env_step.py, vq_kernel.py, loader.py\n"
         f"Still to come: {', '.join(_PLANNED_STAGES)}.",
         file=sys.stderr,
@@ -67,6 +68,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
             print(f"wrote {out}")
     elif args.data_command == "ingest":
         print(f"wrote {ingest_videos(args.videos, args.out, size=args.size, codec=args.codec, decoder=args.decoder)}")
+    return 0
+
+
+def _cmd_lam(args: argparse.Namespace) -> int:
+    from .config import LAMConfig, default_preset, overrides_from, resolve
+    from .stages.lam import train_lam
+
+    preset, why = (args.preset, "asked for") if args.preset else default_preset()
+    print(f"lam: preset {preset!r} ({why})")
+    cfg = resolve(LAMConfig, preset, overrides_from(args, LAMConfig))
+    print(f"lam: final checkpoint {train_lam(args.data, args.out, cfg)}")
     return 0
 
 
@@ -115,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--decoder", default="auto", choices=["auto", "pyav", "dali"],
                    help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
     p.set_defaults(func=_cmd_data)
+
+    from .config import PRESETS, LAMConfig, add_arguments
+
+    p = sub.add_parser("lam", help="stage 1: latent IDM + FDM with the VQ bottleneck (resumable)")
+    p.add_argument("--data", required=True, help="frame dataset directory")
+    p.add_argument("--out", required=True, help="run directory (stage 1 writes RUN/lam/)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
+    add_arguments(p, LAMConfig)
+    p.set_defaults(func=_cmd_lam)
 
     p = sub.add_parser("train", help="run the whole method on one game (not built yet: says what exists)")
     p.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")

@@ -1,0 +1,1 @@
+"""The stages of LAPO, one file each."""

@@ -1,0 +1,53 @@
+"""Atomic, resumable checkpoints: weights in safetensors, optimiser state with torch.save, and a
+JSON of the step and RNG states, written to a temporary folder then renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    state: dict | None = None, keep: int = 2) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:08d}"
+    tmp = directory / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    done = sorted(p for p in Path(directory).glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
+    path = Path(path)
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors (not a lapo_fast checkpoint)")
+    weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}): was it made with another config?")
+    if optimizer is not None and (path / "optim.pt").exists():
+        blob = torch.load(path / "optim.pt", weights_only=False)
+        optimizer.load_state_dict(blob["optimizer"])
+        if scheduler is not None and blob["scheduler"] is not None:
+            scheduler.load_state_dict(blob["scheduler"])
+    return json.loads((path / "state.json").read_text())
