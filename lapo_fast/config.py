@@ -39,6 +39,7 @@ class LAMConfig:
     num_latents: int = 4
     vq_decay: float = 0.999
     commitment: float = 0.05
+    dead_code_threshold: float = 0.0  # > 0: refill codes whose EMA count falls below it (0: LAPO)
     log_every: int = 100
     checkpoint_every: int = 2_000
     seed: int = 0

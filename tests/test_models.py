@@ -19,6 +19,8 @@ def test_impala_shapes_and_channels_last_agree():
 def test_fdm_size_range_and_dependence_on_the_action():
     params = sum(p.numel() for p in UNetFDM(6, 128, width=24).parameters())
     assert 7e6 < params < 9.5e6  # the paper's ~8M at base width 24
+    for width in (5, 12, 20):  # any width builds (GroupNorm groups divide the channels)
+        UNetFDM(6, 128, width=width)(torch.zeros(1, 6, 64, 64), torch.zeros(1, 128))
     torch.manual_seed(0)
     fdm = UNetFDM(6, 128, width=8).eval()
     frames = torch.rand(2, 6, 64, 64) - 0.5

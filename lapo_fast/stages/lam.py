@@ -28,7 +28,7 @@ def build_model(cfg: LAMConfig) -> LatentActionModel:
         frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_width=cfg.fdm_width,
         latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
-        decay=cfg.vq_decay, commitment=cfg.commitment,
+        decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
     )
 
 
