@@ -54,9 +54,25 @@ class FrameDataset:
             raise DatasetError(f"{path}: truncated or resized shard ({len(data)} bytes, expected {shard.nbytes})")
         return data
 
-    def _decode_chunk(self, i: int, data: bytes, row, out: np.ndarray) -> None:
+    def _read_chunk(self, i: int, row) -> bytes:
+        """One chunk's bytes, read with a seek (not the whole shard); the shard's size is still checked."""
+        shard = self.manifest.shards[i]
+        path = self.dir / shard.file
+        if not path.exists():
+            raise DatasetError(f"{path}: shard missing")
+        size = path.stat().st_size
+        if size != shard.nbytes:
+            raise DatasetError(f"{path}: truncated or resized shard ({size} bytes, expected {shard.nbytes})")
+        offset, nbytes = int(row[0]), int(row[1])
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(nbytes)
+
+    def _decode_chunk(self, i: int, data: bytes, row, out: np.ndarray, *, whole_shard: bool = True) -> None:
+        """Decodes the chunk `row` of shard i into out; `data` is the whole shard, or with
+        whole_shard=False just this chunk's bytes."""
         offset, nbytes, first, frames, checksum = (int(v) for v in row)
-        blob = data[offset:offset + nbytes]
+        blob = data[offset:offset + nbytes] if whole_shard else data
         path = self.dir / self.manifest.shards[i].file
         if len(blob) != nbytes or crc32(blob) != checksum:
             raise DatasetError(f"{path}: chunk at byte {offset} is corrupt (checksum mismatch)")
@@ -87,18 +103,17 @@ class FrameDataset:
         for i, shard in enumerate(self.manifest.shards):
             if shard.first_frame >= stop or shard.first_frame + shard.frames <= start:
                 continue
-            data = None
             for row in self.index[i]:
                 first, n = int(row[2]), int(row[3])
                 lo, hi = max(start, first), min(stop, first + n)
                 if lo >= hi:
                     continue
-                data = data if data is not None else self._read_shard(i)
+                blob = self._read_chunk(i, row)
                 if lo == first and hi == first + n:
-                    self._decode_chunk(i, data, row, out[lo - start:hi - start])
+                    self._decode_chunk(i, blob, row, out[lo - start:hi - start], whole_shard=False)
                 else:
                     chunk = np.empty((n, *self.manifest.frame_shape), np.uint8)
-                    self._decode_chunk(i, data, row, chunk)
+                    self._decode_chunk(i, blob, row, chunk, whole_shard=False)
                     out[lo - start:hi - start] = chunk[lo - first:hi - first]
         return out
 
