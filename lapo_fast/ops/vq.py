@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .vq_layout import Layout
-from .vq_reference import vq_ema_reference
+from .vq_reference import perplexity_of, vq_ema_reference
 
 
 class VQOutput(NamedTuple):
@@ -112,14 +112,14 @@ def _check_state(codebook, ema_count, ema_weight):
     if codebook.dim() != 3:
         raise ValueError(f"vq_ema: codebook must be (groups, codes, dim), got {tuple(codebook.shape)}")
     G, K, d = codebook.shape
-    expected = (("codebook", codebook, (G, K, d)), ("ema_count", ema_count, (G, K)),
-                ("ema_weight", ema_weight, (G, K, d)))
     # One cheap combined test on the hot path; the per-tensor messages only when it fails.
     if (codebook.dtype == ema_count.dtype == ema_weight.dtype == torch.float32
             and ema_count.shape == (G, K) and ema_weight.shape == (G, K, d)
             and codebook.is_contiguous() and ema_count.is_contiguous() and ema_weight.is_contiguous()
             and codebook.device == ema_count.device == ema_weight.device):
         return G, K, d
+    expected = (("codebook", codebook, (G, K, d)), ("ema_count", ema_count, (G, K)),
+                ("ema_weight", ema_weight, (G, K, d)))
     for name, t, shape in expected:
         if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"vq_ema: {name} must be a contiguous float32 tensor of shape {shape}, "
@@ -223,17 +223,12 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
     q, idx, loss, perplexity, counts, sums = _cpu_forward(x, spec, codebook)
     if reduce is not None:
         counts, sums = reduce(counts, sums)
-        perplexity = _perplexity(counts)
+        perplexity = perplexity_of(counts)
     if spec.training:
         G, K, d = codebook.shape
         _C.vq_ema_update(counts.data_ptr(), sums.data_ptr(), ema_count.data_ptr(),
                          ema_weight.data_ptr(), codebook.data_ptr(), G, K, d, spec.decay, spec.eps)
     return q, idx, loss, perplexity
-
-
-def _perplexity(counts: torch.Tensor) -> torch.Tensor:
-    probs = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return torch.exp(-(probs * torch.log(probs + 1e-10)).sum(-1)).sum()
 
 
 def _cpu_forward(x, spec: _Spec, codebook):

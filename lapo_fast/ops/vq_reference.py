@@ -22,6 +22,12 @@ import torch.nn.functional as F
 from .vq_layout import Layout
 
 
+def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
+    """Sum over groups of exp(entropy) of per-code usage counts (G, K)."""
+    probs = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(-(probs * torch.log(probs + 1e-10)).sum(-1)).sum()
+
+
 def vq_ema_reference(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -41,7 +47,6 @@ def vq_ema_reference(
     """
     G, K, d = codebook.shape
     xf = layout.to_groups(x).float()                      # (G, N, d)
-    n_rows = xf.shape[1]
     distances = torch.baddbmm(
         (codebook**2).sum(-1).unsqueeze(1) + (xf**2).sum(-1, keepdim=True),
         xf, codebook.transpose(1, 2), alpha=-2.0, beta=1.0,
@@ -63,8 +68,7 @@ def vq_ema_reference(
             codebook.copy_(ema_weight / ema_count.unsqueeze(-1))
 
     loss = commitment * F.mse_loss(xf, q.detach())
-    probs = encodings.sum(1) / max(n_rows, 1)
-    perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum(-1)).sum()
+    perplexity = perplexity_of(encodings.sum(1))
     q_st = xf + (q - xf).detach()
     quantized = layout.from_groups(q_st).to(x.dtype)
     return quantized, layout.indices_from_groups(indices), loss, perplexity
