@@ -67,10 +67,6 @@ class PrefetchLoader:
         self._stop.set()
 
 
-_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
-                 np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool}
-
-
 class DeviceResidentLoader:
     """The whole frame array copied once to `device` (when it fits in GPU memory): windows are
     gathered there, so no frame crosses PCIe during training. Same batches as the sampler."""
@@ -140,13 +136,12 @@ class DaliLoader:
                 batch[k] = torch.from_numpy(np.array(o.as_array()[0]))
                 continue
             # Straight from DALI's device buffer into a torch CUDA tensor, on the current stream.
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+            from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-            dense = o.as_tensor()
-            dtype = _TORCH_DTYPES[np.dtype(dense.dtype.name.lower()) if hasattr(dense.dtype, "name") else dense.dtype]
-            out = torch.empty(dense.shape()[1:], dtype=dtype, device=f"cuda:{self.device_id}")
+            dense = o.as_tensor()  # (1, ...): the pipeline's batch is one of our batches
+            out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=f"cuda:{self.device_id}")
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device_id))
-            batch[k] = out
+            batch[k] = out[0]
         return batch
 
 
