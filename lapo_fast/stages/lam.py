@@ -80,9 +80,9 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, stop_after: int | None = Non
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
-            used = torch.unique(idm.indices.reshape(-1, cfg.num_codebooks, cfg.num_latents)[:, 0]).numel()
+            used = torch.unique(idm.indices[:, 0]).numel()  # distinct codes of codebook 0 in this batch
             metrics = {"step": step, "loss": loss.item(), "fdm_loss": recon.item(), "vq_loss": idm.vq_loss.item(),
-                       "perplexity": idm.perplexity.item(), "codes_used_in_batch": used,
+                       "perplexity": idm.perplexity.item(), "codebook0_codes_used": used,
                        "lr": schedule.get_last_lr()[0],
                        "steps_per_s": (step - start) / max(time.perf_counter() - t0, 1e-9)}
             _log(out, writer, metrics)
