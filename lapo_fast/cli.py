@@ -7,10 +7,6 @@ import sys
 
 from . import __version__
 
-# What `train` will chain once the stages land; listed so the stub says exactly what is missing.
-_PLANNED_STAGES = ("bc", "decode", "finetune", "eval", "umap", "report")
-
-
 def _cmd_envs(args: argparse.Namespace) -> int:
     from .envs import GAMES, modes_of
 
@@ -19,22 +15,27 @@ def _cmd_envs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset(args: argparse.Namespace, command: str) -> str:
+    from .config import default_preset
+
+    preset, why = (args.preset, "asked for") if args.preset else default_preset()
+    print(f"{command}: preset {preset!r} ({why})")
+    return preset
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import resolve_run
     from .envs.games import check_game
+    from .stages.train import run_all
 
     check_game(args.env)
-    print(
-        f"lapo-fast {__version__}: the end-to-end trainer for {args.env} is not built yet.\n"
-        "Available now:\n"
-        "  - lapo_fast.envs.ProcgenVecEnv: the batched C++ Procgen engine (lapo-fast envs lists the games)\n"
-        "  - lapo_fast.ops: the fused VQ-EMA op (Triton / C++ / reference)\n"
-        "  - lapo-fast collect / data {info,verify,import-lapo,ingest}: frame datasets and loaders\n"
-        "  - lapo-fast lam: stage 1 (latent IDM + FDM), resumable\n"
-        "  - benchmarks/: env_step.py, vq_kernel.py, loader.py\n"
-        f"Still to come: {', '.join(_PLANNED_STAGES)}.",
-        file=sys.stderr,
-    )
-    return 3
+    preset = _preset(args, "train")
+    cfgs = resolve_run(preset, args.set)
+    out = args.out or f"runs/{args.env}-{preset}"
+    print(f"train: run directory {out}")
+    run_all(args.env, out, cfgs, preset=preset, demonstrator=args.demonstrator, data=args.data,
+            test_data=args.test_data)
+    return 0
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
@@ -71,14 +72,75 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_config(args: argparse.Namespace, cls, command: str):
+    from .config import overrides_from, resolve
+
+    return resolve(cls, _preset(args, command), overrides_from(args, cls))
+
+
 def _cmd_lam(args: argparse.Namespace) -> int:
-    from .config import LAMConfig, default_preset, overrides_from, resolve
+    from .config import LAMConfig
     from .stages.lam import train_lam
 
-    preset, why = (args.preset, "asked for") if args.preset else default_preset()
-    print(f"lam: preset {preset!r} ({why})")
-    cfg = resolve(LAMConfig, preset, overrides_from(args, LAMConfig))
-    print(f"lam: final checkpoint {train_lam(args.data, args.out, cfg)}")
+    cfg = _stage_config(args, LAMConfig, "lam")
+    print(f"lam: final checkpoint {train_lam(args.data, args.out, cfg, test_data=args.test_data)}")
+    return 0
+
+
+def _cmd_bc(args: argparse.Namespace) -> int:
+    from .config import BCConfig
+    from .stages.bc import train_bc
+
+    print(f"bc: final checkpoint {train_bc(args.data, args.out, _stage_config(args, BCConfig, 'bc'))}")
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from .config import DecodeConfig
+    from .stages.decode import train_decoders
+
+    train_decoders(args.data, args.out, _stage_config(args, DecodeConfig, "decode"), env_name=args.env,
+                   online=not args.offline_only)
+    print(f"decode: results in {args.out}/decode/results.json")
+    return 0
+
+
+def _cmd_ppo(args: argparse.Namespace) -> int:
+    from .config import PPOConfig
+    from .envs.games import check_game
+    from .stages.ppo import load_policy, train_ppo
+
+    check_game(args.env)
+    cfg = _stage_config(args, PPOConfig, args.command)
+    if args.command == "finetune":
+        last = train_ppo(args.out, args.env, cfg, name=args.name or "finetune", init=load_policy(args.out, "bc"),
+                         frozen_trunk=True)
+    else:
+        last = train_ppo(args.out, args.env, cfg, name=args.name or "ppo")
+    print(f"{args.command}: final checkpoint {last}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import EvalConfig
+    from .stages.evaluate import evaluate_run
+
+    evaluate_run(args.out, args.env, _stage_config(args, EvalConfig, "eval"))
+    print(f"eval: results in {args.out}/eval/results.json")
+    return 0
+
+
+def _cmd_umap(args: argparse.Namespace) -> int:
+    from .stages.umap import project_latents
+
+    print(f"umap: wrote {project_latents(args.data, args.out, points=args.points, seed=args.seed)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .stages.report import write_report
+
+    print(f"report: wrote {write_report(args.out)}")
     return 0
 
 
@@ -128,18 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
     p.set_defaults(func=_cmd_data)
 
-    from .config import PRESETS, LAMConfig, add_arguments
+    from .config import PRESETS, BCConfig, DecodeConfig, EvalConfig, LAMConfig, PPOConfig, add_arguments
 
-    p = sub.add_parser("lam", help="stage 1: latent IDM + FDM with the VQ bottleneck (resumable)")
-    p.add_argument("--data", required=True, help="frame dataset directory")
-    p.add_argument("--out", required=True, help="run directory (stage 1 writes RUN/lam/)")
-    p.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
-    add_arguments(p, LAMConfig)
-    p.set_defaults(func=_cmd_lam)
+    def stage(name: str, help: str, func, cls=None, *, data: bool = False, env: bool = False):
+        q = sub.add_parser(name, help=help)
+        if data:
+            q.add_argument("--data", required=True, help="frame dataset directory")
+        if env:
+            q.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")
+        q.add_argument("--out", required=True, help="run directory")
+        if cls is not None:
+            q.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
+            add_arguments(q, cls)
+        q.set_defaults(func=func)
+        return q
 
-    p = sub.add_parser("train", help="run the whole method on one game (not built yet: says what exists)")
+    p = stage("lam", "stage 1: latent IDM + FDM with the VQ bottleneck (resumable)", _cmd_lam, LAMConfig, data=True)
+    p.add_argument("--test-data", default=None, help="dataset of held-out episodes (test FDM loss)")
+    stage("bc", "stage 2: latent behaviour cloning on the frozen IDM's cached labels (needs RUN/lam)",
+          _cmd_bc, BCConfig, data=True)
+    p = stage("decode", "stage 3a: latent -> action decoders from a few labelled transitions, evaluated online",
+              _cmd_decode, DecodeConfig, data=True)
+    p.add_argument("--env", default=None, help="game to act in (default: the dataset's)")
+    p.add_argument("--offline-only", action="store_true", help="score decoders on held-out transitions only")
+    for name, help in (("finetune", "stage 3b: PPO fine-tuning of the latent policy, frozen trunk (needs RUN/bc)"),
+                       ("ppo", "PPO from scratch (baselines, demonstrators)")):
+        p = stage(name, help, _cmd_ppo, PPOConfig, env=True)
+        p.add_argument("--name", default=None, help=f"subdirectory of the run (default {name})")
+    stage("eval", "returns of every policy in a run, normalised per game", _cmd_eval, EvalConfig, env=True)
+    p = stage("umap", "UMAP of the IDM's latent actions coloured by true action (PNG)", _cmd_umap, data=True)
+    p.add_argument("--points", type=int, default=5_000)
+    p.add_argument("--seed", type=int, default=0)
+    stage("report", "report.md/json and plots of a run", _cmd_report)
+
+    p = sub.add_parser("train", help="the whole method on one game, in one run directory (resumable)")
     p.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")
-    p.add_argument("--out", default=None, help="run directory")
+    p.add_argument("--out", default=None, help="run directory (default runs/<env>-<preset>)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override one setting, e.g. --set lam.steps=500 (stages: demo, data, lam, bc, decode, "
+                        "finetune, eval)")
+    p.add_argument("--demonstrator", default=None, help="torch.export policy (.pt2) that records the dataset")
+    p.add_argument("--data", default=None, help="use this dataset instead of recording one")
+    p.add_argument("--test-data", default=None, help="held-out dataset for the test FDM loss")
     p.set_defaults(func=_cmd_train)
     return parser
 
@@ -154,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, DatasetError) as e:
+    except (ValueError, DatasetError, FileNotFoundError) as e:
         parser.exit(2, f"lapo-fast: error: {e}\n")
 
 

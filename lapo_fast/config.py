@@ -47,15 +47,131 @@ class LAMConfig:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class BCConfig:
+    """Stage 2: latent behaviour cloning, policy(o_t) -> the frozen IDM's pre-quantisation latent."""
+
+    steps: int = 60_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 1_000
+    weight_decay: float = 1e-2
+    grad_clip: float = 2.0
+    impala_scale: int = 4
+    label_batch: int = 512          # windows per IDM forward when computing the cached labels
+    log_every: int = 100
+    checkpoint_every: int = 2_000
+    seed: int = 0
+    device: str = ""
+
+
+@dataclass
+class DecodeConfig:
+    """Stage 3a: latent -> true-action decoder from a few labelled transitions, composed with the
+    latent policy and evaluated online."""
+
+    labelled: str = "16,64,256,1024,4096"  # sizes of the labelled set swept (comma-separated)
+    deploy: int = 256                        # the size whose decoder is the "decoded policy"
+    steps: int = 2_000                       # decoder training steps (full batch)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    held_out: int = 2_000                    # labelled transitions kept apart to score decoders
+    eval_episodes: int = 64
+    seed: int = 0
+    device: str = ""
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3b (and demonstrators): PPO with Cobbe et al. (2020)'s Procgen settings.
+    frozen_trunk=True is LAPO's fine-tuning: features computed once per env step, reused."""
+
+    env_steps: int = 4_000_000
+    num_envs: int = 64
+    rollout: int = 256
+    gamma: float = 0.999
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    epochs: int = 3
+    minibatches: int = 8
+    entropy: float = 0.01           # Cobbe et al.'s coefficient
+    value_coef: float = 0.5
+    lr: float = 5e-4                # full PPO (scratch, demonstrators)
+    head_lr: float = 1e-2           # frozen trunk: only the heads train, and stay stable at this rate
+    grad_clip: float = 0.5
+    impala_scale: int = 4
+    normalize_rewards: bool = True
+    distribution_mode: str = "easy"
+    checkpoint_every: int = 10       # updates
+    seed: int = 0
+    device: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Returns over many levels (all of them: num_levels=0), normalised per game."""
+
+    episodes: int = 256
+    num_envs: int = 64
+    distribution_mode: str = "easy"
+    greedy: bool = False
+    seed: int = 12345
+    device: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Where the observation-only dataset comes from when `train` has to make it."""
+
+    frames: int = 8_000_000
+    test_frames: int = 200_000
+    num_envs: int = 64
+    distribution_mode: str = "easy"
+    seed: int = 0
+
+
 _PRESETS: dict[type, dict[str, dict]] = {
     LAMConfig: {
         "paper": {},
-        "cpu": {"steps": 4_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
-                "log_every": 50, "checkpoint_every": 500},
+        "cpu": {"steps": 2_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
+                "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01},
         "smoke": {"steps": 20, "batch_size": 8, "impala_scale": 1, "fdm_width": 8, "warmup_steps": 2,
-                  "log_every": 5, "checkpoint_every": 10},
+                  "log_every": 5, "checkpoint_every": 10, "dead_code_threshold": 0.01},
+    },
+    BCConfig: {
+        "paper": {},
+        "cpu": {"steps": 1_500, "batch_size": 64, "impala_scale": 1, "warmup_steps": 100, "log_every": 50,
+                "checkpoint_every": 500},
+        "smoke": {"steps": 10, "batch_size": 8, "impala_scale": 1, "warmup_steps": 2, "log_every": 5,
+                  "checkpoint_every": 5, "label_batch": 16},
+    },
+    DecodeConfig: {
+        "paper": {},
+        "cpu": {"labelled": "16,64,256,1024", "steps": 1_000, "held_out": 1_000, "eval_episodes": 32},
+        "smoke": {"labelled": "8,16", "deploy": 16, "steps": 20, "held_out": 8, "eval_episodes": 2},
+    },
+    PPOConfig: {
+        "paper": {},
+        "cpu": {"env_steps": 200_000, "num_envs": 32, "rollout": 128, "impala_scale": 1, "checkpoint_every": 5},
+        "smoke": {"env_steps": 256, "num_envs": 4, "rollout": 32, "epochs": 2, "minibatches": 2,
+                  "impala_scale": 1, "checkpoint_every": 1},
+    },
+    EvalConfig: {
+        "paper": {},
+        "cpu": {"episodes": 64, "num_envs": 32},
+        "smoke": {"episodes": 2, "num_envs": 2},
+    },
+    DataConfig: {
+        "paper": {},
+        "cpu": {"frames": 60_000, "test_frames": 4_000, "num_envs": 32},
+        "smoke": {"frames": 400, "test_frames": 100, "num_envs": 4},
     },
 }
+
+# The configs of `lapo-fast train`, by the prefix its --set flags use (--set lam.steps=100).
+# "demo" is the PPO demonstrator trained when none is given; it is also the from-scratch baseline.
+STAGE_CONFIGS: dict[str, type] = {"demo": PPOConfig, "data": DataConfig, "lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig,
+                                  "finetune": PPOConfig, "eval": EvalConfig}
 
 
 def default_preset() -> tuple[str, str]:
@@ -89,11 +205,69 @@ def _check(cfg) -> None:
         v = getattr(cfg, f.name)
         if f.type in ("int", "float") and isinstance(v, (int, float)) and v < 0:
             raise ValueError(f"{type(cfg).__name__}.{f.name} must be >= 0, got {v}")
-    if isinstance(cfg, LAMConfig):
+    name = type(cfg).__name__
+    if isinstance(cfg, (LAMConfig, BCConfig)):
         if cfg.steps < 1 or cfg.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if not 0 <= cfg.vq_decay < 1:
-            raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
+            raise ValueError(f"{name}: steps and batch_size must be >= 1")
+    if isinstance(cfg, LAMConfig) and not 0 <= cfg.vq_decay < 1:
+        raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
+    if isinstance(cfg, DecodeConfig):
+        sizes = labelled_sizes(cfg)
+        if cfg.deploy not in sizes:
+            raise ValueError(f"DecodeConfig.deploy={cfg.deploy} is not one of the swept sizes {sizes}")
+    if isinstance(cfg, PPOConfig):
+        batch = cfg.num_envs * cfg.rollout
+        if cfg.num_envs < 1 or cfg.rollout < 1 or cfg.minibatches < 1 or batch % cfg.minibatches:
+            raise ValueError(f"PPOConfig: num_envs*rollout ({batch}) must split into {cfg.minibatches} minibatches")
+        if not 0 < cfg.gamma <= 1 or not 0 <= cfg.gae_lambda <= 1:
+            raise ValueError("PPOConfig: gamma must be in (0, 1] and gae_lambda in [0, 1]")
+    if hasattr(cfg, "distribution_mode"):
+        from lapo_fast.envs.games import DISTRIBUTION_MODES
+
+        if cfg.distribution_mode not in DISTRIBUTION_MODES:
+            raise ValueError(f"{name}.distribution_mode={cfg.distribution_mode!r}; choose one of {list(DISTRIBUTION_MODES)}")
+
+
+def labelled_sizes(cfg: DecodeConfig) -> list[int]:
+    try:
+        sizes = sorted({int(v) for v in str(cfg.labelled).split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"DecodeConfig.labelled must be comma-separated integers, got {cfg.labelled!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"DecodeConfig.labelled needs sizes >= 1, got {cfg.labelled!r}")
+    return sizes
+
+
+# Where a stage of `train` departs from its class's preset: the paper's demonstrator is a longer
+# PPO run than the 4M-step fine-tuning it is compared with (the report compares at equal steps).
+_RUN_PRESETS: dict[str, dict[str, dict]] = {"demo": {"paper": {"env_steps": 25_000_000}}}
+
+
+def resolve_run(preset: str, sets: list[str] | None = None) -> dict[str, object]:
+    """Every stage's config for `train`, from one preset and `stage.field=value` overrides."""
+    overrides: dict[str, dict] = {k: dict(_RUN_PRESETS.get(k, {}).get(preset, {})) for k in STAGE_CONFIGS}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not eq or not dot or stage not in STAGE_CONFIGS:
+            raise ValueError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {list(STAGE_CONFIGS)}")
+        cls = STAGE_CONFIGS[stage]
+        types = {f.name: f.type for f in fields(cls)}
+        if name not in types:
+            raise ValueError(f"--set {item!r}: {cls.__name__} has no setting {name!r}")
+        overrides[stage][name] = _parse(value, types[name], item)
+    return {stage: resolve(cls, preset, overrides[stage]) for stage, cls in STAGE_CONFIGS.items()}
+
+
+def _parse(value: str, kind: str, item: str):
+    try:
+        if kind == "bool":
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("1", "true", "yes")
+        return {"int": int, "float": float}.get(kind, str)(value)
+    except ValueError:
+        raise ValueError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -111,6 +285,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def overrides_from(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def load(cls, path: Path):
+    """A config saved by `save`, checked to be of the expected type."""
+    payload = json.loads(Path(path).read_text())
+    if payload.get("type") != cls.__name__:
+        raise ValueError(f"{path}: holds a {payload.get('type')}, expected a {cls.__name__}")
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in payload["config"].items() if k in known})
 
 
 def save(cfg, path: Path, **extra) -> None:

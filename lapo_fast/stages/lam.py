@@ -9,18 +9,21 @@ Writes RUN/lam/: config.json, metrics.jsonl, TensorBoard events, step-XXXXXXXX c
 
 from __future__ import annotations
 
-import json
-import math
 import time
+
+import numpy as np
 from pathlib import Path
 
 import torch
 
 from lapo_fast import __version__
 from lapo_fast.config import LAMConfig, save
+from lapo_fast.config import load as load_config
 from lapo_fast.data import FrameDataset, WindowSampler, normalize
 from lapo_fast.models import LatentActionModel
+from lapo_fast.stages import distributed
 from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lapo_fast.stages.runlog import RunLog, write_json
 
 
 def build_model(cfg: LAMConfig) -> LatentActionModel:
@@ -32,17 +35,30 @@ def build_model(cfg: LAMConfig) -> LatentActionModel:
     )
 
 
-def train_lam(data_dir, run_dir, cfg: LAMConfig, *, stop_after: int | None = None, progress: bool = True) -> Path:
-    """Trains (or resumes) stage 1; returns the final checkpoint. `stop_after` ends early after
-    that many steps of this call, as an interruption would (for tests)."""
+def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: int | None = None,
+              progress: bool = True) -> Path:
+    """Trains (or resumes) stage 1; returns the final checkpoint. `test_data` (a dataset of other
+    episodes) gives the held-out FDM loss; `stop_after` ends early after that many steps of this
+    call, as an interruption would (for tests). Under torchrun, each rank draws its own batches,
+    DDP averages gradients and the VQ op all-reduces its statistics; rank 0 writes."""
     out = Path(run_dir) / "lam"
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = distributed.rank_and_world()
+    device = distributed.device(cfg.device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     # Data: decoded once into a memmap, windows that never cross episodes.
     ds = FrameDataset(data_dir)
-    sampler = WindowSampler(ds.cache(), ds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed)
+    if rank == 0:
+        ds.cache()
+    distributed.barrier()  # one rank writes the decode cache, the others then map it
+    sampler = WindowSampler(ds.cache(), ds.episodes, context=cfg.context, batch_size=cfg.batch_size,
+                            seed=cfg.seed + 1_000 * rank)
+    test = None
+    if test_data is not None and rank == 0:
+        tds = FrameDataset(test_data)
+        test = WindowSampler(tds.cache(), tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed)
 
     # Model and optimiser: AdamW, linear warm-up then linear decay to 0.
     model = build_model(cfg).to(device)
@@ -50,27 +66,33 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, stop_after: int | None = Non
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * max(0.0, 1 - s / cfg.steps))
 
-    # Resume: weights, optimiser, schedule, and the sampler's random stream.
+    # Resume: weights, optimiser, schedule, and every rank's sampler stream.
     step = 0
+    log = RunLog(out, "lam", enabled=rank == 0)
     last = latest_checkpoint(out)
     if last is not None:
         state = load_checkpoint(last, model, optimizer, schedule)
         step = state["step"]
-        sampler.rng.bit_generator.state = state["sampler_rng"]
-        print(f"lam: resuming from {last} (step {step})")
-    save(cfg, out / "config.json", versions={"lapo_fast": __version__, "torch": torch.__version__},
-         data=str(data_dir), device=str(device))
-    writer = _tensorboard(out)
+        if rank < len(state["sampler_rng"]):
+            sampler.rng.bit_generator.state = state["sampler_rng"][rank]
+        log.truncate(step)
+        if rank == 0:
+            print(f"lam: resuming from {last} (step {step})")
+    if rank == 0:
+        save(cfg, out / "config.json", versions={"lapo_fast": __version__, "torch": torch.__version__},
+             data=str(data_dir), test_data=str(test_data) if test_data else None, device=str(device),
+             world_size=world)
+    ddp = distributed.wrap(model)
 
     model.train()
     t0, start = time.perf_counter(), step
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="lam", unit="step")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc="lam", unit="step")
     while step < cfg.steps:
         batch = torch.from_numpy(sampler.sample()["obs"]).to(device)
         window = normalize(batch)                                  # (B, T, C, H, W) in [-0.5, 0.5]
-        loss, recon, idm, _ = model(window)
+        loss, recon, idm, _ = ddp(window)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -85,35 +107,59 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, stop_after: int | None = Non
                        "perplexity": idm.perplexity.item(), "codebook0_codes_used": used,
                        "lr": schedule.get_last_lr()[0],
                        "steps_per_s": (step - start) / max(time.perf_counter() - t0, 1e-9)}
-            _log(out, writer, metrics)
+            if test is not None:
+                metrics["test_fdm_loss"] = _test_loss(model, test, device)
+            log.log(metrics)
             bar.set_postfix(loss=f"{metrics['fdm_loss']:.4f}", perp=f"{metrics['perplexity']:.1f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            last = save_checkpoint(out, step, model, optimizer, schedule,
-                                   {"sampler_rng": sampler.rng.bit_generator.state})
+            streams = distributed.gather_object(sampler.rng.bit_generator.state)
+            if rank == 0:
+                last = save_checkpoint(out, step, model, optimizer, schedule, {"sampler_rng": streams})
+            distributed.barrier()
         if stop_after is not None and step - start >= stop_after:
             break
     bar.close()
-    if writer is not None:
-        writer.close()
-    return last
+    probed = (out / "probe.json").exists() and step == start  # finished earlier, nothing trained now
+    if rank == 0 and step == cfg.steps and "action" in ds.manifest.meta_keys and not probed:
+        result = latent_probe(model.idm, sampler, ds.meta("action"), device, seed=cfg.seed)
+        log.log({"step": step, **{f"probe_{k}": v for k, v in result.items()}})
+        write_json(out / "probe.json", result)
+        print(f"lam: probe accuracy {result['accuracy']:.3f} from {result['labelled']} labelled transitions "
+              f"(chance {result['chance']:.3f}, majority class {result['majority']:.3f})")
+    log.close()
+    return last if rank == 0 else latest_checkpoint(out)
 
 
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
-        return None
-    return SummaryWriter(str(out / "tb"))
+def latent_probe(idm, sampler: WindowSampler, actions: np.ndarray, device, *, labelled: int = 256,
+                 held_out: int = 2_000, seed: int = 0) -> dict:
+    """Stage 1's probe: does the latent carry the true action? A decoder from `labelled`
+    transitions, scored on `held_out` others (LAPO's offline decoding, on the IDM itself)."""
+    from lapo_fast.eval.probe import probe
+
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(sampler.starts, min(len(sampler.starts), labelled + held_out), replace=False)
+    context = sampler.window - 2
+    latents = idm_latents(idm, sampler.frames, starts, context, device=device)
+    return probe(latents, np.asarray(actions)[starts + context], labelled=labelled, held_out=held_out, seed=seed)
 
 
-def _log(out: Path, writer, metrics: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                            for k, v in metrics.items()}) + "\n")
-    if writer is not None:
-        for k, v in metrics.items():
-            if k != "step":
-                writer.add_scalar(f"lam/{k}", v, metrics["step"])
+@torch.no_grad()
+def idm_latents(idm, frames: np.ndarray, starts: np.ndarray, context: int, *, batch: int = 512, device="cpu",
+                progress: bool = False) -> np.ndarray:
+    """The IDM's pre-quantisation latent (float32) of the window beginning at each of `starts`
+    (o_{t-k}..o_t, o_{t+1} with t = start + context), in eval mode."""
+    from tqdm import tqdm
+
+    offsets = np.arange(context + 2)
+    was_training = idm.training
+    idm.eval()
+    out = np.empty((len(starts), idm.head.out_features), np.float32)
+    for i in tqdm(range(0, len(starts), batch), disable=not progress, desc="idm latents", unit="batch"):
+        idx = np.asarray(starts[i:i + batch])[:, None] + offsets
+        window = normalize(torch.from_numpy(np.asarray(frames[idx])).to(device))
+        out[i:i + len(idx)] = idm(window).latent.float().cpu().numpy()
+    idm.train(was_training)
+    return out
 
 
 def load_lam(run_dir, cfg: LAMConfig | None = None) -> LatentActionModel:
@@ -122,7 +168,7 @@ def load_lam(run_dir, cfg: LAMConfig | None = None) -> LatentActionModel:
     if cfg is None:
         if not (out / "config.json").exists():
             raise FileNotFoundError(f"{out}: no stage-1 run here (run `lapo-fast lam` first)")
-        cfg = LAMConfig(**json.loads((out / "config.json").read_text())["config"])
+        cfg = load_config(LAMConfig, out / "config.json")
     last = latest_checkpoint(out)
     if last is None:
         raise FileNotFoundError(f"{out}: no checkpoint yet")
@@ -130,3 +176,14 @@ def load_lam(run_dir, cfg: LAMConfig | None = None) -> LatentActionModel:
     load_checkpoint(last, model)
     return model.eval()
 
+
+@torch.no_grad()
+def _test_loss(model: LatentActionModel, test: WindowSampler, device, batches: int = 4) -> float:
+    """FDM loss on held-out episodes, in eval mode (codebooks untouched), on the same batches
+    every time so the numbers compare across steps."""
+    state = test.rng.bit_generator.state
+    model.eval()
+    losses = [model(normalize(torch.from_numpy(test.sample()["obs"]).to(device)))[1].item() for _ in range(batches)]
+    model.train()
+    test.rng.bit_generator.state = state
+    return float(sum(losses) / len(losses))

@@ -1,0 +1,51 @@
+"""Latent probes: how much of the true action a latent carries, measured by training LAPO's small
+decoder MLP on a few labelled transitions and scoring it on held-out ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from lapo_fast.models import ActionDecoder
+
+
+def fit_decoder(latents: np.ndarray, actions: np.ndarray, *, steps: int = 1_000, lr: float = 1e-3,
+                weight_decay: float = 1e-4, num_actions: int = 15, seed: int = 0) -> ActionDecoder:
+    """An ActionDecoder trained full-batch with Adam on (latent, true action) pairs."""
+    if len(latents) != len(actions) or len(latents) == 0:
+        raise ValueError(f"need as many actions as latents (got {len(latents)} and {len(actions)}), at least one")
+    torch.manual_seed(seed)
+    decoder = ActionDecoder(latents.shape[1], num_actions)
+    x = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(actions), dtype=torch.long)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = F.cross_entropy(decoder(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return decoder.eval()
+
+
+@torch.no_grad()
+def accuracy(decoder: ActionDecoder, latents: np.ndarray, actions: np.ndarray) -> float:
+    pred = decoder(torch.as_tensor(np.asarray(latents), dtype=torch.float32)).argmax(-1).numpy()
+    return float((pred == np.asarray(actions)).mean())
+
+
+def probe(latents: np.ndarray, actions: np.ndarray, *, labelled: int = 256, held_out: int = 2_000,
+          steps: int = 1_000, seed: int = 0, num_actions: int = 15) -> dict:
+    """Decoder from `labelled` random transitions, accuracy on `held_out` others, beside chance
+    (1 / actions) and the majority class of the held-out set (what a constant guess scores)."""
+    n = len(latents)
+    if n < 2:
+        raise ValueError(f"a probe needs at least 2 labelled transitions, got {n}")
+    held_out = min(held_out, n // 2)
+    labelled = min(labelled, n - held_out)
+    order = np.random.default_rng(seed).permutation(n)
+    test, train = order[:held_out], order[held_out:held_out + labelled]
+    decoder = fit_decoder(latents[train], actions[train], steps=steps, seed=seed, num_actions=num_actions)
+    counts = np.bincount(np.asarray(actions)[test], minlength=num_actions)
+    return {"labelled": int(labelled), "held_out": int(held_out), "accuracy": accuracy(decoder, latents[test], actions[test]),
+            "chance": 1.0 / num_actions, "majority": float(counts.max() / counts.sum())}

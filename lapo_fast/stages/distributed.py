@@ -1,0 +1,65 @@
+"""torchrun / DDP for stages 1 and 2. Without torchrun (no WORLD_SIZE > 1 in the environment)
+every function is a no-op and training runs in one process.
+
+    torchrun --nproc-per-node 8 -m lapo_fast.cli lam --data DATA --out RUN
+
+Each rank samples its own batches; DDP averages gradients; the VQ op all-reduces its EMA counts
+and sums, so every rank holds the same codebooks; rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _wanted() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Joins the process group torchrun describes (nccl on CUDA, gloo on CPU), once."""
+    if _wanted() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+
+
+def rank_and_world() -> tuple[int, int]:
+    init()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def device(requested: str = "") -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around `model` when distributed; rank 0's initial weights are broadcast by DDP."""
+    if not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [model_device.index] if (model_device := next(model.parameters()).device).type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

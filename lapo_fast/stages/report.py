@@ -1,0 +1,186 @@
+"""The run's report: what each stage measured, in report.md (for people), report.json (for
+scripts) and plots: stage-1 losses, fine-tuning vs PPO from scratch, the decoder sweep, the UMAP.
+
+    lapo-fast report --out RUN
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lapo_fast.stages.runlog import read_metrics, write_json
+
+SCRATCH_RUNS = ("ppo", "demo")  # a PPO-from-scratch curve: a dedicated run, else the demonstrator's own
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+def _smooth(y: np.ndarray, k: int = 5) -> np.ndarray:
+    if len(y) < k:
+        return y
+    return np.convolve(np.pad(y, (k // 2, k - 1 - k // 2), mode="edge"), np.ones(k) / k, mode="valid")
+
+
+def _curve(run_dir: Path, sub: str):
+    rows = [r for r in read_metrics(run_dir / sub) if r.get("episode_return") is not None]
+    return (np.array([r["env_steps"] for r in rows]), np.array([r["episode_return"] for r in rows])) if rows else None
+
+
+def write_report(run_dir) -> Path:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run directory")
+    plt = _plt()
+    report: dict = {"run": str(run), "timings_s": _json(run / "timings.json") or {}}
+    plots: dict[str, str] = {}
+
+    lam = [r for r in read_metrics(run / "lam") if "fdm_loss" in r]
+    if lam:
+        last = lam[-1]
+        report["stage1"] = {k: last.get(k) for k in ("step", "fdm_loss", "test_fdm_loss", "perplexity",
+                                                     "codebook0_codes_used", "steps_per_s")}
+        report["stage1"]["probe"] = _json(run / "lam" / "probe.json")
+        rows = lam
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
+        ax.plot([r["step"] for r in rows], [r["fdm_loss"] for r in rows], label="train")
+        test = [r for r in rows if r.get("test_fdm_loss") is not None]
+        if test:
+            ax.plot([r["step"] for r in test], [r["test_fdm_loss"] for r in test], label="held-out")
+        ax.set(xlabel="step", ylabel="FDM loss (MSE)", yscale="log", title="Stage 1")
+        ax.legend()
+        plots["stage1"] = _save(fig, run / "stage1.png")
+
+    bc = read_metrics(run / "bc")
+    if bc:
+        report["stage2"] = {"step": bc[-1]["step"], "loss": bc[-1]["loss"], "samples_per_s": bc[-1].get("samples_per_s")}
+
+    decode = _json(run / "decode" / "results.json")
+    if decode:
+        report["decode"] = list(decode.values())
+        sizes = [e["labelled"] for e in decode.values()]
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
+        ax.plot(sizes, [e["accuracy"] for e in decode.values()], "o-", label="accuracy (held-out)")
+        ax.axhline(1 / 15, ls=":", c="gray", label="chance")
+        ax.set(xscale="log", xlabel="labelled transitions", ylabel="decoder accuracy", title="Offline decoding")
+        if all("normalized" in e for e in decode.values()):
+            ax2 = ax.twinx()
+            ax2.plot(sizes, [e["mean_return"] for e in decode.values()], "s--", c="C1", label="return")
+            ax2.set_ylabel("mean return of decoder(policy)")
+        ax.legend(loc="upper left")
+        plots["decode"] = _save(fig, run / "decoder_sweep.png")
+
+    curves = {}
+    finetune = _curve(run, "finetune")
+    if finetune is not None:
+        curves["LAPO fine-tuned (frozen trunk)"] = finetune
+    for sub in SCRATCH_RUNS:
+        scratch = _curve(run, sub)
+        if scratch is not None:
+            curves[f"PPO from scratch ({sub})"] = scratch
+            break
+    if curves:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
+        for label, (x, y) in curves.items():
+            ax.plot(x, _smooth(y), label=label)
+        ax.set(xlabel="env steps", ylabel="episode return", title="Online: fine-tuning vs scratch")
+        ax.legend(fontsize=8)
+        plots["online"] = _save(fig, run / "online.png")
+        report["online"] = {label: {"env_steps": int(x[-1]), "final_return": float(np.mean(y[-5:]))}
+                            for label, (x, y) in curves.items()}
+        shortest = min(x[-1] for x, _ in curves.values())  # equal env steps: read each curve there
+        for label, (x, y) in curves.items():
+            k = int(np.searchsorted(x, shortest, "right"))
+            report["online"][label]["return_at_equal_steps"] = float(np.mean(y[max(0, k - 5):k]))
+
+    ev = _json(run / "eval" / "results.json")
+    if ev:
+        report["eval"] = {k: {m: v.get(m) for m in ("mean_return", "stderr", "episodes", "normalized",
+                                                     "normalized_to_demonstrator")}
+                          for k, v in ev["policies"].items()}
+        report["eval_settings"] = ev["settings"]
+    if (run / "umap" / "umap.png").exists():
+        plots["umap"] = "umap/umap.png"
+    report["plots"] = plots
+
+    write_json(run / "report.json", report)
+    md = _markdown(report)
+    tmp = run / "report.md.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, run / "report.md")
+    return run / "report.md"
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# LAPO run report: {r['run']}", ""]
+    if r.get("timings_s"):
+        lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items()]
+        lines.append("")
+    if "stage1" in r:
+        s = r["stage1"]
+        lines += ["## Stage 1: latent action model", "",
+                  f"step {s['step']}: FDM loss {_fmt(s['fdm_loss'], 5)} (held-out {_fmt(s['test_fdm_loss'], 5)}), "
+                  f"perplexity {_fmt(s['perplexity'], 1)}, codebook-0 codes used per batch {s['codebook0_codes_used']}.", ""]
+        if s.get("probe"):
+            p = s["probe"]
+            lines += [f"Latent probe: a decoder from {p['labelled']} labelled transitions predicts the true action of "
+                      f"{p['held_out']} held-out ones with accuracy **{p['accuracy']:.3f}** "
+                      f"(chance {p['chance']:.3f}, majority class {p['majority']:.3f}).", ""]
+    if "stage2" in r:
+        lines += ["## Stage 2: latent behaviour cloning", "",
+                  f"step {r['stage2']['step']}: MSE to the IDM's latents {_fmt(r['stage2']['loss'], 5)}.", ""]
+    if "decode" in r:
+        lines += ["## Stage 3a: offline decoder sweep", "", "| labelled | accuracy | chance | majority | return | normalised |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {e['labelled']} | {_fmt(e['accuracy'])} | {_fmt(e['chance'])} | {_fmt(e['majority'])} | "
+                  f"{_fmt(e.get('mean_return'), 2)} | {_fmt(e.get('normalized'))} |" for e in r["decode"]]
+        lines.append("")
+    if "online" in r:
+        lines += ["## Stage 3b: online fine-tuning vs PPO from scratch", "",
+                  "| run | env steps | return (last 5 updates) | return at equal env steps |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['env_steps']:,} | {v['final_return']:.2f} | {v['return_at_equal_steps']:.2f} |"
+                  for k, v in r["online"].items()]
+        lines.append("")
+    if "eval" in r:
+        s = r["eval_settings"]
+        lines += [f"## Evaluation ({s['game']}, {s['distribution_mode']}, {s['episodes']} episodes on unseen levels)", "",
+                  "| policy | mean return | stderr | normalised (paper: random 0, expert 1) | normalised to demonstrator |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v['mean_return'], 2)} | {_fmt(v['stderr'], 2)} | {_fmt(v['normalized'])} | "
+                  f"{_fmt(v['normalized_to_demonstrator'])} |" for k, v in r["eval"].items()]
+        lines.append("")
+    if r["plots"]:
+        lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in r["plots"].items()] + [""]
+    return "\n".join(lines)

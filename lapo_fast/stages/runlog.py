@@ -1,0 +1,65 @@
+"""What every stage writes beside its checkpoints: metrics.jsonl (one JSON object per log line,
+the source of the report's curves) and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+class RunLog:
+    """Appends metrics to DIR/metrics.jsonl and DIR/tb. On resume, `truncate(step)` drops lines
+    logged after the checkpoint being resumed, so curves never hold the same step twice."""
+
+    def __init__(self, directory: Path, tag: str, *, enabled: bool = True):
+        self.path = Path(directory) / "metrics.jsonl"
+        self.tag = tag
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard missing: metrics.jsonl still has everything
+                pass
+            else:
+                self.writer = SummaryWriter(str(Path(directory) / "tb"))
+
+    def truncate(self, step: int, key: str = "step") -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get(key, 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, metrics: dict, step_key: str = "step") -> None:
+        if not self.enabled:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if k != step_key and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{self.tag}/{k}", v, metrics[step_key])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(directory: Path) -> list[dict]:
+    path = Path(directory) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def write_json(path: Path, payload) -> None:
+    """Writes JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
