@@ -1,4 +1,4 @@
-"""The lapo-fast command line: help, version, envs, the train stub, and the data commands."""
+"""The lapo-fast command line: help, version, envs, errors, and the data commands."""
 
 import json
 
@@ -20,12 +20,22 @@ def test_version_help_and_envs(capsys):
     assert "memory" in next(line for line in lines if line.startswith("maze"))
 
 
-def test_train_stub_says_what_exists_and_rejects_unknown_games(capsys):
-    assert main(["train", "--env", "starpilot"]) == 3
-    assert "not built yet" in capsys.readouterr().err
+def test_train_rejects_unknown_games_and_bad_overrides(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--env", "pong"])
     assert e.value.code == 2 and "unknown Procgen game" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--env", "starpilot", "--preset", "smoke", "--set", "lam.stepz=3"])
+    assert e.value.code == 2 and "has no setting 'stepz'" in capsys.readouterr().err
+
+
+def test_stages_without_their_inputs_say_what_to_run_first(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--env", "starpilot", "--out", str(tmp_path), "--preset", "smoke"])
+    assert e.value.code == 2 and "no bc run here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--out", str(tmp_path / "none")])
+    assert e.value.code == 2 and "no such run directory" in capsys.readouterr().err
 
 
 def test_collect_then_info_and_verify(tmp_path, capsys):

@@ -79,6 +79,8 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
 
     policy = LatentPolicy(impala_scale=cfg.impala_scale, latent_dim=latents.shape[1]).to(device)
     policy = policy.to(memory_format=torch.channels_last)
+    for head in (policy.action_head, policy.value_head):  # stage 3's heads: untouched here (and DDP
+        head.requires_grad_(False)                         # needs every trainable parameter used)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * max(0.0, 1 - s / cfg.steps))

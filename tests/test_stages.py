@@ -1,0 +1,246 @@
+"""Stages 2 and 3 piece by piece: PPO's maths against references, the frozen trunk really frozen
+and its feature reuse exact, bc's cached labels, decoders and probes, evaluation and its
+normalisation, the report, and config resolution for `train`."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lapo_fast.config import BCConfig, DecodeConfig, LAMConfig, PPOConfig, resolve, resolve_run
+from lapo_fast.data import DatasetWriter, FrameDataset, normalize, valid_starts
+from lapo_fast.eval import EXPERT_RETURN, RANDOM_RETURN, evaluate, normalized_return
+from lapo_fast.eval.probe import accuracy, fit_decoder, probe
+from lapo_fast.envs import GAMES
+from lapo_fast.models import LatentPolicy
+from lapo_fast.stages.bc import cached_labels, train_bc
+from lapo_fast.stages.checkpoint import load_checkpoint
+from lapo_fast.stages.lam import load_lam, train_lam
+from lapo_fast.stages.ppo import RewardNormalizer, _update, gae, load_policy, prepare, train_ppo
+
+
+# -- PPO ----------------------------------------------------------------------------------------
+
+def _gae_loop(rewards, values, dones, gamma, lam):
+    """Textbook GAE, one env and one step at a time."""
+    T, N = rewards.shape
+    adv = np.zeros((T, N))
+    for n in range(N):
+        running = 0.0
+        for t in reversed(range(T)):
+            nonterminal = 1.0 - dones[t, n]
+            delta = rewards[t, n] + gamma * values[t + 1, n] * nonterminal - values[t, n]
+            running = delta + gamma * lam * nonterminal * running
+            adv[t, n] = running
+    return adv
+
+
+def test_gae_matches_the_textbook_loop():
+    rng = np.random.default_rng(0)
+    r, v, d = rng.normal(size=(7, 3)), rng.normal(size=(8, 3)), (rng.random((7, 3)) < 0.3).astype(float)
+    adv, ret = gae(torch.tensor(r), torch.tensor(v), torch.tensor(d), 0.99, 0.95)
+    np.testing.assert_allclose(adv.numpy(), _gae_loop(r, v, d, 0.99, 0.95), rtol=1e-12)
+    np.testing.assert_allclose(ret.numpy(), adv.numpy() + v[:-1])
+    # Known values: one step, done: advantage = r - V; lambda=0 is the one-step TD error.
+    adv, _ = gae(torch.tensor([[2.0]]), torch.tensor([[0.5], [9.0]]), torch.tensor([[1.0]]), 0.9, 0.95)
+    assert adv.item() == pytest.approx(1.5)
+
+
+def test_reward_normalizer_matches_gyms_normalize_reward():
+    import gym
+    from gym.wrappers import NormalizeReward
+
+    rng = np.random.default_rng(1)
+    rewards, dones = rng.normal(size=(50, 4)), rng.random((50, 4)) < 0.1
+
+    class Scripted(gym.Env):
+        observation_space = gym.spaces.Box(0, 1, (1,))
+        action_space = gym.spaces.Discrete(2)
+        is_vector_env = True
+        t = 0
+
+        def step(self, action):
+            self.t += 1
+            return np.zeros((4, 1)), rewards[self.t - 1], dones[self.t - 1], np.zeros(4, bool), {}
+
+    theirs = NormalizeReward(Scripted(), gamma=0.99)
+    ours = RewardNormalizer(4, gamma=0.99)
+    for t in range(50):
+        expected = theirs.step(None)[1]
+        np.testing.assert_allclose(ours(rewards[t], dones[t]), np.clip(expected, -10, 10), rtol=1e-5)
+
+
+def test_frozen_trunk_update_on_stored_features_equals_recomputing_them():
+    torch.manual_seed(0)
+    cfg = resolve(PPOConfig, "smoke", {"num_envs": 4, "rollout": 8, "minibatches": 2, "epochs": 2})
+    policy = LatentPolicy(impala_scale=1)
+    policy.trunk.requires_grad_(False)
+    twin = copy.deepcopy(policy)
+    obs = torch.randint(0, 256, (32, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = policy.features(prepare(obs))
+    actions, old_logp = torch.randint(0, 15, (32,)), -torch.rand(32) - 2
+    adv, ret = torch.randn(32), torch.randn(32)
+    outs = []
+    for model, store, frozen in ((policy, feats, True), (twin, obs, False)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-2)
+        stats = _update(model, opt, params, cfg, store, actions, old_logp, adv, ret, frozen,
+                        torch.Generator().manual_seed(3))
+        outs.append((stats, model.state_dict()))
+    (s1, w1), (s2, w2) = outs
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert s1["policy_loss"] == pytest.approx(s2["policy_loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def bc_run(tmp_path_factory):
+    """A tiny dataset with actions, stage 1 and stage 2 trained on it (smoke sizes)."""
+    root = tmp_path_factory.mktemp("bc")
+    rng = np.random.default_rng(0)
+    with DatasetWriter(root / "ds", source={"env": "starpilot", "distribution_mode": "easy"}) as w:
+        for _ in range(4):
+            w.add_episode(rng.integers(0, 255, (24, 64, 64, 3), dtype=np.uint8), action=rng.integers(0, 15, 24))
+    run = root / "run"
+    train_lam(root / "ds", run, resolve(LAMConfig, "smoke", {"steps": 4, "checkpoint_every": 4}), progress=False)
+    train_bc(root / "ds", run, resolve(BCConfig, "smoke", {"steps": 6, "checkpoint_every": 3}), progress=False)
+    return root / "ds", run
+
+
+def test_finetuning_trains_only_the_heads(bc_run, tmp_path):
+    _, run = bc_run
+    start = load_policy(run, "bc")
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    cfg = resolve(PPOConfig, "smoke", {"env_steps": 128, "num_envs": 4, "rollout": 16})
+    last = train_ppo(tmp_path, "starpilot", cfg, name="finetune", init=start, frozen_trunk=True, progress=False)
+    after = LatentPolicy(impala_scale=1)
+    load_checkpoint(last, after)
+    for k, v in after.state_dict().items():
+        if k.startswith(("trunk.", "latent_head.")):
+            assert torch.equal(v, before[k]), f"{k} changed but the trunk is frozen"
+        else:
+            assert not torch.equal(v, before[k]), f"{k} did not train"
+    rows = [json.loads(x) for x in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["env_steps"] for r in rows] == [64, 128] and all(r["lr"] >= 0 for r in rows)
+
+
+def test_ppo_resume_continues_at_the_saved_update(tmp_path):
+    cfg = resolve(PPOConfig, "smoke", {"env_steps": 3 * 4 * 8, "num_envs": 4, "rollout": 8})
+    first = train_ppo(tmp_path, "starpilot", cfg, name="p", stop_after=1, progress=False)
+    assert first.name == "step-00000001"
+    last = train_ppo(tmp_path, "starpilot", cfg, name="p", progress=False)
+    assert last.name == "step-00000003"
+    rows = [json.loads(x)["update"] for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+
+
+# -- stage 2 ------------------------------------------------------------------------------------
+
+def test_bc_labels_are_the_frozen_idms_latents_and_are_cached(bc_run):
+    data, run = bc_run
+    ds = FrameDataset(data)
+    stamp = (run / "bc" / "labels.npz").stat().st_mtime_ns
+    starts, latents, context = cached_labels(run, ds)
+    assert (run / "bc" / "labels.npz").stat().st_mtime_ns == stamp  # loaded, not recomputed
+    assert np.array_equal(starts, valid_starts(ds.episodes, context + 2))
+    idm = load_lam(run).idm
+    for i in (0, 17, len(starts) - 1):
+        window = normalize(torch.from_numpy(np.array(ds.cache()[starts[i]:starts[i] + context + 2][None])))
+        with torch.no_grad():
+            torch.testing.assert_close(idm(window).latent[0], torch.from_numpy(latents[i]), rtol=1e-4, atol=1e-5)
+
+
+def test_bc_resume_equals_uninterrupted(bc_run, tmp_path):
+    data, run = bc_run
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(run / "lam", tmp_path / name / "lam")
+    cfg = resolve(BCConfig, "smoke", {"steps": 6, "checkpoint_every": 3})
+    straight = train_bc(data, tmp_path / "a", cfg, progress=False)
+    assert train_bc(data, tmp_path / "b", cfg, stop_after=3, progress=False).name == "step-00000003"
+    resumed = train_bc(data, tmp_path / "b", cfg, progress=False)
+    a, b = LatentPolicy(impala_scale=1), LatentPolicy(impala_scale=1)
+    load_checkpoint(straight, a)
+    load_checkpoint(resumed, b)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+# -- stage 3a, probes ---------------------------------------------------------------------------
+
+def test_decoder_recovers_a_learnable_mapping_and_probe_reports_baselines():
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, 15, 600)
+    centres = rng.normal(size=(15, 128)) * 3
+    latents = (centres[actions] + rng.normal(size=(600, 128))).astype(np.float32)
+    result = probe(latents, actions, labelled=300, held_out=300, steps=300)
+    assert result["accuracy"] > 0.9 and result["chance"] == pytest.approx(1 / 15)
+    held = np.random.default_rng(0).permutation(600)[:300]
+    assert result["majority"] == pytest.approx(np.bincount(actions[held]).max() / 300)
+    noise = rng.normal(size=(600, 128)).astype(np.float32)  # latents that carry nothing
+    assert probe(noise, actions, labelled=300, held_out=300, steps=300)["accuracy"] < 0.2
+    with pytest.raises(ValueError, match="as many actions"):
+        fit_decoder(latents[:5], actions[:4])
+    assert accuracy(fit_decoder(latents[:50], actions[:50], steps=200), latents[:50], actions[:50]) > 0.95
+
+
+def test_decode_stage_sweeps_sizes_and_skips_done_ones(bc_run, capsys):
+    from lapo_fast.stages.decode import load_decoder, train_decoders
+
+    data, run = bc_run
+    cfg = resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10, "eval_episodes": 2})
+    results = train_decoders(data, run, cfg, progress=False)
+    assert sorted(results) == ["4", "8"] and all("mean_return" in r for r in results.values())
+    assert load_decoder(run, 8).net[-1].out_features == 15
+    assert train_decoders(data, run, cfg, progress=False) == results  # nothing redone
+    with pytest.raises(ValueError, match="fewer than held_out"):
+        train_decoders(data, run, resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10_000}))
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+def test_normalisation_table_covers_every_game_with_known_anchors():
+    assert set(RANDOM_RETURN) == set(EXPERT_RETURN) == set(GAMES)
+    assert EXPERT_RETURN["starpilot"] == 66.99 and RANDOM_RETURN["starpilot"] == pytest.approx(1.53, abs=0.01)
+    for g in GAMES:
+        assert normalized_return(RANDOM_RETURN[g], g) == pytest.approx(0)
+        assert normalized_return(EXPERT_RETURN[g], g) == pytest.approx(1)
+    assert normalized_return(5.0, "starpilot", low=1.0, high=9.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        normalized_return(1.0, "starpilot", low=3.0, high=2.0)
+
+
+def test_evaluate_counts_episodes_evenly_and_matches_the_engine():
+    from lapo_fast.envs import ProcgenVecEnv
+
+    act = lambda obs: np.full(len(obs), 4, np.int32)  # NOOP  # noqa: E731
+    r = evaluate(act, "coinrun", episodes=4, num_envs=2, seed=3)
+    assert r["episodes"] == 4 and r["normalized"] == pytest.approx(normalized_return(r["mean_return"], "coinrun"))
+    assert evaluate(act, "coinrun", episodes=4, num_envs=2, seed=3)["returns"] == r["returns"]
+    # The same episodes stepped by hand: each env's first two finished episodes.
+    seen = [[], []]
+    with ProcgenVecEnv("coinrun", 2, seed=3, distribution_mode="easy") as env:
+        env.reset()
+        while min(map(len, seen)) < 2:
+            _, _, done, _, info = env.step(np.full(2, 4, np.int32))
+            for i in np.flatnonzero(done):
+                seen[i].append(float(info["final_return"][i]))
+    assert r["returns"] == seen[0][:2] + seen[1][:2]
+
+
+# -- config -------------------------------------------------------------------------------------
+
+def test_resolve_run_applies_sets_and_rejects_contradictions():
+    cfgs = resolve_run("smoke", ["lam.steps=7", "finetune.normalize_rewards=false", "decode.labelled=2,4",
+                                 "decode.deploy=4"])
+    assert cfgs["lam"].steps == 7 and cfgs["finetune"].normalize_rewards is False
+    assert resolve_run("paper")["demo"].env_steps > resolve_run("paper")["finetune"].env_steps
+    for bad, msg in (("lam.steps", "STAGE.FIELD=VALUE"), ("nope.steps=1", "STAGE.FIELD=VALUE"),
+                     ("lam.steps=abc", "not a valid int"), ("decode.deploy=3", "not one of the swept sizes"),
+                     ("finetune.minibatches=7", "minibatches"), ("eval.distribution_mode=weird", "distribution_mode")):
+        with pytest.raises(ValueError, match=msg):
+            resolve_run("smoke", [bad])
