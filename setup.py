@@ -44,8 +44,9 @@ class CMakeBuild(build_ext):
 setup(
     packages=[
         "lapo_fast", "lapo_fast.data", "lapo_fast.envs", "lapo_fast.models", "lapo_fast.ops", "lapo_fast.stages",
-        "lapo_fast.kernels",
+        "lapo_fast.eval", "lapo_fast.kernels",
     ],
+    package_data={"lapo_fast": ["demonstrators/*"]},
     package_dir={"lapo_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("lapo_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
