@@ -15,8 +15,9 @@ from .impala import ImpalaEncoder
 
 
 def stack_frames(window: torch.Tensor) -> torch.Tensor:
-    """(B, T, C, H, W) -> (B, T*C, H, W): frames stacked on channels, as the CNNs take them."""
-    return window.flatten(1, 2)
+    """(B, T, C, H, W) -> (B, T*C, H, W): frames stacked on channels, as the CNNs take them, in
+    channels_last memory (the convolutions run several times faster in it on CPUs and GPUs)."""
+    return window.flatten(1, 2).contiguous(memory_format=torch.channels_last)
 
 
 class IDMOutput(NamedTuple):

@@ -49,6 +49,7 @@ class VectorQuantizerEMA(nn.Module):
         self.dead_code_threshold = dead_code_threshold
         self.kmeans_iters = kmeans_iters
         self.backend, self.deterministic = backend, deterministic
+        self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
         # The reference LAPO initialisation: uniform(-5/K, 5/K), zero counts, weight = codes.
@@ -58,6 +59,9 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("ema_count", torch.zeros(num_codebooks, codebook_size))
         self.register_buffer("ema_weight", codebook.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # Refills draw from a stream keyed by (seed, refill count): saved in the state dict, so a
+        # resumed run refills exactly as an uninterrupted one.
+        self.register_buffer("refills", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> VQOutput:
         if self.training and not bool(self.initialized):
@@ -124,11 +128,13 @@ class VectorQuantizerEMA(nn.Module):
         if not bool(dead.any()):
             return
         rows = self._rows(x)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.refills))
+        self.refills += 1
         for g in range(self.num_codebooks):
             codes = dead[g].nonzero().squeeze(1)
             if codes.numel() == 0 or rows.shape[1] == 0:
                 continue
-            pick = torch.randint(rows.shape[1], (codes.numel(),), generator=self._generator).to(rows.device)
+            pick = torch.randint(rows.shape[1], (codes.numel(),), generator=gen).to(rows.device)
             self.codebook[g, codes] = rows[g, pick]
             self.ema_count[g, codes] = self.dead_code_threshold
             self.ema_weight[g, codes] = rows[g, pick] * self.dead_code_threshold

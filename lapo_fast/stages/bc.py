@@ -107,8 +107,9 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     while step < cfg.steps:
         pick = rng.integers(0, len(starts), cfg.batch_size)
         obs = torch.from_numpy(np.asarray(frames[obs_index[pick]])).to(device)
-        pred = model(normalize(obs).contiguous(memory_format=torch.channels_last))
-        loss = F.mse_loss(pred, targets[pick].to(device))
+        with distributed.autocast(device):
+            pred = model(normalize(obs).contiguous(memory_format=torch.channels_last))
+        loss = F.mse_loss(pred.float(), targets[pick].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)

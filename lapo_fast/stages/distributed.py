@@ -41,6 +41,11 @@ def device(requested: str = "") -> torch.device:
     return torch.device("cpu")
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the VQ op accumulates in fp32 whatever comes in); off on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """DDP around `model` when distributed; rank 0's initial weights are broadcast by DDP."""
     if not dist.is_initialized():

@@ -32,7 +32,7 @@ def build_model(cfg: LAMConfig) -> LatentActionModel:
         latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
         decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
-    )
+    ).to(memory_format=torch.channels_last)
 
 
 def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: int | None = None,
@@ -92,7 +92,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     while step < cfg.steps:
         batch = torch.from_numpy(sampler.sample()["obs"]).to(device)
         window = normalize(batch)                                  # (B, T, C, H, W) in [-0.5, 0.5]
-        loss, recon, idm, _ = ddp(window)
+        with distributed.autocast(device):
+            loss, recon, idm, _ = ddp(window)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -31,6 +31,7 @@ from lapo_fast.data import normalize
 from lapo_fast.envs import ProcgenVecEnv
 from lapo_fast.models import LatentPolicy
 from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lapo_fast.stages.distributed import autocast
 from lapo_fast.stages.runlog import RunLog
 
 
@@ -157,11 +158,12 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
         with torch.no_grad():
             for t in range(T):
                 obs = torch.from_numpy(obs_np).to(device)
-                feats = policy.features(prepare(obs))
-                logits, value = policy.act_value(feats)
+                with autocast(device):
+                    feats = policy.features(prepare(obs))
+                    logits, value = policy.act_value(feats)
                 a = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
-                store[t] = feats if frozen_trunk else obs
-                actions[t], values[t] = a, value
+                store[t] = feats.float() if frozen_trunk else obs
+                actions[t], values[t] = a, value.float()
                 logps[t] = F.log_softmax(logits.float(), -1).gather(1, a[:, None])[:, 0]
                 obs_np, reward, done, _, info = env.step(a)
                 r = normalizer(reward, done) if cfg.normalize_rewards else reward
@@ -207,8 +209,9 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
         order = torch.randperm(size, generator=gen, device=gen.device).to(store.device)
         for i in range(cfg.minibatches):
             idx = order[i * mb:(i + 1) * mb]
-            feats = store[idx] if frozen else policy.features(prepare(store[idx]))
-            logits, value = policy.act_value(feats)
+            with autocast(store.device):
+                feats = store[idx] if frozen else policy.features(prepare(store[idx]))
+                logits, value = policy.act_value(feats)
             logp_all = F.log_softmax(logits.float(), -1)
             logp = logp_all.gather(1, actions[idx, None])[:, 0]
             ratio = (logp - old_logp[idx]).exp()
