@@ -24,8 +24,9 @@ from lapo_fast.config import load as load_config
 from lapo_fast.data import FrameDataset, normalize, valid_starts
 from lapo_fast.models import LatentPolicy
 from lapo_fast.stages import distributed
-from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lapo_fast.stages.checkpoint import latest_checkpoint, resume, save_checkpoint
 from lapo_fast.stages.lam import idm_latents, load_lam
+from lapo_fast.stages.optim import adamw_warmup_decay
 from lapo_fast.stages.runlog import RunLog
 
 
@@ -60,10 +61,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     """Trains (or resumes) stage 2; returns the final checkpoint. Under torchrun each rank draws
     its own batches and DDP averages the gradients; rank 0 writes."""
     out = Path(run_dir) / "bc"
-    rank, world = distributed.rank_and_world()
-    device = distributed.device(cfg.device)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    rank, world, device = distributed.setup(out, cfg.device)
     torch.manual_seed(cfg.seed)
 
     ds = FrameDataset(data_dir)
@@ -81,20 +79,14 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     policy = policy.to(memory_format=torch.channels_last)
     for head in (policy.action_head, policy.value_head):  # stage 3's heads: untouched here (and DDP
         head.requires_grad_(False)                         # needs every trainable parameter used)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * max(0.0, 1 - s / cfg.steps))
+    optimizer, schedule = adamw_warmup_decay(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps)
 
-    step = 0
     log = RunLog(out, "bc", enabled=rank == 0)
-    last = latest_checkpoint(out)
-    if last is not None:
-        state = load_checkpoint(last, policy, optimizer, schedule)
-        step = state["step"]
-        rng.bit_generator.state = state["rng"][rank] if rank < len(state["rng"]) else rng.bit_generator.state
-        log.truncate(step)
-        if rank == 0:
-            print(f"bc: resuming from {last} (step {step})")
+    state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0)
+    step, last = state.get("step", 0), latest_checkpoint(out)
+    if rank < len(state.get("rng", [])):
+        rng.bit_generator.state = state["rng"][rank]
     if rank == 0:
         save(cfg, out / "config.json", versions={"lapo_fast": __version__, "torch": torch.__version__},
              data=str(data_dir), device=str(device), world_size=world)
@@ -124,7 +116,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             rngs = distributed.gather_object(rng.bit_generator.state)
             if rank == 0:
-                last = save_checkpoint(out, step, policy, optimizer, schedule, {"step": step, "rng": rngs})
+                last = save_checkpoint(out, step, policy, optimizer, schedule, {"rng": rngs})
             distributed.barrier()
         if stop_after is not None and step - start >= stop_after:
             break

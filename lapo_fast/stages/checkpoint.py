@@ -51,3 +51,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, schedule
         if scheduler is not None and blob["scheduler"] is not None:
             scheduler.load_state_dict(blob["scheduler"])
     return json.loads((path / "state.json").read_text())
+
+
+def resume(directory: Path, model, optimizer, scheduler, log, *, key: str = "step", verbose: bool = True) -> dict:
+    """Loads the latest checkpoint of `directory` into model/optimizer/scheduler, drops the log
+    lines written after it, and returns its state ({} when there is none: a fresh start)."""
+    last = latest_checkpoint(directory)
+    if last is None:
+        return {}
+    state = load_checkpoint(last, model, optimizer, scheduler)
+    log.truncate(state[key], key=key)
+    if verbose:
+        print(f"{Path(directory).name}: resuming from {last} ({key} {state[key]})")
+    return state

@@ -10,6 +10,7 @@ and sums, so every rank holds the same codebooks; rank 0 writes logs and checkpo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,14 @@ def device(requested: str = "") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def setup(out: Path, requested_device: str = "") -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; rank 0 creates the stage's output folder."""
+    rank, world = rank_and_world()
+    if rank == 0:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    return rank, world, device(requested_device)
 
 
 def autocast(device: torch.device):

@@ -22,7 +22,8 @@ from lapo_fast.config import load as load_config
 from lapo_fast.data import FrameDataset, WindowSampler, normalize
 from lapo_fast.models import LatentActionModel
 from lapo_fast.stages import distributed
-from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, resume, save_checkpoint
+from lapo_fast.stages.optim import adamw_warmup_decay
 from lapo_fast.stages.runlog import RunLog, write_json
 
 
@@ -42,10 +43,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     call, as an interruption would (for tests). Under torchrun, each rank draws its own batches,
     DDP averages gradients and the VQ op all-reduces its statistics; rank 0 writes."""
     out = Path(run_dir) / "lam"
-    rank, world = distributed.rank_and_world()
-    device = distributed.device(cfg.device)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    rank, world, device = distributed.setup(out, cfg.device)
     torch.manual_seed(cfg.seed)
 
     # Data: decoded once into a memmap, windows that never cross episodes.
@@ -62,22 +60,15 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
 
     # Model and optimiser: AdamW, linear warm-up then linear decay to 0.
     model = build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * max(0.0, 1 - s / cfg.steps))
+    optimizer, schedule = adamw_warmup_decay(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps)
 
     # Resume: weights, optimiser, schedule, and every rank's sampler stream.
-    step = 0
     log = RunLog(out, "lam", enabled=rank == 0)
-    last = latest_checkpoint(out)
-    if last is not None:
-        state = load_checkpoint(last, model, optimizer, schedule)
-        step = state["step"]
-        if rank < len(state["sampler_rng"]):
-            sampler.rng.bit_generator.state = state["sampler_rng"][rank]
-        log.truncate(step)
-        if rank == 0:
-            print(f"lam: resuming from {last} (step {step})")
+    state = resume(out, model, optimizer, schedule, log, verbose=rank == 0)
+    step, last = state.get("step", 0), latest_checkpoint(out)
+    if rank < len(state.get("rng", [])):
+        sampler.rng.bit_generator.state = state["rng"][rank]
     if rank == 0:
         save(cfg, out / "config.json", versions={"lapo_fast": __version__, "torch": torch.__version__},
              data=str(data_dir), test_data=str(test_data) if test_data else None, device=str(device),
@@ -115,7 +106,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             streams = distributed.gather_object(sampler.rng.bit_generator.state)
             if rank == 0:
-                last = save_checkpoint(out, step, model, optimizer, schedule, {"sampler_rng": streams})
+                last = save_checkpoint(out, step, model, optimizer, schedule, {"rng": streams})
             distributed.barrier()
         if stop_after is not None and step - start >= stop_after:
             break

@@ -30,7 +30,7 @@ from lapo_fast.config import PPOConfig, save
 from lapo_fast.data import normalize
 from lapo_fast.envs import ProcgenVecEnv
 from lapo_fast.models import LatentPolicy
-from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, resume, save_checkpoint
 from lapo_fast.stages.distributed import autocast
 from lapo_fast.stages.runlog import RunLog
 
@@ -119,16 +119,13 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
     normalizer = RewardNormalizer(cfg.num_envs, cfg.gamma)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    update = 0
     log = RunLog(out, name)
-    last = latest_checkpoint(out)
-    if last is not None:
-        state = load_checkpoint(last, policy, optimizer, schedule)
-        update = state["update"]
+    state = resume(out, policy, optimizer, schedule, log, key="update")
+    update = state.get("update", 0)
+    if state:
         normalizer.load_state_dict(state["normalizer"])
         gen.manual_seed(cfg.seed + update)
-        log.truncate(update, key="update")
-        print(f"{name}: resuming from {last} (update {update}/{updates})")
+    last = latest_checkpoint(out)
     save(cfg, out / "config.json", versions={"lapo_fast": __version__, "torch": torch.__version__},
          env=env_name, frozen_trunk=frozen_trunk, device=str(device))
 
