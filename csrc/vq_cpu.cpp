@@ -1,6 +1,7 @@
 #include "vq_cpu.h"
 
 #include <immintrin.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -44,8 +45,9 @@ ThreadPool& pool(int num_threads) {
 
 // The codebook of one group, cut into cache tiles of `tile` codes; each tile is stored
 // transposed and contiguous, (d, width), so a scan streams through it (a whole-codebook transpose
-// would put successive dims a power-of-two stride apart and thrash the cache sets). Padding codes
-// have +inf norm, so they never win.
+// would put successive dims a power-of-two stride apart and thrash the cache sets). The tiles hold
+// 2c, so a distance is ||c||^2 - x.(2c) with no scaled copy of x (doubling is exact in fp32: the
+// same numbers as ||c||^2 - 2 x.c). Padding codes have +inf norm, so they never win.
 struct PackedCodebook {
   int K, Kpad, d, tile;
   std::vector<float> ct;     // tile at k0 starts at k0 * d: [j * width + (k - k0)]
@@ -61,7 +63,7 @@ struct PackedCodebook {
       const int k0 = k / tile * tile, width = this->width(k0);
       for (int j = 0; j < d; ++j) {
         float c = codes[static_cast<size_t>(k) * d + j];
-        ct[static_cast<size_t>(k0) * d + static_cast<size_t>(j) * width + (k - k0)] = c;
+        ct[static_cast<size_t>(k0) * d + static_cast<size_t>(j) * width + (k - k0)] = 2.f * c;
         s += c * c;
       }
       norms[k] = s;
@@ -74,24 +76,24 @@ struct PackedCodebook {
   }
 };
 
-// Portable search of one row (d floats, pre-scaled by 2): dist = ||c||^2 - 2 x.c.
-int32_t nearest_portable(const PackedCodebook& cb, const float* x2) {
+// Portable search of one row (d floats): dist = ||c||^2 - x.(2c).
+int32_t nearest_portable(const PackedCodebook& cb, const float* x) {
   float best_val = std::numeric_limits<float>::infinity();
   int32_t best = 0;
   for (int k = 0; k < cb.K; ++k) {
     float acc = cb.norms[k];
-    for (int j = 0; j < cb.d; ++j) acc -= x2[j] * cb.at(j, k);
+    for (int j = 0; j < cb.d; ++j) acc -= x[j] * cb.at(j, k);
     if (acc < best_val) best_val = acc, best = k;
   }
   return best;
 }
 
-// R rows (x2: R*d floats, pre-scaled by 2) against the tile of codes [k0, k0 + width),
+// R rows (x: R*d floats) against the tile of codes [k0, k0 + width),
 // updating per-row, per-lane running minima (best_val/best_idx: R*8 each). Lanes see their codes
 // in ascending order and replace only on strictly smaller distance, so ties keep the lowest index.
 // D > 0 fixes d at compile time (fully unrolled dims, e.g. LAPO's 16); D == 0 reads cb.d.
 template <int R, int D>
-__attribute__((target("avx2,fma"))) void scan_avx2(const PackedCodebook& cb, const float* x2,
+__attribute__((target("avx2,fma"))) void scan_avx2(const PackedCodebook& cb, const float* x,
                                                    int k0, float* best_val, int32_t* best_idx) {
   __m256 bv[R];
   __m256i bi[R];
@@ -113,7 +115,7 @@ __attribute__((target("avx2,fma"))) void scan_avx2(const PackedCodebook& cb, con
       const __m256 c0 = _mm256_loadu_ps(col + j * stride);
       const __m256 c1 = _mm256_loadu_ps(col + j * stride + kLanes);
       for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(x2 + r * d + j);
+        const __m256 xv = _mm256_broadcast_ss(x + r * d + j);
         acc0[r] = _mm256_fnmadd_ps(xv, c0, acc0[r]);
         acc1[r] = _mm256_fnmadd_ps(xv, c1, acc1[r]);
       }
@@ -168,12 +170,12 @@ namespace {
 
 // Per-thread working buffers, kept between calls so the hot loop neither allocates nor clears.
 struct Scratch {
-  std::vector<float> x, x2, bv;
+  std::vector<float> x, bv;
   std::vector<int32_t> bi, best;
   std::vector<int64_t> x_off, i_off;
   void resize(int n, int d) {
     const size_t nd = static_cast<size_t>(n) * d;
-    if (x.size() < nd) x.resize(nd), x2.resize(nd);
+    if (x.size() < nd) x.resize(nd);
     if (best.size() < static_cast<size_t>(n)) {
       best.resize(n), x_off.resize(n), i_off.resize(n);
       bv.resize(static_cast<size_t>(n) * kLanes), bi.resize(static_cast<size_t>(n) * kLanes);
@@ -186,10 +188,10 @@ Scratch& scratch() {
   return s;
 }
 
-// Nearest codes for `rows` rows (x2: rows*d, pre-scaled by 2), cache-tiled over the codebook.
-void nearest_rows(const PackedCodebook& cb, const float* x2, int rows, int32_t* out, Scratch& sc) {
+// Nearest codes for `rows` rows (x: rows*d), cache-tiled over the codebook.
+void nearest_rows(const PackedCodebook& cb, const float* x, int rows, int32_t* out, Scratch& sc) {
   if (!has_avx2()) {
-    for (int r = 0; r < rows; ++r) out[r] = nearest_portable(cb, x2 + static_cast<size_t>(r) * cb.d);
+    for (int r = 0; r < rows; ++r) out[r] = nearest_portable(cb, x + static_cast<size_t>(r) * cb.d);
     return;
   }
   float* bv = sc.bv.data();
@@ -201,17 +203,78 @@ void nearest_rows(const PackedCodebook& cb, const float* x2, int rows, int32_t* 
   for (int k0 = 0; k0 < cb.Kpad; k0 += cb.tile) {
     int r = 0;
     for (; r + kRowBlock <= rows; r += kRowBlock)
-      block(cb, x2 + static_cast<size_t>(r) * cb.d, k0, &bv[r * kLanes], &bi[r * kLanes]);
+      block(cb, x + static_cast<size_t>(r) * cb.d, k0, &bv[r * kLanes], &bi[r * kLanes]);
     for (; r < rows; ++r)
-      single(cb, x2 + static_cast<size_t>(r) * cb.d, k0, &bv[r * kLanes], &bi[r * kLanes]);
+      single(cb, x + static_cast<size_t>(r) * cb.d, k0, &bv[r * kLanes], &bi[r * kLanes]);
   }
   for (int r = 0; r < rows; ++r) out[r] = reduce_lanes(&bv[r * kLanes], &bi[r * kLanes]);
+}
+
+// Large outputs come from fresh mmap'ed memory (torch.empty -> malloc -> mmap above 32 MB), and
+// touching it page by page costs more than the search (B=65536: ~20 ms of 4 KB faults for 37 MB).
+// Where transparent huge pages are on "madvise", asking for them makes that ~500x fewer faults.
+void prefer_huge_pages(void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+}
+
+// LAPO blocks: rows r..r+3 are latents 0..3 of one sample, whose dim j of latent l sits at
+// x_off[r] + 4 j + l. Returns how many values are NaN or inf.
+int64_t gather_lapo(const float* x, const int64_t* x_off, int n, float* xbuf) {
+  const __m128i exponent = _mm_set1_epi32(0x7f800000);
+  __m128i bad = _mm_setzero_si128();
+  for (int r = 0; r < n; r += 4) {
+    const float* src = x + x_off[r];
+    float* dst = xbuf + static_cast<size_t>(r) * 16;
+    for (int a = 0; a < 4; ++a) {  // dims 4a..4a+3 of the 4 latents: one 4x4 block
+      __m128 r0 = _mm_loadu_ps(src + 16 * a), r1 = _mm_loadu_ps(src + 16 * a + 4);
+      __m128 r2 = _mm_loadu_ps(src + 16 * a + 8), r3 = _mm_loadu_ps(src + 16 * a + 12);
+      for (__m128 v : {r0, r1, r2, r3}) {
+        const __m128i e = _mm_and_si128(_mm_castps_si128(v), exponent);
+        bad = _mm_sub_epi32(bad, _mm_cmpeq_epi32(e, exponent));
+      }
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      _mm_storeu_ps(dst + 4 * a, r0);
+      _mm_storeu_ps(dst + 16 + 4 * a, r1);
+      _mm_storeu_ps(dst + 32 + 4 * a, r2);
+      _mm_storeu_ps(dst + 48 + 4 * a, r3);
+    }
+  }
+  alignas(16) int32_t lanes[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), bad);
+  return static_cast<int64_t>(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
+}
+
+// The quantised rows back into LAPO blocks: the transpose of gather_lapo.
+void scatter_lapo(const float* codes, const int32_t* best, const int64_t* x_off, int n, float* out) {
+  for (int r = 0; r < n; r += 4) {
+    const float* c0 = codes + static_cast<size_t>(best[r]) * 16;
+    const float* c1 = codes + static_cast<size_t>(best[r + 1]) * 16;
+    const float* c2 = codes + static_cast<size_t>(best[r + 2]) * 16;
+    const float* c3 = codes + static_cast<size_t>(best[r + 3]) * 16;
+    float* dst = out + x_off[r];
+    for (int a = 0; a < 4; ++a) {
+      __m128 r0 = _mm_loadu_ps(c0 + 4 * a), r1 = _mm_loadu_ps(c1 + 4 * a);
+      __m128 r2 = _mm_loadu_ps(c2 + 4 * a), r3 = _mm_loadu_ps(c3 + 4 * a);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      _mm_storeu_ps(dst + 16 * a, r0);
+      _mm_storeu_ps(dst + 16 * a + 4, r1);
+      _mm_storeu_ps(dst + 16 * a + 8, r2);
+      _mm_storeu_ps(dst + 16 * a + 12, r3);
+    }
+  }
 }
 
 }  // namespace
 
 ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads) {
   const int64_t rows = p.batch * p.L;
+  if (p.stride_b == static_cast<int64_t>(p.G) * p.L * p.d)  // dense output: one extent to advise
+    prefer_huge_pages(p.out, static_cast<size_t>(p.batch) * p.stride_b * sizeof(float));
+  prefer_huge_pages(p.indices, static_cast<size_t>(rows) * p.G * sizeof(int64_t));
   std::vector<PackedCodebook> packed;
   packed.reserve(p.G);
   for (int g = 0; g < p.G; ++g) packed.emplace_back(p.codebook + static_cast<size_t>(g) * p.K * p.d, p.K, p.d);
@@ -220,7 +283,11 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
   // stay within budget. Depends on the problem only, so results don't depend on thread count.
   const size_t code_floats = static_cast<size_t>(p.K) * p.d;
   const int64_t max_chunks = std::max<int64_t>(1, static_cast<int64_t>(kPartialBudget / code_floats / p.G));
-  const int64_t rows_per_chunk = std::max<int64_t>(kMinRowsPerTask, (rows + max_chunks - 1) / max_chunks);
+  int64_t rows_per_chunk = std::max<int64_t>(kMinRowsPerTask, (rows + max_chunks - 1) / max_chunks);
+  // LAPO's view: a sample's 4 latents of 16 dims in a group are one dense 16x4 block (dim-major),
+  // moved 4 rows at a time with 4x4 transposes instead of 64 strided scalar loads and stores.
+  const bool lapo_blocks = p.d == 16 && p.L == 4 && p.stride_k == 4 && p.stride_l == 1;
+  if (lapo_blocks) rows_per_chunk = (rows_per_chunk + 3) / 4 * 4;  // chunks hold whole samples
   const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
   const int tasks = static_cast<int>(chunks * p.G);
   std::vector<double> sq_err(tasks, 0.0);
@@ -239,7 +306,6 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
     Scratch& sc = scratch();
     sc.resize(n, d);
     float* __restrict xbuf = sc.x.data();
-    float* __restrict x2 = sc.x2.data();
     // Everything the loops read is copied to locals first: the int64 index stores below could
     // otherwise alias p's int64 fields and force a reload of each on every row.
     const float* __restrict x = p.x;
@@ -250,40 +316,43 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
     int32_t* __restrict best = sc.best.data();
     const int64_t sb = p.stride_b, sg = p.stride_g, sk = p.stride_k, sl = p.stride_l;
     const int L = p.L, G = p.G;
-    int64_t bad = 0;
     // Walk (b, l) incrementally: no division per row.
     int64_t b = begin / L, l = begin % L;
     for (int r = 0; r < n; ++r) {
       x_off[r] = b * sb + g * sg + l * sl;
       i_off[r] = (b * G + g) * L + l;
-      const float* __restrict src = x + x_off[r];
-      float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
-      float* __restrict x2r = x2 + static_cast<size_t>(r) * d;
-      // One pass per value: re-reading xr as vectors right after these scalar stores would
-      // stall on store forwarding.
-      uint32_t nonfinite_bits = 0;  // an all-ones exponent marks NaN or inf
-      for (int j = 0; j < d; ++j) {
-        const float v = src[j * sk];
-        xr[j] = v;
-        x2r[j] = 2.f * v;
-        uint32_t bits;
-        std::memcpy(&bits, &v, sizeof bits);
-        nonfinite_bits |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-      }
-      bad += nonfinite_bits;
       if (++l == L) l = 0, ++b;
     }
-    nearest_rows(packed[g], x2, n, best, sc);
+    int64_t bad;
+    if (lapo_blocks) {
+      bad = gather_lapo(x, x_off, n, xbuf);
+    } else {
+      bad = 0;
+      for (int r = 0; r < n; ++r) {
+        const float* __restrict src = x + x_off[r];
+        float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
+        uint32_t nonfinite_bits = 0;  // an all-ones exponent marks NaN or inf
+        for (int j = 0; j < d; ++j) {
+          const float v = src[j * sk];
+          xr[j] = v;
+          uint32_t bits;
+          std::memcpy(&bits, &v, sizeof bits);
+          nonfinite_bits |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+        }
+        bad += nonfinite_bits;
+      }
+    }
+    nearest_rows(packed[g], xbuf, n, best, sc);
 
     float* __restrict cnt = part_counts.data() + static_cast<size_t>(t) * p.K;
     float* __restrict sm = sums ? part_sums.data() + static_cast<size_t>(t) * code_floats : nullptr;
+    if (lapo_blocks) scatter_lapo(codes, best, x_off, n, out);
     double err = 0.0;
     for (int r = 0; r < n; ++r) {
       const int k = best[r];
       indices[i_off[r]] = k;
       const float* __restrict c = codes + static_cast<size_t>(k) * d;
       const float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
-      float* __restrict o = out + x_off[r];
       float row_err = 0.f;
 #pragma omp simd reduction(+ : row_err)
       for (int j = 0; j < d; ++j) {
@@ -291,7 +360,10 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
         row_err += diff * diff;
       }
       err += row_err;
-      for (int j = 0; j < d; ++j) o[j * sk] = c[j];
+      if (!lapo_blocks) {
+        float* __restrict o = out + x_off[r];
+        for (int j = 0; j < d; ++j) o[j * sk] = c[j];
+      }
       cnt[k] += 1.f;
       if (sm) {
         float* __restrict dst = sm + static_cast<size_t>(k) * d;

@@ -87,6 +87,8 @@ CPU_SHAPES = [
     # layout, B, G, K, d, L
     ("lapo", 128, 2, 64, 16, 4),
     ("lapo", 1, 2, 64, 16, 4),
+    ("lapo", 16385, 2, 64, 16, 4),  # many row chunks of the block gather/scatter, a ragged last one
+    ("lapo", 5, 2, 64, 32, 4),      # LAPO's view with d=32: the generic strided path
     ("grouped", 1, 1, 8, 4, 1),
     ("grouped", 1000, 3, 100, 33, 1),
     ("grouped", 65536, 1, 64, 16, 1),
