@@ -15,8 +15,9 @@ def fit_decoder(latents: np.ndarray, actions: np.ndarray, *, steps: int = 1_000,
     """An ActionDecoder trained full-batch with Adam on (latent, true action) pairs."""
     if len(latents) != len(actions) or len(latents) == 0:
         raise ValueError(f"need as many actions as latents (got {len(latents)} and {len(actions)}), at least one")
-    torch.manual_seed(seed)
-    decoder = ActionDecoder(latents.shape[1], num_actions)
+    with torch.random.fork_rng():  # seeded here without disturbing the caller's random stream
+        torch.manual_seed(seed)
+        decoder = ActionDecoder(latents.shape[1], num_actions)
     x = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(actions), dtype=torch.long)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, weight_decay=weight_decay)

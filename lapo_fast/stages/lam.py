@@ -107,19 +107,24 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
             streams = distributed.gather_object(sampler.rng.bit_generator.state)
             if rank == 0:
                 last = save_checkpoint(out, step, model, optimizer, schedule, {"rng": streams})
+                if "action" in ds.manifest.meta_keys:
+                    _probe(model, sampler, ds, device, cfg, log, out, step)
             distributed.barrier()
         if stop_after is not None and step - start >= stop_after:
             break
     bar.close()
-    probed = (out / "probe.json").exists() and step == start  # finished earlier, nothing trained now
-    if rank == 0 and step == cfg.steps and "action" in ds.manifest.meta_keys and not probed:
-        result = latent_probe(model.idm, sampler, ds.meta("action"), device, seed=cfg.seed)
-        log.log({"step": step, **{f"probe_{k}": v for k, v in result.items()}})
+    log.close()
+    return last if rank == 0 else latest_checkpoint(out)
+
+
+def _probe(model, sampler, ds, device, cfg: LAMConfig, log: RunLog, out: Path, step: int) -> None:
+    """The latent probe at a checkpoint: logged (a curve over training), and saved at the end."""
+    result = latent_probe(model.idm, sampler, ds.meta("action"), device, seed=cfg.seed)
+    log.log({"step": step, **{f"probe_{k}": v for k, v in result.items()}})
+    if step == cfg.steps:
         write_json(out / "probe.json", result)
         print(f"lam: probe accuracy {result['accuracy']:.3f} from {result['labelled']} labelled transitions "
               f"(chance {result['chance']:.3f}, majority class {result['majority']:.3f})")
-    log.close()
-    return last if rank == 0 else latest_checkpoint(out)
 
 
 def latent_probe(idm, sampler: WindowSampler, actions: np.ndarray, device, *, labelled: int = 256,

@@ -71,7 +71,14 @@ def write_report(run_dir) -> Path:
         if test:
             ax.plot([r["step"] for r in test], [r["test_fdm_loss"] for r in test], label="held-out")
         ax.set(xlabel="step", ylabel="FDM loss (MSE)", yscale="log", title="Stage 1")
-        ax.legend()
+        ax.legend(loc="upper left")
+        probes = [r for r in read_metrics(run / "lam") if "probe_accuracy" in r]
+        if probes:
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in probes], [r["probe_accuracy"] for r in probes], "o-", c="C2",
+                     label="probe accuracy")
+            ax2.axhline(probes[-1]["probe_chance"], ls=":", c="C2")
+            ax2.set(ylabel="latent probe accuracy (dotted: chance)", ylim=(0, 1))
         plots["stage1"] = _save(fig, run / "stage1.png")
 
     bc = read_metrics(run / "bc")
