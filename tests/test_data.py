@@ -114,6 +114,64 @@ def test_interrupted_writer_leaves_a_readable_dataset_and_resumes(tmp_path):
         DatasetWriter(tmp_path / "ds")
 
 
+def test_committing_a_shard_leaves_earlier_shards_files_alone(tmp_path):
+    """Format 2: a shard's episodes and metadata are written with it, so the cost of a commit does
+    not grow with the dataset (version 1 rewrote whole-dataset files at every shard)."""
+    eps = fake_episodes(4, seed=3)
+    with DatasetWriter(tmp_path / "ds", shard_frames=1) as w:
+        w.add_episode(eps[0][0], action=eps[0][1])
+        first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ds" / "shards").iterdir()}
+        for frames, actions, _ in eps[1:]:
+            w.add_episode(frames, action=actions)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ds" / "shards").iterdir()}
+    assert sorted(first) == ["00000.action.npy", "00000.bin", "00000.episodes.npy", "00000.idx.npy"]
+    assert all(after[name] == stamp for name, stamp in first.items())
+    assert not (tmp_path / "ds" / "episodes.npy").exists() and not (tmp_path / "ds" / "meta").exists()
+    (tmp_path / "ds" / "shards" / "00001.episodes.npy").unlink()
+    with pytest.raises(DatasetError, match="00001.episodes.npy"):
+        FrameDataset(tmp_path / "ds")
+
+
+def _as_version_1(directory):
+    """Rewrites a dataset in format version 1's layout (whole-dataset episodes.npy, meta/<key>.npy)."""
+    import json
+
+    m = json.loads((directory / "manifest.json").read_text())
+    shards = sorted((directory / "shards").glob("*.episodes.npy"))
+    np.save(directory / "episodes.npy", np.concatenate([np.load(p) for p in shards]))
+    (directory / "meta").mkdir()
+    for key in m["meta_keys"]:
+        parts = sorted((directory / "shards").glob(f"*.{key}.npy"))
+        np.save(directory / "meta" / f"{key}.npy", np.concatenate([np.load(p) for p in parts]))
+        for p in parts:
+            p.unlink()
+    for p in shards:
+        p.unlink()
+    m["version"] = 1
+    (directory / "manifest.json").write_text(json.dumps(m))
+
+
+def test_version_1_datasets_still_read_and_resuming_upgrades_them(tmp_path):
+    eps = fake_episodes(5, seed=4)
+    with DatasetWriter(tmp_path / "ds", shard_frames=250) as w:
+        for frames, actions, rewards in eps[:4]:
+            w.add_episode(frames, action=actions, episode_return=rewards.sum())
+    _as_version_1(tmp_path / "ds")
+    old = FrameDataset(tmp_path / "ds")
+    assert old.manifest.version == 1 and old.verify()["episodes"] == 4
+    np.testing.assert_array_equal(old.meta("action"), np.concatenate([e[1] for e in eps[:4]]))
+    with DatasetWriter(tmp_path / "ds", resume=True, shard_frames=250) as w:
+        frames, actions, rewards = eps[4]
+        w.add_episode(frames, action=actions, episode_return=rewards.sum())
+    ds = FrameDataset(tmp_path / "ds")
+    assert ds.manifest.version == 2 and ds.verify()["episodes"] == 5
+    assert not (tmp_path / "ds" / "episodes.npy").exists()
+    for e, (frames, actions, rewards) in enumerate(eps):
+        np.testing.assert_array_equal(ds.episode(e), frames)
+    np.testing.assert_array_equal(ds.meta("action"), np.concatenate([e[1] for e in eps]))
+    np.testing.assert_allclose(ds.meta("episode_return"), [e[2].sum() for e in eps], rtol=1e-5)
+
+
 def test_writer_rejects_bad_frames(tmp_path):
     w = DatasetWriter(tmp_path / "ds")
     with pytest.raises(ValueError, match="uint8"):

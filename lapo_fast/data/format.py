@@ -1,14 +1,19 @@
-"""The on-disk frame dataset format (version 1).
+"""The on-disk frame dataset format (version 2).
 
 A dataset is a directory:
 
-    manifest.json        small, versioned: frame shape, codec, counts, source, shard list
-    shards/00000.bin     compressed chunks of frames, in episode order (whole episodes per shard)
-    shards/00000.idx.npy per chunk: byte offset, byte size, first frame, frame count, crc32
-    episodes.npy         (E, 2) int64: first frame, length
-    meta/<key>.npy       optional per-frame metadata (action, reward, done, value) and
-                         meta/episode_return.npy per episode; read only by evaluation and the
-                         small labelled decoder set, never by the latent stages
+    manifest.json              small, versioned: frame shape, codec, counts, source, shard list
+    shards/00000.bin           compressed chunks of frames, in episode order (whole episodes per shard)
+    shards/00000.idx.npy       per chunk: byte offset, byte size, first frame, frame count, crc32
+    shards/00000.episodes.npy  (E_shard, 2) int64: first frame (dataset-wide), length
+    shards/00000.<key>.npy     optional per-frame metadata (action, reward, done, value) and
+                               episode_return per episode; read only by evaluation and the small
+                               labelled decoder set, never by the latent stages
+
+Everything about a shard is written with it, so committing a shard costs the same at the 500th
+shard as at the first. Version 1 kept episodes.npy and meta/<key>.npy for the whole dataset,
+rewritten at every shard (quadratic I/O); it is still read, and a writer resuming a version-1
+dataset converts it first.
 
 Frames are raw (H, W, C) uint8, compressed losslessly chunk by chunk (the world model must
 reconstruct 1-2 px sprites; lossy video codecs smear them). The default codec is LZ4 in its
@@ -29,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 CODECS = ("lz4", "zstd")
 INDEX_FIELDS = ("offset", "nbytes", "first_frame", "frames", "crc32")
@@ -72,8 +78,9 @@ class Manifest:
             raise DatasetError(f"{path}: no dataset manifest here (is {directory} a lapo_fast dataset?)")
         try:
             d = json.loads(path.read_text())
-            if d.get("version") != FORMAT_VERSION:
-                raise DatasetError(f"{path}: format version {d.get('version')} is not {FORMAT_VERSION}")
+            if d.get("version") not in READABLE_VERSIONS:
+                raise DatasetError(f"{path}: format version {d.get('version')} is not one this lapo_fast reads "
+                                   f"{READABLE_VERSIONS}: upgrade lapo_fast")
             d["frame_shape"] = tuple(d["frame_shape"])
             d["shards"] = [ShardInfo(**s) for s in d["shards"]]
             m = Manifest(**d)
@@ -82,6 +89,10 @@ class Manifest:
         if m.codec not in CODECS:
             raise DatasetError(f"{path}: unknown codec {m.codec!r}")
         return m
+
+    def shard_file(self, i: int, part: str) -> str:
+        """Path (relative) of shard i's `part`: "episodes" or a metadata key (version 2)."""
+        return self.shards[i].file.replace(".bin", f".{part}.npy")
 
     @property
     def frame_bytes(self) -> int:

@@ -19,10 +19,11 @@ class FrameDataset:
         self.dir = Path(directory)
         self.manifest = Manifest.load(self.dir)
         m = self.manifest
-        self.episodes = (np.load(self.dir / "episodes.npy") if m.num_episodes
-                         else np.zeros((0, 2), np.int64))
+        self._meta: dict[str, np.ndarray] = {}
+        self.episodes = self._episodes()
         if len(self.episodes) != m.num_episodes:
-            raise DatasetError(f"{self.dir / 'episodes.npy'}: {len(self.episodes)} episodes, manifest says {m.num_episodes}")
+            raise DatasetError(f"{self.dir}: the episode index holds {len(self.episodes)} episodes, the manifest "
+                               f"says {m.num_episodes}")
         self.index = []
         for shard in m.shards:
             path = self.dir / shard.file.replace(".bin", ".idx.npy")
@@ -37,10 +38,31 @@ class FrameDataset:
     def __len__(self) -> int:
         return self.manifest.num_frames
 
+    def _episodes(self) -> np.ndarray:
+        m = self.manifest
+        if not m.num_episodes:
+            return np.zeros((0, 2), np.int64)
+        if m.version == 1:
+            return np.load(self.dir / "episodes.npy")
+        return np.concatenate([self._shard_array(i, "episodes") for i in range(len(m.shards))]).reshape(-1, 2)
+
+    def _shard_array(self, i: int, part: str) -> np.ndarray:
+        path = self.dir / self.manifest.shard_file(i, part)
+        if not path.exists():
+            raise DatasetError(f"{path}: missing ({part} of shard {i})")
+        return np.load(path)
+
     def meta(self, key: str) -> np.ndarray:
+        """Per-frame metadata (per-episode for episode_return), read-only."""
         if key not in self.manifest.meta_keys:
             raise KeyError(f"{self.dir} has no metadata {key!r}; it has {self.manifest.meta_keys}")
-        return np.load(self.dir / "meta" / f"{key}.npy", mmap_mode="r")
+        if self.manifest.version == 1:
+            return np.load(self.dir / "meta" / f"{key}.npy", mmap_mode="r")
+        if key not in self._meta:
+            parts = [self._shard_array(i, key) for i in range(len(self.manifest.shards))]
+            self._meta[key] = np.concatenate(parts) if parts else np.zeros(0)
+            self._meta[key].flags.writeable = False
+        return self._meta[key]
 
     # -- decoding ------------------------------------------------------------------------------
 
@@ -165,12 +187,12 @@ class FrameDataset:
             raise DatasetError(f"{self.dir / MANIFEST}: shards hold {frames} frames, manifest says {m.num_frames}")
         ep = self.episodes
         if len(ep) and (ep[0, 0] != 0 or (ep[1:, 0] != ep[:-1, 0] + ep[:-1, 1]).any() or ep[-1].sum() != frames):
-            raise DatasetError(f"{self.dir / 'episodes.npy'}: episodes do not tile the frames")
+            raise DatasetError(f"{self.dir}: the episode index does not tile the frames")
         for k in m.meta_keys:
             n = len(self.meta(k))
             want = m.num_episodes if k == "episode_return" else frames
             if n != want:
-                raise DatasetError(f"{self.dir / 'meta' / (k + '.npy')}: {n} values, expected {want}")
+                raise DatasetError(f"{self.dir}: metadata {k!r} has {n} values, expected {want}")
         return self.info()
 
     def info(self) -> dict:

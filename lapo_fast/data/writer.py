@@ -34,17 +34,14 @@ class DatasetWriter:
         self.level = level
         self.shard_frames = shard_frames
         (self.dir / "shards").mkdir(parents=True, exist_ok=True)
-        (self.dir / "meta").mkdir(exist_ok=True)
         if (self.dir / MANIFEST).exists():
             if not resume:
                 raise DatasetError(f"{self.dir} already holds a dataset; pass resume=True to append to it")
             self.manifest = Manifest.load(self.dir)
-            self.episodes = np.load(self.dir / "episodes.npy").tolist() if self.manifest.num_episodes else []
-            self.meta = {k: [np.load(self.dir / "meta" / f"{k}.npy")] for k in self.manifest.meta_keys}
+            if self.manifest.version == 1:
+                _upgrade_v1(self.dir, self.manifest)
         else:
             self.manifest = Manifest(tuple(frame_shape), codec, chunk_frames, source=source or {})
-            self.episodes = []
-            self.meta = {}
         self._meta_keys = self.manifest.meta_keys if self.manifest.num_episodes else None
         for stale in self.dir.glob("shards/*.tmp"):  # an interrupted shard: never committed
             stale.unlink()
@@ -88,7 +85,8 @@ class DatasetWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Commits the open shard (if any): shard file, index, episodes, metadata, then manifest."""
+        """Commits the open shard (if any): its frames, index, episodes and metadata, then the
+        manifest that makes them part of the dataset."""
         if not self._pending:
             return
         m = self.manifest
@@ -104,18 +102,15 @@ class DatasetWriter:
             offset += len(blob)
         data = b"".join(chunks)
         atomic_save_npy(self.dir / f"{name}.idx.npy", np.array(index, dtype=np.int64))
+        atomic_save_npy(self.dir / f"{name}.episodes.npy", np.array(self._pending_eps, dtype=np.int64).reshape(-1, 2))
+        for k, parts in self._pending_meta.items():
+            atomic_save_npy(self.dir / f"{name}.{k}.npy", np.concatenate(parts))
         atomic_write_bytes(self.dir / f"{name}.bin", data)
 
-        self.episodes += self._pending_eps
-        atomic_save_npy(self.dir / "episodes.npy", np.array(self.episodes, dtype=np.int64).reshape(-1, 2))
-        for k, parts in self._pending_meta.items():
-            self.meta.setdefault(k, [])
-            self.meta[k] += parts
-            atomic_save_npy(self.dir / "meta" / f"{k}.npy", np.concatenate(self.meta[k]))
         m.shards.append(ShardInfo(f"{name}.bin", first, len(frames), len(data), crc32(data)))
         m.num_frames += len(frames)
-        m.num_episodes = len(self.episodes)
-        m.meta_keys = sorted(self.meta)
+        m.num_episodes += len(self._pending_eps)
+        m.meta_keys = sorted(self._pending_meta)
         atomic_write_bytes(self.dir / "manifest.json", m.to_json().encode())
         self._pending, self._pending_eps, self._pending_meta, self._pending_frames = [], [], {}, 0
 
@@ -130,3 +125,27 @@ class DatasetWriter:
         if exc_type is None:
             self.close()
 
+
+def _upgrade_v1(directory: Path, m: Manifest) -> None:
+    """Rewrites a version-1 dataset's whole-dataset episode and metadata files per shard (version
+    2), then commits the new manifest; the old files go only after that, so an interruption
+    leaves a dataset one of the two versions reads."""
+    episodes = np.load(directory / "episodes.npy") if m.num_episodes else np.zeros((0, 2), np.int64)
+    meta = {k: np.load(directory / "meta" / f"{k}.npy") for k in m.meta_keys}
+    ep_first = 0
+    for i, shard in enumerate(m.shards):
+        ep_end = int(np.searchsorted(episodes[:, 0], shard.first_frame + shard.frames))
+        base = directory / shard.file.replace(".bin", "")
+        atomic_save_npy(Path(f"{base}.episodes.npy"), episodes[ep_first:ep_end])
+        for k, values in meta.items():
+            part = (values[ep_first:ep_end] if k == "episode_return"
+                    else values[shard.first_frame:shard.first_frame + shard.frames])
+            atomic_save_npy(Path(f"{base}.{k}.npy"), part)
+        ep_first = ep_end
+    m.version = 2
+    atomic_write_bytes(directory / "manifest.json", m.to_json().encode())
+    (directory / "episodes.npy").unlink(missing_ok=True)
+    for k in meta:
+        (directory / "meta" / f"{k}.npy").unlink(missing_ok=True)
+    if (directory / "meta").is_dir() and not any((directory / "meta").iterdir()):
+        (directory / "meta").rmdir()
