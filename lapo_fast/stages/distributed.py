@@ -23,8 +23,9 @@ def _wanted() -> bool:
 def init() -> None:
     """Joins the process group torchrun describes (nccl on CUDA, gloo on CPU), once."""
     if _wanted() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL uses the current device
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def rank_and_world() -> tuple[int, int]:
