@@ -21,6 +21,7 @@ from lapo_fast.config import LAMConfig, save
 from lapo_fast.config import load as load_config
 from lapo_fast.data import FrameDataset, WindowSampler, normalize
 from lapo_fast.models import LatentActionModel
+from lapo_fast.models.lam import stack_frames
 from lapo_fast.stages import distributed
 from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, resume, save_checkpoint
 from lapo_fast.stages.optim import adamw_warmup_decay
@@ -100,7 +101,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
                        "lr": schedule.get_last_lr()[0],
                        "steps_per_s": (step - start) / max(time.perf_counter() - t0, 1e-9)}
             if test is not None:
-                metrics["test_fdm_loss"] = _test_loss(model, test, device)
+                metrics.update(_test_losses(model, test, device))
             log.log(metrics)
             bar.set_postfix(loss=f"{metrics['fdm_loss']:.4f}", perp=f"{metrics['perplexity']:.1f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -175,12 +176,20 @@ def load_lam(run_dir, cfg: LAMConfig | None = None) -> LatentActionModel:
 
 
 @torch.no_grad()
-def _test_loss(model: LatentActionModel, test: WindowSampler, device, batches: int = 4) -> float:
-    """FDM loss on held-out episodes, in eval mode (codebooks untouched), on the same batches
-    every time so the numbers compare across steps."""
+def _test_losses(model: LatentActionModel, test: WindowSampler, device, batches: int = 4) -> dict:
+    """FDM loss on held-out episodes, in eval mode (codebooks untouched), on the same batches every
+    time so the numbers compare across steps; and the same with each window given another
+    window's latent action (shuffled in the batch): the gap is what the latent tells the FDM."""
     state = test.rng.bit_generator.state
     model.eval()
-    losses = [model(normalize(torch.from_numpy(test.sample()["obs"]).to(device)))[1].item() for _ in range(batches)]
+    own, shuffled = [], []
+    for _ in range(batches):
+        window = normalize(torch.from_numpy(test.sample()["obs"]).to(device))
+        _, recon, idm, _ = model(window)
+        perm = torch.roll(torch.arange(len(window), device=device), 1)
+        pred = model.fdm(stack_frames(window[:, :-1]), idm.quantized[perm])
+        own.append(recon.item())
+        shuffled.append(torch.nn.functional.mse_loss(pred, window[:, -1]).item())
     model.train()
     test.rng.bit_generator.state = state
-    return float(sum(losses) / len(losses))
+    return {"test_fdm_loss": float(np.mean(own)), "test_fdm_loss_shuffled_latent": float(np.mean(shuffled))}

@@ -61,8 +61,8 @@ def write_report(run_dir) -> Path:
     lam = [r for r in read_metrics(run / "lam") if "fdm_loss" in r]
     if lam:
         last = lam[-1]
-        report["stage1"] = {k: last.get(k) for k in ("step", "fdm_loss", "test_fdm_loss", "perplexity",
-                                                     "codebook0_codes_used", "steps_per_s")}
+        report["stage1"] = {k: last.get(k) for k in ("step", "fdm_loss", "test_fdm_loss", "test_fdm_loss_shuffled_latent",
+                                                     "perplexity", "codebook0_codes_used", "steps_per_s")}
         report["stage1"]["probe"] = _json(run / "lam" / "probe.json")
         rows = lam
         fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
@@ -160,6 +160,10 @@ def _markdown(r: dict) -> str:
         lines += ["## Stage 1: latent action model", "",
                   f"step {s['step']}: FDM loss {_fmt(s['fdm_loss'], 5)} (held-out {_fmt(s['test_fdm_loss'], 5)}), "
                   f"perplexity {_fmt(s['perplexity'], 1)}, codebook-0 codes used per batch {s['codebook0_codes_used']}.", ""]
+        if s.get("test_fdm_loss_shuffled_latent") is not None:
+            lines += [f"Held-out FDM loss with each window given another window's latent action: "
+                      f"{_fmt(s['test_fdm_loss_shuffled_latent'], 5)} (vs {_fmt(s['test_fdm_loss'], 5)} with its own): "
+                      "the gap is what the latent action tells the world model.", ""]
         if s.get("probe"):
             p = s["probe"]
             lines += [f"Latent probe: a decoder from {p['labelled']} labelled transitions predicts the true action of "
@@ -167,7 +171,7 @@ def _markdown(r: dict) -> str:
                       f"(chance {p['chance']:.3f}, majority class {p['majority']:.3f}).", ""]
     if "stage2" in r:
         lines += ["## Stage 2: latent behaviour cloning", "",
-                  f"step {r['stage2']['step']}: MSE to the IDM's latents {_fmt(r['stage2']['loss'], 5)}.", ""]
+                  f"step {r['stage2']['step']}: MSE to the IDM's latents {r['stage2']['loss']:.3g}.", ""]
     if "decode" in r:
         lines += ["## Stage 3a: offline decoder sweep", "", "| labelled | accuracy | chance | majority | return | normalised |",
                   "|---|---|---|---|---|---|"]
