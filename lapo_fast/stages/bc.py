@@ -19,14 +19,13 @@ import torch
 from torch.nn import functional as F
 
 from lapo_fast import __version__
-from lapo_fast.config import BCConfig, LAMConfig, save
-from lapo_fast.config import load as load_config
+from lapo_fast.config import BCConfig, save
 from lapo_fast.data import FrameDataset, normalize, valid_starts
 from lapo_fast.models import LatentPolicy
 from lapo_fast.stages import distributed
 from lapo_fast.stages.checkpoint import latest_checkpoint, resume, save_checkpoint
-from lapo_fast.stages.lam import idm_latents, load_lam
-from lapo_fast.stages.optim import adamw_warmup_decay
+from lapo_fast.stages.lam import idm_latents, lam_config, load_lam
+from lapo_fast.stages.optim import adamw_warmup_decay, optimizer_step
 from lapo_fast.stages.runlog import RunLog
 
 
@@ -36,15 +35,14 @@ def cached_labels(run_dir, ds: FrameDataset, *, batch: int = 512, device="cpu", 
     once and saved atomically; later calls and resumed runs load them."""
     path = Path(run_dir) / "bc" / "labels.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lam = load_lam(run_dir)
-    context = load_config(LAMConfig, Path(run_dir) / "lam" / "config.json").context
+    context = lam_config(run_dir).context
     if path.exists():
         blob = np.load(path)
         if blob["num_frames"] == ds.num_frames and blob["lam_step"] == _lam_step(run_dir):
             return blob["starts"], blob["latents"], context
         print(f"bc: {path} is stale (dataset or stage-1 checkpoint changed); recomputing")
     starts = valid_starts(ds.episodes, context + 2)
-    latents = idm_latents(lam.idm.to(device), ds.cache(), starts, context, batch=batch, device=device,
+    latents = idm_latents(load_lam(run_dir).idm.to(device), ds.cache(), starts, context, batch=batch, device=device,
                           progress=progress)
     tmp = path.with_name("labels.tmp.npz")
     np.savez(tmp, starts=starts, latents=latents, num_frames=ds.num_frames, lam_step=_lam_step(run_dir))
@@ -102,11 +100,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
         with distributed.autocast(device):
             pred = model(normalize(obs).contiguous(memory_format=torch.channels_last))
         loss = F.mse_loss(pred.float(), targets[pick].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, policy.parameters(), optimizer, schedule, cfg.grad_clip)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -24,7 +24,7 @@ from lapo_fast.models import LatentActionModel
 from lapo_fast.models.lam import stack_frames
 from lapo_fast.stages import distributed
 from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, resume, save_checkpoint
-from lapo_fast.stages.optim import adamw_warmup_decay
+from lapo_fast.stages.optim import adamw_warmup_decay, optimizer_step
 from lapo_fast.stages.runlog import RunLog, write_json
 
 
@@ -86,11 +86,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
         window = normalize(batch)                                  # (B, T, C, H, W) in [-0.5, 0.5]
         with distributed.autocast(device):
             loss, recon, idm, _ = ddp(window)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, model.parameters(), optimizer, schedule, cfg.grad_clip)
         step += 1
         bar.update(1)
 
@@ -160,13 +156,18 @@ def idm_latents(idm, frames: np.ndarray, starts: np.ndarray, context: int, *, ba
     return out
 
 
+def lam_config(run_dir) -> LAMConfig:
+    """The config stage 1 of a run directory was trained with."""
+    path = Path(run_dir) / "lam" / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path.parent}: no stage-1 run here (run `lapo-fast lam` first)")
+    return load_config(LAMConfig, path)
+
+
 def load_lam(run_dir, cfg: LAMConfig | None = None) -> LatentActionModel:
     """The trained stage-1 model of a run directory (its saved config unless one is given)."""
     out = Path(run_dir) / "lam"
-    if cfg is None:
-        if not (out / "config.json").exists():
-            raise FileNotFoundError(f"{out}: no stage-1 run here (run `lapo-fast lam` first)")
-        cfg = load_config(LAMConfig, out / "config.json")
+    cfg = cfg or lam_config(run_dir)
     last = latest_checkpoint(out)
     if last is None:
         raise FileNotFoundError(f"{out}: no checkpoint yet")

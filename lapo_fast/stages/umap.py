@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lapo_fast.config import LAMConfig
-from lapo_fast.config import load as load_config
 from lapo_fast.data import FrameDataset, valid_starts
-from lapo_fast.stages.lam import idm_latents, load_lam
+from lapo_fast.stages.lam import idm_latents, lam_config, load_lam
 
 # procgen's 15 buttons, in action-index order.
 ACTION_NAMES = ("LEFT-DOWN", "LEFT", "LEFT-UP", "DOWN", "NOOP", "UP", "RIGHT-DOWN", "RIGHT", "RIGHT-UP",
@@ -30,7 +28,7 @@ def project_latents(data_dir, run_dir, *, points: int = 5_000, seed: int = 0, de
     if "action" not in ds.manifest.meta_keys:
         raise ValueError(f"{data_dir} has no true actions to colour the latent space by")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    context = load_config(LAMConfig, Path(run_dir) / "lam" / "config.json").context
+    context = lam_config(run_dir).context
     idm = load_lam(run_dir).idm.to(device)
     starts = valid_starts(ds.episodes, context + 2)
     actions = np.asarray(ds.meta("action"))[starts + context]
