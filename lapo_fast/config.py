@@ -133,10 +133,12 @@ class DataConfig:
 _PRESETS: dict[type, dict[str, dict]] = {
     LAMConfig: {
         "paper": {},
-        "cpu": {"steps": 2_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
-                "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01},
+        # vq_decay 0.99: with 0.999 (LAPO's, over 50k steps) the codebook's EMA needs ~1k steps to
+        # follow the IDM, half of a short run, and the FDM sees stale codes meanwhile.
+        "cpu": {"steps": 3_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
+                "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01, "vq_decay": 0.99},
         "smoke": {"steps": 20, "batch_size": 8, "impala_scale": 1, "fdm_width": 8, "warmup_steps": 2,
-                  "log_every": 5, "checkpoint_every": 10, "dead_code_threshold": 0.01},
+                  "log_every": 5, "checkpoint_every": 10, "dead_code_threshold": 0.01, "vq_decay": 0.99},
     },
     BCConfig: {
         "paper": {},

@@ -9,20 +9,34 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _double_conv(cin: int, cout: int) -> nn.Sequential:
-    groups = math.gcd(8, cout)  # GroupNorm needs groups | channels, for any width
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
-    )
+class _DoubleConv(nn.Module):
+    """(conv 3x3 -> GroupNorm -> ReLU) x 2; with `action_dim`, the action shifts each channel
+    after the first norm. After, not before: GroupNorm with few channels per group subtracts a
+    per-sample, spatially constant shift, so an action concatenated or added before it barely
+    reaches the output, the FDM learns to ignore it, and the IDM collapses to a constant latent."""
+
+    def __init__(self, cin: int, cout: int, action_dim: int = 0):
+        super().__init__()
+        groups = math.gcd(8, cout)  # GroupNorm needs groups | channels, for any width
+        self.conv0, self.norm0 = nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout)
+        self.conv1, self.norm1 = nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout)
+        self.action = nn.Linear(action_dim, cout) if action_dim else None
+
+    def forward(self, x: torch.Tensor, action: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm0(self.conv0(x))
+        if self.action is not None:
+            x = x + self.action(action)[:, :, None, None]
+        x = F.relu(x, inplace=True)
+        return F.relu(self.norm1(self.conv1(x)), inplace=True)
 
 
 class UNetFDM(nn.Module):
     """(B, C_in, 64, 64) frames + (B, latent_dim) action -> (B, 3, 64, 64) in [-0.5, 0.5].
 
-    Five encoder stages (width w, 2w, 4w, 8w, 12w; 64 -> 2 px), the latent action projected and
-    concatenated at the 2x2 bottleneck (the only path from the action to the output, so the
-    prediction must use it), and a mirrored decoder with skip connections. w=24 gives ~8M params.
+    Five encoder stages (width w, 2w, 4w, 8w, 12w; 64 -> 2 px), a 2x2 bottleneck, and a mirrored
+    decoder with skip connections. The latent action enters twice, as in LAPO: at the first stage
+    (full resolution, whose skip feeds the output directly: a short path the gradient to the IDM
+    can use from the first steps) and at the bottleneck. w=24 gives ~8M params.
     """
 
     def __init__(self, in_channels: int, latent_dim: int = 128, width: int = 24, out_channels: int = 3):
@@ -30,28 +44,26 @@ class UNetFDM(nn.Module):
         widths = [width * m for m in (1, 2, 4, 8, 12)]
         self.down = nn.ModuleList()
         cin = in_channels
-        for w in widths:
-            self.down.append(_double_conv(cin, w))
+        for i, w in enumerate(widths):
+            self.down.append(_DoubleConv(cin, w, latent_dim if i == 0 else 0))
             cin = w
-        self.action = nn.Linear(latent_dim, widths[-1])
-        self.bottleneck = _double_conv(2 * widths[-1], widths[-1])
+        self.bottleneck = _DoubleConv(widths[-1], widths[-1], latent_dim)
         self.up = nn.ModuleList()
         self.fuse = nn.ModuleList()
         prev = widths[-1]
         for w in reversed(widths):  # 2 -> 4 -> ... -> 64 px, each joined with its encoder skip
             self.up.append(nn.ConvTranspose2d(prev, w, 2, stride=2))
-            self.fuse.append(_double_conv(2 * w, w))
+            self.fuse.append(_DoubleConv(2 * w, w))
             prev = w
         self.head = nn.Conv2d(width, out_channels, 1)
 
     def forward(self, frames: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         skips, x = [], frames
         for stage in self.down:
-            x = stage(x)
+            x = stage(x, action)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        a = self.action(action)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
-        x = self.bottleneck(torch.cat([x, a], dim=1))
+        x = self.bottleneck(x, action)
         for up, fuse, skip in zip(self.up, self.fuse, reversed(skips)):
             x = fuse(torch.cat([up(x), skip], dim=1))
         return torch.tanh(self.head(x)) / 2
