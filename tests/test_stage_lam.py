@@ -87,8 +87,9 @@ def _sprite_world(path, episodes: int, seed: int):
 def test_stage1_learns_the_action_from_video_alone(tmp_path):
     """The method's premise at toy scale: trained without actions, the FDM must come to rely on the
     latent (held-out loss with shuffled latents clearly above its own) and the latent must carry the
-    true action (probe far above the 4-action chance). An FDM the action cannot reach early (only at
-    the bottleneck) let the IDM collapse to a constant latent here, as on starpilot."""
+    true action (probe far above the 4-action chance). The earlier FDM, whose GroupNorm erased the
+    action (added before the norm, at the bottleneck only), let the IDM collapse to a constant latent
+    here (probe at the majority class, no gap), as on starpilot."""
     train = _sprite_world(tmp_path / "train", 24, seed=0)
     test = _sprite_world(tmp_path / "test", 4, seed=1)
     cfg = resolve(LAMConfig, "smoke", {"steps": 400, "batch_size": 16, "warmup_steps": 20, "lr": 1e-3,
