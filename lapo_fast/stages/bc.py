@@ -35,15 +35,16 @@ def cached_labels(run_dir, ds: FrameDataset, *, batch: int = 512, device="cpu", 
     once and saved atomically; later calls and resumed runs load them."""
     path = Path(run_dir) / "bc" / "labels.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    context = lam_config(run_dir).context
+    lam_cfg = lam_config(run_dir)
+    context = lam_cfg.context
     if path.exists():
         blob = np.load(path)
         if blob["num_frames"] == ds.num_frames and blob["lam_step"] == _lam_step(run_dir):
             return blob["starts"], blob["latents"], context
         print(f"bc: {path} is stale (dataset or stage-1 checkpoint changed); recomputing")
     starts = valid_starts(ds.episodes, context + 2)
-    latents = idm_latents(load_lam(run_dir).idm.to(device), ds.cache(), starts, context, batch=batch, device=device,
-                          progress=progress)
+    idm = load_lam(run_dir, lam_cfg).idm.to(device)
+    latents = idm_latents(idm, ds.cache(), starts, context, batch=batch, device=device, progress=progress)
     tmp = path.with_name("labels.tmp.npz")
     np.savez(tmp, starts=starts, latents=latents, num_frames=ds.num_frames, lam_step=_lam_step(run_dir))
     os.replace(tmp, path)

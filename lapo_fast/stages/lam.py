@@ -187,8 +187,7 @@ def _test_losses(model: LatentActionModel, test: WindowSampler, device, batches:
     for _ in range(batches):
         window = normalize(torch.from_numpy(test.sample()["obs"]).to(device))
         _, recon, idm, _ = model(window)
-        perm = torch.roll(torch.arange(len(window), device=device), 1)
-        pred = model.fdm(stack_frames(window[:, :-1]), idm.quantized[perm])
+        pred = model.fdm(stack_frames(window[:, :-1]), idm.quantized.roll(1, 0))  # window i gets i-1's
         own.append(recon.item())
         shuffled.append(torch.nn.functional.mse_loss(pred, window[:, -1]).item())
     model.train()

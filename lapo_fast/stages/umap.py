@@ -28,8 +28,9 @@ def project_latents(data_dir, run_dir, *, points: int = 5_000, seed: int = 0, de
     if "action" not in ds.manifest.meta_keys:
         raise ValueError(f"{data_dir} has no true actions to colour the latent space by")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    context = lam_config(run_dir).context
-    idm = load_lam(run_dir).idm.to(device)
+    lam_cfg = lam_config(run_dir)
+    context = lam_cfg.context
+    idm = load_lam(run_dir, lam_cfg).idm.to(device)
     starts = valid_starts(ds.episodes, context + 2)
     actions = np.asarray(ds.meta("action"))[starts + context]
     starts = starts[actions != NOOP]
