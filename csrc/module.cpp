@@ -125,22 +125,31 @@ PYBIND11_MODULE(_C, m) {
       "vq_forward",
       [](uintptr_t x, uintptr_t out, uintptr_t indices, uintptr_t codebook, uintptr_t counts,
          uintptr_t sums, int64_t batch, int G, int K, int d, int L, int64_t stride_b,
-         int64_t stride_g, int64_t stride_k, int64_t stride_l, int num_threads) {
+         int64_t stride_g, int64_t stride_k, int64_t stride_l, int num_threads,
+         uintptr_t ema_count, uintptr_t ema_weight, float decay, float eps) {
         auto p = vq_problem(x, out, indices, codebook, batch, G, K, d, L, stride_b, stride_g,
                             stride_k, stride_l);
         if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
-        float* cnt = ptr<float>(counts, "counts");
-        float* sm = sums ? reinterpret_cast<float*>(sums) : nullptr;
+        if (!ema_count != !ema_weight) throw py::value_error("vq: give both ema_count and ema_weight, or neither");
+        lapo::vq::EmaUpdate update{reinterpret_cast<float*>(ema_count), reinterpret_cast<float*>(ema_weight),
+                                   ptr<float>(codebook, "codebook"), decay, eps};
         lapo::vq::ForwardResult r;
         {
           py::gil_scoped_release release;
-          r = lapo::vq::forward(p, cnt, sm, num_threads);
+          r = lapo::vq::forward(p, reinterpret_cast<float*>(counts), reinterpret_cast<float*>(sums),
+                                num_threads, ema_count ? &update : nullptr);
         }
         return py::make_tuple(r.sq_err, r.nonfinite, r.perplexity);
       },
-      "Nearest-code search, quantised output, indices, per-code counts (and sums if given). "
-      "Returns (sum of squared errors, rows with NaN/inf, perplexity); counts/sums are left "
-      "unwritten when a row is not finite.");
+      "Nearest-code search, quantised output, indices, per-code counts and sums (into the given "
+      "buffers, or internal ones where 0), then the EMA update when ema_count/ema_weight are given. "
+      "Returns (sum of squared errors, values that are NaN/inf, perplexity); nothing is updated "
+      "and counts/sums are left unwritten when a value is not finite.",
+      py::arg("x"), py::arg("out"), py::arg("indices"), py::arg("codebook"), py::arg("counts"),
+      py::arg("sums"), py::arg("batch"), py::arg("G"), py::arg("K"), py::arg("d"), py::arg("L"),
+      py::arg("stride_b"), py::arg("stride_g"), py::arg("stride_k"), py::arg("stride_l"),
+      py::arg("num_threads"), py::arg("ema_count") = 0, py::arg("ema_weight") = 0,
+      py::arg("decay") = 0.f, py::arg("eps") = 0.f);
   m.def("vq_cpu_kernel", [] { return lapo::vq::has_avx2() ? "avx2" : "portable"; },
         "Which CPU search kernel this machine runs.");
   m.def(

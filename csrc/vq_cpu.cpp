@@ -20,10 +20,16 @@ namespace {
 constexpr int kLanes = 8;                 // codes per AVX2 register
 constexpr int kCodeBlock = 2 * kLanes;    // codes per micro-kernel step
 constexpr int kRowBlock = 4;              // rows sharing each codebook load
-constexpr int64_t kMinRowsPerTask = 2048;
+constexpr double kMinTaskWork = 1 << 21;  // multiply-adds per task (rows * K * d): ~100 us
+constexpr int64_t kMinRowsPerTask = 512;  // each task's partial sums (K*d) cost ~1/512 of its work
 constexpr size_t kPartialBudget = size_t(4) << 20;  // floats of per-task partial sums, in all
 constexpr size_t kTileFloats = 32768;     // codebook floats per cache tile (128 KB)
-constexpr double kParallelWork = 1 << 21; // rows*K*d below which one thread is faster
+// rows*G*K*d below which one thread is faster: the batch sits in the caller's core cache, and
+// moving half of it to another core costs as much as searching it (measured: LAPO B=128, 1
+// thread 55 us, 2 threads 57-63 us).
+constexpr double kParallelWork = 1 << 21;
+// Workers poll this long for the next call before sleeping (a wake-up costs ~30 us here).
+constexpr std::chrono::microseconds kSpin(200);
 
 ThreadPool& pool(int num_threads) {
   // One pool per thread count, kept for the process: creating threads per call would cost more
@@ -39,7 +45,7 @@ ThreadPool& pool(int num_threads) {
     owner = getpid();
   }
   if (pools.size() <= static_cast<size_t>(num_threads)) pools.resize(num_threads + 1);
-  if (!pools[num_threads]) pools[num_threads] = std::make_unique<ThreadPool>(num_threads);
+  if (!pools[num_threads]) pools[num_threads] = std::make_unique<ThreadPool>(num_threads, kSpin);
   return *pools[num_threads];
 }
 
@@ -270,8 +276,18 @@ void scatter_lapo(const float* codes, const int32_t* best, const int64_t* x_off,
 
 }  // namespace
 
-ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads) {
+ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads,
+                      const EmaUpdate* update) {
   const int64_t rows = p.batch * p.L;
+  std::vector<float> own_counts, own_sums;
+  if (!counts) {
+    own_counts.resize(static_cast<size_t>(p.G) * p.K);
+    counts = own_counts.data();
+  }
+  if (!sums && update) {
+    own_sums.resize(static_cast<size_t>(p.G) * p.K * p.d);
+    sums = own_sums.data();
+  }
   if (p.stride_b == static_cast<int64_t>(p.G) * p.L * p.d)  // dense output: one extent to advise
     prefer_huge_pages(p.out, static_cast<size_t>(p.batch) * p.stride_b * sizeof(float));
   prefer_huge_pages(p.indices, static_cast<size_t>(rows) * p.G * sizeof(int64_t));
@@ -279,11 +295,13 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
   packed.reserve(p.G);
   for (int g = 0; g < p.G; ++g) packed.emplace_back(p.codebook + static_cast<size_t>(g) * p.K * p.d, p.K, p.d);
 
-  // Row chunks per group: enough for the threads, few enough that the per-chunk partial sums
-  // stay within budget. Depends on the problem only, so results don't depend on thread count.
+  // Row chunks per group: enough work per task to be worth a thread (by work, not rows: a large
+  // codebook gives few rows much work), few enough chunks that the per-chunk partial sums stay
+  // within budget. Depends on the problem only, so results don't depend on thread count.
   const size_t code_floats = static_cast<size_t>(p.K) * p.d;
   const int64_t max_chunks = std::max<int64_t>(1, static_cast<int64_t>(kPartialBudget / code_floats / p.G));
-  int64_t rows_per_chunk = std::max<int64_t>(kMinRowsPerTask, (rows + max_chunks - 1) / max_chunks);
+  const auto min_rows = std::max(kMinRowsPerTask, static_cast<int64_t>(std::ceil(kMinTaskWork / static_cast<double>(code_floats))));
+  int64_t rows_per_chunk = std::max<int64_t>(min_rows, (rows + max_chunks - 1) / max_chunks);
   // LAPO's view: a sample's 4 latents of 16 dims in a group are one dense 16x4 block (dim-major),
   // moved 4 rows at a time with 4x4 transposes instead of 64 strided scalar loads and stores.
   const bool lapo_blocks = p.d == 16 && p.L == 4 && p.stride_k == 4 && p.stride_l == 1;
@@ -409,6 +427,9 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
     }
     result.perplexity += std::exp(entropy);
   }
+  if (update)
+    ema_update(p.G, p.K, p.d, counts, sums, update->ema_count, update->ema_weight, update->codebook,
+               update->decay, update->eps);
   return result;
 }
 

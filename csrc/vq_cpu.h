@@ -23,11 +23,23 @@ struct ForwardResult {
   double perplexity = 0.0;  // summed over groups
 };
 
+// The EMA update to apply right after the search, in the same call (one crossing from Python
+// instead of two, and no count/sum buffers to allocate there: it matters at LAPO's small batches).
+struct EmaUpdate {
+  float* ema_count;   // (G, K)
+  float* ema_weight;  // (G, K, d)
+  float* codebook;    // (G, K, d): Problem::codebook, rewritten once the search is done
+  float decay, eps;
+};
+
 // Nearest code per row (ties to the lowest index), quantised output and indices, and the batch's
-// per-code counts[g][k] (and sums[g][k][:] when sums != nullptr). Rows are split into chunks that
-// depend only on the problem size and the chunks' partials are added in order, so results are
-// identical for any thread count.
-ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads);
+// per-code counts[g][k] (and sums[g][k][:] when sums != nullptr); either may be nullptr when the
+// caller does not need them (then they live in internal buffers). With `update`, the EMA update
+// follows (skipped when a value is not finite). Rows are split into chunks that depend only on
+// the problem size and the chunks' partials are added in order, so results are identical for any
+// thread count.
+ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads,
+                      const EmaUpdate* update = nullptr);
 
 // Whether this CPU runs the AVX2/FMA search (else the portable one).
 bool has_avx2();

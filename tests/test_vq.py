@@ -133,11 +133,12 @@ def test_eval_mode_leaves_state_alone(backend):
         assert torch.equal(a.cpu(), b)
 
 
-def test_cpu_kernel_is_deterministic_across_thread_counts():
-    x = make_x("grouped", 20000, 2, 16, 1, seed=3)
+@pytest.mark.parametrize("rows, K, d", [(20000, 64, 16), (300, 4096, 64)])  # many rows; few rows, much work each
+def test_cpu_kernel_is_deterministic_across_thread_counts(rows, K, d):
+    x = make_x("grouped", rows, 2, d, 1, seed=3)
     results = []
     for threads in (1, 2, 3):
-        state = make_state(2, 64, 16)
+        state = make_state(2, K, d)
         out = vq_ema(x, *state, backend="cpu", num_threads=threads)
         results.append((out, state))
     for out, state in results[1:]:

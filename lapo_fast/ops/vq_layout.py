@@ -13,6 +13,7 @@ row n of group g is (b, l) = divmod(n, L), element k is at
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,21 +30,26 @@ class Layout:
 
     @staticmethod
     def of(x: torch.Tensor, G: int, d: int, kind: str, num_latents: int = 1) -> "Layout":
+        return Layout.for_shape(tuple(x.shape), G, d, kind, num_latents)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)  # checked and built once per shape: the op calls it every step
+    def for_shape(shape: tuple, G: int, d: int, kind: str, num_latents: int = 1) -> "Layout":
         if kind == "grouped":
-            if x.dim() < 1 or x.shape[-1] != G * d:
+            if len(shape) < 1 or shape[-1] != G * d:
                 raise ValueError(
                     f"grouped layout wants x of shape (..., {G * d}) for {G} codebooks of dim {d}, "
-                    f"got {tuple(x.shape)}"
+                    f"got {shape}"
                 )
-            return Layout("grouped", tuple(x.shape[:-1]), G, d, 1)
+            return Layout("grouped", shape[:-1], G, d, 1)
         if kind == "lapo":
             L = num_latents
-            if x.dim() != 2 or x.shape[1] != G * d * L:
+            if len(shape) != 2 or shape[1] != G * d * L:
                 raise ValueError(
                     f"lapo layout wants x of shape (B, {G * d * L}) = (B, codebooks*dim*latents = "
-                    f"{G}*{d}*{L}), got {tuple(x.shape)}"
+                    f"{G}*{d}*{L}), got {shape}"
                 )
-            return Layout("lapo", (x.shape[0],), G, d, L)
+            return Layout("lapo", (shape[0],), G, d, L)
         raise ValueError(f"unknown layout {kind!r}; use 'grouped' or 'lapo'")
 
     @property
