@@ -217,10 +217,11 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
         return _triton_forward(x, spec, reduce, codebook, ema_count, ema_weight)
 
     if reduce is None:  # counts, sums and the EMA update stay inside the one C++ call
-        return _cpu_forward(x, spec, codebook, (ema_count, ema_weight) if spec.training else None)
+        q, idx, loss, perplexity, _, _ = _cpu_forward(x, spec, codebook, (ema_count, ema_weight) if spec.training else None)
+        return q, idx, loss, perplexity
     from lapo_fast import _C
 
-    q, idx, loss, perplexity, counts, sums = _cpu_forward(x, spec, codebook, None, keep_stats=True)
+    q, idx, loss, _, counts, sums = _cpu_forward(x, spec, codebook, keep_stats=True)
     counts, sums = reduce(counts, sums)
     perplexity = perplexity_of(counts)
     if spec.training:
@@ -232,7 +233,8 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
 
 def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     """The C++ kernel: search, outputs, and the EMA update of `ema` = (count, weight) if given.
-    keep_stats: also return the batch counts and sums (for a DDP all-reduce before the update)."""
+    Returns q, idx, loss, perplexity, counts, sums; the batch counts and sums are tensors only with
+    keep_stats (for a DDP all-reduce before the update), else None."""
     from lapo_fast import _C
 
     lay = spec.layout
@@ -255,9 +257,7 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     # scalar_tensor is ~3x cheaper than torch.tensor for a Python float: it matters at B=128.
     loss = torch.scalar_tensor(sq_err * spec.commitment / max(x.numel(), 1))
     perplexity = torch.scalar_tensor(perplexity)
-    if keep_stats:
-        return out, idx, loss, perplexity, counts, sums
-    return out, idx, loss, perplexity
+    return out, idx, loss, perplexity, counts, sums
 
 
 def _search_blocks(K: int, d: int) -> tuple[int, int, int]:
