@@ -32,6 +32,7 @@ class LAMConfig:
     grad_clip: float = 2.0
     impala_scale: int = 4
     fdm_width: int = 24
+    fdm_norm: str = "batch"        # the FDM's norm: "batch" (LAPO's) or "group" (see models/fdm.py)
     context: int = 1               # frames before o_t; windows are context + 2 frames
     num_codebooks: int = 2
     codebook_size: int = 64
@@ -133,12 +134,15 @@ class DataConfig:
 _PRESETS: dict[type, dict[str, dict]] = {
     LAMConfig: {
         "paper": {},
+        # fdm_norm "group": at these sizes it did at least as well as LAPO's BatchNorm (models/fdm.py).
         # vq_decay 0.99: with 0.999 (LAPO's, over 50k steps) the codebook's EMA needs ~1k steps to
         # follow the IDM, half of a short run, and the FDM sees stale codes meanwhile.
         "cpu": {"steps": 3_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
-                "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01, "vq_decay": 0.99},
+                "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01, "vq_decay": 0.99,
+                "fdm_norm": "group"},
         "smoke": {"steps": 20, "batch_size": 8, "impala_scale": 1, "fdm_width": 8, "warmup_steps": 2,
-                  "log_every": 5, "checkpoint_every": 10, "dead_code_threshold": 0.01, "vq_decay": 0.99},
+                  "log_every": 5, "checkpoint_every": 10, "dead_code_threshold": 0.01, "vq_decay": 0.99,
+                  "fdm_norm": "group"},
     },
     BCConfig: {
         "paper": {},
@@ -213,6 +217,11 @@ def _check(cfg) -> None:
             raise ValueError(f"{name}: steps and batch_size must be >= 1")
     if isinstance(cfg, LAMConfig) and not 0 <= cfg.vq_decay < 1:
         raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
+    if isinstance(cfg, LAMConfig):
+        from lapo_fast.models.fdm import NORMS
+
+        if cfg.fdm_norm not in NORMS:
+            raise ValueError(f"LAMConfig.fdm_norm={cfg.fdm_norm!r}; choose one of {NORMS}")
     if isinstance(cfg, DecodeConfig):
         sizes = labelled_sizes(cfg)
         if cfg.deploy not in sizes:
@@ -289,13 +298,18 @@ def overrides_from(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
+# Settings added after runs were saved without them, with the value those runs were trained with.
+_ADDED_LATER: dict[type, dict[str, object]] = {LAMConfig: {"fdm_norm": "group"}}
+
+
 def load(cls, path: Path):
     """A config saved by `save`, checked to be of the expected type."""
     payload = json.loads(Path(path).read_text())
     if payload.get("type") != cls.__name__:
         raise ValueError(f"{path}: holds a {payload.get('type')}, expected a {cls.__name__}")
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in payload["config"].items() if k in known})
+    values = {**_ADDED_LATER.get(cls, {}), **payload["config"]}
+    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def save(cfg, path: Path, **extra) -> None:

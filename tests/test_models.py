@@ -19,15 +19,18 @@ def test_impala_shapes_and_channels_last_agree():
 def test_fdm_size_range_and_dependence_on_the_action():
     params = sum(p.numel() for p in UNetFDM(6, 128, width=24).parameters())
     assert 7e6 < params < 9.5e6  # the paper's ~8M at base width 24
-    for width in (5, 12, 20):  # any width builds (GroupNorm groups divide the channels)
+    for width in (5, 12, 20):  # any width builds
         UNetFDM(6, 128, width=width)(torch.zeros(1, 6, 64, 64), torch.zeros(1, 128))
-    torch.manual_seed(0)
-    fdm = UNetFDM(6, 128, width=8).eval()
-    frames = torch.rand(2, 6, 64, 64) - 0.5
-    a = fdm(frames, torch.randn(2, 128))
-    b = fdm(frames, torch.randn(2, 128))
-    assert a.shape == (2, 3, 64, 64) and a.abs().max() <= 0.5
-    assert not torch.allclose(a, b), "the prediction must depend on the latent action"
+    for norm in ("group", "batch"):
+        torch.manual_seed(0)
+        fdm = UNetFDM(6, 128, width=8, norm=norm).eval()
+        frames = torch.rand(2, 6, 64, 64) - 0.5
+        a = fdm(frames, torch.randn(2, 128))
+        b = fdm(frames, torch.randn(2, 128))
+        assert a.shape == (2, 3, 64, 64) and a.abs().max() <= 0.5
+        assert not torch.allclose(a, b), f"the prediction must depend on the latent action ({norm})"
+    with pytest.raises(ValueError, match="norm"):
+        UNetFDM(6, 128, width=8, norm="layer")
 
 
 def test_idm_checks_its_latent_layout():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lapo_fast.cli import main
-from lapo_fast.config import LAMConfig, resolve
+from lapo_fast.config import LAMConfig, load, resolve, save
 from lapo_fast.data import DatasetWriter
 from lapo_fast.stages.checkpoint import load_checkpoint
 from lapo_fast.stages.lam import build_model, load_lam, train_lam
@@ -59,10 +59,24 @@ def test_bad_config_and_missing_inputs_are_clear_errors(tmp_path):
         resolve(LAMConfig, "smoke", {"stepz": 3})
     with pytest.raises(ValueError, match="unknown preset"):
         resolve(LAMConfig, "huge")
+    with pytest.raises(ValueError, match="fdm_norm"):
+        resolve(LAMConfig, "smoke", {"fdm_norm": "layer"})
     with pytest.raises(ValueError, match="vq_decay"):
         resolve(LAMConfig, "smoke", {"vq_decay": 1.5})
     with pytest.raises(FileNotFoundError, match="lapo-fast lam"):
         load_lam(tmp_path / "nothing")
+
+
+def test_fdm_norm_presets_and_runs_saved_before_the_setting(tmp_path):
+    assert resolve(LAMConfig, "paper").fdm_norm == "batch" and resolve(LAMConfig, "cpu").fdm_norm == "group"
+    cfg = resolve(LAMConfig, "paper")
+    save(cfg, tmp_path / "new.json")
+    assert load(LAMConfig, tmp_path / "new.json") == cfg
+    # A run saved before fdm_norm existed was trained with GroupNorm: it must load as such.
+    payload = json.loads((tmp_path / "new.json").read_text())
+    del payload["config"]["fdm_norm"]
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    assert load(LAMConfig, tmp_path / "old.json").fdm_norm == "group"
 
 
 def _sprite_world(path, episodes: int, seed: int):

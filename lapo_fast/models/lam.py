@@ -55,10 +55,10 @@ class LatentActionModel(nn.Module):
     o_{t+1} from the past frames and that latent alone."""
 
     def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
-                 fdm_width: int = 24, **idm_kwargs):
+                 fdm_width: int = 24, fdm_norm: str = "batch", **idm_kwargs):
         super().__init__()
         self.idm = LatentIDM(frames, channels, impala_scale, latent_dim, **idm_kwargs)
-        self.fdm = UNetFDM((frames - 1) * channels, latent_dim, fdm_width, channels)
+        self.fdm = UNetFDM((frames - 1) * channels, latent_dim, fdm_width, channels, fdm_norm)
 
     def forward(self, window: torch.Tensor):
         """Returns (total loss, reconstruction loss, IDM output, predicted o_{t+1})."""

@@ -57,13 +57,21 @@ def autocast(device: torch.device):
 
 
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP around `model` when distributed; rank 0's initial weights are broadcast by DDP."""
+    """DDP around `model` when distributed; rank 0's initial weights are broadcast by DDP.
+    On GPUs, BatchNorm layers become SyncBatchNorm (changed in place, so `model` sees it): batch
+    statistics over the global batch, as one process would compute them. On CPUs (gloo), where
+    PyTorch has no SyncBatchNorm, each rank normalises by its own batch and DDP copies rank 0's
+    running statistics to the others before each forward."""
     if not dist.is_initialized():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [model_device.index] if (model_device := next(model.parameters()).device).type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return DistributedDataParallel(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return DistributedDataParallel(model, device_ids=[device.index])
 
 
 def barrier() -> None:

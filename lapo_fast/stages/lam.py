@@ -30,7 +30,7 @@ from lapo_fast.stages.runlog import RunLog, write_json
 
 def build_model(cfg: LAMConfig) -> LatentActionModel:
     return LatentActionModel(
-        frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_width=cfg.fdm_width,
+        frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_width=cfg.fdm_width, fdm_norm=cfg.fdm_norm,
         latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
         decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
