@@ -24,9 +24,9 @@ constexpr double kMinTaskWork = 1 << 21;  // multiply-adds per task (rows * K * 
 constexpr int64_t kMinRowsPerTask = 512;  // each task's partial sums (K*d) cost ~1/512 of its work
 constexpr size_t kPartialBudget = size_t(4) << 20;  // floats of per-task partial sums, in all
 constexpr size_t kTileFloats = 32768;     // codebook floats per cache tile (128 KB)
-// rows*G*K*d below which one thread is faster: the batch sits in the caller's core cache, and
-// moving half of it to another core costs as much as searching it (measured: LAPO B=128, 1
-// thread 55 us, 2 threads 57-63 us).
+// rows*G*K*d below which one thread is faster for the whole op. Measured at LAPO B=128 (1M) with
+// the bar lowered: 2 threads cut this call from 46 to 38 us but made vq_ema from Python slower,
+// 61 -> 88 us (the spinning worker costs the caller's Python more than it saves here).
 constexpr double kParallelWork = 1 << 21;
 // Workers poll this long for the next call before sleeping (a wake-up costs ~30 us here).
 constexpr std::chrono::microseconds kSpin(200);

@@ -215,11 +215,11 @@ def _check(cfg) -> None:
     if isinstance(cfg, (LAMConfig, BCConfig)):
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"{name}: steps and batch_size must be >= 1")
-    if isinstance(cfg, LAMConfig) and not 0 <= cfg.vq_decay < 1:
-        raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
     if isinstance(cfg, LAMConfig):
         from lapo_fast.models.fdm import NORMS
 
+        if not 0 <= cfg.vq_decay < 1:
+            raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
         if cfg.fdm_norm not in NORMS:
             raise ValueError(f"LAMConfig.fdm_norm={cfg.fdm_norm!r}; choose one of {NORMS}")
     if isinstance(cfg, DecodeConfig):

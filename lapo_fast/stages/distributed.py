@@ -69,8 +69,7 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     device = next(model.parameters()).device
     if device.type != "cuda":
         return DistributedDataParallel(model)
-    for name, child in list(model.named_children()):
-        setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below a non-BatchNorm root
     return DistributedDataParallel(model, device_ids=[device.index])
 
 
