@@ -33,6 +33,7 @@ class LAMConfig:
     impala_scale: int = 4
     fdm_width: int = 24
     fdm_norm: str = "batch"        # the FDM's norm: "batch" (LAPO's) or "group" (see models/fdm.py)
+    fdm_action: str = "latent"     # "latent" (LAPO) or "true": the ablation whose FDM gets the true action
     context: int = 1               # frames before o_t; windows are context + 2 frames
     num_codebooks: int = 2
     codebook_size: int = 64
@@ -217,11 +218,14 @@ def _check(cfg) -> None:
             raise ValueError(f"{name}: steps and batch_size must be >= 1")
     if isinstance(cfg, LAMConfig):
         from lapo_fast.models.fdm import NORMS
+        from lapo_fast.models.lam import FDM_ACTIONS
 
         if not 0 <= cfg.vq_decay < 1:
             raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
         if cfg.fdm_norm not in NORMS:
             raise ValueError(f"LAMConfig.fdm_norm={cfg.fdm_norm!r}; choose one of {NORMS}")
+        if cfg.fdm_action not in FDM_ACTIONS:
+            raise ValueError(f"LAMConfig.fdm_action={cfg.fdm_action!r}; choose one of {FDM_ACTIONS}")
     if isinstance(cfg, DecodeConfig):
         sizes = labelled_sizes(cfg)
         if cfg.deploy not in sizes:
@@ -267,7 +271,11 @@ def resolve_run(preset: str, sets: list[str] | None = None) -> dict[str, object]
         if name not in types:
             raise ValueError(f"--set {item!r}: {cls.__name__} has no setting {name!r}")
         overrides[stage][name] = _parse(value, types[name], item)
-    return {stage: resolve(cls, preset, overrides[stage]) for stage, cls in STAGE_CONFIGS.items()}
+    cfgs = {stage: resolve(cls, preset, overrides[stage]) for stage, cls in STAGE_CONFIGS.items()}
+    if cfgs["lam"].fdm_action != "latent":
+        raise ValueError("lam.fdm_action='true' is an ablation without an IDM, which stages 2-3 need: "
+                         "run it on its own with `lapo-fast lam --fdm-action true`")
+    return cfgs
 
 
 def _parse(value: str, kind: str, item: str):

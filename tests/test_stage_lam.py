@@ -116,3 +116,34 @@ def test_stage1_learns_the_action_from_video_alone(tmp_path, fdm_norm, batch_siz
     assert last["test_fdm_loss_shuffled_latent"] > 1.2 * last["test_fdm_loss"], last
     probe = json.loads((tmp_path / "run" / "lam" / "probe.json").read_text())
     assert probe["accuracy"] > 0.5, probe  # 4 actions, about equally frequent
+
+
+def test_true_action_ablation_measures_what_the_action_is_worth(tmp_path):
+    """fdm_action='true': the FDM gets the dataset's action instead of a latent. On the toy game,
+    where the action decides the sprite's move, the held-out loss with another window's action must
+    be clearly above the loss with its own; no probe is run (the latent is the action), and stages
+    2-3 refuse the run, which has no IDM."""
+    train = _sprite_world(tmp_path / "train", 24, seed=0)
+    test = _sprite_world(tmp_path / "test", 4, seed=1)
+    cfg = resolve(LAMConfig, "smoke", {"steps": 200, "batch_size": 16, "warmup_steps": 20, "lr": 1e-3,
+                                       "log_every": 200, "checkpoint_every": 200, "fdm_action": "true"})
+    train_lam(train, tmp_path / "run", cfg, test_data=test, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "lam" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "test_fdm_loss" in r][-1]
+    assert last["test_fdm_loss_shuffled_latent"] > 1.2 * last["test_fdm_loss"], last
+    assert not any("probe_accuracy" in r for r in rows)
+    assert 3.0 < last["perplexity"] <= 4.0  # of the 4 actions in a batch of 16
+    with pytest.raises(ValueError, match="stages 2-3 need"):
+        load_lam(tmp_path / "run")
+
+
+def test_true_action_ablation_needs_actions_and_stays_out_of_train(tiny_dataset, tmp_path):
+    from lapo_fast.config import resolve_run
+
+    cfg = resolve(LAMConfig, "smoke", {"steps": 2, "fdm_action": "true"})
+    with pytest.raises(ValueError, match="holds no actions"):
+        train_lam(tiny_dataset, tmp_path / "run", cfg, progress=False)
+    with pytest.raises(ValueError, match="fdm_action"):
+        resolve(LAMConfig, "smoke", {"fdm_action": "oracle"})
+    with pytest.raises(ValueError, match="ablation without an IDM"):
+        resolve_run("smoke", ["lam.fdm_action=true"])

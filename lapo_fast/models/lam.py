@@ -50,19 +50,51 @@ class LatentIDM(nn.Module):
         return IDMOutput(z, vq.quantized, vq.indices, vq.loss, vq.perplexity)
 
 
+class TrueActionEmbedding(nn.Module):
+    """Stands in for the IDM in the true-action ablation: the dataset's action, embedded. An FDM
+    trained on it shows how much the action itself is worth to the world model at a given data
+    size and scale (held-out loss with each window's own action against another's), which bounds
+    what a latent action can learn: where the true action buys the FDM nothing, the IDM has no
+    gradient pushing it to encode the action."""
+
+    def __init__(self, num_actions: int, latent_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(num_actions, latent_dim)
+
+    def forward(self, actions: torch.Tensor) -> IDMOutput:
+        z = self.embed(actions)
+        p = torch.bincount(actions, minlength=self.embed.num_embeddings).float() / len(actions)
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())  # of the actions, as the VQ's of its codes
+        return IDMOutput(z, z, actions[:, None, None], z.new_zeros(()), perplexity)
+
+
+FDM_ACTIONS = ("latent", "true")
+
+
 class LatentActionModel(nn.Module):
     """Stage 1: the IDM labels each transition with a latent action; the FDM must reconstruct
-    o_{t+1} from the past frames and that latent alone."""
+    o_{t+1} from the past frames and that latent alone.
+
+    fdm_action="true" is the ablation: the FDM gets the true action (`idm` is then a
+    TrueActionEmbedding, and forward needs the actions)."""
 
     def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
-                 fdm_width: int = 24, fdm_norm: str = "batch", **idm_kwargs):
+                 fdm_width: int = 24, fdm_norm: str = "batch", fdm_action: str = "latent", num_actions: int = 15,
+                 **idm_kwargs):
         super().__init__()
-        self.idm = LatentIDM(frames, channels, impala_scale, latent_dim, **idm_kwargs)
+        if fdm_action not in FDM_ACTIONS:
+            raise ValueError(f"LatentActionModel: fdm_action must be one of {FDM_ACTIONS}, got {fdm_action!r}")
+        self.true_action = fdm_action == "true"
+        self.idm = (TrueActionEmbedding(num_actions, latent_dim) if self.true_action
+                    else LatentIDM(frames, channels, impala_scale, latent_dim, **idm_kwargs))
         self.fdm = UNetFDM((frames - 1) * channels, latent_dim, fdm_width, channels, fdm_norm)
 
-    def forward(self, window: torch.Tensor):
-        """Returns (total loss, reconstruction loss, IDM output, predicted o_{t+1})."""
-        out = self.idm(window)
+    def forward(self, window: torch.Tensor, actions: torch.Tensor | None = None):
+        """Returns (total loss, reconstruction loss, IDM output, predicted o_{t+1}). `actions`:
+        (B,) the true a_t, used only by the true-action ablation."""
+        if self.true_action and actions is None:
+            raise ValueError("the true-action FDM needs each window's action")
+        out = self.idm(actions) if self.true_action else self.idm(window)
         pred = self.fdm(stack_frames(window[:, :-1]), out.quantized)
         recon = F.mse_loss(pred, window[:, -1])
         return recon + out.vq_loss, recon, out, pred

@@ -3,6 +3,10 @@ quantised latent action; the FDM must predict o_{t+1} from the past frames and t
 
     lapo-fast lam --data DATASET --out RUN [--preset smoke|cpu|paper] [--steps N ...]
 
+With --fdm-action true (an ablation; the dataset must hold actions), the FDM gets the true action
+instead of a latent one: its held-out loss with own against shuffled actions shows how much the
+action is worth to the world model at this data size and scale, the most any latent can learn.
+
 Writes RUN/lam/: config.json, metrics.jsonl, TensorBoard events, step-XXXXXXXX checkpoints
 (the last two kept). Rerunning the same command resumes from the last checkpoint.
 """
@@ -31,6 +35,7 @@ from lapo_fast.stages.runlog import RunLog, write_json
 def build_model(cfg: LAMConfig) -> LatentActionModel:
     return LatentActionModel(
         frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_width=cfg.fdm_width, fdm_norm=cfg.fdm_norm,
+        fdm_action=cfg.fdm_action,
         latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
         decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
@@ -49,15 +54,17 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
 
     # Data: decoded once into a memmap, windows that never cross episodes.
     ds = FrameDataset(data_dir)
+    true_action = cfg.fdm_action == "true"
     if rank == 0:
         ds.cache()
     distributed.barrier()  # one rank writes the decode cache, the others then map it
     sampler = WindowSampler(ds.cache(), ds.episodes, context=cfg.context, batch_size=cfg.batch_size,
-                            seed=cfg.seed + 1_000 * rank)
+                            seed=cfg.seed + 1_000 * rank, meta=_actions(ds, true_action))
     test = None
     if test_data is not None and rank == 0:
         tds = FrameDataset(test_data)
-        test = WindowSampler(tds.cache(), tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed)
+        test = WindowSampler(tds.cache(), tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed,
+                             meta=_actions(tds, true_action))
 
     # Model and optimiser: AdamW, linear warm-up then linear decay to 0.
     model = build_model(cfg).to(device)
@@ -82,10 +89,10 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc="lam", unit="step")
     while step < cfg.steps:
-        batch = torch.from_numpy(sampler.sample()["obs"]).to(device)
-        window = normalize(batch)                                  # (B, T, C, H, W) in [-0.5, 0.5]
+        batch = sampler.sample()
+        window = normalize(torch.from_numpy(batch["obs"]).to(device))  # (B, T, C, H, W) in [-0.5, 0.5]
         with distributed.autocast(device):
-            loss, recon, idm, _ = ddp(window)
+            loss, recon, idm, _ = ddp(window, _action_t(batch, cfg.context, device))
         optimizer_step(loss, model.parameters(), optimizer, schedule, cfg.grad_clip)
         step += 1
         bar.update(1)
@@ -99,12 +106,16 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
             if test is not None:
                 metrics.update(_test_losses(model, test, device))
             log.log(metrics)
+            if step == cfg.steps and test is not None:
+                what = "action" if true_action else "latent"
+                bar.write(f"lam: held-out FDM loss {metrics['test_fdm_loss']:.5f} with each window's own {what}, "
+                          f"{metrics['test_fdm_loss_shuffled_latent']:.5f} with another's")
             bar.set_postfix(loss=f"{metrics['fdm_loss']:.4f}", perp=f"{metrics['perplexity']:.1f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             streams = distributed.gather_object(sampler.rng.bit_generator.state)
             if rank == 0:
                 last = save_checkpoint(out, step, model, optimizer, schedule, {"rng": streams})
-                if "action" in ds.manifest.meta_keys:
+                if "action" in ds.manifest.meta_keys and not true_action:  # the true-action latent is the action
                     _probe(model, sampler, ds, device, cfg, log, out, step)
             distributed.barrier()
         if stop_after is not None and step - start >= stop_after:
@@ -112,6 +123,22 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     bar.close()
     log.close()
     return last if rank == 0 else latest_checkpoint(out)
+
+
+def _actions(ds: FrameDataset, needed: bool) -> dict:
+    """The sampler's metadata: the true actions, when the FDM is to be given them."""
+    if not needed:
+        return {}
+    if "action" not in ds.manifest.meta_keys:
+        raise ValueError(f"{ds.dir} holds no actions: fdm_action='true' needs a dataset with them")
+    return {"action": np.asarray(ds.meta("action"))}
+
+
+def _action_t(batch: dict, context: int, device) -> torch.Tensor | None:
+    """a_t of each window (o_{t-k}..o_t, o_{t+1}), or None when the batch carries no actions."""
+    if "action" not in batch:
+        return None
+    return torch.from_numpy(batch["action"][:, context]).long().to(device)
 
 
 def _probe(model, sampler, ds, device, cfg: LAMConfig, log: RunLog, out: Path, step: int) -> None:
@@ -171,6 +198,9 @@ def load_lam(run_dir, cfg: LAMConfig | None = None) -> LatentActionModel:
     last = latest_checkpoint(out)
     if last is None:
         raise FileNotFoundError(f"{out}: no checkpoint yet")
+    if cfg.fdm_action != "latent":
+        raise ValueError(f"{out}: trained with fdm_action={cfg.fdm_action!r} (the ablation without an IDM); "
+                         "stages 2-3 need a stage 1 trained with fdm_action='latent'")
     model = build_model(cfg)
     load_checkpoint(last, model)
     return model.eval()
@@ -185,8 +215,9 @@ def _test_losses(model: LatentActionModel, test: WindowSampler, device, batches:
     model.eval()
     own, shuffled = [], []
     for _ in range(batches):
-        window = normalize(torch.from_numpy(test.sample()["obs"]).to(device))
-        _, recon, idm, _ = model(window)
+        batch = test.sample()
+        window = normalize(torch.from_numpy(batch["obs"]).to(device))
+        _, recon, idm, _ = model(window, _action_t(batch, test.window - 2, device))
         pred = model.fdm(stack_frames(window[:, :-1]), idm.quantized.roll(1, 0))  # window i gets i-1's
         own.append(recon.item())
         shuffled.append(torch.nn.functional.mse_loss(pred, window[:, -1]).item())
