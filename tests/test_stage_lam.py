@@ -132,7 +132,7 @@ def test_true_action_ablation_measures_what_the_action_is_worth(tmp_path):
     last = [r for r in rows if "test_fdm_loss" in r][-1]
     assert last["test_fdm_loss_shuffled_latent"] > 1.2 * last["test_fdm_loss"], last
     assert not any("probe_accuracy" in r for r in rows)
-    assert 3.0 < last["perplexity"] <= 4.0  # of the 4 actions in a batch of 16
+    assert 1.5 < last["perplexity"] <= 4.0  # of the actions in the batch: 4 at most
     with pytest.raises(ValueError, match="stages 2-3 need"):
         load_lam(tmp_path / "run")
 
