@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lapo_fast.ops import VectorQuantizerEMA
+from lapo_fast.ops.vq_reference import perplexity_of
 
 from .fdm import UNetFDM
 from .impala import ImpalaEncoder
@@ -53,9 +54,9 @@ class LatentIDM(nn.Module):
 class TrueActionEmbedding(nn.Module):
     """Stands in for the IDM in the true-action ablation: the dataset's action, embedded. An FDM
     trained on it shows how much the action itself is worth to the world model at a given data
-    size and scale (held-out loss with each window's own action against another's), which bounds
-    what a latent action can learn: where the true action buys the FDM nothing, the IDM has no
-    gradient pushing it to encode the action."""
+    size and scale (held-out loss with each window's own action against another's). The IDM is
+    pushed to encode the action only as far as it lowers that loss: where the true action buys the
+    FDM nothing, the IDM has no gradient towards it."""
 
     def __init__(self, num_actions: int, latent_dim: int):
         super().__init__()
@@ -63,8 +64,8 @@ class TrueActionEmbedding(nn.Module):
 
     def forward(self, actions: torch.Tensor) -> IDMOutput:
         z = self.embed(actions)
-        p = torch.bincount(actions, minlength=self.embed.num_embeddings).float() / len(actions)
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())  # of the actions, as the VQ's of its codes
+        counts = torch.bincount(actions, minlength=self.embed.num_embeddings).float()
+        perplexity = perplexity_of(counts[None])  # of the actions, as the VQ's is of its codes
         return IDMOutput(z, z, actions[:, None, None], z.new_zeros(()), perplexity)
 
 

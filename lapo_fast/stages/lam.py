@@ -5,7 +5,8 @@ quantised latent action; the FDM must predict o_{t+1} from the past frames and t
 
 With --fdm-action true (an ablation; the dataset must hold actions), the FDM gets the true action
 instead of a latent one: its held-out loss with own against shuffled actions shows how much the
-action is worth to the world model at this data size and scale, the most any latent can learn.
+action is worth to the world model at this data size and scale, and so how hard the IDM is
+pushed to encode it.
 
 Writes RUN/lam/: config.json, metrics.jsonl, TensorBoard events, step-XXXXXXXX checkpoints
 (the last two kept). Rerunning the same command resumes from the last checkpoint.
