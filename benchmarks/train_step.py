@@ -44,14 +44,14 @@ def shapes(size: str, cuda: bool) -> dict:
 
 
 def bench_stage1(s, device, repeats) -> list[dict]:
-    from lapo_fast.stages.lam import build_model
+    from lapo_fast.models import build_lam
 
     rows = []
     B, T = s["lam_batch"], s["lam"].context + 2
     window = torch.rand(B, T, 3, 64, 64, device=device) - 0.5
     times = {}
     for backend in ("auto", "reference"):
-        model = build_model(s["lam"]).to(device)
+        model = build_lam(s["lam"]).to(device)
         model.idm.vq.backend = backend
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -69,10 +69,10 @@ def bench_stage1(s, device, repeats) -> list[dict]:
 
 def bench_stage2(s, device, repeats) -> list[dict]:
     from lapo_fast.models import LatentPolicy
-    from lapo_fast.stages.lam import build_model
+    from lapo_fast.models import build_lam
 
     B, T = s["bc_batch"], s["lam"].context + 2
-    idm = build_model(s["lam"]).idm.to(device).eval()
+    idm = build_lam(s["lam"]).idm.to(device).eval()
     window = torch.rand(B, T, 3, 64, 64, device=device) - 0.5
     obs = window[:, -2].contiguous(memory_format=torch.channels_last)
     target = torch.randn(B, 128, device=device)
@@ -100,7 +100,8 @@ def bench_stage2(s, device, repeats) -> list[dict]:
 
 def bench_ppo(s, device, repeats) -> list[dict]:
     from lapo_fast.models import LatentPolicy
-    from lapo_fast.stages.ppo import _update, prepare, train_ppo
+    from lapo_fast.data import prepare_obs
+    from lapo_fast.stages.ppo import _update, train_ppo
 
     cfg = dataclasses.replace(s["ppo"], num_envs=s["envs"], rollout=s["rollout"], device=str(device),
                        minibatches=min(s["ppo"].minibatches, s["envs"] * s["rollout"]))
@@ -123,7 +124,7 @@ def bench_ppo(s, device, repeats) -> list[dict]:
     opt = torch.optim.Adam(params, lr=1e-3)
     obs = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8, device=device)
     with torch.no_grad():
-        feats = policy.features(prepare(obs))
+        feats = policy.features(prepare_obs(obs))
     a, old = torch.randint(0, 15, (batch,), device=device), -torch.rand(batch, device=device) - 2
     adv, ret = torch.randn(batch, device=device), torch.randn(batch, device=device)
     gen = torch.Generator(device=device)

@@ -91,14 +91,36 @@ T* ptr(uintptr_t address, const char* what) {
   return reinterpret_cast<T*>(address);
 }
 
-lapo::vq::Problem vq_problem(uintptr_t x, uintptr_t out, uintptr_t indices, uintptr_t codebook,
-                             int64_t batch, int G, int K, int d, int L, int64_t stride_b,
-                             int64_t stride_g, int64_t stride_k, int64_t stride_l) {
-  if (batch < 0 || G < 1 || K < 1 || d < 1 || L < 1)
+// One fused-VQ call, described by name from Python (lapo_fast.ops.vq fills it): the addresses are
+// data_ptr()s of contiguous float32 / int64 CPU tensors that the caller has checked; 0 = absent.
+struct VQCall {
+  uintptr_t x = 0, out = 0, indices = 0, codebook = 0;  // required
+  uintptr_t counts = 0, sums = 0;                       // optional outputs (internal buffers if 0)
+  uintptr_t ema_count = 0, ema_weight = 0;              // both or neither: the EMA update to apply
+  int64_t batch = 0;
+  int G = 0, K = 0, d = 0, L = 0;
+  int64_t stride_b = 0, stride_g = 0, stride_k = 0, stride_l = 0;
+  int num_threads = 1;
+  float decay = 0.f, eps = 0.f;
+};
+
+py::tuple vq_forward(const VQCall& c) {
+  if (c.batch < 0 || c.G < 1 || c.K < 1 || c.d < 1 || c.L < 1)
     throw py::value_error("vq: need batch >= 0 and G, K, d, L >= 1");
-  return {ptr<const float>(x, "x"), ptr<float>(out, "out"), ptr<int64_t>(indices, "indices"),
-          ptr<const float>(codebook, "codebook"), batch, G, K, d, L,
-          stride_b, stride_g, stride_k, stride_l};
+  if (c.num_threads < 1) throw py::value_error("vq: num_threads must be >= 1");
+  if (!c.ema_count != !c.ema_weight) throw py::value_error("vq: give both ema_count and ema_weight, or neither");
+  const lapo::vq::Problem p{ptr<const float>(c.x, "x"), ptr<float>(c.out, "out"),
+                            ptr<int64_t>(c.indices, "indices"), ptr<const float>(c.codebook, "codebook"),
+                            c.batch, c.G, c.K, c.d, c.L, c.stride_b, c.stride_g, c.stride_k, c.stride_l};
+  const lapo::vq::EmaUpdate update{reinterpret_cast<float*>(c.ema_count), reinterpret_cast<float*>(c.ema_weight),
+                                   ptr<float>(c.codebook, "codebook"), c.decay, c.eps};
+  lapo::vq::ForwardResult r;
+  {
+    py::gil_scoped_release release;
+    r = lapo::vq::forward(p, reinterpret_cast<float*>(c.counts), reinterpret_cast<float*>(c.sums), c.num_threads,
+                          c.ema_count ? &update : nullptr);
+  }
+  return py::make_tuple(r.sq_err, r.nonfinite, r.perplexity);
 }
 
 }  // namespace
@@ -119,51 +141,49 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_threads", &PyProcgenEngine::num_threads)
       .def_property_readonly("closed", &PyProcgenEngine::closed);
 
-  // The fused CPU VQ kernel. Pointers are data_ptr()s of contiguous float32 / int64 CPU tensors
-  // that the caller (lapo_fast.ops.vq) has checked; work runs without the GIL.
-  m.def(
-      "vq_forward",
-      [](uintptr_t x, uintptr_t out, uintptr_t indices, uintptr_t codebook, uintptr_t counts,
-         uintptr_t sums, int64_t batch, int G, int K, int d, int L, int64_t stride_b,
-         int64_t stride_g, int64_t stride_k, int64_t stride_l, int num_threads,
-         uintptr_t ema_count, uintptr_t ema_weight, float decay, float eps) {
-        auto p = vq_problem(x, out, indices, codebook, batch, G, K, d, L, stride_b, stride_g,
-                            stride_k, stride_l);
-        if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
-        if (!ema_count != !ema_weight) throw py::value_error("vq: give both ema_count and ema_weight, or neither");
-        lapo::vq::EmaUpdate update{reinterpret_cast<float*>(ema_count), reinterpret_cast<float*>(ema_weight),
-                                   ptr<float>(codebook, "codebook"), decay, eps};
-        lapo::vq::ForwardResult r;
-        {
-          py::gil_scoped_release release;
-          r = lapo::vq::forward(p, reinterpret_cast<float*>(counts), reinterpret_cast<float*>(sums),
-                                num_threads, ema_count ? &update : nullptr);
-        }
-        return py::make_tuple(r.sq_err, r.nonfinite, r.perplexity);
-      },
-      "Nearest-code search, quantised output, indices, per-code counts and sums (into the given "
-      "buffers, or internal ones where 0), then the EMA update when ema_count/ema_weight are given. "
-      "Returns (sum of squared errors, values that are NaN/inf, perplexity); nothing is updated "
-      "and counts/sums are left unwritten when a value is not finite.",
-      py::arg("x"), py::arg("out"), py::arg("indices"), py::arg("codebook"), py::arg("counts"),
-      py::arg("sums"), py::arg("batch"), py::arg("G"), py::arg("K"), py::arg("d"), py::arg("L"),
-      py::arg("stride_b"), py::arg("stride_g"), py::arg("stride_k"), py::arg("stride_l"),
-      py::arg("num_threads"), py::arg("ema_count") = 0, py::arg("ema_weight") = 0,
-      py::arg("decay") = 0.f, py::arg("eps") = 0.f);
+  // The fused CPU VQ kernel: one VQCall in, work without the GIL.
+  py::class_<VQCall>(m, "VQCall", "The arguments of one vq_forward call, by name (addresses: 0 = absent).")
+      .def(py::init<>())
+      .def_readwrite("x", &VQCall::x)
+      .def_readwrite("out", &VQCall::out)
+      .def_readwrite("indices", &VQCall::indices)
+      .def_readwrite("codebook", &VQCall::codebook)
+      .def_readwrite("counts", &VQCall::counts)
+      .def_readwrite("sums", &VQCall::sums)
+      .def_readwrite("ema_count", &VQCall::ema_count)
+      .def_readwrite("ema_weight", &VQCall::ema_weight)
+      .def_readwrite("batch", &VQCall::batch)
+      .def_readwrite("G", &VQCall::G)
+      .def_readwrite("K", &VQCall::K)
+      .def_readwrite("d", &VQCall::d)
+      .def_readwrite("L", &VQCall::L)
+      .def_readwrite("stride_b", &VQCall::stride_b)
+      .def_readwrite("stride_g", &VQCall::stride_g)
+      .def_readwrite("stride_k", &VQCall::stride_k)
+      .def_readwrite("stride_l", &VQCall::stride_l)
+      .def_readwrite("num_threads", &VQCall::num_threads)
+      .def_readwrite("decay", &VQCall::decay)
+      .def_readwrite("eps", &VQCall::eps);
+  m.def("vq_forward", &vq_forward, py::arg("call"),
+        "Nearest-code search, quantised output, indices, per-code counts and sums (into the given "
+        "buffers, or internal ones where 0), then the EMA update when ema_count/ema_weight are given. "
+        "Returns (sum of squared errors, values that are NaN/inf, perplexity); nothing is updated "
+        "and counts/sums are left unwritten when a value is not finite.");
   m.def("vq_cpu_kernel", [] { return lapo::vq::has_avx2() ? "avx2" : "portable"; },
         "Which CPU search kernel this machine runs.");
   m.def(
       "vq_ema_update",
-      [](uintptr_t counts, uintptr_t sums, uintptr_t ema_count, uintptr_t ema_weight,
-         uintptr_t codebook, int G, int K, int d, float decay, float eps) {
-        if (G < 1 || K < 1 || d < 1) throw py::value_error("vq: need G, K, d >= 1");
-        auto c = ptr<const float>(counts, "counts");
-        auto s = ptr<const float>(sums, "sums");
-        auto ec = ptr<float>(ema_count, "ema_count");
-        auto ew = ptr<float>(ema_weight, "ema_weight");
-        auto cb = ptr<float>(codebook, "codebook");
+      [](const VQCall& c) {
+        if (c.G < 1 || c.K < 1 || c.d < 1) throw py::value_error("vq: need G, K, d >= 1");
+        auto counts = ptr<const float>(c.counts, "counts");
+        auto sums = ptr<const float>(c.sums, "sums");
+        auto ema_count = ptr<float>(c.ema_count, "ema_count");
+        auto ema_weight = ptr<float>(c.ema_weight, "ema_weight");
+        auto codebook = ptr<float>(c.codebook, "codebook");
         py::gil_scoped_release release;
-        lapo::vq::ema_update(G, K, d, c, s, ec, ew, cb, decay, eps);
+        lapo::vq::ema_update(c.G, c.K, c.d, counts, sums, ema_count, ema_weight, codebook, c.decay, c.eps);
       },
-      "EMA codebook update with LAPO's semantics, in place.");
+      py::arg("call"),
+      "EMA codebook update with LAPO's semantics, in place, from a VQCall's counts, sums, ema_count, "
+      "ema_weight, codebook, G, K, d, decay and eps.");
 }

@@ -19,9 +19,8 @@ namespace lapo {
 class ThreadPool {
  public:
   // spin: how long a worker (and the caller, waiting for the workers) polls before sleeping on
-  // the condition variable. Waking a sleeping thread costs ~30 us on a VM (measured on this
-  // 2-core EPYC), more than a whole small VQ call; a short spin keeps back-to-back calls from
-  // paying it, and bounds the CPU an idle pool burns to `spin` after each call.
+  // the condition variable. Waking a sleeping thread can cost more than a whole small VQ call; a
+  // short spin keeps back-to-back calls from paying it, and bounds what an idle pool burns.
   explicit ThreadPool(int num_threads, std::chrono::microseconds spin = std::chrono::microseconds(0))
       : spin_(spin) {
     for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });

@@ -20,15 +20,14 @@ namespace {
 constexpr int kLanes = 8;                 // codes per AVX2 register
 constexpr int kCodeBlock = 2 * kLanes;    // codes per micro-kernel step
 constexpr int kRowBlock = 4;              // rows sharing each codebook load
-constexpr double kMinTaskWork = 1 << 21;  // multiply-adds per task (rows * K * d): ~100 us
+constexpr double kMinTaskWork = 1 << 21;  // multiply-adds per task (rows * K * d): enough to amortise a hand-off
 constexpr int64_t kMinRowsPerTask = 512;  // each task's partial sums (K*d) cost ~1/512 of its work
 constexpr size_t kPartialBudget = size_t(4) << 20;  // floats of per-task partial sums, in all
 constexpr size_t kTileFloats = 32768;     // codebook floats per cache tile (128 KB)
-// rows*G*K*d below which one thread is faster for the whole op. Measured at LAPO B=128 (1M) with
-// the bar lowered: 2 threads cut this call from 46 to 38 us but made vq_ema from Python slower,
-// 61 -> 88 us (the spinning worker costs the caller's Python more than it saves here).
+// rows*G*K*d below which one thread is faster for the whole op: at LAPO's B=128 a spinning worker
+// costs the Python caller more than it saves (docs/experiments.md, "CPU VQ threading").
 constexpr double kParallelWork = 1 << 21;
-// Workers poll this long for the next call before sleeping (a wake-up costs ~30 us here).
+// Workers poll this long for the next call before sleeping (a wake-up costs more than a small call).
 constexpr std::chrono::microseconds kSpin(200);
 
 ThreadPool& pool(int num_threads) {
@@ -217,8 +216,8 @@ void nearest_rows(const PackedCodebook& cb, const float* x, int rows, int32_t* o
 }
 
 // Large outputs come from fresh mmap'ed memory (torch.empty -> malloc -> mmap above 32 MB), and
-// touching it page by page costs more than the search (B=65536: ~20 ms of 4 KB faults for 37 MB).
-// Where transparent huge pages are on "madvise", asking for them makes that ~500x fewer faults.
+// faulting it in 4 KB pages can cost more than the search; where transparent huge pages are on
+// "madvise", asking for them makes far fewer faults (docs/experiments.md, "CPU VQ threading").
 void prefer_huge_pages(void* data, size_t bytes) {
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   if (bytes < 2 * kHuge) return;

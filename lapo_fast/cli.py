@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from . import __version__
+from .envs.games import DEFAULT_DISTRIBUTION_MODE, OBS_SHAPE
+
 
 def _cmd_envs(args: argparse.Namespace) -> int:
     from .envs import GAMES, modes_of
@@ -26,7 +28,7 @@ def _preset(args: argparse.Namespace, command: str) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_run
     from .envs.games import check_game
-    from .stages.train import run_all
+    from .pipeline import run_all
 
     check_game(args.env)
     preset = _preset(args, "train")
@@ -72,75 +74,71 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_config(args: argparse.Namespace, cls, command: str):
-    from .config import overrides_from, resolve
+# Stage commands: given the parsed args and the stage's resolved config, they run the stage and
+# return the line to print after "<command>: ".
 
-    return resolve(cls, _preset(args, command), overrides_from(args, cls))
-
-
-def _cmd_lam(args: argparse.Namespace) -> int:
-    from .config import LAMConfig
+def _cmd_lam(args: argparse.Namespace, cfg) -> str:
     from .stages.lam import train_lam
 
-    cfg = _stage_config(args, LAMConfig, "lam")
-    print(f"lam: final checkpoint {train_lam(args.data, args.out, cfg, test_data=args.test_data)}")
-    return 0
+    return f"final checkpoint {train_lam(args.data, args.out, cfg, test_data=args.test_data)}"
 
 
-def _cmd_bc(args: argparse.Namespace) -> int:
-    from .config import BCConfig
+def _cmd_bc(args: argparse.Namespace, cfg) -> str:
     from .stages.bc import train_bc
 
-    print(f"bc: final checkpoint {train_bc(args.data, args.out, _stage_config(args, BCConfig, 'bc'))}")
-    return 0
+    return f"final checkpoint {train_bc(args.data, args.out, cfg)}"
 
 
-def _cmd_decode(args: argparse.Namespace) -> int:
-    from .config import DecodeConfig
+def _cmd_decode(args: argparse.Namespace, cfg) -> str:
+    from .rundir import RunDir
     from .stages.decode import train_decoders
 
-    train_decoders(args.data, args.out, _stage_config(args, DecodeConfig, "decode"), env_name=args.env,
-                   online=not args.offline_only)
-    print(f"decode: results in {args.out}/decode/results.json")
-    return 0
+    train_decoders(args.data, args.out, cfg, env_name=args.env, online=not args.offline_only)
+    return f"results in {RunDir(args.out).results('decode')}"
 
 
-def _cmd_ppo(args: argparse.Namespace) -> int:
-    from .config import PPOConfig
+def _cmd_ppo(args: argparse.Namespace, cfg) -> str:
     from .envs.games import check_game
-    from .stages.ppo import load_policy, train_ppo
+    from .rundir import RunDir
+    from .stages.ppo import train_ppo
 
     check_game(args.env)
-    cfg = _stage_config(args, PPOConfig, args.command)
     if args.command == "finetune":
-        last = train_ppo(args.out, args.env, cfg, name=args.name or "finetune", init=load_policy(args.out, "bc"),
-                         frozen_trunk=True)
+        last = train_ppo(args.out, args.env, cfg, name=args.name or "finetune",
+                         init=RunDir(args.out).load_policy("bc"), frozen_trunk=True)
     else:
         last = train_ppo(args.out, args.env, cfg, name=args.name or "ppo")
-    print(f"{args.command}: final checkpoint {last}")
-    return 0
+    return f"final checkpoint {last}"
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .config import EvalConfig
+def _cmd_eval(args: argparse.Namespace, cfg) -> str:
+    from .rundir import RunDir
     from .stages.evaluate import evaluate_run
 
-    evaluate_run(args.out, args.env, _stage_config(args, EvalConfig, "eval"))
-    print(f"eval: results in {args.out}/eval/results.json")
-    return 0
+    evaluate_run(args.out, args.env, cfg)
+    return f"results in {RunDir(args.out).results('eval')}"
 
 
-def _cmd_umap(args: argparse.Namespace) -> int:
+def _cmd_umap(args: argparse.Namespace, cfg) -> str:
     from .stages.umap import project_latents
 
-    print(f"umap: wrote {project_latents(args.data, args.out, points=args.points, seed=args.seed)}")
-    return 0
+    return f"wrote {project_latents(args.data, args.out, points=args.points, seed=args.seed)}"
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def _cmd_report(args: argparse.Namespace, cfg) -> str:
     from .stages.report import write_report
 
-    print(f"report: wrote {write_report(args.out)}")
+    return f"wrote {write_report(args.out)}"
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    """A stage subcommand: its config resolved from preset and flags, then the stage."""
+    cfg = None
+    if args.config_cls is not None:
+        from .config import overrides_from, resolve
+
+        cfg = resolve(args.config_cls, _preset(args, args.command), overrides_from(args, args.config_cls))
+    print(f"{args.command}: {args.stage(args, cfg)}")
     return 0
 
 
@@ -159,15 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="record a frame dataset with the batched engine")
     p.add_argument("--env", required=True, help="Procgen game")
     p.add_argument("--policy", default="random",
-                   help="'random' (uniform over the 15 actions) or a torch.export policy file (.pt2: "
-                        "uint8 obs (N,64,64,3) -> logits (N,15) or actions (N,))")
+                   help="'random' (uniform over the actions) or a torch.export policy file (.pt2: "
+                        "uint8 obs (N,64,64,3) -> logits (N,actions) or actions (N,))")
     p.add_argument("--frames", type=int, required=True, help="frames to store (whole episodes)")
     p.add_argument("--out", required=True, help="dataset directory (resumes if it exists)")
     p.add_argument("--num-envs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-level", type=int, default=0, help="first level of this split")
     p.add_argument("--num-levels", type=int, default=0, help="levels in this split (0: unbounded)")
-    p.add_argument("--distribution-mode", default="easy")
+    p.add_argument("--distribution-mode", default=DEFAULT_DISTRIBUTION_MODE, help="Procgen distribution mode")
     p.add_argument("--codec", default="lz4", choices=["lz4", "zstd"])
     p.set_defaults(func=_cmd_collect)
 
@@ -184,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data.add_parser("ingest", help="action-free videos or image folders -> dataset (episode = file)")
     q.add_argument("videos", nargs="+")
     q.add_argument("--out", required=True)
-    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--size", type=int, default=OBS_SHAPE[0], help="frame side in pixels (the stages take 64)")
     q.add_argument("--codec", default="lz4", choices=["lz4", "zstd"])
     q.add_argument("--decoder", default="auto", choices=["auto", "pyav", "dali"],
                    help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
@@ -202,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             q.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
             add_arguments(q, cls)
-        q.set_defaults(func=func)
+        q.set_defaults(func=_run_stage, stage=func, config_cls=cls)
         return q
 
     p = stage("lam", "stage 1: latent IDM + FDM with the VQ bottleneck (resumable)", _cmd_lam, LAMConfig, data=True)

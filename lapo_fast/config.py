@@ -12,59 +12,65 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE
+from lapo_fast.runtime.files import read_json, write_json
+
 PRESETS = ("paper", "cpu", "smoke")
+
+
+def setting(default, help: str):
+    """A config field with its one-line help text (printed by `lapo-fast <stage> --help`)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class LAMConfig:
     """Stage 1: latent IDM + FDM with the VQ bottleneck."""
 
-    steps: int = 60_000
-    batch_size: int = 128
-    lr: float = 3e-4
-    warmup_steps: int = 1_000
-    weight_decay: float = 1e-2
-    grad_clip: float = 2.0
-    impala_scale: int = 4
-    fdm_width: int = 24
-    fdm_norm: str = "batch"        # the FDM's norm: "batch" (LAPO's) or "group" (see models/fdm.py)
-    fdm_action: str = "latent"     # "latent" (LAPO) or "true": the ablation whose FDM gets the true action
-    context: int = 1               # frames before o_t; windows are context + 2 frames
-    num_codebooks: int = 2
-    codebook_size: int = 64
-    code_dim: int = 16
-    num_latents: int = 4
-    vq_decay: float = 0.999
-    commitment: float = 0.05
-    dead_code_threshold: float = 0.0  # > 0: refill codes whose EMA count falls below it (0: LAPO)
-    log_every: int = 100
-    checkpoint_every: int = 2_000
-    seed: int = 0
-    device: str = ""               # "" = cuda if available else cpu
-    extra: dict = field(default_factory=dict)
+    steps: int = setting(60_000, "optimiser steps")
+    batch_size: int = setting(128, "windows per step (per rank under torchrun)")
+    lr: float = setting(3e-4, "peak AdamW learning rate")
+    warmup_steps: int = setting(1_000, "steps of linear warm-up before the linear decay to 0")
+    weight_decay: float = setting(1e-2, "AdamW weight decay")
+    grad_clip: float = setting(2.0, "gradient-norm clip")
+    impala_scale: int = setting(4, "IDM width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)")
+    fdm_width: int = setting(24, "FDM U-Net width of its first stage (24: ~8M params)")
+    fdm_norm: str = setting("batch", "FDM normalisation: 'batch' (LAPO's BatchNorm) or 'group' (GroupNorm)")
+    fdm_action: str = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the dataset's action)")
+    context: int = setting(1, "frames before o_t; windows are context + 2 frames")
+    num_codebooks: int = setting(2, "VQ codebooks (groups)")
+    codebook_size: int = setting(64, "codes per codebook")
+    code_dim: int = setting(16, "dimensions per code")
+    num_latents: int = setting(4, "codes per codebook per latent action (latent dim = codebooks*code_dim*latents)")
+    vq_decay: float = setting(0.999, "EMA decay of the codebook statistics")
+    commitment: float = setting(0.05, "weight of the VQ commitment loss")
+    dead_code_threshold: float = setting(0.0, "> 0: refill codes whose EMA count falls below it (0: LAPO)")
+    log_every: int = setting(100, "steps between metric lines (and held-out losses)")
+    checkpoint_every: int = setting(2_000, "steps between checkpoints (and latent probes)")
+    seed: int = setting(0, "seed of weights and window sampling")
+    device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)")
 
 
 @dataclass
 class BCConfig:
     """Stage 2: latent behaviour cloning, policy(o_t) -> the frozen IDM's pre-quantisation latent."""
 
-    steps: int = 60_000
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup_steps: int = 1_000
-    weight_decay: float = 1e-2
-    grad_clip: float = 2.0
-    impala_scale: int = 4
-    label_batch: int = 512          # windows per IDM forward when computing the cached labels
-    log_every: int = 100
-    checkpoint_every: int = 2_000
-    seed: int = 0
-    device: str = ""
+    steps: int = setting(60_000, "optimiser steps")
+    batch_size: int = setting(128, "observations per step (per rank under torchrun)")
+    lr: float = setting(2e-4, "peak AdamW learning rate")
+    warmup_steps: int = setting(1_000, "steps of linear warm-up before the linear decay to 0")
+    weight_decay: float = setting(1e-2, "AdamW weight decay")
+    grad_clip: float = setting(2.0, "gradient-norm clip")
+    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)")
+    label_batch: int = setting(512, "windows per IDM forward when computing the cached labels")
+    log_every: int = setting(100, "steps between metric lines")
+    checkpoint_every: int = setting(2_000, "steps between checkpoints")
+    seed: int = setting(0, "seed of weights and batch sampling")
+    device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)")
 
 
 @dataclass
@@ -72,15 +78,15 @@ class DecodeConfig:
     """Stage 3a: latent -> true-action decoder from a few labelled transitions, composed with the
     latent policy and evaluated online."""
 
-    labelled: str = "16,64,256,1024,4096"  # sizes of the labelled set swept (comma-separated)
-    deploy: int = 256                        # the size whose decoder is the "decoded policy"
-    steps: int = 2_000                       # decoder training steps (full batch)
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    held_out: int = 2_000                    # labelled transitions kept apart to score decoders
-    eval_episodes: int = 64
-    seed: int = 0
-    device: str = ""
+    labelled: str = setting("16,64,256,1024,4096", "sizes of the labelled sets swept (comma-separated)")
+    deploy: int = setting(256, "the size whose decoder is the run's 'decoded policy'")
+    steps: int = setting(2_000, "decoder training steps (full batch)")
+    lr: float = setting(1e-3, "decoder Adam learning rate")
+    weight_decay: float = setting(1e-4, "decoder Adam weight decay")
+    held_out: int = setting(2_000, "labelled transitions kept apart to score the decoders")
+    eval_episodes: int = setting(64, "episodes of the online evaluation of each decoder")
+    seed: int = setting(0, "seed of the labelled subsets, decoders and evaluation")
+    device: str = setting("", "torch device ('' = cuda if available, else cpu)")
 
 
 @dataclass
@@ -88,56 +94,55 @@ class PPOConfig:
     """Stage 3b (and demonstrators): PPO with Cobbe et al. (2020)'s Procgen settings.
     frozen_trunk=True is LAPO's fine-tuning: features computed once per env step, reused."""
 
-    env_steps: int = 4_000_000
-    num_envs: int = 64
-    rollout: int = 256
-    gamma: float = 0.999
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    epochs: int = 3
-    minibatches: int = 8
-    entropy: float = 0.01           # Cobbe et al.'s coefficient
-    value_coef: float = 0.5
-    lr: float = 5e-4                # full PPO (scratch, demonstrators)
-    head_lr: float = 1e-2           # frozen trunk: only the heads train, and stay stable at this rate
-    grad_clip: float = 0.5
-    impala_scale: int = 4
-    normalize_rewards: bool = True
-    distribution_mode: str = "easy"
-    checkpoint_every: int = 10       # updates
-    seed: int = 0
-    device: str = ""
+    env_steps: int = setting(4_000_000, "environment steps in all")
+    num_envs: int = setting(64, "parallel environments")
+    rollout: int = setting(256, "steps per environment per update")
+    gamma: float = setting(0.999, "discount")
+    gae_lambda: float = setting(0.95, "GAE lambda")
+    clip: float = setting(0.2, "PPO ratio clip")
+    epochs: int = setting(3, "passes over each rollout")
+    minibatches: int = setting(8, "minibatches per pass")
+    entropy: float = setting(0.01, "entropy bonus coefficient (Cobbe et al.'s)")
+    value_coef: float = setting(0.5, "value loss coefficient")
+    lr: float = setting(5e-4, "Adam learning rate of full PPO (scratch, demonstrators)")
+    head_lr: float = setting(1e-2, "Adam learning rate of the heads when the trunk is frozen (fine-tuning)")
+    grad_clip: float = setting(0.5, "gradient-norm clip")
+    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels")
+    normalize_rewards: bool = setting(True, "divide rewards by a running std of the return, clip at 10")
+    distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
+    checkpoint_every: int = setting(10, "updates between checkpoints")
+    seed: int = setting(0, "seed of weights, envs and sampling")
+    device: str = setting("", "torch device ('' = cuda if available, else cpu)")
 
 
 @dataclass
 class EvalConfig:
     """Returns over many levels (all of them: num_levels=0), normalised per game."""
 
-    episodes: int = 256
-    num_envs: int = 64
-    distribution_mode: str = "easy"
-    greedy: bool = False
-    seed: int = 12345
-    device: str = ""
+    episodes: int = setting(256, "episodes per policy")
+    num_envs: int = setting(64, "parallel environments")
+    distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
+    greedy: bool = setting(False, "act by argmax instead of sampling")
+    seed: int = setting(12345, "seed of the levels and of action sampling")
+    device: str = setting("", "torch device ('' = cuda if available, else cpu)")
 
 
 @dataclass
 class DataConfig:
     """Where the observation-only dataset comes from when `train` has to make it."""
 
-    frames: int = 8_000_000
-    test_frames: int = 200_000
-    num_envs: int = 64
-    distribution_mode: str = "easy"
-    seed: int = 0
+    frames: int = setting(8_000_000, "training frames to record (whole episodes)")
+    test_frames: int = setting(200_000, "held-out frames to record (other levels' seeds)")
+    num_envs: int = setting(64, "parallel environments while recording")
+    distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
+    seed: int = setting(0, "seed of the recording")
 
 
 _PRESETS: dict[type, dict[str, dict]] = {
     LAMConfig: {
         "paper": {},
-        # fdm_norm "group": at these sizes it did at least as well as LAPO's BatchNorm (models/fdm.py).
-        # vq_decay 0.99: with 0.999 (LAPO's, over 50k steps) the codebook's EMA needs ~1k steps to
-        # follow the IDM, half of a short run, and the FDM sees stale codes meanwhile.
+        # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
+        # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
         "cpu": {"steps": 3_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
                 "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01, "vq_decay": 0.99,
                 "fdm_norm": "group"},
@@ -289,17 +294,23 @@ def _parse(value: str, kind: str, item: str):
         raise ValueError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
 
 
+def field_help(cls, f: dataclasses.Field) -> str:
+    """A field's help text with its value in each preset."""
+    values = [_PRESETS.get(cls, {}).get(p, {}).get(f.name, f.default) for p in PRESETS]
+    if len(set(map(repr, values))) == 1:
+        return f"{f.metadata['help']} (default {f.default!r})"
+    return f"{f.metadata['help']} (" + "; ".join(f"{p} {v!r}" for p, v in zip(PRESETS, values)) + ")"
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per scalar field of `cls` (default None: the preset decides)."""
+    """One --flag per field of `cls` (default None: the preset decides), with its help text."""
     for f in fields(cls):
-        if f.type not in ("int", "float", "str", "bool"):
-            continue
         kind = {"int": int, "float": float, "str": str}.get(f.type)
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field_help(cls, f))
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default!r} or the preset's)")
+            parser.add_argument(flag, type=kind, default=None, help=field_help(cls, f))
 
 
 def overrides_from(args: argparse.Namespace, cls) -> dict:
@@ -312,7 +323,9 @@ _ADDED_LATER: dict[type, dict[str, object]] = {LAMConfig: {"fdm_norm": "group"}}
 
 def load(cls, path: Path):
     """A config saved by `save`, checked to be of the expected type."""
-    payload = json.loads(Path(path).read_text())
+    payload = read_json(path)
+    if payload is None:
+        raise FileNotFoundError(f"{path}: no saved config")
     if payload.get("type") != cls.__name__:
         raise ValueError(f"{path}: holds a {payload.get('type')}, expected a {cls.__name__}")
     known = {f.name for f in fields(cls)}
@@ -321,7 +334,4 @@ def load(cls, path: Path):
 
 
 def save(cfg, path: Path, **extra) -> None:
-    payload = {"config": dataclasses.asdict(cfg), "type": type(cfg).__name__, **extra}
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, {"config": dataclasses.asdict(cfg), "type": type(cfg).__name__, **extra})

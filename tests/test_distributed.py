@@ -43,15 +43,15 @@ def _worker(rank: int, world: int, port: int, data: str, run: str, fdm_norm: str
 
     # Keep each rank's own in-memory models (the checkpoints are rank 0's alone).
     built = []
-    build_model, policy_cls = lam.build_model, bc.LatentPolicy
-    lam.build_model = lambda cfg: built.append(build_model(cfg)) or built[-1]
+    build_lam, policy_cls = lam.build_lam, bc.LatentPolicy
+    lam.build_lam = lambda cfg: built.append(build_lam(cfg)) or built[-1]
     bc.LatentPolicy = lambda **kw: built.append(policy_cls(**kw)) or built[-1]
 
     lam.train_lam(data, run, resolve(LAMConfig, "smoke", {"steps": 4, "checkpoint_every": 4, "log_every": 2,
                                                       "fdm_norm": fdm_norm}),
                   progress=False)
     bc.train_bc(data, run, resolve(BCConfig, "smoke", {"steps": 4, "checkpoint_every": 4}), progress=False)
-    model, policy = built[0], built[-1]  # (the IDM bc loads to label is built in between)
+    model, policy = built[0], built[-1]
     results[rank] = (_digest(model), _digest(policy), model.idm.vq.codebook.clone(), model.idm.vq.ema_count.clone())
     dist.destroy_process_group()
 

@@ -12,13 +12,15 @@ import torch
 from lapo_fast.config import BCConfig, DecodeConfig, LAMConfig, PPOConfig, resolve, resolve_run
 from lapo_fast.data import DatasetWriter, FrameDataset, normalize, valid_starts
 from lapo_fast.eval import EXPERT_RETURN, RANDOM_RETURN, evaluate, normalized_return
-from lapo_fast.eval.probe import accuracy, fit_decoder, probe
+from lapo_fast.eval.decoders import accuracy, fit_decoder, probe
 from lapo_fast.envs import GAMES
 from lapo_fast.models import LatentPolicy
-from lapo_fast.stages.bc import cached_labels, train_bc
-from lapo_fast.stages.checkpoint import load_checkpoint
-from lapo_fast.stages.lam import load_lam, train_lam
-from lapo_fast.stages.ppo import RewardNormalizer, _update, gae, load_policy, prepare, train_ppo
+from lapo_fast.data import prepare_obs
+from lapo_fast.rundir import RunDir
+from lapo_fast.runtime.checkpoint import load_checkpoint
+from lapo_fast.stages.bc import train_bc
+from lapo_fast.stages.lam import train_lam
+from lapo_fast.stages.ppo import RewardNormalizer, _update, gae, train_ppo
 
 
 # -- PPO ----------------------------------------------------------------------------------------
@@ -80,7 +82,7 @@ def test_frozen_trunk_update_on_stored_features_equals_recomputing_them():
     twin = copy.deepcopy(policy)
     obs = torch.randint(0, 256, (32, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
-        feats = policy.features(prepare(obs))
+        feats = policy.features(prepare_obs(obs))
     actions, old_logp = torch.randint(0, 15, (32,)), -torch.rand(32) - 2
     adv, ret = torch.randn(32), torch.randn(32)
     outs = []
@@ -112,7 +114,7 @@ def bc_run(tmp_path_factory):
 
 def test_finetuning_trains_only_the_heads(bc_run, tmp_path):
     _, run = bc_run
-    start = load_policy(run, "bc")
+    start = RunDir(run).load_policy("bc")
     before = {k: v.clone() for k, v in start.state_dict().items()}
     cfg = resolve(PPOConfig, "smoke", {"env_steps": 128, "num_envs": 4, "rollout": 16})
     last = train_ppo(tmp_path, "starpilot", cfg, name="finetune", init=start, frozen_trunk=True, progress=False)
@@ -143,10 +145,10 @@ def test_bc_labels_are_the_frozen_idms_latents_and_are_cached(bc_run):
     data, run = bc_run
     ds = FrameDataset(data)
     stamp = (run / "bc" / "labels.npz").stat().st_mtime_ns
-    starts, latents, context = cached_labels(run, ds)
+    starts, latents, context = RunDir(run).load_labels(ds)
     assert (run / "bc" / "labels.npz").stat().st_mtime_ns == stamp  # loaded, not recomputed
     assert np.array_equal(starts, valid_starts(ds.episodes, context + 2))
-    idm = load_lam(run).idm
+    idm = RunDir(run).load_lam().idm
     for i in (0, 17, len(starts) - 1):
         window = normalize(torch.from_numpy(np.array(ds.cache()[starts[i]:starts[i] + context + 2][None])))
         with torch.no_grad():
@@ -189,13 +191,13 @@ def test_decoder_recovers_a_learnable_mapping_and_probe_reports_baselines():
 
 
 def test_decode_stage_sweeps_sizes_and_skips_done_ones(bc_run, capsys):
-    from lapo_fast.stages.decode import load_decoder, train_decoders
+    from lapo_fast.stages.decode import train_decoders
 
     data, run = bc_run
     cfg = resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10, "eval_episodes": 2})
     results = train_decoders(data, run, cfg, progress=False)
     assert sorted(results) == ["4", "8"] and all("mean_return" in r for r in results.values())
-    assert load_decoder(run, 8).net[-1].out_features == 15
+    assert RunDir(run).load_decoder(8).net[-1].out_features == 15
     assert train_decoders(data, run, cfg, progress=False) == results  # nothing redone
     with pytest.raises(ValueError, match="fewer than held_out"):
         train_decoders(data, run, resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10_000}))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lapo_fast.cli import main
-from lapo_fast.stages.checkpoint import latest_checkpoint
+from lapo_fast.runtime.checkpoint import latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_every_stage_wrote_its_results(smoke_run):
         assert latest_checkpoint(run / stage) is not None, stage
     assert (run / "data" / "train" / "manifest.json").exists() and (run / "data" / "test" / "manifest.json").exists()
     report = json.loads((run / "report.json").read_text())
-    assert report["stage1"]["test_fdm_loss"] is not None and report["stage1"]["test_fdm_loss_shuffled_latent"] is not None
+    assert report["stage1"]["test_fdm_loss"] is not None and report["stage1"]["test_fdm_loss_shuffled"] is not None
     assert report["stage1"]["probe"]["chance"] == pytest.approx(1 / 15)
     assert [e["labelled"] for e in report["decode"]] == [4, 8]
     assert set(report["eval"]) == {"demonstrator", "finetuned", "decoded (8 labels)"}

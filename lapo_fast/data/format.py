@@ -27,7 +27,6 @@ rewritten atomically after each shard, so an interrupted writer leaves a valid d
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,21 +97,6 @@ class Manifest:
     def frame_bytes(self) -> int:
         h, w, c = self.frame_shape
         return h * w * c
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def crc32(data) -> int:

@@ -19,6 +19,12 @@ def normalize(obs: torch.Tensor) -> torch.Tensor:
     return obs.permute(*range(obs.dim() - 3), -1, -3, -2).float().div_(255.0).sub_(0.5)
 
 
+def prepare_obs(obs: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> normalised float (N, C, H, W) in channels_last memory (the layout the
+    convolutions run fastest in), as the policies take them."""
+    return normalize(obs).contiguous(memory_format=torch.channels_last)
+
+
 class PrefetchLoader:
     """Yields dicts of torch tensors (obs uint8 (B, W, H, W, C) plus metadata), sampled on a
     background thread `prefetch` batches ahead; moved to `device` (non-blocking from pinned

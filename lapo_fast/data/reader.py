@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lapo_fast.runtime.files import atomic_write
+
 from .format import MANIFEST, DatasetError, Manifest, crc32, decompress
 
 
@@ -150,22 +152,23 @@ class FrameDataset:
         shape = (self.num_frames, *self.manifest.frame_shape)
         done = path.with_name(path.name + ".done")
         if not (path.exists() and done.exists() and done.read_text() == self.manifest.to_json()):
-            tmp = path.with_name(path.name + ".tmp")
-            mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape) if shape[0] else None
-            if mm is not None:
-                with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-                    list(pool.map(lambda i: self.decode_shard(
-                        i, mm[self.manifest.shards[i].first_frame:][:self.manifest.shards[i].frames]),
-                        range(len(self.manifest.shards))))
-                mm.flush()
-                del mm
-            else:
-                tmp.write_bytes(b"")
-            os.replace(tmp, path)
-            done.write_text(self.manifest.to_json())
+            atomic_write(path, lambda tmp: self._decode_all(tmp, shape, threads))
+            atomic_write(done, self.manifest.to_json())
         if shape[0] == 0:
             return np.zeros(shape, np.uint8)
         return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+
+    def _decode_all(self, path: Path, shape: tuple, threads: int | None) -> None:
+        if not shape[0]:
+            path.write_bytes(b"")
+            return
+        mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=shape)
+        shards = self.manifest.shards
+        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            list(pool.map(lambda i: self.decode_shard(i, mm[shards[i].first_frame:][:shards[i].frames]),
+                          range(len(shards))))
+        mm.flush()
+        del mm
 
     # -- checks --------------------------------------------------------------------------------
 

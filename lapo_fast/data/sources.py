@@ -3,25 +3,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHAPE
+from lapo_fast.runtime.acting import Actor, sample_actions
+
 from .format import DatasetError
 from .writer import DatasetWriter
 
-Policy = Callable[[np.ndarray], np.ndarray]  # obs (N, 64, 64, 3) uint8 -> actions (N,)
 
-
-def random_policy(num_actions: int = 15, seed: int = 0) -> Policy:
+def random_policy(num_actions: int = NUM_ACTIONS, seed: int = 0) -> Actor:
     rng = np.random.default_rng(seed)
     return lambda obs: rng.integers(0, num_actions, len(obs), dtype=np.int32)
 
 
-def checkpoint_policy(path, *, seed: int = 0, device: str = "cpu", greedy: bool = False) -> Policy:
+def checkpoint_policy(path, *, seed: int = 0, device: str = "cpu", greedy: bool = False) -> Actor:
     """A policy saved with torch.export (.pt2): module(obs uint8 (N, 64, 64, 3)) -> logits
-    (N, 15) float, sampled (or argmax with greedy=True), or actions (N,) int."""
+    (N, NUM_ACTIONS) float, sampled (or argmax with greedy=True), or actions (N,) int."""
     import torch
 
     path = Path(path)
@@ -37,16 +37,17 @@ def checkpoint_policy(path, *, seed: int = 0, device: str = "cpu", greedy: bool 
     def act(obs: np.ndarray) -> np.ndarray:
         out = module(torch.from_numpy(obs).to(device))
         if out.dtype.is_floating_point:
-            if tuple(out.shape) != (len(obs), 15):
-                raise DatasetError(f"{path}: policy returned logits of shape {tuple(out.shape)}, expected ({len(obs)}, 15)")
-            out = out.argmax(-1) if greedy else torch.multinomial(out.float().softmax(-1), 1, generator=gen)[:, 0]
+            if tuple(out.shape) != (len(obs), NUM_ACTIONS):
+                raise DatasetError(f"{path}: policy returned logits of shape {tuple(out.shape)}, "
+                                   f"expected ({len(obs)}, {NUM_ACTIONS})")
+            out = sample_actions(out, gen, greedy=greedy)
         return out.to(torch.int32).cpu().numpy()
 
     return act
 
 
-def collect(out_dir, env_name: str, policy: Policy, *, frames: int, num_envs: int = 64, seed: int = 0,
-            start_level: int = 0, num_levels: int = 0, distribution_mode: str = "easy",
+def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int = 64, seed: int = 0,
+            start_level: int = 0, num_levels: int = 0, distribution_mode: str = DEFAULT_DISTRIBUTION_MODE,
             policy_name: str = "random", progress: bool = True, codec: str = "lz4",
             shard_frames: int = 16384, resume: bool = True) -> Path:
     """Records whole episodes from `num_envs` parallel envs until `frames` frames are stored.
@@ -125,8 +126,8 @@ def import_lapo(src_dir, out_dir, *, codec: str = "lz4", progress: bool = True) 
                         "value": chunk["values"], "ep_return": chunk["ep_returns"]}
             except (KeyError, ValueError, OSError) as e:
                 raise DatasetError(f"{f}: not a LAPO data chunk ({e})") from e
-            if obs.dtype != np.uint8 or obs.shape[1:] != (64, 64, 3):
-                raise DatasetError(f"{f}: obs must be (N, 64, 64, 3) uint8, got {obs.dtype} {obs.shape}")
+            if obs.dtype != np.uint8 or obs.shape[1:] != OBS_SHAPE:
+                raise DatasetError(f"{f}: obs must be (N, {', '.join(map(str, OBS_SHAPE))}) uint8, got {obs.dtype} {obs.shape}")
             cols = {k: np.asarray(v).reshape(len(obs), -1)[:, 0] if np.ndim(v) > 1 else np.asarray(v) for k, v in cols.items()}
             cols["obs"] = obs
             for k, v in cols.items():
@@ -180,7 +181,7 @@ def _decode_video_dali(path: Path, size: int, device_id: int | None = 0) -> np.n
     return np.asarray(out.as_array()[0], dtype=np.uint8)
 
 
-def ingest_videos(paths, out_dir, *, size: int = 64, codec: str = "lz4", progress: bool = True,
+def ingest_videos(paths, out_dir, *, size: int = OBS_SHAPE[0], codec: str = "lz4", progress: bool = True,
                   decoder: str = "auto") -> Path:
     """Action-free video into a dataset: each video file (mp4/H.264, webm/VP9, anything FFmpeg
     reads) or folder of images (sorted by name) is one episode, resized to size x size.

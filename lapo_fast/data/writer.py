@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lapo_fast.envs.games import OBS_SHAPE
+from lapo_fast.runtime.files import atomic_write
+
 from .format import (
-    CODECS, MANIFEST, DatasetError, Manifest, ShardInfo, atomic_save_npy, atomic_write_bytes,
+    CODECS, MANIFEST, DatasetError, Manifest, ShardInfo,
     compress, crc32,
 )
 
@@ -23,7 +26,7 @@ class DatasetWriter:
     discarded.
     """
 
-    def __init__(self, directory, *, frame_shape=(64, 64, 3), codec: str = "lz4", chunk_frames: int = 256,
+    def __init__(self, directory, *, frame_shape=OBS_SHAPE, codec: str = "lz4", chunk_frames: int = 256,
                  shard_frames: int = 16384, source: dict | None = None, resume: bool = False,
                  level: int | None = None):
         if codec not in CODECS:
@@ -43,7 +46,7 @@ class DatasetWriter:
         else:
             self.manifest = Manifest(tuple(frame_shape), codec, chunk_frames, source=source or {})
         self._meta_keys = self.manifest.meta_keys if self.manifest.num_episodes else None
-        for stale in self.dir.glob("shards/*.tmp"):  # an interrupted shard: never committed
+        for stale in self.dir.glob("shards/.*.tmp*"):  # an interrupted shard: never committed
             stale.unlink()
         self._pending: list[np.ndarray] = []   # frames of the open shard
         self._pending_eps: list[tuple[int, int]] = []
@@ -101,17 +104,17 @@ class DatasetWriter:
             chunks.append(blob)
             offset += len(blob)
         data = b"".join(chunks)
-        atomic_save_npy(self.dir / f"{name}.idx.npy", np.array(index, dtype=np.int64))
-        atomic_save_npy(self.dir / f"{name}.episodes.npy", np.array(self._pending_eps, dtype=np.int64).reshape(-1, 2))
+        _save_npy(self.dir / f"{name}.idx.npy", np.array(index, dtype=np.int64))
+        _save_npy(self.dir / f"{name}.episodes.npy", np.array(self._pending_eps, dtype=np.int64).reshape(-1, 2))
         for k, parts in self._pending_meta.items():
-            atomic_save_npy(self.dir / f"{name}.{k}.npy", np.concatenate(parts))
-        atomic_write_bytes(self.dir / f"{name}.bin", data)
+            _save_npy(self.dir / f"{name}.{k}.npy", np.concatenate(parts))
+        atomic_write(self.dir / f"{name}.bin", data)
 
         m.shards.append(ShardInfo(f"{name}.bin", first, len(frames), len(data), crc32(data)))
         m.num_frames += len(frames)
         m.num_episodes += len(self._pending_eps)
         m.meta_keys = sorted(self._pending_meta)
-        atomic_write_bytes(self.dir / "manifest.json", m.to_json().encode())
+        atomic_write(self.dir / "manifest.json", m.to_json().encode())
         self._pending, self._pending_eps, self._pending_meta, self._pending_frames = [], [], {}, 0
 
     def close(self) -> None:
@@ -136,16 +139,20 @@ def _upgrade_v1(directory: Path, m: Manifest) -> None:
     for i, shard in enumerate(m.shards):
         ep_end = int(np.searchsorted(episodes[:, 0], shard.first_frame + shard.frames))
         base = directory / shard.file.replace(".bin", "")
-        atomic_save_npy(Path(f"{base}.episodes.npy"), episodes[ep_first:ep_end])
+        _save_npy(Path(f"{base}.episodes.npy"), episodes[ep_first:ep_end])
         for k, values in meta.items():
             part = (values[ep_first:ep_end] if k == "episode_return"
                     else values[shard.first_frame:shard.first_frame + shard.frames])
-            atomic_save_npy(Path(f"{base}.{k}.npy"), part)
+            _save_npy(Path(f"{base}.{k}.npy"), part)
         ep_first = ep_end
     m.version = 2
-    atomic_write_bytes(directory / "manifest.json", m.to_json().encode())
+    atomic_write(directory / "manifest.json", m.to_json().encode())
     (directory / "episodes.npy").unlink(missing_ok=True)
     for k in meta:
         (directory / "meta" / f"{k}.npy").unlink(missing_ok=True)
     if (directory / "meta").is_dir() and not any((directory / "meta").iterdir()):
         (directory / "meta").rmdir()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: np.save(tmp, array))

@@ -1,6 +1,7 @@
 """Procgen environments: the game table and the batched C++ engine."""
 
-from .games import GAMES, NUM_ACTIONS, OBS_SHAPE, modes_of
+from .games import ACTION_NAMES, DEFAULT_DISTRIBUTION_MODE, GAMES, NUM_ACTIONS, NOOP, OBS_SHAPE, modes_of
 from .procgen_vec import ProcgenVecEnv
 
-__all__ = ["GAMES", "NUM_ACTIONS", "OBS_SHAPE", "ProcgenVecEnv", "modes_of"]
+__all__ = ["ACTION_NAMES", "DEFAULT_DISTRIBUTION_MODE", "GAMES", "NOOP", "NUM_ACTIONS", "OBS_SHAPE", "ProcgenVecEnv",
+           "modes_of"]

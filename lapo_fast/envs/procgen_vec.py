@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .games import DISTRIBUTION_MODES, NUM_ACTIONS, OBS_SHAPE, check_game, check_mode
+from .games import DEFAULT_DISTRIBUTION_MODE, DISTRIBUTION_MODES, NUM_ACTIONS, OBS_SHAPE, check_game, check_mode
 
 ActionsLike = Any  # numpy or torch integer array of shape (num_envs,)
 
@@ -64,7 +64,7 @@ class ProcgenVecEnv:
         num_envs: int,
         *,
         seed: int | None = None,
-        distribution_mode: str = "hard",
+        distribution_mode: str = DEFAULT_DISTRIBUTION_MODE,
         num_levels: int = 0,
         start_level: int = 0,
         use_sequential_levels: bool = False,

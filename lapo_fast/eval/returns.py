@@ -1,32 +1,16 @@
 """Episode returns of a policy over many levels, and the paper's per-game normalisation.
 
 normalised = (R - R_random) / (R_expert - R_random): 0 is the uniform-random policy, 1 the
-expert that generated LAPO's data. Both tables are the LAPO paper's measurements (Procgen,
-easy mode): the random policy's mean return and the mean return in the expert data.
+expert that generated LAPO's data (the tables are game facts, in envs/games.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from lapo_fast.envs import ProcgenVecEnv
-from lapo_fast.envs.games import GAMES, check_game
-
-RANDOM_RETURN: dict[str, float] = {
-    "bigfish": 0.874, "bossfight": 0.046, "caveflyer": 2.597, "chaser": 0.663, "climber": 2.224,
-    "coinrun": 2.705, "dodgeball": 0.613, "fruitbot": -2.533, "heist": 3.076, "jumper": 3.411,
-    "leaper": 2.511, "maze": 4.273, "miner": 1.251, "ninja": 2.560, "plunder": 4.321, "starpilot": 1.525,
-}
-EXPERT_RETURN: dict[str, float] = {
-    "bigfish": 36.34, "bossfight": 11.63, "caveflyer": 9.18, "chaser": 9.96, "climber": 10.23,
-    "coinrun": 9.93, "dodgeball": 13.49, "fruitbot": 29.93, "heist": 9.69, "jumper": 8.46,
-    "leaper": 7.41, "maze": 9.97, "miner": 11.89, "ninja": 9.47, "plunder": 11.46, "starpilot": 66.99,
-}
-assert set(RANDOM_RETURN) == set(EXPERT_RETURN) == set(GAMES)
-
-ActFn = Callable[[np.ndarray], np.ndarray]  # obs (N, 64, 64, 3) uint8 -> actions (N,)
+from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, EXPERT_RETURN, RANDOM_RETURN, check_game
+from lapo_fast.runtime.acting import Actor
 
 
 def normalized_return(ret, game: str, *, low: float | None = None, high: float | None = None):
@@ -39,8 +23,8 @@ def normalized_return(ret, game: str, *, low: float | None = None, high: float |
     return (np.asarray(ret, np.float64) - low) / (high - low)
 
 
-def evaluate(act: ActFn, game: str, *, episodes: int, num_envs: int, seed: int,
-             distribution_mode: str = "easy", max_steps: int = 1_000_000) -> dict:
+def evaluate(act: Actor, game: str, *, episodes: int, num_envs: int, seed: int,
+             distribution_mode: str = DEFAULT_DISTRIBUTION_MODE, max_steps: int = 1_000_000) -> dict:
     """Mean return over `episodes` episodes on unseen, random levels. Every env contributes the
     same number of episodes (its first ones), so short episodes are not over-represented."""
     if episodes < 1 or num_envs < 1:

@@ -2,8 +2,8 @@
 
 from .fdm import UNetFDM
 from .impala import ImpalaEncoder
-from .lam import IDMOutput, LatentActionModel, LatentIDM, stack_frames
+from .lam import IDMOutput, LatentActionModel, LatentIDM, build_lam, stack_frames
 from .policy import ActionDecoder, LatentPolicy
 
 __all__ = ["ActionDecoder", "IDMOutput", "ImpalaEncoder", "LatentActionModel", "LatentIDM", "LatentPolicy",
-           "UNetFDM", "stack_frames"]
+           "UNetFDM", "build_lam", "stack_frames"]

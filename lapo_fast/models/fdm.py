@@ -47,17 +47,11 @@ class UNetFDM(nn.Module):
     can use from the first steps) and at the bottleneck. w=24 gives ~8M params.
 
     The output head sees the input frames themselves beside the decoder's features, as LAPO's
-    does, so copying what did not change need not pass through the U-Net (cpu preset, starpilot:
-    held-out FDM loss 0.0048 after 1,000 steps, against 0.0079 without).
+    does, so copying what did not change need not pass through the U-Net.
 
     `norm`: "batch" (BatchNorm, LAPO's) or "group" (GroupNorm). GroupNorm removes each sample's
-    mean and scale at every layer, so the U-Net's features lose the frame's palette; on starpilot
-    (cpu preset, random-policy data) the IDM then passes o_{t+1}'s colours through the latent:
-    another window's latent recolours the whole prediction. With BatchNorm the latent stops
-    carrying colours and the held-out FDM loss is lower (0.0049 against 0.0056 after 1,000 steps),
-    but the latent carried no more of the action there within 2,000 steps; on the toy game of
-    tests/test_stage_lam.py it carried less at batch 16 (probe 0.39 against 0.65) and enough at 32
-    (0.58).
+    mean and scale at every layer, so the features lose the frame's palette and the IDM may pass
+    o_{t+1}'s colours through the latent instead. docs/experiments.md has the runs behind both.
     """
 
     def __init__(self, in_channels: int, latent_dim: int = 128, width: int = 24, out_channels: int = 3,

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lapo_fast.envs.games import OBS_SHAPE
+
 
 class _Residual(nn.Module):
     def __init__(self, channels: int):
@@ -33,7 +35,7 @@ class ImpalaEncoder(nn.Module):
     """(B, C, 64, 64) float -> (B, features). `scale` multiplies the (16, 32, 32) channels (LAPO: 4)."""
 
     def __init__(self, in_channels: int, scale: int = 4, channels=(16, 32, 32), features: int = 256,
-                 image_size: int = 64):
+                 image_size: int = OBS_SHAPE[0]):
         super().__init__()
         stages, cin, size = [], in_channels, image_size
         for c in channels:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lapo_fast.envs.games import NUM_ACTIONS
 from lapo_fast.ops import VectorQuantizerEMA
 from lapo_fast.ops.vq_reference import perplexity_of
 
@@ -80,7 +81,7 @@ class LatentActionModel(nn.Module):
     TrueActionEmbedding, and forward needs the actions)."""
 
     def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
-                 fdm_width: int = 24, fdm_norm: str = "batch", fdm_action: str = "latent", num_actions: int = 15,
+                 fdm_width: int = 24, fdm_norm: str = "batch", fdm_action: str = "latent", num_actions: int = NUM_ACTIONS,
                  **idm_kwargs):
         super().__init__()
         if fdm_action not in FDM_ACTIONS:
@@ -99,3 +100,14 @@ class LatentActionModel(nn.Module):
         pred = self.fdm(stack_frames(window[:, :-1]), out.quantized)
         recon = F.mse_loss(pred, window[:, -1])
         return recon + out.vq_loss, recon, out, pred
+
+
+def build_lam(cfg) -> LatentActionModel:
+    """Stage 1's model from its config (a LAMConfig), in channels_last memory."""
+    return LatentActionModel(
+        frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_width=cfg.fdm_width, fdm_norm=cfg.fdm_norm,
+        fdm_action=cfg.fdm_action,
+        latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
+        codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
+        decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
+    ).to(memory_format=torch.channels_last)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lapo_fast.envs.games import NUM_ACTIONS
+
 from .impala import ImpalaEncoder
 
 
 class LatentPolicy(nn.Module):
     """pi(o_t): latent action (stage 2), plus a value and a true-action head (stage 3, PPO)."""
 
-    def __init__(self, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128, num_actions: int = 15):
+    def __init__(self, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128, num_actions: int = NUM_ACTIONS):
         super().__init__()
         self.trunk = ImpalaEncoder(channels, impala_scale)
         f = self.trunk.out_features
@@ -34,7 +36,7 @@ class LatentPolicy(nn.Module):
 class ActionDecoder(nn.Module):
     """Latent action -> true-action logits: an MLP (128, 128) trained on a few labelled transitions."""
 
-    def __init__(self, latent_dim: int = 128, num_actions: int = 15, hidden=(128, 128)):
+    def __init__(self, latent_dim: int = 128, num_actions: int = NUM_ACTIONS, hidden=(128, 128)):
         super().__init__()
         layers, cin = [], latent_dim
         for h in hidden:

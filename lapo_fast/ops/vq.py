@@ -225,9 +225,12 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
     counts, sums = reduce(counts, sums)
     perplexity = perplexity_of(counts)
     if spec.training:
-        G, K, d = codebook.shape
-        _C.vq_ema_update(counts.data_ptr(), sums.data_ptr(), ema_count.data_ptr(),
-                         ema_weight.data_ptr(), codebook.data_ptr(), G, K, d, spec.decay, spec.eps)
+        call = _C.VQCall()
+        call.counts, call.sums, call.codebook = counts.data_ptr(), sums.data_ptr(), codebook.data_ptr()
+        call.ema_count, call.ema_weight = ema_count.data_ptr(), ema_weight.data_ptr()
+        call.G, call.K, call.d = codebook.shape
+        call.decay, call.eps = spec.decay, spec.eps
+        _C.vq_ema_update(call)
     return q, idx, loss, perplexity
 
 
@@ -244,12 +247,18 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     idx = torch.empty(lay.indices_shape, dtype=torch.int64)
     counts = torch.empty(G, K) if keep_stats else None
     sums = torch.empty(G, K, d) if keep_stats and spec.training else None
-    sq_err, nonfinite, perplexity = _C.vq_forward(
-        xf.data_ptr(), out.data_ptr(), idx.data_ptr(), codebook.data_ptr(),
-        0 if counts is None else counts.data_ptr(), 0 if sums is None else sums.data_ptr(),
-        lay.batch, G, K, d, lay.L, *lay.strides(), spec.num_threads,
-        0 if ema is None else ema[0].data_ptr(), 0 if ema is None else ema[1].data_ptr(),
-        spec.decay, spec.eps)
+    call = _C.VQCall()
+    call.x, call.out, call.indices, call.codebook = xf.data_ptr(), out.data_ptr(), idx.data_ptr(), codebook.data_ptr()
+    if counts is not None:
+        call.counts = counts.data_ptr()
+    if sums is not None:
+        call.sums = sums.data_ptr()
+    if ema is not None:
+        call.ema_count, call.ema_weight = ema[0].data_ptr(), ema[1].data_ptr()
+    call.batch, call.G, call.K, call.d, call.L = lay.batch, G, K, d, lay.L
+    call.stride_b, call.stride_g, call.stride_k, call.stride_l = lay.strides()
+    call.num_threads, call.decay, call.eps = spec.num_threads, spec.decay, spec.eps
+    sq_err, nonfinite, perplexity = _C.vq_forward(call)
     if nonfinite:  # free to detect on the CPU, so always enforced there (check_finite is a CUDA knob)
         raise ValueError(_NONFINITE)
     if x.dtype != torch.float32:

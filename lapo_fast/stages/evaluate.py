@@ -10,46 +10,40 @@ Writes RUN/eval/results.json (a policy already evaluated with the same settings 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
-
-import torch
 
 from lapo_fast.config import EvalConfig
+from lapo_fast.envs.games import RANDOM_RETURN
 from lapo_fast.eval import evaluate, normalized_return
-from lapo_fast.eval.returns import RANDOM_RETURN
-from lapo_fast.stages.ppo import load_policy, policy_actor
-from lapo_fast.stages.runlog import write_json
+from lapo_fast.eval.actors import decoded_actor, policy_actor
+from lapo_fast.rundir import RunDir
+from lapo_fast.runtime import distributed
+from lapo_fast.runtime.files import read_json, write_json
 
-# (name in the report, subdirectory of the run) of the PPO-style policies a run may hold.
+# (name in the report, stage folder of the run) of the PPO-style policies a run may hold.
 PPO_POLICIES = (("demonstrator", "demo"), ("finetuned", "finetune"), ("scratch", "ppo"))
 
 
 def evaluate_run(run_dir, game: str, cfg: EvalConfig, *, progress: bool = True) -> dict:
-    run_dir = Path(run_dir)
-    out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    run = RunDir(run_dir)
+    run.stage("eval").mkdir(parents=True, exist_ok=True)
+    device = distributed.device(cfg.device)
+    path = run.results("eval")
+    results = read_json(path, {})
     settings = {**dataclasses.asdict(cfg), "game": game}
     if results.get("settings") != settings:
         results = {"settings": settings, "policies": {}}
 
     actors = {}
-    for name, sub in PPO_POLICIES:
-        if (run_dir / sub / "config.json").exists():
-            actors[name] = lambda sub=sub: policy_actor(load_policy(run_dir, sub), device=device, seed=cfg.seed,
-                                                        greedy=cfg.greedy)
-    decode_cfg = run_dir / "decode" / "config.json"
-    if decode_cfg.exists():
-        from lapo_fast.stages.decode import decoded_actor, load_decoder
-
-        deploy = json.loads(decode_cfg.read_text())["config"]["deploy"]
+    for name, stage in PPO_POLICIES:
+        if run.has(stage):
+            actors[name] = lambda stage=stage: policy_actor(run.load_policy(stage), device=device, seed=cfg.seed,
+                                                            greedy=cfg.greedy)
+    if run.has("decode"):
+        deploy = run.config("decode").deploy
         actors[f"decoded ({deploy} labels)"] = lambda: decoded_actor(
-            load_policy(run_dir, "bc"), load_decoder(run_dir, deploy), device=device, seed=cfg.seed, greedy=cfg.greedy)
+            run.load_policy("bc"), run.load_decoder(deploy), device=device, seed=cfg.seed, greedy=cfg.greedy)
     if not actors:
-        raise FileNotFoundError(f"{run_dir}: no policies to evaluate (train a stage first)")
+        raise FileNotFoundError(f"{run}: no policies to evaluate (train a stage first)")
 
     for name, make in actors.items():
         if name in results["policies"]:

@@ -26,18 +26,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from lapo_fast import __version__
-from lapo_fast.config import PPOConfig, save
-from lapo_fast.data import normalize
+from lapo_fast.config import PPOConfig
+from lapo_fast.data import prepare_obs
 from lapo_fast.envs import ProcgenVecEnv
 from lapo_fast.models import LatentPolicy
-from lapo_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, resume, save_checkpoint
-from lapo_fast.stages.distributed import autocast
-from lapo_fast.stages.runlog import RunLog
-
-
-def prepare(obs: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 64, 64, 3) -> normalised float (N, 3, 64, 64), channels_last (faster convs)."""
-    return normalize(obs).contiguous(memory_format=torch.channels_last)
+from lapo_fast.rundir import RunDir
+from lapo_fast.runtime import distributed
+from lapo_fast.runtime.acting import sample_actions
+from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint
+from lapo_fast.runtime.distributed import autocast
+from lapo_fast.runtime.runlog import RunLog
 
 
 class RewardNormalizer:
@@ -102,9 +100,10 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
               frozen_trunk: bool = False, stop_after: int | None = None, progress: bool = True) -> Path:
     """Trains (or resumes) PPO; returns the final checkpoint. `init` is the policy to start from
     (fine-tuning); `stop_after` ends this call after that many updates, as an interruption would."""
-    out = Path(run_dir) / name
+    run = RunDir(run_dir)
+    out = run.stage(name)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     policy = init if init is not None else LatentPolicy(impala_scale=cfg.impala_scale)
@@ -126,7 +125,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
         normalizer.load_state_dict(state["normalizer"])
         gen.manual_seed(cfg.seed + update)
     last = latest_checkpoint(out)
-    save(cfg, out / "config.json", versions={"lapo_fast": __version__, "torch": torch.__version__},
+    run.save_config(name, cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
          env=env_name, frozen_trunk=frozen_trunk, device=str(device))
 
     # Fresh envs on resume, seeded by the update so a resumed run does not replay its levels.
@@ -156,9 +155,9 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
             for t in range(T):
                 obs = torch.from_numpy(obs_np).to(device)
                 with autocast(device):
-                    feats = policy.features(prepare(obs))
+                    feats = policy.features(prepare_obs(obs))
                     logits, value = policy.act_value(feats)
-                a = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
+                a = sample_actions(logits, gen)
                 store[t] = feats.float() if frozen_trunk else obs
                 actions[t], values[t] = a, value.float()
                 logps[t] = F.log_softmax(logits.float(), -1).gather(1, a[:, None])[:, 0]
@@ -167,7 +166,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
                 rewards[t] = torch.from_numpy(np.asarray(r, np.float32)).to(device)
                 dones[t] = torch.from_numpy(done.astype(np.float32)).to(device)
                 finished += info["final_return"][done].tolist()
-            values[T] = policy.act_value(policy.features(prepare(torch.from_numpy(obs_np).to(device))))[1]
+            values[T] = policy.act_value(policy.features(prepare_obs(torch.from_numpy(obs_np).to(device))))[1]
             adv, ret = gae(rewards, values, dones, cfg.gamma, cfg.gae_lambda)
         t_rollout = time.perf_counter() - t0
 
@@ -207,7 +206,7 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
         for i in range(cfg.minibatches):
             idx = order[i * mb:(i + 1) * mb]
             with autocast(store.device):
-                feats = store[idx] if frozen else policy.features(prepare(store[idx]))
+                feats = store[idx] if frozen else policy.features(prepare_obs(store[idx]))
                 logits, value = policy.act_value(feats)
             logp_all = F.log_softmax(logits.float(), -1)
             logp = logp_all.gather(1, actions[idx, None])[:, 0]
@@ -229,33 +228,3 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
             n += 1
     return {k: v / n for k, v in totals.items()}
 
-
-def load_policy(run_dir, name: str) -> LatentPolicy:
-    """The latest policy of RUN/<name> (a PPO, fine-tuning or bc run), on the CPU, in eval mode."""
-    import json
-
-    out = Path(run_dir) / name
-    if not (out / "config.json").exists():
-        raise FileNotFoundError(f"{out}: no {name} run here")
-    saved = json.loads((out / "config.json").read_text())
-    last = latest_checkpoint(out)
-    if last is None:
-        raise FileNotFoundError(f"{out}: no checkpoint yet")
-    policy = LatentPolicy(impala_scale=saved["config"]["impala_scale"])
-    load_checkpoint(last, policy)
-    return policy.eval()
-
-
-def policy_actor(policy: LatentPolicy, *, device="cpu", seed: int = 0, greedy: bool = False):
-    """obs (N, 64, 64, 3) uint8 numpy -> actions (N,) from the true-action head."""
-    device = torch.device(device)
-    policy = policy.to(device).to(memory_format=torch.channels_last).eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        logits, _ = policy.act_value(policy.features(prepare(torch.from_numpy(obs).to(device))))
-        a = logits.argmax(-1) if greedy else torch.multinomial(F.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
-        return a.to(torch.int32).cpu().numpy()
-
-    return act

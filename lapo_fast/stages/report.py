@@ -6,19 +6,16 @@ scripts) and plots: stage-1 losses, fine-tuning vs PPO from scratch, the decoder
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from lapo_fast.stages.runlog import read_metrics, write_json
+from lapo_fast.envs.games import NUM_ACTIONS
+from lapo_fast.rundir import RunDir
+from lapo_fast.runtime.files import atomic_write, read_json, write_json
+from lapo_fast.runtime.runlog import read_metrics
 
 SCRATCH_RUNS = ("ppo", "demo")  # a PPO-from-scratch curve: a dedicated run, else the demonstrator's own
-
-
-def _json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _plt():
@@ -31,11 +28,9 @@ def _plt():
 
 
 def _save(fig, path: Path) -> str:
-    tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp)
+    atomic_write(path, fig.savefig)
     _plt().close(fig)
-    os.replace(tmp, path)
     return path.name
 
 
@@ -45,25 +40,26 @@ def _smooth(y: np.ndarray, k: int = 5) -> np.ndarray:
     return np.convolve(np.pad(y, (k // 2, k - 1 - k // 2), mode="edge"), np.ones(k) / k, mode="valid")
 
 
-def _curve(run_dir: Path, sub: str):
-    rows = [r for r in read_metrics(run_dir / sub) if r.get("episode_return") is not None]
+def _curve(run: RunDir, stage: str):
+    rows = [r for r in read_metrics(run.stage(stage)) if r.get("episode_return") is not None]
     return (np.array([r["env_steps"] for r in rows]), np.array([r["episode_return"] for r in rows])) if rows else None
 
 
 def write_report(run_dir) -> Path:
-    run = Path(run_dir)
-    if not run.is_dir():
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
         raise FileNotFoundError(f"{run}: no such run directory")
     plt = _plt()
-    report: dict = {"run": str(run), "timings_s": _json(run / "timings.json") or {}}
+    report: dict = {"run": str(run), "timings_s": read_json(run.timings, {})}
     plots: dict[str, str] = {}
 
-    lam = [r for r in read_metrics(run / "lam") if "fdm_loss" in r]
+    lam_log = read_metrics(run.stage("lam"))
+    lam = [r for r in lam_log if "fdm_loss" in r]
     if lam:
         last = lam[-1]
-        report["stage1"] = {k: last.get(k) for k in ("step", "fdm_loss", "test_fdm_loss", "test_fdm_loss_shuffled_latent",
+        report["stage1"] = {k: last.get(k) for k in ("step", "fdm_loss", "test_fdm_loss", "test_fdm_loss_shuffled",
                                                      "perplexity", "codebook0_codes_used", "steps_per_s")}
-        report["stage1"]["probe"] = _json(run / "lam" / "probe.json")
+        report["stage1"]["probe"] = read_json(run.probe)
         rows = lam
         fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
         ax.plot([r["step"] for r in rows], [r["fdm_loss"] for r in rows], label="train")
@@ -72,33 +68,33 @@ def write_report(run_dir) -> Path:
             ax.plot([r["step"] for r in test], [r["test_fdm_loss"] for r in test], label="held-out")
         ax.set(xlabel="step", ylabel="FDM loss (MSE)", yscale="log", title="Stage 1")
         ax.legend(loc="upper left")
-        probes = [r for r in read_metrics(run / "lam") if "probe_accuracy" in r]
+        probes = [r for r in lam_log if "probe_accuracy" in r]
         if probes:
             ax2 = ax.twinx()
             ax2.plot([r["step"] for r in probes], [r["probe_accuracy"] for r in probes], "o-", c="C2",
                      label="probe accuracy")
             ax2.axhline(probes[-1]["probe_chance"], ls=":", c="C2")
             ax2.set(ylabel="latent probe accuracy (dotted: chance)", ylim=(0, 1))
-        plots["stage1"] = _save(fig, run / "stage1.png")
+        plots["stage1"] = _save(fig, run.plot("stage1"))
 
-    bc = read_metrics(run / "bc")
+    bc = read_metrics(run.stage("bc"))
     if bc:
         report["stage2"] = {"step": bc[-1]["step"], "loss": bc[-1]["loss"], "samples_per_s": bc[-1].get("samples_per_s")}
 
-    decode = _json(run / "decode" / "results.json")
+    decode = read_json(run.results("decode"))
     if decode:
         report["decode"] = list(decode.values())
         sizes = [e["labelled"] for e in decode.values()]
         fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
         ax.plot(sizes, [e["accuracy"] for e in decode.values()], "o-", label="accuracy (held-out)")
-        ax.axhline(1 / 15, ls=":", c="gray", label="chance")
+        ax.axhline(1 / NUM_ACTIONS, ls=":", c="gray", label="chance")
         ax.set(xscale="log", xlabel="labelled transitions", ylabel="decoder accuracy", title="Offline decoding")
         if all("normalized" in e for e in decode.values()):
             ax2 = ax.twinx()
             ax2.plot(sizes, [e["mean_return"] for e in decode.values()], "s--", c="C1", label="return")
             ax2.set_ylabel("mean return of decoder(policy)")
         ax.legend(loc="upper left")
-        plots["decode"] = _save(fig, run / "decoder_sweep.png")
+        plots["decode"] = _save(fig, run.plot("decoder_sweep"))
 
     curves = {}
     finetune = _curve(run, "finetune")
@@ -115,7 +111,7 @@ def write_report(run_dir) -> Path:
             ax.plot(x, _smooth(y), label=label)
         ax.set(xlabel="env steps", ylabel="episode return", title="Online: fine-tuning vs scratch")
         ax.legend(fontsize=8)
-        plots["online"] = _save(fig, run / "online.png")
+        plots["online"] = _save(fig, run.plot("online"))
         report["online"] = {label: {"env_steps": int(x[-1]), "final_return": float(np.mean(y[-5:]))}
                             for label, (x, y) in curves.items()}
         shortest = min(x[-1] for x, _ in curves.values())  # equal env steps: read each curve there
@@ -123,22 +119,18 @@ def write_report(run_dir) -> Path:
             k = int(np.searchsorted(x, shortest, "right"))
             report["online"][label]["return_at_equal_steps"] = float(np.mean(y[max(0, k - 5):k]))
 
-    ev = _json(run / "eval" / "results.json")
+    ev = read_json(run.results("eval"))
     if ev:
         report["eval"] = {k: {m: v.get(m) for m in ("mean_return", "stderr", "episodes", "normalized",
                                                      "normalized_to_demonstrator")}
                           for k, v in ev["policies"].items()}
         report["eval_settings"] = ev["settings"]
-    if (run / "umap" / "umap.png").exists():
-        plots["umap"] = "umap/umap.png"
+    if run.umap_plot.exists():
+        plots["umap"] = str(run.umap_plot.relative_to(run.path))
     report["plots"] = plots
 
-    write_json(run / "report.json", report)
-    md = _markdown(report)
-    tmp = run / "report.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, run / "report.md")
-    return run / "report.md"
+    write_json(run.report("json"), report)
+    return atomic_write(run.report("md"), _markdown(report))
 
 
 def _fmt(v, digits=3) -> str:
@@ -160,10 +152,10 @@ def _markdown(r: dict) -> str:
         lines += ["## Stage 1: latent action model", "",
                   f"step {s['step']}: FDM loss {_fmt(s['fdm_loss'], 5)} (held-out {_fmt(s['test_fdm_loss'], 5)}), "
                   f"perplexity {_fmt(s['perplexity'], 1)}, codebook-0 codes used per batch {s['codebook0_codes_used']}.", ""]
-        if s.get("test_fdm_loss_shuffled_latent") is not None:
-            lines += [f"Held-out FDM loss with each window given another window's latent action: "
-                      f"{_fmt(s['test_fdm_loss_shuffled_latent'], 5)} (vs {_fmt(s['test_fdm_loss'], 5)} with its own): "
-                      "the gap is what the latent action tells the world model.", ""]
+        if s.get("test_fdm_loss_shuffled") is not None:
+            lines += [f"Held-out FDM loss with each window given another window's action: "
+                      f"{_fmt(s['test_fdm_loss_shuffled'], 5)} (vs {_fmt(s['test_fdm_loss'], 5)} with its own): "
+                      "the gap is what the action tells the world model.", ""]
         if s.get("probe"):
             p = s["probe"]
             lines += [f"Latent probe: a decoder from {p['labelled']} labelled transitions predicts the true action of "

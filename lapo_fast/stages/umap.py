@@ -8,29 +8,27 @@ Writes RUN/umap/umap.png and umap.npz (the 2-D points and their true actions).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lapo_fast.data import FrameDataset, valid_starts
-from lapo_fast.stages.lam import idm_latents, lam_config, load_lam
-
-# procgen's 15 buttons, in action-index order.
-ACTION_NAMES = ("LEFT-DOWN", "LEFT", "LEFT-UP", "DOWN", "NOOP", "UP", "RIGHT-DOWN", "RIGHT", "RIGHT-UP",
-                "D", "A", "W", "S", "Q", "E")
-NOOP = ACTION_NAMES.index("NOOP")
+from lapo_fast.envs.games import ACTION_NAMES, NOOP
+from lapo_fast.eval.latents import idm_latents
+from lapo_fast.rundir import RunDir
+from lapo_fast.runtime import distributed
+from lapo_fast.runtime.files import atomic_write
 
 
 def project_latents(data_dir, run_dir, *, points: int = 5_000, seed: int = 0, device: str = "") -> Path:
     ds = FrameDataset(data_dir)
     if "action" not in ds.manifest.meta_keys:
         raise ValueError(f"{data_dir} has no true actions to colour the latent space by")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lam_cfg = lam_config(run_dir)
+    device = distributed.device(device)
+    run = RunDir(run_dir)
+    lam_cfg = run.config("lam")
     context = lam_cfg.context
-    idm = load_lam(run_dir, lam_cfg).idm.to(device)
+    idm = run.load_lam(lam_cfg).idm.to(device)
     starts = valid_starts(ds.episodes, context + 2)
     actions = np.asarray(ds.meta("action"))[starts + context]
     starts = starts[actions != NOOP]
@@ -43,12 +41,9 @@ def project_latents(data_dir, run_dir, *, points: int = 5_000, seed: int = 0, de
     import umap  # umap-learn
 
     xy = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(latents)
-    out = Path(run_dir) / "umap"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "umap.tmp.npz"
-    np.savez(tmp, xy=xy, actions=actions, starts=starts)
-    os.replace(tmp, out / "umap.npz")
-    return plot_umap(xy, actions, out / "umap.png")
+    run.umap_points.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(run.umap_points, lambda tmp: np.savez(tmp, xy=xy, actions=actions, starts=starts))
+    return plot_umap(xy, actions, run.umap_plot)
 
 
 def plot_umap(xy: np.ndarray, actions: np.ndarray, path: Path) -> Path:
@@ -67,8 +62,6 @@ def plot_umap(xy: np.ndarray, actions: np.ndarray, path: Path) -> Path:
     ax.set_yticks([])
     ax.legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, fig.savefig)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

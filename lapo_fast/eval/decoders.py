@@ -1,5 +1,5 @@
-"""Latent probes: how much of the true action a latent carries, measured by training LAPO's small
-decoder MLP on a few labelled transitions and scoring it on held-out ones."""
+"""Decoders from latent to true actions (stage 3a's, and the probes of how much of the true action
+a latent carries): LAPO's small MLP trained on a few labelled transitions, scored on held-out ones."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from lapo_fast.envs.games import NUM_ACTIONS
 from lapo_fast.models import ActionDecoder
 
 
 def fit_decoder(latents: np.ndarray, actions: np.ndarray, *, steps: int = 1_000, lr: float = 1e-3,
-                weight_decay: float = 1e-4, num_actions: int = 15, seed: int = 0) -> ActionDecoder:
+                weight_decay: float = 1e-4, num_actions: int = NUM_ACTIONS, seed: int = 0) -> ActionDecoder:
     """An ActionDecoder trained full-batch with Adam on (latent, true action) pairs."""
     if len(latents) != len(actions) or len(latents) == 0:
         raise ValueError(f"need as many actions as latents (got {len(latents)} and {len(actions)}), at least one")
@@ -36,7 +37,7 @@ def accuracy(decoder: ActionDecoder, latents: np.ndarray, actions: np.ndarray) -
 
 
 def probe(latents: np.ndarray, actions: np.ndarray, *, labelled: int = 256, held_out: int = 2_000,
-          steps: int = 1_000, seed: int = 0, num_actions: int = 15) -> dict:
+          steps: int = 1_000, seed: int = 0, num_actions: int = NUM_ACTIONS) -> dict:
     """Decoder from `labelled` random transitions, accuracy on `held_out` others, beside chance
     (1 / actions) and the majority class of the held-out set (what a constant guess scores)."""
     n = len(latents)

@@ -1,11 +1,7 @@
-"""`lapo-fast train`: the whole method on one game, every stage in order, in one run directory.
-
-    RUN/demo       PPO demonstrator (when no demonstrator or dataset is given); also the
-                   from-scratch baseline the fine-tuning is compared with, at equal env steps
-    RUN/data/train, RUN/data/test   observation-only datasets recorded from the demonstrator
-    RUN/lam        stage 1        RUN/bc      stage 2         RUN/decode   stage 3a
-    RUN/finetune   stage 3b       RUN/eval    returns         RUN/umap     latent space
-    RUN/report.md, report.json, *.png
+"""`lapo-fast train`: the whole method on one game, every stage in order, in one run directory
+(its layout: lapo_fast/rundir.py). A demonstrator (given, shipped, or PPO from scratch, which is
+then also the from-scratch baseline), datasets recorded from it, stages 1, 2, 3a and 3b, PPO from
+scratch at equal env steps when no demonstrator was trained here, evaluation, UMAP and the report.
 
 Every stage resumes or skips what it has finished, so rerunning the command continues a run.
 """
@@ -13,15 +9,15 @@ Every stage resumes or skips what it has finished, so rerunning the command cont
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from lapo_fast.config import save
 from lapo_fast.envs.games import check_game
-from lapo_fast.stages.runlog import write_json
+from lapo_fast.rundir import RunDir
+from lapo_fast.runtime.files import read_json, write_json
 
-SHIPPED = Path(__file__).resolve().parent.parent / "demonstrators"  # <game>.pt2, torch.export policies
+SHIPPED = Path(__file__).resolve().parent / "demonstrators"  # <game>.pt2, torch.export policies
 
 
 def shipped_demonstrator(game: str) -> Path | None:
@@ -32,9 +28,9 @@ def shipped_demonstrator(game: str) -> Path | None:
 class _Timer:
     """Adds each stage's wall time to RUN/timings.json (accumulated over resumed calls)."""
 
-    def __init__(self, run: Path):
-        self.path = run / "timings.json"
-        self.times = json.loads(self.path.read_text()) if self.path.exists() else {}
+    def __init__(self, run: RunDir):
+        self.path = run.timings
+        self.times = read_json(self.path, {})
 
     def __call__(self, stage: str, fn, *args, **kwargs):
         print(f"== {stage}")
@@ -49,19 +45,20 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
             progress: bool = True) -> Path:
     """Runs (or continues) every stage; returns the report's path. `cfgs` is resolve_run's output."""
     from lapo_fast.data import checkpoint_policy, collect
+    from lapo_fast.eval.actors import policy_actor
     from lapo_fast.stages.bc import train_bc
     from lapo_fast.stages.decode import train_decoders
     from lapo_fast.stages.evaluate import evaluate_run
     from lapo_fast.stages.lam import train_lam
-    from lapo_fast.stages.ppo import load_policy, policy_actor, train_ppo
+    from lapo_fast.stages.ppo import train_ppo
     from lapo_fast.stages.report import write_report
     from lapo_fast.stages.umap import project_latents
 
     check_game(game)
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
     for stage, cfg in cfgs.items():
-        save(cfg, run / f"config.{stage}.json", preset=preset, game=game)
+        save(cfg, run.run_config_path(stage), preset=preset, game=game)
     timer = _Timer(run)
     dcfg = cfgs["data"]
 
@@ -76,12 +73,12 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
             print(f"train: no demonstrator given or shipped for {game}: training one with PPO from scratch "
                   f"for {steps:,} env steps (RUN/demo; it is also the from-scratch baseline)")
             timer("demonstrator (PPO)", train_ppo, run, game, cfgs["demo"], name="demo", progress=progress)
-            act = policy_actor(load_policy(run, "demo"), seed=dcfg.seed)
+            act = policy_actor(run.load_policy("demo"), seed=dcfg.seed)
             policy_name = "ppo demonstrator (RUN/demo)"
         else:
             act = checkpoint_policy(demonstrator, seed=dcfg.seed)
             policy_name = str(demonstrator)
-        data, test_data = run / "data" / "train", run / "data" / "test"
+        data, test_data = run.data("train"), run.data("test")
         for path, frames, seed in ((data, dcfg.frames, dcfg.seed), (test_data, dcfg.test_frames, dcfg.seed + 10_000)):
             timer(f"collect {path.name}", collect, path, game, act, frames=frames, num_envs=dcfg.num_envs, seed=seed,
                   distribution_mode=dcfg.distribution_mode, policy_name=policy_name, progress=progress)
@@ -90,13 +87,13 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
     timer("stage 2 (bc)", train_bc, data, run, cfgs["bc"], progress=progress)
     timer("stage 3a (decode)", train_decoders, data, run, cfgs["decode"], env_name=game, progress=progress)
     timer("stage 3b (finetune)", train_ppo, run, game, cfgs["finetune"], name="finetune",
-          init=load_policy(run, "bc"), frozen_trunk=True, progress=progress)
-    if not (run / "demo" / "config.json").exists():
+          init=run.load_policy("bc"), frozen_trunk=True, progress=progress)
+    if not run.has("demo"):
         # No demonstrator trained here: PPO from scratch at the fine-tuning's env steps, as the baseline.
         scratch = dataclasses.replace(cfgs["finetune"], impala_scale=cfgs["bc"].impala_scale)  # same network
         timer("PPO from scratch", train_ppo, run, game, scratch, name="ppo", progress=progress)
     timer("eval", evaluate_run, run, game, cfgs["eval"], progress=progress)
-    if not (run / "umap" / "umap.png").exists():
+    if not run.umap_plot.exists():
         timer("umap", project_latents, data, run)
     report = write_report(run)
     print(f"train: report at {report}")

@@ -36,6 +36,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def device(requested: str = "") -> torch.device:
+    """The one device choice: `requested` (e.g. "cpu", "cuda:1") if given, else this rank's GPU
+    when CUDA is available, else the CPU."""
     if requested:
         return torch.device(requested)
     if torch.cuda.is_available():

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from .files import atomic_write
 
 
 class RunLog:
@@ -30,9 +31,7 @@ class RunLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get(key, 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict, step_key: str = "step") -> None:
         if not self.enabled:
@@ -56,10 +55,3 @@ def read_metrics(directory: Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
-
-def write_json(path: Path, payload) -> None:
-    """Writes JSON atomically: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)

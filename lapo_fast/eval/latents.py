@@ -1,0 +1,41 @@
+"""What a trained IDM says about a dataset: its latent action for any window, and the probe of
+how much of the true action that latent carries."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lapo_fast.data import WindowSampler, normalize
+
+from .decoders import probe
+
+
+@torch.no_grad()
+def idm_latents(idm, frames: np.ndarray, starts: np.ndarray, context: int, *, batch: int = 512, device="cpu",
+                progress: bool = False) -> np.ndarray:
+    """The IDM's pre-quantisation latent (float32) of the window beginning at each of `starts`
+    (o_{t-k}..o_t, o_{t+1} with t = start + context), in eval mode."""
+    from tqdm import tqdm
+
+    offsets = np.arange(context + 2)
+    was_training = idm.training
+    idm.eval()
+    out = np.empty((len(starts), idm.head.out_features), np.float32)
+    for i in tqdm(range(0, len(starts), batch), disable=not progress, desc="idm latents", unit="batch"):
+        idx = np.asarray(starts[i:i + batch])[:, None] + offsets
+        window = normalize(torch.from_numpy(np.asarray(frames[idx])).to(device))
+        out[i:i + len(idx)] = idm(window).latent.float().cpu().numpy()
+    idm.train(was_training)
+    return out
+
+
+def latent_probe(idm, sampler: WindowSampler, actions: np.ndarray, device, *, labelled: int = 256,
+                 held_out: int = 2_000, seed: int = 0) -> dict:
+    """Stage 1's probe: does the latent carry the true action? A decoder from `labelled`
+    transitions, scored on `held_out` others (LAPO's offline decoding, on the IDM itself)."""
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(sampler.starts, min(len(sampler.starts), labelled + held_out), replace=False)
+    context = sampler.window - 2
+    latents = idm_latents(idm, sampler.frames, starts, context, device=device)
+    return probe(latents, np.asarray(actions)[starts + context], labelled=labelled, held_out=held_out, seed=seed)

@@ -1,0 +1,178 @@
+"""The run directory: the one owner of its layout. Stages and the CLI ask a RunDir where things
+are and load what earlier stages made; no other module spells a run-directory file name.
+
+    RUN/config.<stage>.json       `train`'s resolved config of each stage, with the preset
+    RUN/timings.json              wall time per stage (`train`)
+    RUN/data/{train,test}         datasets `train` recorded
+    RUN/<stage>/                  one folder per stage: demo, lam, bc, decode, finetune, ppo, eval, umap
+        config.json               the stage's resolved config (typed: config.load), versions, data
+        metrics.jsonl, tb/        run log (runtime/runlog.py)
+        step-XXXXXXXX/            checkpoints (runtime/checkpoint.py)
+    RUN/lam/probe.json            stage 1's final latent probe
+    RUN/bc/labels.npz             the frozen IDM's latent of every window (stage 2's targets)
+    RUN/decode/decoder-N.safetensors, results.json
+    RUN/eval/results.json         RUN/umap/umap.{png,npz}
+    RUN/report.{md,json}, RUN/<plot>.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, LAMConfig, PPOConfig
+from lapo_fast.config import load as load_config
+from lapo_fast.config import save as save_config
+from lapo_fast.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from lapo_fast.runtime.files import atomic_write
+
+# The config type of each stage folder; any other name (demo, ppo, a --name) is a PPO run.
+_STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
+
+
+class RunDir:
+    """One run directory: the path of everything in it (the layout above) and the loaders of what
+    its stages made. Accepted wherever a path is (os.PathLike)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.timings = self.path / "timings.json"            # wall time per stage (`train`)
+        self.probe = self.stage("lam") / "probe.json"        # stage 1's final latent probe
+        self.labels = self.stage("bc") / "labels.npz"        # stage 2's cached IDM latents
+        self.umap_points = self.stage("umap") / "umap.npz"
+        self.umap_plot = self.stage("umap") / "umap.png"
+
+    def __fspath__(self) -> str:  # a RunDir goes wherever a path does
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- where things are ------------------------------------------------------------------------
+
+    def stage(self, name: str) -> Path:
+        """RUN/<name>: a stage's folder (config, run log, checkpoints, results)."""
+        return self.path / name
+
+    def data(self, split: str) -> Path:
+        """RUN/data/<split>: a dataset `train` recorded ("train" or "test")."""
+        return self.path / "data" / split
+
+    def config_path(self, stage: str) -> Path:
+        return self.stage(stage) / "config.json"
+
+    def run_config_path(self, stage: str) -> Path:
+        """`train`'s record of a stage's config (written before the stage runs)."""
+        return self.path / f"config.{stage}.json"
+
+    def decoder(self, labelled: int) -> Path:
+        return self.stage("decode") / f"decoder-{labelled}.safetensors"
+
+    def results(self, stage: str) -> Path:
+        """results.json of decode or eval."""
+        return self.stage(stage) / "results.json"
+
+    def plot(self, name: str) -> Path:
+        return self.path / f"{name}.png"
+
+    def report(self, suffix: str) -> Path:
+        """report.md or report.json."""
+        return self.path / f"report.{suffix}"
+
+    # -- what earlier stages made ----------------------------------------------------------------
+
+    def has(self, stage: str) -> bool:
+        """Whether a stage has started here (its config is saved)."""
+        return self.config_path(stage).exists()
+
+    def save_config(self, stage: str, cfg, **extra) -> None:
+        self.stage(stage).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.config_path(stage), **extra)
+
+    def config(self, stage: str):
+        """The typed config a stage of this run was trained with."""
+        path = self.config_path(stage)
+        if not path.exists():
+            raise FileNotFoundError(f"{path.parent}: no {stage} run here (run `lapo-fast {_command(stage)}` first)")
+        return load_config(_STAGE_CONFIG.get(stage, PPOConfig), path)
+
+    def latest_checkpoint(self, stage: str) -> Path | None:
+        return latest_checkpoint(self.stage(stage))
+
+    def checkpoint_step(self, stage: str) -> int:
+        """The step of a stage's latest checkpoint, -1 when it has none."""
+        last = self.latest_checkpoint(stage)
+        return int(last.name.split("-")[1]) if last is not None else -1
+
+    def _load(self, stage: str, model):
+        last = self.latest_checkpoint(stage)
+        if last is None:
+            raise FileNotFoundError(f"{self.stage(stage)}: no checkpoint yet")
+        load_checkpoint(last, model)
+        return model.eval()
+
+    def load_lam(self, cfg: LAMConfig | None = None):
+        """The trained stage-1 model (its saved config unless one is given), in eval mode."""
+        from lapo_fast.models.lam import build_lam
+
+        cfg = cfg or self.config("lam")
+        if cfg.fdm_action != "latent":
+            raise ValueError(f"{self.stage('lam')}: trained with fdm_action={cfg.fdm_action!r} (the ablation without "
+                             "an IDM); stages 2-3 need a stage 1 trained with fdm_action='latent'")
+        return self._load("lam", build_lam(cfg))
+
+    def load_policy(self, stage: str):
+        """The latest policy of RUN/<stage> (bc, finetune, ppo, demo), on the CPU, in eval mode."""
+        from lapo_fast.models import LatentPolicy
+
+        return self._load(stage, LatentPolicy(impala_scale=self.config(stage).impala_scale))
+
+    def load_labels(self, ds, *, batch: int = 512, device="cpu", progress: bool = True):
+        """(starts, latents, context) of stage 2: for every window inside an episode of `ds`, its
+        first frame and the frozen IDM's pre-quantisation latent; the policy's input is frame
+        start + context. Computed once and saved; recomputed when the dataset or the stage-1
+        checkpoint changed."""
+        from lapo_fast.data import valid_starts
+        from lapo_fast.eval.latents import idm_latents
+
+        lam_cfg = self.config("lam")
+        context, lam_step = lam_cfg.context, self.checkpoint_step("lam")
+        if self.labels.exists():
+            blob = np.load(self.labels)
+            if blob["num_frames"] == ds.num_frames and blob["lam_step"] == lam_step:
+                return blob["starts"], blob["latents"], context
+            print(f"bc: {self.labels} is stale (dataset or stage-1 checkpoint changed); recomputing")
+        starts = valid_starts(ds.episodes, context + 2)
+        idm = self.load_lam(lam_cfg).idm.to(device)
+        latents = idm_latents(idm, ds.cache(), starts, context, batch=batch, device=device, progress=progress)
+        self.labels.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.labels, lambda tmp: np.savez(tmp, starts=starts, latents=latents, num_frames=ds.num_frames,
+                                                       lam_step=lam_step))
+        return starts, latents, context
+
+    def save_decoder(self, labelled: int, decoder) -> None:
+        from safetensors.torch import save_file
+
+        atomic_write(self.decoder(labelled), lambda tmp: save_file(decoder.state_dict(), str(tmp)))
+
+    def load_decoder(self, labelled: int):
+        from safetensors.torch import load_file
+
+        from lapo_fast.models import ActionDecoder
+
+        path = self.decoder(labelled)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no decoder trained on {labelled} labelled transitions "
+                                    "(run `lapo-fast decode`)")
+        weights = load_file(str(path))
+        decoder = ActionDecoder(weights["net.0.weight"].shape[1], weights[f"net.{len(weights) - 2}.weight"].shape[0])
+        decoder.load_state_dict(weights)
+        return decoder.eval()
+
+
+def _command(stage: str) -> str:
+    return {"demo": "ppo --name demo"}.get(stage, stage)

@@ -1,0 +1,78 @@
+"""Infrastructure: the one atomic writer, the run directory's owner, config help texts."""
+
+from dataclasses import fields
+
+import numpy as np
+import pytest
+
+from lapo_fast.cli import build_parser
+from lapo_fast.config import PRESETS, STAGE_CONFIGS, LAMConfig, resolve
+from lapo_fast.rundir import RunDir
+from lapo_fast.runtime.files import atomic_write, read_json, write_json
+
+
+def test_atomic_write_replaces_whole_and_cleans_up_on_failure(tmp_path):
+    path = tmp_path / "a.json"
+    write_json(path, {"v": 1})
+    assert read_json(path) == {"v": 1}
+
+    def fails(tmp):
+        tmp.write_text('{"v": 2, "half')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fails)
+    assert read_json(path) == {"v": 1}                   # the old file, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary left behind
+
+    atomic_write(tmp_path / "x.npy", lambda tmp: np.save(tmp, np.arange(3)))  # writers that add suffixes
+    assert np.load(tmp_path / "x.npy").tolist() == [0, 1, 2]
+
+
+def test_atomic_write_of_a_directory_replaces_the_old_one(tmp_path):
+    def folder(files):
+        def write(tmp):
+            tmp.mkdir()
+            for name in files:
+                (tmp / name).write_text(name)
+        return write
+
+    atomic_write(tmp_path / "ckpt", folder(["a", "b"]))
+    atomic_write(tmp_path / "ckpt", folder(["c"]))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["c"]
+
+
+def test_read_json_names_a_damaged_file(tmp_path):
+    (tmp_path / "state.json").write_text('{"step": 1')
+    with pytest.raises(ValueError, match="state.json: not valid JSON"):
+        read_json(tmp_path / "state.json")
+
+
+def test_rundir_loads_typed_configs_and_says_what_to_run_first(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no lam run here .*lapo-fast lam"):
+        run.config("lam")
+    cfg = resolve(LAMConfig, "smoke")
+    run.save_config("lam", cfg, data="somewhere")
+    assert run.has("lam") and run.config("lam") == cfg
+    with pytest.raises(FileNotFoundError, match="no checkpoint yet"):
+        run.load_lam()
+    assert str(run) == str(tmp_path) and (tmp_path / "x").parent == tmp_path  # a path wherever one goes
+    assert RunDir(run).path == tmp_path
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def test_every_config_field_has_help_printed_with_each_preset(stage, capsys):
+    cls = STAGE_CONFIGS[stage]
+    for f in fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    command = {"demo": "ppo", "data": None}.get(stage, stage)
+    if command is None:  # DataConfig is `train`'s alone (--set data.frames=...)
+        return
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in fields(cls):
+        assert f.metadata["help"].split()[0] in out
+    if cls is LAMConfig:  # a field whose presets differ shows each preset's value
+        assert "optimiser steps (" + "; ".join(f"{p} {resolve(cls, p).steps!r}" for p in PRESETS) + ")" in out
