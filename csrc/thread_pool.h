@@ -11,8 +11,11 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 namespace lapo {
 
@@ -22,11 +25,21 @@ class ThreadPool {
   // the condition variable. Waking a sleeping thread can cost more than a whole small VQ call; a
   // short spin keeps back-to-back calls from paying it, and bounds what an idle pool burns.
   explicit ThreadPool(int num_threads, std::chrono::microseconds spin = std::chrono::microseconds(0))
-      : spin_(spin) {
+      : spin_(spin), owner_(getpid()) {
     for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
   }
 
   ~ThreadPool() {
+    if (forked()) {
+      // A fork's child has none of the workers, and its copies of the mutex and condition
+      // variables still count the parent's waiters: joining or destroying them would hang. The
+      // thread handles are left behind and the primitives made fresh (the child's memory goes with it).
+      new std::vector<std::thread>(std::move(workers_));
+      new (&mutex_) std::mutex();
+      new (&start_cv_) std::condition_variable();
+      new (&done_cv_) std::condition_variable();
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_.store(true);
@@ -43,7 +56,7 @@ class ThreadPool {
   // Runs fn(i) for i in [0, n). Rethrows the first exception a task threw, after all finish.
   void parallel_for(int n, const std::function<void(int)>& fn) {
     if (n <= 0) return;
-    if (workers_.empty() || n == 1) {
+    if (workers_.empty() || n == 1 || forked()) {  // in a fork's child the caller works alone
       for (int i = 0; i < n; ++i) fn(i);
       return;
     }
@@ -68,6 +81,8 @@ class ThreadPool {
   }
 
  private:
+  bool forked() const { return getpid() != owner_; }
+
   template <typename Ready>
   bool spin_until(Ready ready) const {
     if (ready()) return true;
@@ -117,6 +132,7 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
   const std::chrono::microseconds spin_;
+  const pid_t owner_;  // the process whose threads these are
   std::mutex mutex_;
   std::condition_variable start_cv_, done_cv_;
   const std::function<void(int)>* task_ = nullptr;
