@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from . import __version__
@@ -65,7 +66,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     elif args.data_command == "verify":
         info = FrameDataset(args.dir).verify()
         print(f"ok: {args.dir}: {info['frames']} frames in {info['episodes']} episodes, "
-              f"{info['shards']} shards, {info['bytes_per_frame']:.0f} B/frame, all checksums match")
+              f"{info['shards']} shards, {info['bytes_per_frame']:.0f} B/frame, all checksums match; "
+              f"decoded cache: {info['cache']}")
     elif args.data_command == "import-lapo":
         for out in import_lapo(args.dir, args.out, codec=args.codec):
             print(f"wrote {out}")
@@ -247,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, DatasetError, FileNotFoundError) as e:
         parser.exit(2, f"lapo-fast: error: {e}\n")
+    except OSError as e:  # a full disk, a read-only folder, a permission: one line, naming the file
+        hint = " (the disk is full: free space or choose another --out; what was committed is kept)" \
+            if e.errno == errno.ENOSPC else ""
+        parser.exit(2, f"lapo-fast: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}{hint}\n")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class _Timer:
 def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, data=None, test_data=None,
             progress: bool = True) -> Path:
     """Runs (or continues) every stage; returns the report's path. `cfgs` is resolve_run's output."""
-    from lapo_fast.data import checkpoint_policy, collect
+    from lapo_fast.data import FrameDataset, checkpoint_policy, collect
     from lapo_fast.eval.actors import policy_actor
     from lapo_fast.stages.bc import train_bc
     from lapo_fast.stages.decode import train_decoders
@@ -56,7 +56,7 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
 
     check_game(game)
     run = RunDir(run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.claim(game=game, data=None if data is None else FrameDataset(data))
     for stage, cfg in cfgs.items():
         save(cfg, run.run_config_path(stage), preset=preset, game=game)
     timer = _Timer(run)

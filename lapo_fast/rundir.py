@@ -1,6 +1,7 @@
 """The run directory: the one owner of its layout. Stages and the CLI ask a RunDir where things
 are and load what earlier stages made; no other module spells a run-directory file name.
 
+    RUN/run.json                  what the run is of: its game and training dataset (RunDir.claim)
     RUN/config.<stage>.json       `train`'s resolved config of each stage, with the preset
     RUN/timings.json              wall time per stage (`train`)
     RUN/data/{train,test}         datasets `train` recorded
@@ -24,11 +25,16 @@ import numpy as np
 from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, LAMConfig, PPOConfig
 from lapo_fast.config import load as load_config
 from lapo_fast.config import save as save_config
-from lapo_fast.runtime.checkpoint import latest_checkpoint, load_checkpoint
-from lapo_fast.runtime.files import atomic_write
+from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
+from lapo_fast.runtime.files import atomic_write, read_json, write_json
 
 # The config type of each stage folder; any other name (demo, ppo, a --name) is a PPO run.
 _STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
+# Settings that fix a stage's model shapes: a rerun may not change them and resume.
+_SHAPES: dict[type, tuple[str, ...]] = {
+    LAMConfig: ("impala_scale", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks", "codebook_size",
+                "code_dim", "num_latents"),
+    BCConfig: ("impala_scale",), PPOConfig: ("impala_scale",)}
 
 
 class RunDir:
@@ -37,6 +43,7 @@ class RunDir:
 
     def __init__(self, path):
         self.path = Path(path)
+        self.identity = self.path / "run.json"               # the run's game and training data
         self.timings = self.path / "timings.json"            # wall time per stage (`train`)
         self.probe = self.stage("lam") / "probe.json"        # stage 1's final latent probe
         self.labels = self.stage("bc") / "labels.npz"        # stage 2's cached IDM latents
@@ -89,6 +96,37 @@ class RunDir:
         """Whether a stage has started here (its config is saved)."""
         return self.config_path(stage).exists()
 
+    def claim(self, stage: str | None = None, cfg=None, *, game: str | None = None, data=None,
+              write: bool = True) -> None:
+        """Checks that this run is of `game` and trained on `data` (a FrameDataset), and that `cfg`
+        gives `stage` the model shapes it was trained with; records what the run did not know yet
+        (unless write=False: other ranks). Raises ValueError naming both sides and the way out."""
+        known = read_json(self.identity, {})
+        holds = None if data is None else data.manifest.source.get("env")  # collected datasets know their game
+        if game is not None and holds is not None and holds != game:
+            raise ValueError(f"{data.dir} holds {holds} episodes, not {game}: pass a {game} dataset, or --env {holds}")
+        game = game or holds
+        asked = {"game": game, "data": None if data is None else {"identity": data.identity(), "path": str(data.dir)}}
+        for key, value in asked.items():
+            if value is None or known.get(key) is None:
+                continue
+            had, new = (known[key]["identity"], value["identity"]) if key == "data" else (known[key], value)
+            if had != new:
+                what = (f"the dataset {known[key]['path']} (manifest {had})", f"{value['path']} (manifest {new})") \
+                    if key == "data" else (had, new)
+                raise ValueError(f"{self.path} is a run of {what[0]}, not {what[1]}: "
+                                 f"use a new --out for that (or pass this run's own --{'env' if key == 'game' else 'data'})")
+        if stage is not None and cfg is not None and self.has(stage):
+            saved = self.config(stage)
+            for name in _SHAPES.get(type(cfg), ()):
+                if getattr(saved, name) != getattr(cfg, name):
+                    raise ValueError(f"{self.stage(stage)} was trained with {name}={getattr(saved, name)!r}, this "
+                                     f"run asks for {getattr(cfg, name)!r}: use a new --out (or the same setting)")
+        new_facts = {k: v for k, v in asked.items() if v is not None and known.get(k) is None}
+        if write and new_facts:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.identity, {**known, **new_facts})
+
     def save_config(self, stage: str, cfg, **extra) -> None:
         self.stage(stage).mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.config_path(stage), **extra)
@@ -109,10 +147,9 @@ class RunDir:
         return int(last.name.split("-")[1]) if last is not None else -1
 
     def _load(self, stage: str, model):
-        last = self.latest_checkpoint(stage)
+        last, _ = load_latest(self.stage(stage), model)
         if last is None:
             raise FileNotFoundError(f"{self.stage(stage)}: no checkpoint yet")
-        load_checkpoint(last, model)
         return model.eval()
 
     def load_lam(self, cfg: LAMConfig | None = None):
@@ -143,14 +180,14 @@ class RunDir:
         context, lam_step = lam_cfg.context, self.checkpoint_step("lam")
         if self.labels.exists():
             blob = np.load(self.labels)
-            if blob["num_frames"] == ds.num_frames and blob["lam_step"] == lam_step:
+            if "data" in blob and str(blob["data"]) == ds.identity() and blob["lam_step"] == lam_step:
                 return blob["starts"], blob["latents"], context
             print(f"bc: {self.labels} is stale (dataset or stage-1 checkpoint changed); recomputing")
         starts = valid_starts(ds.episodes, context + 2)
         idm = self.load_lam(lam_cfg).idm.to(device)
         latents = idm_latents(idm, ds.cache(), starts, context, batch=batch, device=device, progress=progress)
         self.labels.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.labels, lambda tmp: np.savez(tmp, starts=starts, latents=latents, num_frames=ds.num_frames,
+        atomic_write(self.labels, lambda tmp: np.savez(tmp, starts=starts, latents=latents, data=ds.identity(),
                                                        lam_step=lam_step))
         return starts, latents, context
 

@@ -77,16 +77,24 @@ class Manifest:
             raise DatasetError(f"{path}: no dataset manifest here (is {directory} a lapo_fast dataset?)")
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise DatasetError(f"{path}: malformed manifest (a JSON object expected, found {type(d).__name__})")
             if d.get("version") not in READABLE_VERSIONS:
                 raise DatasetError(f"{path}: format version {d.get('version')} is not one this lapo_fast reads "
                                    f"{READABLE_VERSIONS}: upgrade lapo_fast")
             d["frame_shape"] = tuple(d["frame_shape"])
             d["shards"] = [ShardInfo(**s) for s in d["shards"]]
             m = Manifest(**d)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DatasetError(f"{path}: malformed manifest ({e})") from e
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as e:
+            raise DatasetError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+        shape = m.frame_shape
+        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape) or shape[2] not in (1, 3, 4):
+            raise DatasetError(f"{path}: frame_shape must be [height, width, channels] (e.g. [64, 64, 3]), "
+                               f"got {list(shape)}")
         if m.codec not in CODECS:
             raise DatasetError(f"{path}: unknown codec {m.codec!r}")
+        if not isinstance(m.chunk_frames, int) or m.chunk_frames < 1:
+            raise DatasetError(f"{path}: chunk_frames must be a positive integer, got {m.chunk_frames!r}")
         return m
 
     def shard_file(self, i: int, part: str) -> str:
@@ -101,6 +109,17 @@ class Manifest:
 
 def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """A dataset's .npy file (never pickled data); any damage is a DatasetError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: missing")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DatasetError(f"{path}: unreadable or damaged .npy file ({e})") from e
 
 
 # -- codecs: one chunk of frames <-> bytes -------------------------------------------------------

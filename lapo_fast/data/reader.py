@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,28 +13,32 @@ import numpy as np
 
 from lapo_fast.runtime.files import atomic_write
 
-from .format import MANIFEST, DatasetError, Manifest, crc32, decompress
+from .format import MANIFEST, DatasetError, Manifest, crc32, decompress, load_npy
 
 
 class FrameDataset:
     """A dataset directory opened for reading. Frames are decoded chunk by chunk; `cache()`
-    decodes everything once into a raw uint8 memory map that the window sampler gathers from."""
+    decodes everything once into a raw uint8 memory map that the window sampler gathers from.
 
-    def __init__(self, directory):
+    The episode index is checked when the dataset opens (cheap: lengths, order, bounds, and the
+    `done` metadata when present), so no window can cross a damaged boundary. `frame_shape`, when
+    given, is required of the frames (the stages take 64x64x3). `cache_dir` is where the decoded
+    cache goes: by default $LAPO_FAST_CACHE_DIR, else beside the data when that is writable, else
+    a per-dataset folder in the user's cache directory."""
+
+    def __init__(self, directory, *, frame_shape: tuple | None = None, cache_dir=None):
         self.dir = Path(directory)
         self.manifest = Manifest.load(self.dir)
         m = self.manifest
+        if frame_shape is not None and tuple(m.frame_shape) != tuple(frame_shape):
+            raise DatasetError(f"{self.dir}: frames are {'x'.join(map(str, m.frame_shape))}, the stages take "
+                               f"{'x'.join(map(str, frame_shape))} (ingest again with --size {frame_shape[0]})")
         self._meta: dict[str, np.ndarray] = {}
         self.episodes = self._episodes()
-        if len(self.episodes) != m.num_episodes:
-            raise DatasetError(f"{self.dir}: the episode index holds {len(self.episodes)} episodes, the manifest "
-                               f"says {m.num_episodes}")
-        self.index = []
-        for shard in m.shards:
-            path = self.dir / shard.file.replace(".bin", ".idx.npy")
-            if not path.exists():
-                raise DatasetError(f"{path}: chunk index missing")
-            self.index.append(np.load(path))
+        self.index = [load_npy(self.dir / shard.file.replace(".bin", ".idx.npy")) for shard in m.shards]
+        self._check_index()
+        self._cache_dir = Path(cache_dir) if cache_dir else None
+        self._cached: dict[Path, np.ndarray] = {}
 
     @property
     def num_frames(self) -> int:
@@ -45,21 +52,52 @@ class FrameDataset:
         if not m.num_episodes:
             return np.zeros((0, 2), np.int64)
         if m.version == 1:
-            return np.load(self.dir / "episodes.npy")
+            return load_npy(self.dir / "episodes.npy")
         return np.concatenate([self._shard_array(i, "episodes") for i in range(len(m.shards))]).reshape(-1, 2)
 
     def _shard_array(self, i: int, part: str) -> np.ndarray:
         path = self.dir / self.manifest.shard_file(i, part)
         if not path.exists():
             raise DatasetError(f"{path}: missing ({part} of shard {i})")
-        return np.load(path)
+        return load_npy(path)
+
+    def _check_index(self) -> None:
+        """The episode and chunk indexes against the manifest: a damaged index must not let a
+        window cross an episode or read past the frames."""
+        m, ep = self.manifest, self.episodes
+        fix = f"(run `lapo-fast data verify {self.dir}`; re-collect or re-import the dataset)"
+        if ep.ndim != 2 or ep.shape[1] != 2 or len(ep) != m.num_episodes:
+            raise DatasetError(f"{self.dir}: the episode index holds {len(ep)} episodes, the manifest says "
+                               f"{m.num_episodes} {fix}")
+        if len(ep):
+            lengths = ep[:, 1]
+            if (lengths < 1).any() or ep[0, 0] != 0 or (ep[1:, 0] != ep[:-1, 0] + lengths[:-1]).any() \
+                    or int(lengths.sum()) != m.num_frames:
+                raise DatasetError(f"{self.dir}: the episode index is damaged: its episodes do not tile the "
+                                   f"{m.num_frames} frames in order {fix}")
+        first = 0
+        for shard, index in zip(m.shards, self.index):
+            if shard.first_frame != first or index.ndim != 2 or index.shape[1] != 5 \
+                    or int(index[:, 3].sum()) != shard.frames or (index[:, :2] < 0).any() \
+                    or (index[:, 0] + index[:, 1] > shard.nbytes).any():
+                raise DatasetError(f"{self.dir / shard.file}: its chunk index does not match the manifest {fix}")
+            first += shard.frames
+        if first != m.num_frames:
+            raise DatasetError(f"{self.dir / MANIFEST}: shards hold {first} frames, the manifest says {m.num_frames}")
+        if "done" in m.meta_keys and len(ep):
+            done = np.asarray(self.meta("done"), bool)
+            ends = np.zeros(m.num_frames, bool)
+            ends[ep[:, 0] + ep[:, 1] - 1] = True
+            if len(done) != m.num_frames or (done != ends).any():
+                raise DatasetError(f"{self.dir}: the episode index disagrees with the `done` flags "
+                                   f"(first at frame {int(np.argmax(done != ends)) if len(done) == len(ends) else 0}) {fix}")
 
     def meta(self, key: str) -> np.ndarray:
         """Per-frame metadata (per-episode for episode_return), read-only."""
         if key not in self.manifest.meta_keys:
             raise KeyError(f"{self.dir} has no metadata {key!r}; it has {self.manifest.meta_keys}")
         if self.manifest.version == 1:
-            return np.load(self.dir / "meta" / f"{key}.npy", mmap_mode="r")
+            return load_npy(self.dir / "meta" / f"{key}.npy", mmap=True)
         if key not in self._meta:
             parts = [self._shard_array(i, key) for i in range(len(self.manifest.shards))]
             self._meta[key] = np.concatenate(parts) if parts else np.zeros(0)
@@ -73,7 +111,10 @@ class FrameDataset:
         path = self.dir / shard.file
         if not path.exists():
             raise DatasetError(f"{path}: shard missing")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot read this shard ({e.strerror})") from e
         if len(data) != shard.nbytes:
             raise DatasetError(f"{path}: truncated or resized shard ({len(data)} bytes, expected {shard.nbytes})")
         return data
@@ -88,9 +129,12 @@ class FrameDataset:
         if size != shard.nbytes:
             raise DatasetError(f"{path}: truncated or resized shard ({size} bytes, expected {shard.nbytes})")
         offset, nbytes = int(row[0]), int(row[1])
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(nbytes)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(nbytes)
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot read this shard ({e.strerror})") from e
 
     def _decode_chunk(self, i: int, data: bytes, row, out: np.ndarray, *, whole_shard: bool = True) -> None:
         """Decodes the chunk `row` of shard i into out; `data` is the whole shard, or with
@@ -145,37 +189,107 @@ class FrameDataset:
         first, length = (int(v) for v in self.episodes[e])
         return self.frames(first, first + length)
 
+    def cache_path(self) -> Path:
+        """Where the decoded cache of this dataset lives (see the class docstring)."""
+        if self._cache_dir is not None:
+            return self._cache_dir / "cache.u8"
+        if os.environ.get("LAPO_FAST_CACHE_DIR"):
+            return Path(os.environ["LAPO_FAST_CACHE_DIR"]) / self.identity() / "cache.u8"
+        if os.access(self.dir, os.W_OK):
+            return self.dir / "cache.u8"
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return home / "lapo_fast" / self.identity() / "cache.u8"
+
+    def identity(self) -> str:
+        """A short hash of the manifest: the same for the same frames, episodes and metadata."""
+        return hashlib.sha256(self.manifest.to_json().encode()).hexdigest()[:16]
+
     def cache(self, path=None, threads: int | None = None) -> np.ndarray:
         """All frames as a read-only (N, H, W, C) uint8 memmap, decoded once (in parallel) to
-        `path` (default: DIR/cache.u8); reused when it is already complete and newer."""
-        path = Path(path) if path else self.dir / "cache.u8"
+        `path` (default: cache_path()). A cache is reused only when it was made from this
+        manifest and its per-shard checksums still match; one that disagrees is rebuilt."""
+        path = Path(path) if path else self.cache_path()
         shape = (self.num_frames, *self.manifest.frame_shape)
-        done = path.with_name(path.name + ".done")
-        if not (path.exists() and done.exists() and done.read_text() == self.manifest.to_json()):
-            atomic_write(path, lambda tmp: self._decode_all(tmp, shape, threads))
-            atomic_write(done, self.manifest.to_json())
         if shape[0] == 0:
             return np.zeros(shape, np.uint8)
-        return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+        if self._cached.get(path) is None:  # checked once per opened dataset
+            problem = self._cache_problem(path)
+            if problem is not None:
+                if problem != "absent":
+                    print(f"data: {path}: {problem}; rebuilding it")
+                self._write_cache(path, shape, threads)
+            self._cached[path] = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+        return self._cached[path]
 
-    def _decode_all(self, path: Path, shape: tuple, threads: int | None) -> None:
-        if not shape[0]:
-            path.write_bytes(b"")
-            return
-        mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=shape)
+    def _cache_problem(self, path: Path, threads: int | None = None) -> str | None:
+        """None when the cache at `path` holds exactly this dataset's frames, else what is wrong."""
+        done = path.with_name(path.name + ".done")
+        if not path.exists() or not done.exists():
+            return "absent"
+        try:
+            record = json.loads(done.read_text())
+        except (json.JSONDecodeError, OSError):
+            return "its record is damaged"
+        if not isinstance(record, dict) or record.get("manifest") != self.manifest.to_json():
+            return "it was made from another version of the dataset"
+        if path.stat().st_size != self.num_frames * self.manifest.frame_bytes:
+            return "it has the wrong size"
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        sums = self._shard_sums(mm, threads)
+        bad = [i for i, (a, b) in enumerate(zip(sums, record.get("crc32", []))) if a != b]
+        if bad or len(record.get("crc32", [])) != len(sums):
+            return f"it disagrees with the dataset (shard {bad[0] if bad else '?'}: checksum mismatch)"
+        return None
+
+    def _shard_sums(self, mm: np.ndarray, threads: int | None) -> list[int]:
+        fb = self.manifest.frame_bytes
         shards = self.manifest.shards
-        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            list(pool.map(lambda i: self.decode_shard(i, mm[shards[i].first_frame:][:shards[i].frames]),
-                          range(len(shards))))
-        mm.flush()
-        del mm
+        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # zlib releases the GIL
+            return list(pool.map(lambda s: crc32(mm[s.first_frame * fb:(s.first_frame + s.frames) * fb]), shards))
+
+    def _write_cache(self, path: Path, shape: tuple, threads: int | None) -> None:
+        nbytes = int(np.prod(shape))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(f"{path.parent}: cannot create the cache folder ({e.strerror}); "
+                               "set LAPO_FAST_CACHE_DIR to a writable folder") from e
+        free = shutil.disk_usage(path.parent).free
+        if free < nbytes:
+            raise DatasetError(f"{path}: the decoded cache needs {nbytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
+                               "are free there: free space, or set LAPO_FAST_CACHE_DIR to a disk with room")
+        sums: list[int] = []
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # the space is allocated for real: a full disk fails here, not mid-write
+                try:
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
+                except OSError as e:
+                    raise DatasetError(f"{path}: cannot allocate the {nbytes / 2**30:.2f} GiB decoded cache "
+                                       f"({e.strerror}); free space or set LAPO_FAST_CACHE_DIR") from e
+            mm = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=shape)
+            shards = self.manifest.shards
+
+            def fill(i: int) -> int:
+                part = mm[shards[i].first_frame:][:shards[i].frames]
+                self.decode_shard(i, part)
+                return crc32(part)
+
+            with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+                sums.extend(pool.map(fill, range(len(shards))))
+            mm.flush()
+            del mm
+
+        atomic_write(path, write)
+        atomic_write(path.with_name(path.name + ".done"),
+                     json.dumps({"manifest": self.manifest.to_json(), "crc32": sums}))
 
     # -- checks --------------------------------------------------------------------------------
 
     def verify(self) -> dict:
-        """Checks every shard's size and checksums and that every chunk decodes; raises DatasetError."""
+        """Checks every shard's size and checksums, that every chunk decodes, and the decoded cache
+        when there is one (removed if it disagrees); raises DatasetError."""
         m = self.manifest
-        frames = 0
         for i, shard in enumerate(m.shards):
             data = self._read_shard(i)
             if crc32(data) != shard.crc32:
@@ -183,20 +297,27 @@ class FrameDataset:
             scratch = np.empty((m.chunk_frames, *m.frame_shape), np.uint8)
             for row in self.index[i]:
                 self._decode_chunk(i, data, row, scratch[:int(row[3])])
-            if shard.first_frame != frames:
-                raise DatasetError(f"{self.dir / shard.file}: starts at frame {shard.first_frame}, expected {frames}")
-            frames += shard.frames
-        if frames != m.num_frames:
-            raise DatasetError(f"{self.dir / MANIFEST}: shards hold {frames} frames, manifest says {m.num_frames}")
-        ep = self.episodes
-        if len(ep) and (ep[0, 0] != 0 or (ep[1:, 0] != ep[:-1, 0] + ep[:-1, 1]).any() or ep[-1].sum() != frames):
-            raise DatasetError(f"{self.dir}: the episode index does not tile the frames")
-        for k in m.meta_keys:
+        info = self.info()
+        info["cache"] = self._verify_cache()
+        for k in m.meta_keys:  # (the indexes were checked when the dataset opened)
             n = len(self.meta(k))
-            want = m.num_episodes if k == "episode_return" else frames
+            want = m.num_episodes if k == "episode_return" else m.num_frames
             if n != want:
                 raise DatasetError(f"{self.dir}: metadata {k!r} has {n} values, expected {want}")
-        return self.info()
+        return info
+
+    def _verify_cache(self) -> str:
+        """'none', 'ok', or what was wrong with the decoded cache, which is then removed (the next
+        stage that reads frames rebuilds it)."""
+        path = self.cache_path()
+        problem = self._cache_problem(path)
+        if problem is None:
+            return "ok"
+        if problem == "absent":
+            return "none"
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".done").unlink(missing_ok=True)
+        return f"removed ({problem}); rebuilt on next use"
 
     def info(self) -> dict:
         m = self.manifest

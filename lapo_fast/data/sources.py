@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,19 @@ import numpy as np
 from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHAPE
 from lapo_fast.runtime.acting import Actor, sample_actions
 
-from .format import DatasetError
+from .format import MANIFEST, DatasetError
 from .writer import DatasetWriter
+
+# What a resumed `collect` must share with the run that started the dataset.
+RESUME_MUST_MATCH = ("env", "policy", "start_level", "num_levels", "distribution_mode", "num_envs", "codec")
+COMMIT_SECONDS = 30.0  # `collect` commits at least this often, so a kill loses little
+
+
+def by_number(paths) -> list[Path]:
+    """Paths ordered by the numbers in their names (2.npz before 10.npz), then by name."""
+    def key(p: Path):
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", p.name)]
+    return sorted(map(Path, paths), key=key)
 
 
 def random_policy(num_actions: int = NUM_ACTIONS, seed: int = 0) -> Actor:
@@ -64,10 +77,14 @@ def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int
     source = {"kind": "collect", "env": env_name, "policy": policy_name, "seed": seed,
               "num_envs": num_envs, "start_level": start_level, "num_levels": num_levels,
               "distribution_mode": distribution_mode}
-    resuming = (out_dir / "manifest.json").exists()
+    resuming = (out_dir / MANIFEST).exists()
     writer = DatasetWriter(out_dir, codec=codec, source=source, resume=resume, shard_frames=shard_frames)
-    if resuming and writer.manifest.source.get("env") != env_name:
-        raise DatasetError(f"{out_dir} holds {writer.manifest.source.get('env')} data, not {env_name}")
+    if resuming:
+        had = {**writer.manifest.source, "codec": writer.manifest.codec}
+        for key, value in {**source, "codec": codec}.items():
+            if key in RESUME_MUST_MATCH and had.get(key) != value:
+                raise DatasetError(f"{out_dir} was collected with {key}={had.get(key)!r}, this run asks for "
+                                   f"{value!r}: collect into a new --out, or rerun with the same settings to resume")
     run = len(writer.manifest.source.setdefault("runs", []))
     writer.manifest.source["runs"].append({"seed": seed + run})
     env = ProcgenVecEnv(env_name, num_envs, seed=seed + run, start_level=start_level,
@@ -77,7 +94,11 @@ def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int
     rew_buf: list[list[float]] = [[] for _ in range(num_envs)]
     bar = _progress(frames, writer.num_frames, progress)
     obs, _ = env.reset()
+    committed = time.monotonic()
     while writer.num_frames < frames:
+        if time.monotonic() - committed > COMMIT_SECONDS:  # a kill loses at most this much work
+            writer.flush()
+            committed = time.monotonic()
         actions = np.asarray(policy(obs), dtype=np.int32)
         snapshot = obs.copy()
         obs, reward, terminated, _, info = env.step(actions)
@@ -109,54 +130,92 @@ def import_lapo(src_dir, out_dir, *, codec: str = "lz4", progress: bool = True) 
     splits = [s for s in ("train", "test") if (src_dir / s).is_dir()]
     if not splits:
         raise DatasetError(f"{src_dir}: expected train/ and/or test/ folders of .npz chunks")
+    for split in splits:
+        if (out_dir / split / MANIFEST).exists():
+            raise DatasetError(f"{out_dir / split} already holds a dataset: import into a new --out (or delete it)")
     made = []
     for split in splits:
-        files = sorted((src_dir / split).glob("*.npz"))
+        files = by_number((src_dir / split).glob("*.npz"))  # LAPO numbers its chunks: 0, 1, ..., 10, 11
         if not files:
             raise DatasetError(f"{src_dir / split}: no .npz chunks")
-        writer = DatasetWriter(out_dir / split, codec=codec, source={"kind": "import-lapo", "from": str(src_dir / split)})
+        writer = DatasetWriter(out_dir / split, codec=codec, source={
+            "kind": "import-lapo", "from": str(src_dir / split), "order": "by the number in each file name",
+            "chunks": [f.name for f in files]})
         carry: dict[str, list[np.ndarray]] = {}
-        bar = _progress(None, 0, progress, desc=f"import {split}")
-        for f in files:
-            try:
-                chunk = np.load(f)
-                obs = chunk["obs"]
-                done = chunk["done"].astype(bool)
-                cols = {"action": chunk["ta"], "reward": chunk["rewards"], "done": done,
-                        "value": chunk["values"], "ep_return": chunk["ep_returns"]}
-            except (KeyError, ValueError, OSError) as e:
-                raise DatasetError(f"{f}: not a LAPO data chunk ({e})") from e
-            if obs.dtype != np.uint8 or obs.shape[1:] != OBS_SHAPE:
-                raise DatasetError(f"{f}: obs must be (N, {', '.join(map(str, OBS_SHAPE))}) uint8, got {obs.dtype} {obs.shape}")
-            cols = {k: np.asarray(v).reshape(len(obs), -1)[:, 0] if np.ndim(v) > 1 else np.asarray(v) for k, v in cols.items()}
-            cols["obs"] = obs
-            for k, v in cols.items():
-                carry.setdefault(k, []).append(v)
-            joined = {k: np.concatenate(v) for k, v in carry.items()}
-            ends = np.flatnonzero(joined["done"])
-            start = 0
-            for end in ends:  # done marks an episode's last frame
-                sl = slice(start, end + 1)
-                writer.add_episode(joined["obs"][sl], action=joined["action"][sl], reward=joined["reward"][sl],
-                                   done=joined["done"][sl], value=joined["value"][sl],
-                                   episode_return=float(joined["ep_return"][end]))
-                start = end + 1
-            carry = {k: [v[start:]] for k, v in joined.items()}
-            bar.update(len(obs))
+        with _progress(None, 0, progress, desc=f"import {split}") as bar:
+            for f in files:
+                bar.update(_import_chunk(f, writer, carry))
+        if writer.num_frames == 0:
+            raise DatasetError(f"{src_dir / split}: no episode ends in these chunks (every `done` is False), so "
+                               "there is nothing to import: LAPO's chunks mark each episode's last frame")
         writer.close()  # frames after the last done belong to an unfinished episode: dropped
-        bar.close()
         made.append(out_dir / split)
     return made
 
 
+def _import_chunk(f: Path, writer: DatasetWriter, carry: dict) -> int:
+    """One LAPO chunk into the writer: its whole episodes, the unfinished tail carried over.
+    Returns the chunk's frame count."""
+    try:
+        with np.load(f, allow_pickle=False) as chunk:
+            obs = chunk["obs"]
+            cols = {"action": chunk["ta"], "reward": chunk["rewards"], "done": chunk["done"].astype(bool),
+                    "value": chunk["values"], "ep_return": chunk["ep_returns"]}
+    except Exception as e:  # numpy, zipfile and zlib each raise their own type for a damaged file
+        raise DatasetError(f"{f}: not a LAPO data chunk, or a damaged one ({type(e).__name__}: {e})") from e
+    if obs.dtype != np.uint8 or obs.shape[1:] != OBS_SHAPE:
+        raise DatasetError(f"{f}: obs must be (N, {', '.join(map(str, OBS_SHAPE))}) uint8, got {obs.dtype} {obs.shape}")
+    cols = {k: np.asarray(v).reshape(len(obs), -1)[:, 0] if np.ndim(v) > 1 else np.asarray(v) for k, v in cols.items()}
+    action = cols["action"]
+    if len(action) and (action.min() < 0 or action.max() >= NUM_ACTIONS):
+        raise DatasetError(f"{f}: actions must lie in [0, {NUM_ACTIONS}), found {action.min()}..{action.max()}")
+    cols["obs"] = obs
+    for k, v in cols.items():
+        carry.setdefault(k, []).append(v)
+    joined = {k: np.concatenate(v) for k, v in carry.items()}
+    start = 0
+    for end in np.flatnonzero(joined["done"]):  # done marks an episode's last frame
+        sl = slice(start, end + 1)
+        writer.add_episode(joined["obs"][sl], action=joined["action"][sl], reward=joined["reward"][sl],
+                           done=joined["done"][sl], value=joined["value"][sl],
+                           episode_return=float(joined["ep_return"][end]))
+        start = end + 1
+    carry.update({k: [v[start:]] for k, v in joined.items()})
+    return len(obs)
+
+
 def _decode_video_pyav(path: Path, resize) -> np.ndarray:
+    """Every frame of a video, or a DatasetError: no video stream, undecodable, or fewer frames
+    than its container declares (a truncated file)."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            return np.stack([resize(fr.to_image()) for fr in container.decode(video=0)])
-    except (av.error.FFmpegError, ValueError) as e:
+            if not container.streams.video:
+                raise DatasetError(f"{path}: no video stream in this file (audio only?)")
+            stream = container.streams.video[0]
+            frames = [resize(fr.to_image()) for fr in container.decode(stream)]
+            expected = _declared_frames(container, stream)
+    except av.error.FFmpegError as e:
         raise DatasetError(f"{path}: cannot decode video ({e})") from e
+    if not frames:
+        raise DatasetError(f"{path}: no frames decoded")
+    if expected and len(frames) < 0.95 * expected:
+        raise DatasetError(f"{path}: decoded {len(frames)} of the {expected} frames the file declares "
+                           "(truncated or damaged?)")
+    return np.stack(frames)
+
+
+def _declared_frames(container, stream) -> int:
+    """The frame count a video's container declares (0 when it declares none)."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if rate and stream.duration and stream.time_base:
+        return int(round(float(stream.duration * stream.time_base * rate)))
+    if rate and container.duration:
+        return int(round(container.duration / 1_000_000 * float(rate)))
+    return 0
 
 
 def _decode_video_dali(path: Path, size: int, device_id: int | None = 0) -> np.ndarray:
@@ -189,10 +248,14 @@ def ingest_videos(paths, out_dir, *, size: int = OBS_SHAPE[0], codec: str = "lz4
     decoder: "pyav" (CPU, FFmpeg), "dali" (GPU, NVDEC), or "auto": DALI when CUDA and DALI are
     both present, else PyAV.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if decoder not in ("auto", "pyav", "dali"):
         raise ValueError(f"unknown decoder {decoder!r}; use auto, pyav or dali")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {size!r}")
+    if (Path(out_dir) / MANIFEST).exists():
+        raise DatasetError(f"{out_dir} already holds a dataset: ingest into a new --out (or delete it)")
     if decoder == "auto":
         import torch
 
@@ -200,28 +263,37 @@ def ingest_videos(paths, out_dir, *, size: int = OBS_SHAPE[0], codec: str = "lz4
 
         decoder = "dali" if torch.cuda.is_available() and dali_available() else "pyav"
 
-    writer = DatasetWriter(out_dir, frame_shape=(size, size, 3), codec=codec,
-                           source={"kind": "ingest", "files": [str(p) for p in paths]})
-    bar = _progress(None, 0, progress, desc="ingest")
+    writer = DatasetWriter(out_dir, frame_shape=(size, size, 3), codec=codec, source={
+        "kind": "ingest", "files": [str(p) for p in paths], "image_order": "by the number in each file name"})
 
     def resize(img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
-    for p in map(Path, paths):
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-            if not files:
-                raise DatasetError(f"{p}: no images in this folder")
-            frames = np.stack([resize(Image.open(f)) for f in files])
-        elif p.is_file():
-            frames = _decode_video_dali(p, size) if decoder == "dali" else _decode_video_pyav(p, resize)
-        else:
-            raise DatasetError(f"{p}: no such file or folder")
-        writer.add_episode(frames)
-        bar.update(len(frames))
+    def image(f: Path) -> np.ndarray:
+        try:
+            with Image.open(f) as img:
+                return resize(img)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL's errors for damaged images
+            raise DatasetError(f"{f}: not a readable image ({e})") from e
+
+    with _progress(None, 0, progress, desc="ingest") as bar:
+        for p in map(Path, paths):
+            if p.is_dir():
+                files = by_number(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    raise DatasetError(f"{p}: no images in this folder")
+                frames = np.stack([image(f) for f in files])
+            elif p.is_file():
+                frames = _decode_video_dali(p, size) if decoder == "dali" else _decode_video_pyav(p, resize)
+            else:
+                raise DatasetError(f"{p}: no such file or folder")
+            writer.add_episode(frames)
+            bar.update(len(frames))
     writer.close()
-    bar.close()
     return Path(out_dir)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def _progress(total, initial, enabled, desc="frames"):

@@ -55,6 +55,21 @@ def _split(num_envs: int, per_instance: int) -> list[int]:
     return [per_instance] * full + ([rest] if rest else [])
 
 
+ENV_BYTES = 370 * 1024  # about what one Procgen env holds in memory (libenv state and buffers)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new allocations (0 when unknown)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class ProcgenVecEnv:
     """N Procgen envs (one game, or a mix) stepped in parallel, gymnasium vector-env style."""
 
@@ -77,8 +92,12 @@ class ProcgenVecEnv:
         envs_per_instance: int = 4,
         pin_memory: bool = False,
     ):
-        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        if not _is_int(num_envs) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        need, available = num_envs * ENV_BYTES, _available_memory()
+        if available and need > 0.8 * available:
+            raise ValueError(f"num_envs={num_envs} needs about {need / 2**30:.1f} GiB (~{ENV_BYTES // 1024} KiB per "
+                             f"env), and {available / 2**30:.1f} GiB of memory are available: use fewer envs")
         games = [env_name] if isinstance(env_name, str) else list(env_name)
         if not games:
             raise ValueError("env_name must name at least one game")
@@ -88,14 +107,16 @@ class ProcgenVecEnv:
             check_game(g)
             check_mode(g, distribution_mode)
         for name, value in (("num_levels", num_levels), ("start_level", start_level)):
-            if not isinstance(value, (int, np.integer)) or not 0 <= value < 2**31:
+            if not _is_int(value) or not 0 <= value < 2**31:
                 raise ValueError(f"{name} must be an int in [0, 2**31), got {value!r}")
-        if not isinstance(envs_per_instance, int) or envs_per_instance < 1:
+        if not _is_int(envs_per_instance) or envs_per_instance < 1:
             raise ValueError(f"envs_per_instance must be a positive int, got {envs_per_instance!r}")
         if num_threads is None:
             num_threads = os.cpu_count() or 1
-        if not isinstance(num_threads, int) or num_threads < 1:
+        if not _is_int(num_threads) or num_threads < 1:
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        # A thread steps whole libenv instances: more threads than instances would only idle.
+        num_threads = min(int(num_threads), -(-int(num_envs) // int(envs_per_instance)))
 
         self.num_envs = int(num_envs)
         self.games = games

@@ -83,12 +83,14 @@ def vq_ema(
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"vq_ema: decay must be in [0, 1), got {decay}")
     lay = Layout.for_shape(tuple(x.shape), G, d, layout, num_latents)
+    if x.numel() == 0:
+        raise ValueError(f"vq_ema: x of shape {tuple(x.shape)} holds no latents; pass at least one row")
     backend = _resolve_backend(backend, x)
     reduce = _all_reduce_fn() if training else None
 
     if backend == "reference":
         if check_finite and not torch.isfinite(x).all():
-            raise ValueError(_NONFINITE)
+            raise NonFiniteError(_NONFINITE)
         return VQOutput(*vq_ema_reference(
             x, codebook, ema_count, ema_weight, lay, training=training, decay=decay, eps=eps,
             commitment=commitment, all_reduce=reduce))
@@ -104,6 +106,11 @@ def vq_ema(
 
 
 _NONFINITE = "vq_ema: input latents contain NaN or inf; the codebook was not updated"
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf in the latents given to the VQ (the codebook is left untouched); a training loop
+    catches it to say that its model diverged."""
 
 
 def _check_state(codebook, ema_count, ema_weight):
@@ -260,7 +267,7 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     call.num_threads, call.decay, call.eps = spec.num_threads, spec.decay, spec.eps
     sq_err, nonfinite, perplexity = _C.vq_forward(call)
     if nonfinite:  # free to detect on the CPU, so always enforced there (check_finite is a CUDA knob)
-        raise ValueError(_NONFINITE)
+        raise NonFiniteError(_NONFINITE)
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
     # scalar_tensor is ~3x cheaper than torch.tensor for a Python float: it matters at B=128.
@@ -320,5 +327,5 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
         BLOCK_D=max(16, min(64, 1 << (d - 1).bit_length())), BLOCK_T=256,
     )
     if spec.check_finite and stats[2].item() > 0:
-        raise ValueError(_NONFINITE)
+        raise NonFiniteError(_NONFINITE)
     return out, idx, stats[0], stats[1]

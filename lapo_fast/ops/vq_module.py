@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .vq import VQOutput, vq_ema
+from .vq import _NONFINITE, NonFiniteError, VQOutput, vq_ema
 from .vq_layout import Layout
 
 
@@ -103,6 +103,8 @@ class VectorQuantizerEMA(nn.Module):
     @torch.no_grad()
     def _kmeans_init(self, x: torch.Tensor) -> None:
         rows = self._rows(x)
+        if not torch.isfinite(rows).all():  # checked before any state is written, as the update path does
+            raise NonFiniteError(_NONFINITE)
         G, N, d = rows.shape
         K = self.codebook_size
         for g in range(G):

@@ -29,7 +29,12 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
 
     final = atomic_write(directory / f"step-{step:08d}", write)
     for old in sorted(directory.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first, so a kill mid-delete leaves a hidden leftover, never a half step-* folder.
+        trash = old.with_name(f".trash-{old.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        old.rename(trash)
+    for trash in directory.glob(".trash-step-*"):
+        shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
@@ -44,37 +49,82 @@ def save_checkpoint_all_ranks(directory: Path, step: int, model, optimizer, sche
     return save_checkpoint(directory, step, model, optimizer, scheduler, {"rng": streams})
 
 
+def checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints of `directory`, oldest first."""
+    return sorted(p for p in Path(directory).glob("step-*") if (p / "state.json").exists())
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    done = sorted(p for p in Path(directory).glob("step-*") if (p / "state.json").exists())
+    done = checkpoints(directory)
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
-    path = Path(path)
+class CheckpointDamaged(Exception):
+    """A checkpoint's files cannot be read (truncated, corrupt)."""
+
+
+def _read(path: Path, with_optimizer: bool) -> tuple[dict, dict | None, dict]:
+    """(weights, optimiser blob or None, state) of a checkpoint, or CheckpointDamaged."""
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path}: no model.safetensors (not a lapo_fast checkpoint)")
-    weights = load_file(str(path / "model.safetensors"))
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        blob = (torch.load(path / "optim.pt", weights_only=False, map_location="cpu")
+                if with_optimizer and (path / "optim.pt").exists() else None)
+        state = read_json(path / "state.json")
+    except Exception as e:  # safetensors, torch.load and json each raise their own types on damage
+        raise CheckpointDamaged(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return weights, blob, state
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
+    """Loads one checkpoint into model (and optimizer/scheduler); returns its state."""
+    path = Path(path)
+    try:
+        weights, blob, state = _read(path, optimizer is not None)
+    except CheckpointDamaged as e:
+        raise ValueError(f"{path}: damaged checkpoint ({e})") from None
+    _apply(path, weights, blob, model, optimizer, scheduler)
+    return state
+
+
+def _apply(path: Path, weights, blob, model, optimizer, scheduler) -> None:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}): was it made with another config?")
-    if optimizer is not None and (path / "optim.pt").exists():
-        blob = torch.load(path / "optim.pt", weights_only=False)
+    if blob is not None:
         optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and blob["scheduler"] is not None:
             scheduler.load_state_dict(blob["scheduler"])
-    return read_json(path / "state.json")
+
+
+def load_latest(directory: Path, model, optimizer=None, scheduler=None) -> tuple[Path | None, dict]:
+    """Loads the newest readable checkpoint of `directory` (an older one, with a warning, when the
+    newest is damaged); (None, {}) when there is none."""
+    found = checkpoints(directory)
+    for path in reversed(found):
+        try:
+            weights, blob, state = _read(path, optimizer is not None)
+        except CheckpointDamaged as e:
+            print(f"checkpoint: {path} is unreadable ({e}); falling back to an older one")
+            continue
+        _apply(path, weights, blob, model, optimizer, scheduler)
+        return path, state
+    if found:
+        raise ValueError(f"{directory}: every checkpoint is damaged ({', '.join(p.name for p in found)}); "
+                         "delete the folder to start this stage again")
+    return None, {}
 
 
 def resume(directory: Path, model, optimizer, scheduler, log, *, key: str = "step", verbose: bool = True,
            rng=None, rank: int = 0) -> dict:
-    """Loads the latest checkpoint of `directory` into model/optimizer/scheduler, drops the log
-    lines written after it, restores this rank's numpy `rng` stream when the checkpoint saved one
-    (state["rng"][rank]), and returns its state ({} when there is none: a fresh start)."""
-    last = latest_checkpoint(directory)
+    """Loads the latest readable checkpoint of `directory` into model/optimizer/scheduler, drops
+    the log lines written after it, restores this rank's numpy `rng` stream when the checkpoint
+    saved one (state["rng"][rank]), and returns its state ({} when there is none: a fresh start)."""
+    last, state = load_latest(directory, model, optimizer, scheduler)
     if last is None:
         return {}
-    state = load_checkpoint(last, model, optimizer, scheduler)
     log.truncate(state[key], key=key)
     if rng is not None and rank < len(state.get("rng", [])):
         rng.bit_generator.state = state["rng"][rank]

@@ -39,7 +39,17 @@ def device(requested: str = "") -> torch.device:
     """The one device choice: `requested` (e.g. "cpu", "cuda:1") if given, else this rank's GPU
     when CUDA is available, else the CPU."""
     if requested:
-        return torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"--device {requested!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {requested}: this torch build or machine has no CUDA device; "
+                                 "use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -21,3 +21,14 @@ def optimizer_step(loss, params, optimizer, schedule, grad_clip: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     schedule.step()
+
+
+def divergence_error(stage: str, step: int, cfg, directory) -> ValueError:
+    """The error a training loop raises when its loss or latents became NaN/inf: where, and what to try."""
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(directory)
+    resume = f"rerunning resumes from {last.name}" if last is not None else "no checkpoint was saved yet"
+    return ValueError(f"{stage} diverged at step {step}: the loss became NaN or inf. Try a lower --lr (now "
+                      f"{cfg.lr:g}), a tighter --grad-clip (now {cfg.grad_clip:g}) or more --warmup-steps (now "
+                      f"{cfg.warmup_steps}); {resume}")

@@ -10,6 +10,7 @@ RUN/bc/: config.json, labels.npz, metrics.jsonl, TensorBoard events, checkpoints
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from torch.nn import functional as F
 from lapo_fast import __version__
 from lapo_fast.config import BCConfig
 from lapo_fast.data import FrameDataset, prepare_obs
+from lapo_fast.envs.games import OBS_SHAPE
 from lapo_fast.models import LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
-from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
+from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error, optimizer_step
 from lapo_fast.runtime.runlog import RunLog
 
 
@@ -36,7 +38,8 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     rank, world, device = distributed.setup(out, cfg.device)
     torch.manual_seed(cfg.seed)
 
-    ds = FrameDataset(data_dir)
+    ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
+    run.claim("bc", cfg, data=ds, write=rank == 0)
     if rank == 0:
         labels = run.load_labels(ds, batch=cfg.label_batch, device=device, progress=progress)
     distributed.barrier()  # rank 0 computes the labels; the others then load them
@@ -77,6 +80,8 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
+            if not math.isfinite(loss.item()):
+                raise divergence_error("stage 2 (bc)", step, cfg, out)
             log.log({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
                      "samples_per_s": (step - start) * cfg.batch_size * world / (time.perf_counter() - t0)})
             bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from lapo_fast.config import DecodeConfig, labelled_sizes
 from lapo_fast.data import FrameDataset
-from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS
+from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHAPE
 from lapo_fast.eval import evaluate
 from lapo_fast.eval.actors import decoded_actor
 from lapo_fast.eval.decoders import accuracy, fit_decoder
@@ -36,10 +36,11 @@ def dataset_env(ds: FrameDataset, env_name: str | None) -> tuple[str, str]:
 def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None = None, online: bool = True,
                    progress: bool = True) -> dict:
     run = RunDir(run_dir)
-    ds = FrameDataset(data_dir)
+    ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
     if "action" not in ds.manifest.meta_keys:
         raise ValueError(f"{data_dir} has no true actions: offline decoding needs a labelled dataset")
     game, mode = dataset_env(ds, env_name)
+    run.claim("decode", cfg, game=game)
     device = distributed.device(cfg.device)
     starts, latents, context = run.load_labels(ds, device=device, progress=progress)
     actions = np.asarray(ds.meta("action"))[starts + context]

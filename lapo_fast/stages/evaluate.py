@@ -25,6 +25,7 @@ PPO_POLICIES = (("demonstrator", "demo"), ("finetuned", "finetune"), ("scratch",
 
 def evaluate_run(run_dir, game: str, cfg: EvalConfig, *, progress: bool = True) -> dict:
     run = RunDir(run_dir)
+    run.claim(game=game)
     run.stage("eval").mkdir(parents=True, exist_ok=True)
     device = distributed.device(cfg.device)
     path = run.results("eval")

@@ -14,6 +14,7 @@ Writes RUN/lam/: config.json, metrics.jsonl, TensorBoard events, step-XXXXXXXX c
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -24,12 +25,14 @@ from lapo_fast import __version__
 from lapo_fast.config import LAMConfig
 from lapo_fast.data import FrameDataset, WindowSampler, normalize
 from lapo_fast.eval.latents import latent_probe
+from lapo_fast.envs.games import OBS_SHAPE
 from lapo_fast.models import LatentActionModel, build_lam, stack_frames
+from lapo_fast.ops import NonFiniteError
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.files import write_json
-from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
+from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error, optimizer_step
 from lapo_fast.runtime.runlog import RunLog
 
 
@@ -45,7 +48,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     torch.manual_seed(cfg.seed)
 
     # Data: decoded once into a memmap, windows that never cross episodes.
-    ds = FrameDataset(data_dir)
+    ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
+    run.claim("lam", cfg, data=ds, write=rank == 0)
     true_action = cfg.fdm_action == "true"
     if rank == 0:
         ds.cache()
@@ -54,7 +58,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
                             seed=cfg.seed + 1_000 * rank, meta=_actions(ds, true_action))
     test = None
     if test_data is not None and rank == 0:
-        tds = FrameDataset(test_data)
+        tds = FrameDataset(test_data, frame_shape=OBS_SHAPE)
         test = WindowSampler(tds.cache(), tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed,
                              meta=_actions(tds, true_action))
 
@@ -83,8 +87,11 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     while step < end:
         batch = sampler.sample()
         window = normalize(torch.from_numpy(batch["obs"]).to(device))  # (B, T, C, H, W) in [-0.5, 0.5]
-        with distributed.autocast(device):
-            loss, recon, idm, _ = ddp(window, _action_t(batch, cfg.context, device))
+        try:
+            with distributed.autocast(device):
+                loss, recon, idm, _ = ddp(window, _action_t(batch, cfg.context, device))
+        except NonFiniteError:  # the IDM's latents went NaN/inf: the model diverged
+            raise divergence_error("stage 1 (lam)", step + 1, cfg, out) from None
         optimizer_step(loss, model.parameters(), optimizer, schedule, cfg.grad_clip)
         step += 1
         bar.update(1)
@@ -95,6 +102,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
                        "perplexity": idm.perplexity.item(), "codebook0_codes_used": used,
                        "lr": schedule.get_last_lr()[0],
                        "steps_per_s": (step - start) / max(time.perf_counter() - t0, 1e-9)}
+            if not math.isfinite(metrics["loss"]):
+                raise divergence_error("stage 1 (lam)", step, cfg, out)
             if test is not None:
                 metrics.update(_test_losses(model, test, device))
             log.log(metrics)

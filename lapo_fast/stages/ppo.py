@@ -101,6 +101,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
     """Trains (or resumes) PPO; returns the final checkpoint. `init` is the policy to start from
     (fine-tuning); `stop_after` ends this call after that many updates, as an interruption would."""
     run = RunDir(run_dir)
+    run.claim(name, cfg, game=env_name)
     out = run.stage(name)
     out.mkdir(parents=True, exist_ok=True)
     device = distributed.device(cfg.device)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lapo_fast.data import FrameDataset, valid_starts
-from lapo_fast.envs.games import ACTION_NAMES, NOOP
+from lapo_fast.envs.games import ACTION_NAMES, NOOP, OBS_SHAPE
 from lapo_fast.eval.latents import idm_latents
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
@@ -21,11 +21,12 @@ from lapo_fast.runtime.files import atomic_write
 
 
 def project_latents(data_dir, run_dir, *, points: int = 5_000, seed: int = 0, device: str = "") -> Path:
-    ds = FrameDataset(data_dir)
+    ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
     if "action" not in ds.manifest.meta_keys:
         raise ValueError(f"{data_dir} has no true actions to colour the latent space by")
     device = distributed.device(device)
     run = RunDir(run_dir)
+    run.claim(game=ds.manifest.source.get("env"))
     lam_cfg = run.config("lam")
     context = lam_cfg.context
     idm = run.load_lam(lam_cfg).idm.to(device)
