@@ -278,7 +278,6 @@ class FrameDataset:
             with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
                 sums.extend(pool.map(fill, range(len(shards))))
             mm.flush()
-            del mm
 
         atomic_write(path, write)
         atomic_write(path.with_name(path.name + ".done"),

@@ -92,33 +92,35 @@ def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int
     obs_buf: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
     act_buf: list[list[int]] = [[] for _ in range(num_envs)]
     rew_buf: list[list[float]] = [[] for _ in range(num_envs)]
-    bar = _progress(frames, writer.num_frames, progress)
-    obs, _ = env.reset()
-    committed = time.monotonic()
-    while writer.num_frames < frames:
-        if time.monotonic() - committed > COMMIT_SECONDS:  # a kill loses at most this much work
-            writer.flush()
-            committed = time.monotonic()
-        actions = np.asarray(policy(obs), dtype=np.int32)
-        snapshot = obs.copy()
-        obs, reward, terminated, _, info = env.step(actions)
-        for i in range(num_envs):
-            obs_buf[i].append(snapshot[i])
-            act_buf[i].append(int(actions[i]))
-            rew_buf[i].append(float(reward[i]))
-            if terminated[i]:
-                n = len(obs_buf[i])
-                done = np.zeros(n, np.bool_)
-                done[-1] = True
-                writer.add_episode(np.stack(obs_buf[i]), action=np.array(act_buf[i]), reward=np.array(rew_buf[i]),
-                                   done=done, episode_return=float(info["final_return"][i]))
-                bar.update(n)
-                obs_buf[i], act_buf[i], rew_buf[i] = [], [], []
-                if writer.num_frames >= frames:
-                    break
-    writer.close()
-    bar.close()
-    env.close()
+    try:
+        obs, _ = env.reset()
+        committed = time.monotonic()
+        with _progress(frames, writer.num_frames, progress) as bar:  # closed (its line ended) on errors too
+            while writer.num_frames < frames:
+                if time.monotonic() - committed > COMMIT_SECONDS:  # a kill loses at most this much work
+                    writer.flush()
+                    committed = time.monotonic()
+                actions = np.asarray(policy(obs), dtype=np.int32)
+                snapshot = obs.copy()
+                obs, reward, terminated, _, info = env.step(actions)
+                for i in range(num_envs):
+                    obs_buf[i].append(snapshot[i])
+                    act_buf[i].append(int(actions[i]))
+                    rew_buf[i].append(float(reward[i]))
+                    if terminated[i]:
+                        n = len(obs_buf[i])
+                        done = np.zeros(n, np.bool_)
+                        done[-1] = True
+                        writer.add_episode(np.stack(obs_buf[i]), action=np.array(act_buf[i]),
+                                           reward=np.array(rew_buf[i]), done=done,
+                                           episode_return=float(info["final_return"][i]))
+                        bar.update(n)
+                        obs_buf[i], act_buf[i], rew_buf[i] = [], [], []
+                        if writer.num_frames >= frames:
+                            break
+            writer.close()
+    finally:
+        env.close()
     return out_dir
 
 
