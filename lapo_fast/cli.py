@@ -133,6 +133,18 @@ def _cmd_report(args: argparse.Namespace, cfg) -> str:
     return f"wrote {write_report(args.out)}"
 
 
+def _cmd_check_reference(args: argparse.Namespace) -> int:
+    from .eval.reference import check_reference
+
+    report = check_reference(args.dir)
+    print(report.table())
+    failed = sum(not ok for *_, ok in report.rows)
+    print(f"check-reference: {len(report.rows) - failed} of {len(report.rows)} outputs match the reference code"
+          + (f", {failed} do not" if failed else "")
+          + (f"; {len(report.skipped)} fixture(s) not checked yet" if report.skipped else ""))
+    return 0 if report.ok else 1
+
+
 def _run_stage(args: argparse.Namespace) -> int:
     """A stage subcommand: its config resolved from preset and flags, then the stage."""
     cfg = None
@@ -222,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=5_000)
     p.add_argument("--seed", type=int, default=0)
     stage("report", "report.md/json and plots of a run", _cmd_report)
+
+    p = sub.add_parser("check-reference", help="run our models on the reference LAPO code's saved weights and inputs, "
+                                               "compare every output (exit 1 on a mismatch or an unchecked fixture)")
+    p.add_argument("dir", help="a folder of reference fixtures (shared/fixtures/lapo_reference)")
+    p.set_defaults(func=_cmd_check_reference)
 
     p = sub.add_parser("train", help="the whole method on one game, in one run directory (resumable)")
     p.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")

@@ -31,15 +31,19 @@ def setting(default, help: str):
 class LAMConfig:
     """Stage 1: latent IDM + FDM with the VQ bottleneck."""
 
-    steps: int = setting(60_000, "optimiser steps")
+    steps: int = setting(50_000, "optimiser steps (the reference code's; the paper's table says 70k)")
     batch_size: int = setting(128, "windows per step (per rank under torchrun)")
-    lr: float = setting(3e-4, "peak AdamW learning rate")
-    warmup_steps: int = setting(1_000, "steps of linear warm-up before the linear decay to 0")
+    lr: float = setting(3e-4, "peak AdamW learning rate (the reference code's; the paper's table says 2e-4)")
+    warmup_steps: int = setting(50, "steps of linear warm-up to the peak lr")
+    warmup_from: float = setting(0.1, "lr at step 0, as a fraction of the peak")
+    final_lr: float = setting(0.01, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
     grad_clip: float = setting(2.0, "gradient-norm clip")
     impala_scale: int = setting(4, "IDM width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)")
-    fdm_width: int = setting(24, "FDM U-Net width of its first stage (24: ~8M params)")
-    fdm_norm: str = setting("batch", "FDM normalisation: 'batch' (LAPO's BatchNorm) or 'group' (GroupNorm)")
+    fdm_arch: str = setting("lapo", "FDM: 'lapo' (the reference code's U-Net, 7.8M params at width 24) or 'unet' "
+                                    "(ours: the latent after the first norm and at the bottleneck)")
+    fdm_width: int = setting(24, "FDM base width (the reference's wm_scale)")
+    fdm_norm: str = setting("batch", "the 'unet' FDM's normalisation: 'batch' (BatchNorm) or 'group' (GroupNorm)")
     fdm_action: str = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the dataset's action)")
     context: int = setting(1, "frames before o_t; windows are context + 2 frames")
     num_codebooks: int = setting(2, "VQ codebooks (groups)")
@@ -51,6 +55,8 @@ class LAMConfig:
     dead_code_threshold: float = setting(0.0, "> 0: refill codes whose EMA count falls below it (0: LAPO)")
     log_every: int = setting(100, "steps between metric lines (and held-out losses)")
     checkpoint_every: int = setting(2_000, "steps between checkpoints (and latent probes)")
+    probe_labels: int = setting(65_536, "labelled transitions the latent probe fits (the reference's 65,536)")
+    probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)")
     seed: int = setting(0, "seed of weights and window sampling")
     device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)")
 
@@ -62,9 +68,11 @@ class BCConfig:
     steps: int = setting(60_000, "optimiser steps")
     batch_size: int = setting(128, "observations per step (per rank under torchrun)")
     lr: float = setting(2e-4, "peak AdamW learning rate")
-    warmup_steps: int = setting(1_000, "steps of linear warm-up before the linear decay to 0")
+    warmup_steps: int = setting(1_000, "steps of linear warm-up to the peak lr")
+    warmup_from: float = setting(0.01, "lr at step 0, as a fraction of the peak")
+    final_lr: float = setting(0.0, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
-    grad_clip: float = setting(2.0, "gradient-norm clip")
+    grad_clip: float = setting(0.0, "gradient-norm clip (0: none, as the reference code's stage 2)")
     impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)")
     label_batch: int = setting(512, "windows per IDM forward when computing the cached labels")
     log_every: int = setting(100, "steps between metric lines")
@@ -144,17 +152,23 @@ _PRESETS: dict[type, dict[str, dict]] = {
         # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
         # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
         "cpu": {"steps": 3_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
+                "warmup_from": 0.0, "final_lr": 0.0, "probe_labels": 4_096, "probe_held_out": 2_000,
                 "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01, "vq_decay": 0.99,
-                "fdm_norm": "group"},
+                "fdm_arch": "unet", "fdm_norm": "group"},
         "smoke": {"steps": 20, "batch_size": 8, "impala_scale": 1, "fdm_width": 8, "warmup_steps": 2,
+                  "warmup_from": 0.0, "final_lr": 0.0, "probe_labels": 256, "probe_held_out": 2_000,
                   "log_every": 5, "checkpoint_every": 10, "dead_code_threshold": 0.01, "vq_decay": 0.99,
-                  "fdm_norm": "group"},
+                  "fdm_arch": "unet", "fdm_norm": "group"},
     },
     BCConfig: {
         "paper": {},
-        "cpu": {"steps": 1_500, "batch_size": 64, "impala_scale": 1, "warmup_steps": 100, "log_every": 50,
+        "cpu": {"steps": 1_500, "batch_size": 64, "impala_scale": 1, "warmup_steps": 100, "warmup_from": 0.0,
+                "grad_clip": 2.0,
+                "log_every": 50,
                 "checkpoint_every": 500},
-        "smoke": {"steps": 10, "batch_size": 8, "impala_scale": 1, "warmup_steps": 2, "log_every": 5,
+        "smoke": {"steps": 10, "batch_size": 8, "impala_scale": 1, "warmup_steps": 2, "warmup_from": 0.0,
+                  "grad_clip": 2.0,
+                  "log_every": 5,
                   "checkpoint_every": 5, "label_batch": 16},
     },
     DecodeConfig: {
@@ -222,11 +236,13 @@ def _check(cfg) -> None:
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"{name}: steps and batch_size must be >= 1")
     if isinstance(cfg, LAMConfig):
-        from lapo_fast.models.fdm import NORMS
+        from lapo_fast.models.fdm import ARCHS, NORMS
         from lapo_fast.models.lam import FDM_ACTIONS
 
         if not 0 <= cfg.vq_decay < 1:
             raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
+        if cfg.fdm_arch not in ARCHS:
+            raise ValueError(f"LAMConfig.fdm_arch={cfg.fdm_arch!r}; choose one of {ARCHS}")
         if cfg.fdm_norm not in NORMS:
             raise ValueError(f"LAMConfig.fdm_norm={cfg.fdm_norm!r}; choose one of {NORMS}")
         if cfg.fdm_action not in FDM_ACTIONS:
@@ -318,7 +334,7 @@ def overrides_from(args: argparse.Namespace, cls) -> dict:
 
 
 # Settings added after runs were saved without them, with the value those runs were trained with.
-_ADDED_LATER: dict[type, dict[str, object]] = {LAMConfig: {"fdm_norm": "group"}}
+_ADDED_LATER: dict[type, dict[str, object]] = {LAMConfig: {"fdm_norm": "group", "fdm_arch": "unet"}}
 
 
 def load(cls, path: Path):

@@ -32,7 +32,7 @@ from lapo_fast.runtime.files import atomic_write, read_json, write_json
 _STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
 # Settings that fix a stage's model shapes: a rerun may not change them and resume.
 _SHAPES: dict[type, tuple[str, ...]] = {
-    LAMConfig: ("impala_scale", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks", "codebook_size",
+    LAMConfig: ("impala_scale", "fdm_arch", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks", "codebook_size",
                 "code_dim", "num_latents"),
     BCConfig: ("impala_scale",), PPOConfig: ("impala_scale",)}
 
@@ -126,6 +126,15 @@ class RunDir:
         if write and new_facts:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.identity, {**known, **new_facts})
+
+    def training_data(self, stage: str, cfg, data_dir, *, write: bool = True):
+        """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim)."""
+        from lapo_fast.data import FrameDataset
+        from lapo_fast.envs.games import OBS_SHAPE
+
+        ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
+        self.claim(stage, cfg, data=ds, write=write)
+        return ds
 
     def save_config(self, stage: str, cfg, **extra) -> None:
         self.stage(stage).mkdir(parents=True, exist_ok=True)

@@ -222,9 +222,9 @@ def test_import_lapo_npz_chunks(tmp_path):
     ds = FrameDataset(tmp_path / "out" / "train")
     ds.verify()
     obs, done = np.concatenate(all_obs), np.concatenate(all_done)
-    last_end = np.flatnonzero(done)[-1]
-    np.testing.assert_array_equal(ds.cache(), obs[:last_end + 1])  # the unfinished tail is dropped
-    assert ds.manifest.num_episodes == done.sum()
+    starts = np.flatnonzero(done)  # LAPO's done[t]: obs[t] begins an episode
+    np.testing.assert_array_equal(ds.cache(), obs[starts[0]:starts[-1]])  # partial first and last dropped
+    assert ds.manifest.num_episodes == done.sum() - 1
     bad = tmp_path / "bad" / "train"
     bad.mkdir(parents=True)
     np.savez(bad / "x.npz", frames=np.zeros(3))

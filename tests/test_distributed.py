@@ -33,7 +33,7 @@ def _digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _worker(rank: int, world: int, port: int, data: str, run: str, fdm_norm: str, results) -> None:
+def _worker(rank: int, world: int, port: int, data: str, run: str, fdm: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -47,8 +47,9 @@ def _worker(rank: int, world: int, port: int, data: str, run: str, fdm_norm: str
     lam.build_lam = lambda cfg: built.append(build_lam(cfg)) or built[-1]
     bc.LatentPolicy = lambda **kw: built.append(policy_cls(**kw)) or built[-1]
 
+    arch, _, norm = fdm.partition("-")  # "unet-group", "unet-batch", "lapo" (BatchNorm)
     lam.train_lam(data, run, resolve(LAMConfig, "smoke", {"steps": 4, "checkpoint_every": 4, "log_every": 2,
-                                                      "fdm_norm": fdm_norm}),
+                                                      "fdm_arch": arch, "fdm_norm": norm or "batch"}),
                   progress=False)
     bc.train_bc(data, run, resolve(BCConfig, "smoke", {"steps": 4, "checkpoint_every": 4}), progress=False)
     model, policy = built[0], built[-1]
@@ -67,12 +68,12 @@ def dataset(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("fdm_norm", ["group", "batch"])
-def test_two_rank_gloo_training_stays_in_lock_step(dataset, tmp_path, fdm_norm):
+@pytest.mark.parametrize("fdm", ["unet-group", "lapo"])
+def test_two_rank_gloo_training_stays_in_lock_step(dataset, tmp_path, fdm):
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_worker, args=(2, _free_port(), str(dataset), str(tmp_path / "run"), fdm_norm, results),
+        mp.start_processes(_worker, args=(2, _free_port(), str(dataset), str(tmp_path / "run"), fdm, results),
                            nprocs=2, join=True, start_method="spawn")
         results = dict(results)
     (lam0, bc0, codes0, counts0), (lam1, bc1, codes1, counts1) = results[0], results[1]
@@ -80,7 +81,7 @@ def test_two_rank_gloo_training_stays_in_lock_step(dataset, tmp_path, fdm_norm):
     assert lam0 == lam1 and bc0 == bc1
     assert sorted(p.name for p in (tmp_path / "run" / "lam").glob("step-*")) == ["step-00000004"]
     lines = (tmp_path / "run" / "lam" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 + 1  # rank 0 alone logs: steps 2 and 4, then the probe
+    assert len(lines) == 3 + 1  # rank 0 alone logs: steps 1, 2 and 4, then the probe
 
 
 def test_ranks_draw_different_batches(dataset):

@@ -80,12 +80,34 @@ def _cli_error(argv, capsys) -> str:
 
 # 1. chunk and image order --------------------------------------------------------------------------
 
+def test_import_lapo_episodes_never_cross_a_boundary(tmp_path):
+    """LAPO's chunks come from its PPO buffer (dones[t] = next_done): done[t] marks obs[t] as an
+    episode's FIRST frame. Hand-built: frame values are episode ids; episodes of 3..7 frames run
+    across chunk ends; every imported episode must hold frames of one episode id, whole."""
+    lengths = [4, 7, 3, 6, 5, 7, 3, 4, 6]
+    ids = np.repeat(np.arange(len(lengths)), lengths)
+    first = np.r_[True, ids[1:] != ids[:-1]]
+    src = tmp_path / "lapo" / "train"
+    src.mkdir(parents=True)
+    for c, lo in enumerate(range(2, len(ids), 9)):  # the stream starts mid-episode 0
+        sl = slice(lo, lo + 9)
+        n = len(ids[sl])
+        _lapo_chunk(src / f"{c}.npz", np.broadcast_to(ids[sl, None, None, None], (n, 64, 64, 3)).astype(np.uint8),
+                    first[sl])
+    import_lapo(tmp_path / "lapo", tmp_path / "out", progress=False)
+    ds = FrameDataset(tmp_path / "out" / "train")
+    got = [ds.episode(e)[:, 0, 0, 0].tolist() for e in range(ds.manifest.num_episodes)]
+    whole = [[i] * n for i, n in enumerate(lengths)]
+    assert got == whole[1:-1]  # episode 0 starts before the data, the last one ends after it
+    assert np.asarray(ds.meta("done")).sum() == len(got)
+
+
 def test_import_lapo_orders_chunks_by_number_and_says_so(tmp_path):
     src = tmp_path / "lapo" / "train"
     src.mkdir(parents=True)
     for c in range(12):  # chunk c holds frames of value c; episodes of 5 frames run across chunks
         obs = np.full((8, 64, 64, 3), c, np.uint8)
-        done = (np.arange(8) + 8 * c) % 5 == 4
+        done = (np.arange(8) + 8 * c) % 5 == 0
         _lapo_chunk(src / f"{c}.npz", obs, done)
     import_lapo(tmp_path / "lapo", tmp_path / "out", progress=False)
     ds = FrameDataset(tmp_path / "out" / "train")
@@ -201,11 +223,11 @@ def test_import_lapo_refuses_chunks_without_episode_ends_or_with_bad_actions(tmp
     src = tmp_path / "nodone" / "train"
     src.mkdir(parents=True)
     _lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.zeros(10, bool))
-    with pytest.raises(DatasetError, match="no episode ends"):
+    with pytest.raises(DatasetError, match="no whole episode in these chunks"):
         import_lapo(tmp_path / "nodone", tmp_path / "out1", progress=False)
     src = tmp_path / "badact" / "train"
     src.mkdir(parents=True)
-    _lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.arange(10) == 9, np.arange(100, 110))
+    _lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.isin(np.arange(10), [0, 6]), np.arange(100, 110))
     with pytest.raises(DatasetError, match=r"actions must lie in \[0, 15\), found 100..109"):
         import_lapo(tmp_path / "badact", tmp_path / "out2", progress=False)
 
@@ -338,7 +360,7 @@ def test_damaged_files_name_themselves(tmp_path, capsys):
     assert "00000.bin" in _cli_error(["data", "verify", str(path)], capsys)
     src = tmp_path / "lapo" / "train"
     src.mkdir(parents=True)
-    _lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.arange(10) == 9)
+    _lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.isin(np.arange(10), [0, 6]))
     (src / "0.npz").write_bytes((src / "0.npz").read_bytes()[:3000])  # truncated
     assert "0.npz: not a LAPO data chunk" in _cli_error(["data", "import-lapo", str(tmp_path / "lapo"), "--out",
                                                           str(tmp_path / "out")], capsys)
@@ -379,7 +401,7 @@ def test_small_ingest_then_a_stage_is_refused_clearly(tmp_path, capsys):
 def test_second_import_names_the_cli_way_out(tmp_path, capsys):
     src = tmp_path / "lapo" / "train"
     src.mkdir(parents=True)
-    _lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.arange(10) == 9)
+    _lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.isin(np.arange(10), [0, 6]))
     argv = ["data", "import-lapo", str(tmp_path / "lapo"), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     assert "already holds a dataset: import into a new --out" in _cli_error(argv, capsys)

@@ -75,4 +75,4 @@ def test_every_config_field_has_help_printed_with_each_preset(stage, capsys):
     for f in fields(cls):
         assert f.metadata["help"].split()[0] in out
     if cls is LAMConfig:  # a field whose presets differ shows each preset's value
-        assert "optimiser steps (" + "; ".join(f"{p} {resolve(cls, p).steps!r}" for p in PRESETS) + ")" in out
+        assert "(" + "; ".join(f"{p} {resolve(cls, p).steps!r}" for p in PRESETS) + ")" in out

@@ -43,7 +43,7 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     lines = [json.loads(x) for x in (tmp_path / "a" / "lam" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [3, 6] and all(m["perplexity"] >= 1 for m in lines)
+    assert [m["step"] for m in lines] == [1, 3, 6] and all(m["perplexity"] >= 1 for m in lines)
     saved = json.loads((tmp_path / "a" / "lam" / "config.json").read_text())
     assert saved["config"]["steps"] == 6 and "torch" in saved["versions"]
     assert isinstance(RunDir(tmp_path / "a").load_lam().idm.vq.codebook, torch.Tensor)
@@ -100,7 +100,7 @@ def _sprite_world(path, episodes: int, seed: int):
     return path
 
 
-@pytest.mark.parametrize("fdm_norm, batch_size", [("group", 16), ("batch", 32)])
+@pytest.mark.parametrize("fdm_norm, batch_size", [("group", 16), pytest.param("batch", 32, marks=pytest.mark.slow)])
 def test_stage1_learns_the_action_from_video_alone(tmp_path, fdm_norm, batch_size):
     """The method's premise at toy scale: trained without actions, the FDM must come to rely on the
     latent (held-out loss with shuffled latents clearly above its own) and the latent must carry the

@@ -188,6 +188,18 @@ def test_decoder_recovers_a_learnable_mapping_and_probe_reports_baselines():
     with pytest.raises(ValueError, match="as many actions"):
         fit_decoder(latents[:5], actions[:4])
     assert accuracy(fit_decoder(latents[:50], actions[:50], steps=200), latents[:50], actions[:50]) > 0.95
+    assert result["linear_accuracy"] > 0.9  # separable clusters: a linear probe suffices
+
+
+def test_probe_reports_a_linear_and_an_mlp_decoder():
+    """An action that is not a linear function of the latent (the sign of x0 * x1): the MLP probe
+    finds it, the linear one cannot."""
+    rng = np.random.default_rng(1)
+    latents = np.zeros((1_000, 16), np.float32)
+    latents[:, :2] = rng.uniform(-1, 1, (1_000, 2))
+    actions = (latents[:, 0] * latents[:, 1] > 0).astype(np.int64)
+    result = probe(latents, actions, labelled=600, held_out=400, steps=600)
+    assert result["accuracy"] > 0.85 and result["linear_accuracy"] < 0.65, result
 
 
 def test_decode_stage_sweeps_sizes_and_skips_done_ones(bc_run, capsys):

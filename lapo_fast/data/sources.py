@@ -127,7 +127,7 @@ def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int
 def import_lapo(src_dir, out_dir, *, codec: str = "lz4", progress: bool = True) -> list[Path]:
     """Converts the reference LAPO code's expert data: a game folder with train/ and test/
     folders of .npz chunks (obs (N,64,64,3) uint8, ta, done, rewards, ep_returns, values), one
-    chunk in memory at a time, into OUT/train and OUT/test."""
+    chunk in memory at a time, into OUT/train and OUT/test (episode boundaries: _import_chunk)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     splits = [s for s in ("train", "test") if (src_dir / s).is_dir()]
     if not splits:
@@ -148,21 +148,27 @@ def import_lapo(src_dir, out_dir, *, codec: str = "lz4", progress: bool = True) 
             for f in files:
                 bar.update(_import_chunk(f, writer, carry))
         if writer.num_frames == 0:
-            raise DatasetError(f"{src_dir / split}: no episode ends in these chunks (every `done` is False), so "
-                               "there is nothing to import: LAPO's chunks mark each episode's last frame")
-        writer.close()  # frames after the last done belong to an unfinished episode: dropped
+            raise DatasetError(f"{src_dir / split}: no whole episode in these chunks (LAPO's chunks mark each "
+                               "episode's first frame with done=True; fewer than two are marked here)")
+        writer.close()  # frames from the last done on belong to an episode whose end is not here: dropped
         made.append(out_dir / split)
     return made
 
 
 def _import_chunk(f: Path, writer: DatasetWriter, carry: dict) -> int:
-    """One LAPO chunk into the writer: its whole episodes, the unfinished tail carried over.
-    Returns the chunk's frame count."""
+    """One LAPO chunk into the writer: its whole episodes, the unfinished one carried over.
+    Returns the chunk's frame count.
+
+    LAPO's data comes from its PPO buffer, which stores dones[t] = next_done: done[t] is True when
+    obs[t] is the first frame of an episode (the step before ended one; procgen has already reset).
+    So an episode runs from one done to the frame before the next; frames before the stream's first
+    done (an episode whose start is not in the data) and after its last (one whose end is not) are
+    dropped. The return is the sum of the episode's rewards (rewards[t]: the step from obs[t])."""
     try:
         with np.load(f, allow_pickle=False) as chunk:
             obs = chunk["obs"]
             cols = {"action": chunk["ta"], "reward": chunk["rewards"], "done": chunk["done"].astype(bool),
-                    "value": chunk["values"], "ep_return": chunk["ep_returns"]}
+                    "value": chunk["values"]}
     except Exception as e:  # numpy, zipfile and zlib each raise their own type for a damaged file
         raise DatasetError(f"{f}: not a LAPO data chunk, or a damaged one ({type(e).__name__}: {e})") from e
     if obs.dtype != np.uint8 or obs.shape[1:] != OBS_SHAPE:
@@ -172,17 +178,21 @@ def _import_chunk(f: Path, writer: DatasetWriter, carry: dict) -> int:
     if len(action) and (action.min() < 0 or action.max() >= NUM_ACTIONS):
         raise DatasetError(f"{f}: actions must lie in [0, {NUM_ACTIONS}), found {action.min()}..{action.max()}")
     cols["obs"] = obs
+    if not carry:  # no episode has started yet in the stream: skip to the first that does
+        first = np.flatnonzero(cols["done"])
+        if not len(first):
+            return len(obs)
+        cols = {k: v[first[0]:] for k, v in cols.items()}
     for k, v in cols.items():
         carry.setdefault(k, []).append(v)
-    joined = {k: np.concatenate(v) for k, v in carry.items()}
-    start = 0
-    for end in np.flatnonzero(joined["done"]):  # done marks an episode's last frame
-        sl = slice(start, end + 1)
-        writer.add_episode(joined["obs"][sl], action=joined["action"][sl], reward=joined["reward"][sl],
-                           done=joined["done"][sl], value=joined["value"][sl],
-                           episode_return=float(joined["ep_return"][end]))
-        start = end + 1
-    carry.update({k: [v[start:]] for k, v in joined.items()})
+    joined = {k: np.concatenate(v) for k, v in carry.items()}  # begins with an episode's first frame
+    starts = np.flatnonzero(joined["done"])
+    for a, b in zip(starts[:-1], starts[1:]):
+        n = b - a
+        writer.add_episode(joined["obs"][a:b], action=joined["action"][a:b], reward=joined["reward"][a:b],
+                           done=np.arange(n) == n - 1, value=joined["value"][a:b],  # ours: True on the last frame
+                           episode_return=float(joined["reward"][a:b].sum()))
+    carry.update({k: [v[starts[-1]:]] for k, v in joined.items()})
     return len(obs)
 
 

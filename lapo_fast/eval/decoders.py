@@ -12,13 +12,15 @@ from lapo_fast.models import ActionDecoder
 
 
 def fit_decoder(latents: np.ndarray, actions: np.ndarray, *, steps: int = 1_000, lr: float = 1e-3,
-                weight_decay: float = 1e-4, num_actions: int = NUM_ACTIONS, seed: int = 0) -> ActionDecoder:
-    """An ActionDecoder trained full-batch with Adam on (latent, true action) pairs."""
+                weight_decay: float = 1e-4, num_actions: int = NUM_ACTIONS, seed: int = 0,
+                hidden=(128, 128)) -> ActionDecoder:
+    """An ActionDecoder (an MLP; hidden=() makes it linear) trained full-batch with Adam on
+    (latent, true action) pairs."""
     if len(latents) != len(actions) or len(latents) == 0:
         raise ValueError(f"need as many actions as latents (got {len(latents)} and {len(actions)}), at least one")
     with torch.random.fork_rng():  # seeded here without disturbing the caller's random stream
         torch.manual_seed(seed)
-        decoder = ActionDecoder(latents.shape[1], num_actions)
+        decoder = ActionDecoder(latents.shape[1], num_actions, hidden)
     x = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(actions), dtype=torch.long)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, weight_decay=weight_decay)
@@ -36,9 +38,10 @@ def accuracy(decoder: ActionDecoder, latents: np.ndarray, actions: np.ndarray) -
     return float((pred == np.asarray(actions)).mean())
 
 
-def probe(latents: np.ndarray, actions: np.ndarray, *, labelled: int = 256, held_out: int = 2_000,
+def probe(latents: np.ndarray, actions: np.ndarray, *, labelled: int = 4_096, held_out: int = 2_000,
           steps: int = 1_000, seed: int = 0, num_actions: int = NUM_ACTIONS) -> dict:
-    """Decoder from `labelled` random transitions, accuracy on `held_out` others, beside chance
+    """How much of the true action a latent carries: a linear and an MLP decoder fitted on
+    `labelled` random transitions and scored on `held_out` others (disjoint), beside chance
     (1 / actions) and the majority class of the held-out set (what a constant guess scores)."""
     n = len(latents)
     if n < 2:
@@ -47,7 +50,10 @@ def probe(latents: np.ndarray, actions: np.ndarray, *, labelled: int = 256, held
     labelled = min(labelled, n - held_out)
     order = np.random.default_rng(seed).permutation(n)
     test, train = order[:held_out], order[held_out:held_out + labelled]
-    decoder = fit_decoder(latents[train], actions[train], steps=steps, seed=seed, num_actions=num_actions)
     counts = np.bincount(np.asarray(actions)[test], minlength=num_actions)
-    return {"labelled": int(labelled), "held_out": int(held_out), "accuracy": accuracy(decoder, latents[test], actions[test]),
-            "chance": 1.0 / num_actions, "majority": float(counts.max() / counts.sum())}
+    scores = {kind: accuracy(fit_decoder(latents[train], actions[train], steps=steps, seed=seed,
+                                         num_actions=num_actions, hidden=hidden), latents[test], actions[test])
+              for kind, hidden in (("linear", ()), ("mlp", (128, 128)))}
+    return {"labelled": int(labelled), "held_out": int(held_out), "accuracy": scores["mlp"],
+            "linear_accuracy": scores["linear"], "chance": 1.0 / num_actions,
+            "majority": float(counts.max() / counts.sum())}

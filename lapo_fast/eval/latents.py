@@ -30,10 +30,10 @@ def idm_latents(idm, frames: np.ndarray, starts: np.ndarray, context: int, *, ba
     return out
 
 
-def latent_probe(idm, sampler: WindowSampler, actions: np.ndarray, device, *, labelled: int = 256,
+def latent_probe(idm, sampler: WindowSampler, actions: np.ndarray, device, *, labelled: int = 4_096,
                  held_out: int = 2_000, seed: int = 0) -> dict:
-    """Stage 1's probe: does the latent carry the true action? A decoder from `labelled`
-    transitions, scored on `held_out` others (LAPO's offline decoding, on the IDM itself)."""
+    """Stage 1's probe: does the latent carry the true action? Linear and MLP decoders from
+    `labelled` transitions, scored on `held_out` others (the reference's: 65,536 and 65,536)."""
     rng = np.random.default_rng(seed)
     starts = rng.choice(sampler.starts, min(len(sampler.starts), labelled + held_out), replace=False)
     context = sampler.window - 2

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 
 NORMS = ("group", "batch")
+ARCHS = ("lapo", "unet")  # LapoFDM (the reference's), UNetFDM (ours)
 
 
 class _DoubleConv(nn.Module):
@@ -86,3 +87,75 @@ class UNetFDM(nn.Module):
         for up, fuse, skip in zip(self.up, self.fuse, reversed(skips)):
             x = fuse(torch.cat([up(x), skip], dim=1))
         return torch.tanh(self.head(torch.cat([x, frames], dim=1))) / 2
+
+
+class _Residual(nn.Module):
+    """x + conv(relu(conv(relu(x)))), the inner width half of the outer (LAPO's residual layer)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.res_block = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(hidden, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.res_block(x)
+
+
+class _Down(nn.Module):
+    """conv 3x3 -> BatchNorm -> residual -> max-pool 2 -> ReLU: halves the resolution."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv, self.norm, self.res = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), _Residual(cout, cout // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.max_pool2d(self.res(self.norm(self.conv(x))), 2))
+
+
+class _Up(nn.Module):
+    """transposed conv 2x2/2 -> BatchNorm -> residual -> ReLU: doubles the resolution."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv, self.norm = nn.ConvTranspose2d(cin, cout, 2, stride=2), nn.BatchNorm2d(cout)
+        self.res = _Residual(cout, cout // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.res(self.norm(self.conv(x))))
+
+
+class LapoFDM(nn.Module):
+    """LAPO's own world model (its code's `WorldModel`), parameter for parameter: the paper preset's.
+
+    The latent action is tiled over the image as extra input channels, and enters again at the
+    1x1 bottleneck in place of the deepest skip. Widths b, 2b, ..., 32b (b = `width`; 24 gives
+    7,814,139 params); five BatchNorm down blocks (64 -> 2 px), a 2x2 conv to 1x1, six up blocks
+    joined with the skips, and a head over the decoder's features and the input frames. Parameter
+    names are the reference's, so its checkpoints load unchanged."""
+
+    def __init__(self, in_channels: int, latent_dim: int = 128, width: int = 24, out_channels: int = 3):
+        super().__init__()
+        if width < 2:
+            raise ValueError(f"LapoFDM: width must be >= 2 (its residual layers halve it), got {width}")
+        b = width
+        down = [in_channels + latent_dim, b, 2 * b, 4 * b, 8 * b, 16 * b, 32 * b]
+        self.down = nn.ModuleList([_Down(i, o) for i, o in zip(down[:-2], down[1:-1])])
+        self.down.append(nn.Conv2d(down[-2], down[-1], 2))  # 2x2 -> 1x1
+        up = [32 * b, 16 * b, 8 * b, 4 * b, 2 * b, b, b]
+        skips = [latent_dim] + down[-2:0:-1]  # what each up block is joined with: the action, then the skips
+        self.up = nn.ModuleList([_Up(i + s, o) for i, s, o in zip(up[:-1], skips, up[1:])])
+        self.final_conv = nn.Sequential(nn.Conv2d(b + in_channels, b, 3, padding=1), _Residual(b, b // 2), nn.ReLU(),
+                                        nn.Conv2d(b, out_channels, 1))
+
+    def forward(self, frames: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """frames (B, C_in, H, W), action (B, latent_dim) -> (B, 3, H, W) in [-0.5, 0.5]."""
+        a = action[:, :, None, None]
+        x = torch.cat([frames, a.expand(-1, -1, *frames.shape[2:])], dim=1)
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        skips[-1] = a  # the bottleneck is joined with the action instead of itself
+        for block, skip in zip(self.up, reversed(skips)):
+            x = block(torch.cat([x, skip], dim=1))
+        return torch.tanh(self.final_conv(torch.cat([x, frames], dim=1))) / 2

@@ -12,7 +12,7 @@ from lapo_fast.envs.games import NUM_ACTIONS
 from lapo_fast.ops import VectorQuantizerEMA
 from lapo_fast.ops.vq_reference import perplexity_of
 
-from .fdm import UNetFDM
+from .fdm import ARCHS, LapoFDM, UNetFDM
 from .impala import ImpalaEncoder
 
 
@@ -82,14 +82,17 @@ class LatentActionModel(nn.Module):
 
     def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
                  fdm_width: int = 24, fdm_norm: str = "batch", fdm_action: str = "latent", num_actions: int = NUM_ACTIONS,
-                 **idm_kwargs):
+                 fdm_arch: str = "lapo", **idm_kwargs):
         super().__init__()
         if fdm_action not in FDM_ACTIONS:
             raise ValueError(f"LatentActionModel: fdm_action must be one of {FDM_ACTIONS}, got {fdm_action!r}")
         self.true_action = fdm_action == "true"
         self.idm = (TrueActionEmbedding(num_actions, latent_dim) if self.true_action
                     else LatentIDM(frames, channels, impala_scale, latent_dim, **idm_kwargs))
-        self.fdm = UNetFDM((frames - 1) * channels, latent_dim, fdm_width, channels, fdm_norm)
+        if fdm_arch not in ARCHS:
+            raise ValueError(f"LatentActionModel: fdm_arch must be one of {ARCHS}, got {fdm_arch!r}")
+        self.fdm = (LapoFDM((frames - 1) * channels, latent_dim, fdm_width, channels) if fdm_arch == "lapo"
+                    else UNetFDM((frames - 1) * channels, latent_dim, fdm_width, channels, fdm_norm))
 
     def forward(self, window: torch.Tensor, actions: torch.Tensor | None = None):
         """Returns (total loss, reconstruction loss, IDM output, predicted o_{t+1}). `actions`:
@@ -105,8 +108,8 @@ class LatentActionModel(nn.Module):
 def build_lam(cfg) -> LatentActionModel:
     """Stage 1's model from its config (a LAMConfig), in channels_last memory."""
     return LatentActionModel(
-        frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_width=cfg.fdm_width, fdm_norm=cfg.fdm_norm,
-        fdm_action=cfg.fdm_action,
+        frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_arch=cfg.fdm_arch, fdm_width=cfg.fdm_width,
+        fdm_norm=cfg.fdm_norm, fdm_action=cfg.fdm_action,
         latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
         decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,

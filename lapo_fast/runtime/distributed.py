@@ -55,8 +55,9 @@ def device(requested: str = "") -> torch.device:
     return torch.device("cpu")
 
 
-def setup(out: Path, requested_device: str = "") -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; rank 0 creates the stage's output folder."""
+def setup(out: Path, requested_device: str = "", seed: int = 0) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process, torch seeded; rank 0 creates the stage's folder."""
+    torch.manual_seed(seed)
     rank, world = rank_and_world()
     if rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,7 @@ from torch.nn import functional as F
 
 from lapo_fast import __version__
 from lapo_fast.config import BCConfig
-from lapo_fast.data import FrameDataset, prepare_obs
-from lapo_fast.envs.games import OBS_SHAPE
+from lapo_fast.data import prepare_obs
 from lapo_fast.models import LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
@@ -35,11 +34,8 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     its own batches and DDP averages the gradients; rank 0 writes."""
     run = RunDir(run_dir)
     out = run.stage("bc")
-    rank, world, device = distributed.setup(out, cfg.device)
-    torch.manual_seed(cfg.seed)
-
-    ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
-    run.claim("bc", cfg, data=ds, write=rank == 0)
+    rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
+    ds = run.training_data("bc", cfg, data_dir, write=rank == 0)
     if rank == 0:
         labels = run.load_labels(ds, batch=cfg.label_batch, device=device, progress=progress)
     distributed.barrier()  # rank 0 computes the labels; the others then load them
@@ -55,7 +51,8 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     for head in (policy.action_head, policy.value_head):  # stage 3's heads: untouched here (and DDP
         head.requires_grad_(False)                         # needs every trainable parameter used)
     optimizer, schedule = adamw_warmup_decay(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps)
+                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
+                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
 
     log = RunLog(out, "bc", enabled=rank == 0)
     state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0, rng=rng, rank=rank)

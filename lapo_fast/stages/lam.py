@@ -44,12 +44,10 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     DDP averages gradients and the VQ op all-reduces its statistics; rank 0 writes."""
     run = RunDir(run_dir)
     out = run.stage("lam")
-    rank, world, device = distributed.setup(out, cfg.device)
-    torch.manual_seed(cfg.seed)
+    rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
 
     # Data: decoded once into a memmap, windows that never cross episodes.
-    ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
-    run.claim("lam", cfg, data=ds, write=rank == 0)
+    ds = run.training_data("lam", cfg, data_dir, write=rank == 0)
     true_action = cfg.fdm_action == "true"
     if rank == 0:
         ds.cache()
@@ -65,7 +63,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     # Model and optimiser: AdamW, linear warm-up then linear decay to 0.
     model = build_lam(cfg).to(device)
     optimizer, schedule = adamw_warmup_decay(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps)
+                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
+                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
 
     # Resume: weights, optimiser, schedule, and every rank's sampler stream.
     log = RunLog(out, "lam", enabled=rank == 0)
@@ -96,7 +95,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
         step += 1
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # codes in use from the start
             used = torch.unique(idm.indices[:, 0]).numel()  # distinct codes of codebook 0 in this batch
             metrics = {"step": step, "loss": loss.item(), "fdm_loss": recon.item(), "vq_loss": idm.vq_loss.item(),
                        "perplexity": idm.perplexity.item(), "codebook0_codes_used": used,
@@ -140,12 +139,14 @@ def _action_t(batch: dict, context: int, device) -> torch.Tensor | None:
 
 def _probe(model, sampler, ds, device, cfg: LAMConfig, log: RunLog, run: RunDir, step: int) -> None:
     """The latent probe at a checkpoint: logged (a curve over training), and saved at the end."""
-    result = latent_probe(model.idm, sampler, ds.meta("action"), device, seed=cfg.seed)
+    result = latent_probe(model.idm, sampler, ds.meta("action"), device, labelled=cfg.probe_labels,
+                          held_out=cfg.probe_held_out, seed=cfg.seed)
     log.log({"step": step, **{f"probe_{k}": v for k, v in result.items()}})
     if step == cfg.steps:
         write_json(run.probe, result)
-        print(f"lam: probe accuracy {result['accuracy']:.3f} from {result['labelled']} labelled transitions "
-              f"(chance {result['chance']:.3f}, majority class {result['majority']:.3f})")
+        print(f"lam: probe accuracy {result['accuracy']:.3f} (MLP), {result['linear_accuracy']:.3f} (linear) from "
+              f"{result['labelled']} labelled transitions, {result['held_out']} held out (chance "
+              f"{result['chance']:.3f}, majority class {result['majority']:.3f})")
 
 
 @torch.no_grad()

@@ -158,9 +158,10 @@ def _markdown(r: dict) -> str:
                       "the gap is what the action tells the world model.", ""]
         if s.get("probe"):
             p = s["probe"]
-            lines += [f"Latent probe: a decoder from {p['labelled']} labelled transitions predicts the true action of "
-                      f"{p['held_out']} held-out ones with accuracy **{p['accuracy']:.3f}** "
-                      f"(chance {p['chance']:.3f}, majority class {p['majority']:.3f}).", ""]
+            linear = f", linear {p['linear_accuracy']:.3f}" if "linear_accuracy" in p else ""
+            lines += [f"Latent probe: decoders from {p['labelled']} labelled transitions predict the true action of "
+                      f"{p['held_out']} held-out ones with accuracy **{p['accuracy']:.3f}** (MLP{linear}; "
+                      f"chance {p['chance']:.3f}, majority class {p['majority']:.3f}).", ""]
     if "stage2" in r:
         lines += ["## Stage 2: latent behaviour cloning", "",
                   f"step {r['stage2']['step']}: MSE to the IDM's latents {r['stage2']['loss']:.3g}.", ""]

@@ -1,0 +1,267 @@
+"""Fidelity to the authors' code, proved with its own numbers: load the weights and inputs that
+the reference LAPO code saved (shared/fixtures/lapo_reference, made by running it; its README says
+which call made each file), run our models and training steps on them, and compare every output.
+
+    lapo-fast check-reference DIR
+
+Tolerances are the fixtures README's: forward outputs and losses rtol 1e-4 / atol 1e-5, VQ indices
+exact, parameters after an optimiser step within 2 x lr (Adam's first steps move each element by
+about lr x sign(grad), so a near-zero gradient can land anywhere in +-lr).
+
+Key maps: the reference's parameter names -> ours. The FDM (LapoFDM) uses the reference's names.
+Our LatentPolicy has a true-action head the reference's stage-2 policy lacks (stage 3 adds it), and
+our VQ two bookkeeping buffers (k-means flag, refill count); those keep their initial values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from lapo_fast.config import BCConfig, LAMConfig, resolve
+from lapo_fast.models import LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, stack_frames
+from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
+
+RTOL, ATOL = 1e-4, 1e-5
+_IMPALA = [(r"conv_stack\.(\d)\.conv\.", r"stages.\1.conv."),
+           (r"conv_stack\.(\d)\.res_block(\d)\.", r"stages.\1.res.\2.")]
+_IDM_MAP = [(a, "encoder." + b) for a, b in _IMPALA] + [
+    (r"^fc\.", "encoder.fc."), (r"^policy_head\.", "head."), (r"^vq\.embedding$", "vq.codebook")]
+_POLICY_MAP = [(a, "trunk." + b) for a, b in _IMPALA] + [(r"^fc\.", "trunk.fc."), (r"^policy_head\.", "latent_head.")]
+# Not reproduced yet: the stage-3 policy (latent path + online decoder + averaged logits).
+NOT_YET = {"stage3_policy": "stage 3b's reference policy (decoder path, averaged logits) is not built yet"}
+
+
+class Report:
+    """Rows of (fixture, output, max |difference|, bound, ok)."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, float, float, bool]] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    def close(self, fixture: str, name: str, ours, theirs, *, rtol: float = RTOL, atol: float = ATOL) -> None:
+        ours = ours.detach().cpu().numpy() if torch.is_tensor(ours) else np.asarray(ours)
+        theirs = np.asarray(theirs)
+        ours = ours.reshape(theirs.shape)
+        diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
+        bound = atol + rtol * np.abs(theirs.astype(np.float64))
+        worst = float(diff.max()) if diff.size else 0.0
+        self.rows.append((fixture, name, worst, float(bound.max()) if bound.size else atol, bool((diff <= bound).all())))
+
+    def exact(self, fixture: str, name: str, ours, theirs) -> None:
+        self.close(fixture, name, ours, theirs, rtol=0.0, atol=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return all(r[4] for r in self.rows) and not self.skipped
+
+    def table(self) -> str:
+        lines = [f"{'fixture':<22} {'output':<44} {'max |diff|':>11} {'bound':>10}  result"]
+        lines += [f"{f:<22} {n:<44} {d:>11.3g} {b:>10.3g}  {'ok' if ok else 'FAIL'}" for f, n, d, b, ok in self.rows]
+        lines += [f"{f:<22} {'(not checked)':<44} {'':>11} {'':>10}  {why}" for f, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _state(d, mapping=()) -> dict[str, torch.Tensor]:
+    """The reference state_dict stored in a fixture, its names mapped to ours."""
+    out = {}
+    for key in d.files:
+        kind, _, name = key.partition("/")
+        if kind in ("param", "buffer"):
+            for pattern, repl in mapping:
+                name = re.sub(pattern, repl, name)
+            out[name] = torch.from_numpy(np.array(d[key]))
+    return out
+
+
+def _load(model: torch.nn.Module, state: dict, ours_only: tuple[str, ...] = ()) -> torch.nn.Module:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(ours_only)]
+    if missing or unexpected:
+        raise ValueError(f"reference key map incomplete: ours missing {missing[:5]}, theirs unused {unexpected[:5]}")
+    return model
+
+
+def _scale(d, key: str, base: int) -> int:
+    return d[key].shape[0] // base
+
+
+def _idm(d) -> LatentIDM:
+    idm = LatentIDM(frames=3, impala_scale=_scale(d, "param/conv_stack.0.conv.weight", 16))
+    return _load(idm, _state(d, _IDM_MAP), ("vq.initialized", "vq.refills"))
+
+
+def _fdm(d) -> LapoFDM:
+    return _load(LapoFDM(6, 128, width=d["param/down.0.conv.weight"].shape[0]), _state(d))
+
+
+def _policy(d) -> LatentPolicy:
+    policy = LatentPolicy(impala_scale=_scale(d, "param/conv_stack.0.conv.weight", 16))
+    return _load(policy, _state(d, _POLICY_MAP), ("action_head.",))
+
+
+def check_idm(d, name: str, report: Report) -> None:
+    obs = torch.from_numpy(d["input/obs"])
+    for mode in ("eval", "train"):
+        idm = _idm(d).train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
+            out = idm(obs)
+        o = f"output/{mode}/"
+        report.close(name, f"{mode}/la", out.latent, d[o + "la"])
+        report.close(name, f"{mode}/la_q", out.quantized, d[o + "la_q"])
+        report.exact(name, f"{mode}/la_qinds", out.indices, d[o + "la_qinds"][..., 0])
+        report.close(name, f"{mode}/vq_loss", out.vq_loss, d[o + "vq_loss"])
+        report.close(name, f"{mode}/vq_perp", out.perplexity, d[o + "vq_perp"])
+        for ours, theirs in (("codebook", "embedding"), ("ema_count", "ema_count"), ("ema_weight", "ema_weight")):
+            report.close(name, f"{mode}/buffer_after/vq.{theirs}", getattr(idm.vq, ours), d[o + f"buffer_after/vq.{theirs}"])
+
+
+def check_fdm(d, name: str, report: Report) -> None:
+    frames, action = stack_frames(torch.from_numpy(d["input/state_seq"])), torch.from_numpy(d["input/action"])
+    target = torch.from_numpy(d["input/target"])
+    for mode in ("eval", "train"):
+        fdm = _fdm(d).train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
+            pred = fdm(frames, action)
+        report.close(name, f"{mode}/wm_pred", pred, d[f"output/{mode}/wm_pred"])
+        report.close(name, f"{mode}/loss", F.mse_loss(pred, target), d[f"output/{mode}/loss"])
+        if mode == "train":
+            for key, value in fdm.state_dict().items():
+                if "running" in key:
+                    report.close(name, f"train/buffer_after/{key}", value, d[f"output/train/buffer_after/{key}"])
+
+
+def check_policy(d, name: str, report: Report) -> None:
+    policy = _policy(d).eval()
+    obs = torch.from_numpy(d["input/obs"])
+    with torch.no_grad():
+        feats = policy.features(obs)
+        latent = policy.latent_head(feats)
+        report.close(name, "latent_action", latent, d["output/latent_action"])
+        report.close(name, "value", policy.value_head(feats), d["output/value"])
+        report.close(name, "stage2_loss", F.mse_loss(latent, torch.from_numpy(d["input/la_target"])),
+                     d["output/stage2_loss"])
+
+
+def _lam_model(idm_d, fdm_d) -> LatentActionModel:
+    """Our stage-1 model in the paper preset's shape, holding the reference's weights."""
+    cfg = replace(resolve(LAMConfig, "paper"), impala_scale=_scale(idm_d, "param/conv_stack.0.conv.weight", 16),
+                  fdm_width=fdm_d["param/down.0.conv.weight"].shape[0])
+    from lapo_fast.models import build_lam
+
+    model = build_lam(cfg)
+    _load(model.idm, _state(idm_d, _IDM_MAP), ("vq.initialized", "vq.refills"))
+    _load(model.fdm, _state(fdm_d))
+    return model, cfg
+
+
+def check_stage1(d, name: str, report: Report, idm_d, fdm_d) -> None:
+    """One or two of our stage-1 steps (the paper preset's optimiser and schedule) on the batch."""
+    model, cfg = _lam_model(idm_d, fdm_d)
+    optimizer, schedule = adamw_warmup_decay(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
+                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
+    obs = torch.from_numpy(d["input/obs"])
+    steps = ["step0", "step1"] if "output/step1/loss" in d.files else [""]
+    model.train()
+    first_in = []  # the FDM's first conv input, for the bound on its BatchNorm statistics below
+    model.fdm.down[0].conv.register_forward_pre_hook(lambda m, args: first_in.append(args[0].detach()))
+    for step in steps:
+        o = f"output/{step}/" if step else "output/"
+        lr = schedule.get_last_lr()[0]
+        loss, recon, idm, _ = model(obs)
+        norm = optimizer_step(loss, model.parameters(), optimizer, schedule, cfg.grad_clip)
+        for key, ours in (("loss", loss), ("wm_loss", recon), ("vq_loss", idm.vq_loss), ("vq_perp", idm.perplexity),
+                          ("grad_norm", norm), ("lr", lr)):
+            report.close(name, f"{step or 'step'}/{key}", ours, d[o + key])
+    lr_bound = 2 * max(float(d[f"output/{s}/lr" if s else "output/lr"]) for s in steps)
+    mine = dict(model.named_parameters())
+    for key in d.files:
+        if key.startswith("output/param_after/"):
+            theirs = key.split("/", 2)[2]  # idm.<reference name> or wm.<reference name>
+            module, _, param = theirs.partition(".")
+            ours = f"idm.{_mapped(param, _IDM_MAP)}" if module == "idm" else f"fdm.{param}"
+            report.close(name, f"param_after/{theirs}", mine[ours], d[key], rtol=0.0, atol=lr_bound)
+    # After a second step, the first BatchNorm's running mean inherits the +-lr freedom of the
+    # first step's weights: each channel's batch mean can move by up to lr_bound x sum |mean input|
+    # over the conv's fan-in (momentum 0.1 of it lands in the running mean).
+    x = first_in[-1]
+    fan_in = float(x.abs().mean(dim=(0, 2, 3)).sum()) * model.fdm.down[0].conv.kernel_size[0] ** 2
+    first_bn = ATOL + (0.1 * lr_bound * fan_in if len(steps) > 1 else lr_bound)
+    buffers = {"idm.vq.embedding": model.idm.vq.codebook, "idm.vq.ema_count": model.idm.vq.ema_count,
+               "idm.vq.ema_weight": model.idm.vq.ema_weight}
+    buffers.update({f"wm.{k}": v for k, v in model.fdm.state_dict().items() if "running" in k})
+    for theirs, ours in buffers.items():
+        key = f"output/buffer_after/{theirs}"
+        if key in d.files:
+            atol = first_bn if theirs == "wm.down.0.norm.running_mean" else ATOL
+            report.close(name, f"buffer_after/{theirs}", ours, d[key], atol=atol)
+
+
+def _mapped(name: str, mapping) -> str:
+    for pattern, repl in mapping:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def check_stage2(d, name: str, report: Report, idm_d, policy_d) -> None:
+    """One of our stage-2 steps (the paper preset's optimiser and schedule) on the batch."""
+    cfg = resolve(BCConfig, "paper")
+    idm, policy = _idm(idm_d).eval(), _policy(policy_d)
+    for head in (policy.action_head, policy.value_head):  # as stage 2 does
+        head.requires_grad_(False)
+    optimizer, schedule = adamw_warmup_decay(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
+                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
+    obs = torch.from_numpy(d["input/obs"])
+    with torch.no_grad():
+        target = idm(obs).latent
+    report.close(name, "la_target", target, d["output/la_target"])
+    lr = schedule.get_last_lr()[0]
+    policy.train()
+    preds = policy(obs[:, -2])
+    loss = F.mse_loss(preds, target)
+    optimizer_step(loss, policy.parameters(), optimizer, schedule, cfg.grad_clip)
+    report.close(name, "preds", preds, d["output/preds"])
+    report.close(name, "loss", loss, d["output/loss"])
+    report.close(name, "lr", lr, d["output/lr"])
+    mine = dict(policy.named_parameters())
+    for key in d.files:
+        if key.startswith("output/param_after/"):
+            theirs = key.split("/", 2)[2]
+            report.close(name, f"param_after/{theirs}", mine[_mapped(theirs, _POLICY_MAP)], d[key], rtol=0.0,
+                         atol=2 * float(d["output/lr"]))
+
+
+def check_reference(directory) -> Report:
+    """Runs every check whose fixtures are in `directory` (both sizes where present)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such fixture folder (shared/fixtures/lapo_reference holds them)")
+    report = Report()
+    torch.manual_seed(0)
+    with torch.random.fork_rng():
+        for size in ("small", "paper"):
+            files = {p.stem.rsplit("_", 1)[0]: p for p in directory.glob(f"*_{size}.npz")}
+            if not files:
+                continue
+            d = {k: np.load(p) for k, p in files.items()}
+            for kind, check in (("idm", check_idm), ("fdm", check_fdm), ("policy", check_policy)):
+                if kind in d:
+                    check(d[kind], files[kind].name, report)
+            for kind in ("stage1_step", "stage1_2steps"):
+                if kind in d and "idm" in d and "fdm" in d:
+                    check_stage1(d[kind], files[kind].name, report, d["idm"], d["fdm"])
+            if "stage2_step" in d and "idm" in d and "policy" in d:
+                check_stage2(d["stage2_step"], files["stage2_step"].name, report, d["idm"], d["policy"])
+            for kind, why in NOT_YET.items():
+                if kind in d:
+                    report.skipped.append((files[kind].name, why))
+    if not report.rows and not report.skipped:
+        raise FileNotFoundError(f"{directory}: no reference fixtures (*_small.npz, *_paper.npz) here")
+    return report
