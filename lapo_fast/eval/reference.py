@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from lapo_fast.config import BCConfig, LAMConfig, resolve
-from lapo_fast.models import LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, stack_frames
+from lapo_fast.models import LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, build_lam, stack_frames
 from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -148,12 +148,10 @@ def check_policy(d, name: str, report: Report) -> None:
                      d["output/stage2_loss"])
 
 
-def _lam_model(idm_d, fdm_d) -> LatentActionModel:
+def _lam_model(idm_d, fdm_d) -> tuple[LatentActionModel, LAMConfig]:
     """Our stage-1 model in the paper preset's shape, holding the reference's weights."""
     cfg = replace(resolve(LAMConfig, "paper"), impala_scale=_scale(idm_d, "param/conv_stack.0.conv.weight", 16),
                   fdm_width=fdm_d["param/down.0.conv.weight"].shape[0])
-    from lapo_fast.models import build_lam
-
     model = build_lam(cfg)
     _load(model.idm, _state(idm_d, _IDM_MAP), ("vq.initialized", "vq.refills"))
     _load(model.fdm, _state(fdm_d))
