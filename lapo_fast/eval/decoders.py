@@ -57,3 +57,15 @@ def probe(latents: np.ndarray, actions: np.ndarray, *, labelled: int = 4_096, he
     return {"labelled": int(labelled), "held_out": int(held_out), "accuracy": scores["mlp"],
             "linear_accuracy": scores["linear"], "chance": 1.0 / num_actions,
             "majority": float(counts.max() / counts.sum())}
+
+
+def decoder_step(decoder: ActionDecoder, optimizer, latents: torch.Tensor, actions: torch.Tensor, *,
+                 label_smoothing: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """One supervised step of stage 3b's online decoder (cross-entropy with label smoothing, as
+    LAPO's); returns (logits before the step, loss)."""
+    outputs = decoder(latents)
+    loss = F.cross_entropy(outputs, actions, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return outputs, loss

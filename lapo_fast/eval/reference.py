@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from lapo_fast.config import BCConfig, LAMConfig, resolve
-from lapo_fast.models import LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, build_lam, stack_frames
+from lapo_fast.models import DecodedPolicy, LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, build_lam, stack_frames
 from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -33,8 +33,7 @@ _IMPALA = [(r"conv_stack\.(\d)\.conv\.", r"stages.\1.conv."),
 _IDM_MAP = [(a, "encoder." + b) for a, b in _IMPALA] + [
     (r"^fc\.", "encoder.fc."), (r"^policy_head\.", "head."), (r"^vq\.embedding$", "vq.codebook")]
 _POLICY_MAP = [(a, "trunk." + b) for a, b in _IMPALA] + [(r"^fc\.", "trunk.fc."), (r"^policy_head\.", "latent_head.")]
-# Not reproduced yet: the stage-3 policy (latent path + online decoder + averaged logits).
-NOT_YET = {"stage3_policy": "stage 3b's reference policy (decoder path, averaged logits) is not built yet"}
+NOT_YET: dict[str, str] = {}  # fixtures no check reads yet, and why
 
 
 class Report:
@@ -236,6 +235,39 @@ def check_stage2(d, name: str, report: Report, idm_d, policy_d) -> None:
                          atol=2 * float(d["output/lr"]))
 
 
+def check_stage3(d, name: str, report: Report) -> None:
+    """Stage 3b's agent at its start (the reference's stage-3 policy built from a latent policy),
+    and one supervised step of its online decoder."""
+    from lapo_fast.eval.decoders import decoder_step
+
+    latent = _load(LatentPolicy(impala_scale=_scale(d, "param/conv_stack.0.conv.weight", 16)),
+                   {k: v for k, v in _state(d, _POLICY_MAP).items() if not k.startswith(("decoder.", "fc_", "policy_head_"))},
+                   ("action_head.",))
+    agent = DecodedPolicy(latent)
+    agent.decoder.load_state_dict({k.replace("decoder.", "net."): v for k, v in _state(d).items()
+                                   if k.startswith("decoder.")})
+    report.exact(name, "policy_head_rl (zero at start)", agent.action_head.weight, d["param/policy_head_rl.weight"])
+    obs, action = torch.from_numpy(d["input/obs"]), torch.from_numpy(d["input/action"])
+    with torch.no_grad():
+        feats = agent.conv_features(obs)
+        latent_action = agent.latent(feats)
+        logits, value = agent.logits_value(feats)
+        dist = torch.distributions.Categorical(logits=logits)
+    for key, ours in (("act/conv_stack", feats), ("act/fc_rl", agent.fc_rl(feats)), ("act/fc_sl", torch.relu(agent.fc_sl(feats))),
+                      ("latent_action", latent_action), ("logits_sl", agent.decoder(latent_action)), ("logits", logits),
+                      ("log_softmax", dist.logits), ("logprob", dist.log_prob(action)), ("entropy", dist.entropy()),
+                      ("value", value)):
+        report.close(name, key, ours, d[f"output/{key}"])
+    optimizer = torch.optim.Adam(agent.decoder.parameters())  # LAPO's: lr 1e-3
+    agent.decoder.requires_grad_(True)
+    outputs, loss = decoder_step(agent.decoder, optimizer, torch.from_numpy(d["input/decoder_la"]), action)
+    report.close(name, "decoder_sl/outputs", outputs, d["output/decoder_sl/outputs"])
+    report.close(name, "decoder_sl/loss", loss, d["output/decoder_sl/loss"])
+    for key, value in agent.decoder.state_dict().items():
+        report.close(name, f"decoder_sl/param_after/{key}", value,
+                     d[f"output/decoder_sl/param_after/decoder.{key.removeprefix('net.')}"], rtol=0.0, atol=2e-3)
+
+
 def check_reference(directory) -> Report:
     """Runs every check whose fixtures are in `directory` (both sizes where present)."""
     directory = Path(directory)
@@ -255,6 +287,8 @@ def check_reference(directory) -> Report:
             for kind in ("stage1_step", "stage1_2steps"):
                 if kind in d and "idm" in d and "fdm" in d:
                     check_stage1(d[kind], files[kind].name, report, d["idm"], d["fdm"])
+            if "stage3_policy" in d:
+                check_stage3(d["stage3_policy"], files["stage3_policy"].name, report)
             if "stage2_step" in d and "idm" in d and "policy" in d:
                 check_stage2(d["stage2_step"], files["stage2_step"].name, report, d["idm"], d["policy"])
             for kind, why in NOT_YET.items():

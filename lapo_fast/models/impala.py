@@ -45,6 +45,9 @@ class ImpalaEncoder(nn.Module):
         self.fc = nn.Linear(cin * size * size, features)
         self.out_features = features
 
+    def conv_features(self, x):
+        """The conv stack's output, flattened and rectified: what `fc` reads."""
+        return F.relu(torch.flatten(self.stages(x), 1))
+
     def forward(self, x):
-        x = self.stages(x)
-        return F.relu(self.fc(F.relu(torch.flatten(x, 1))))
+        return F.relu(self.fc(self.conv_features(x)))

@@ -3,6 +3,8 @@ small offline decoder from latent to true actions."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -47,3 +49,42 @@ class ActionDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.net(latent)
+
+
+class DecodedPolicy(nn.Module):
+    """Stage 3b's agent, as LAPO's code builds it from the stage-2 latent policy: the conv trunk
+    frozen; a frozen copy of fc and the frozen latent head feed a decoder MLP (192, 128, 64) that
+    maps latent to true actions (trained online, by supervision, on the IDM's labels of the agent's
+    own transitions); a trainable fc (fc_rl) feeds a zero-initialised true-action head and the value
+    head. The two paths' logits are averaged, so at the start the agent acts as the decoded latent
+    policy. Everything after the conv trunk reads its features, which can be computed once per env
+    step and reused (`conv_features`)."""
+
+    def __init__(self, latent: LatentPolicy, num_actions: int = NUM_ACTIONS):
+        super().__init__()
+        trunk = latent.trunk
+        self.conv = trunk.stages
+        self.fc_sl = copy.deepcopy(trunk.fc)
+        self.latent_head = latent.latent_head
+        self.fc_rl = trunk.fc
+        self.action_head = nn.Linear(trunk.fc.out_features, num_actions)
+        nn.init.zeros_(self.action_head.weight)
+        nn.init.zeros_(self.action_head.bias)
+        self.value_head = latent.value_head
+        self.decoder = ActionDecoder(latent.latent_head.out_features, num_actions, hidden=(192, 128, 64))
+        for frozen in (self.conv, self.fc_sl, self.latent_head, self.decoder):
+            frozen.requires_grad_(False)  # the decoder learns by its own supervised steps, not PPO's
+
+    def conv_features(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.flatten(self.conv(obs), 1))
+
+    def latent(self, feats: torch.Tensor) -> torch.Tensor:
+        """The frozen latent policy's latent action, from conv features."""
+        return self.latent_head(torch.relu(self.fc_sl(feats)))
+
+    def logits_value(self, feats: torch.Tensor, latent: torch.Tensor | None = None):
+        """(averaged logits, value) from conv features (and the latent, when already computed)."""
+        hidden = torch.relu(self.fc_rl(feats))
+        latent = self.latent(feats) if latent is None else latent
+        logits = (self.action_head(hidden) + self.decoder(latent)) / 2
+        return logits, self.value_head(hidden).squeeze(-1)
