@@ -106,8 +106,11 @@ def _cmd_ppo(args: argparse.Namespace, cfg) -> str:
 
     check_game(args.env)
     if args.command == "finetune":
+        from .models import DecodedPolicy
+
+        run = RunDir(args.out)
         last = train_ppo(args.out, args.env, cfg, name=args.name or "finetune",
-                         init=RunDir(args.out).load_policy("bc"), frozen_trunk=True)
+                         init=DecodedPolicy(run.load_policy("bc")), idm=run.load_lam().idm)
     else:
         last = train_ppo(args.out, args.env, cfg, name=args.name or "ppo")
     return f"final checkpoint {last}"
@@ -202,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
     p.set_defaults(func=_cmd_data)
 
-    from .config import PRESETS, BCConfig, DecodeConfig, EvalConfig, LAMConfig, PPOConfig, add_arguments
+    from .config import PRESETS, BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig, add_arguments
 
     def stage(name: str, help: str, func, cls=None, *, data: bool = False, env: bool = False):
         q = sub.add_parser(name, help=help)
@@ -225,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
               _cmd_decode, DecodeConfig, data=True)
     p.add_argument("--env", default=None, help="game to act in (default: the dataset's)")
     p.add_argument("--offline-only", action="store_true", help="score decoders on held-out transitions only")
-    for name, help in (("finetune", "stage 3b: PPO fine-tuning of the latent policy, frozen trunk (needs RUN/bc)"),
-                       ("ppo", "PPO from scratch (baselines, demonstrators)")):
-        p = stage(name, help, _cmd_ppo, PPOConfig, env=True)
+    for name, help, cls in (("finetune", "stage 3b: LAPO's online decoding and PPO fine-tuning of the latent policy "
+                                         "(needs RUN/lam and RUN/bc)", FinetuneConfig),
+                            ("ppo", "PPO from scratch (baselines, demonstrators)", PPOConfig)):
+        p = stage(name, help, _cmd_ppo, cls, env=True)
         p.add_argument("--name", default=None, help=f"subdirectory of the run (default {name})")
     stage("eval", "returns of every policy in a run, normalised per game", _cmd_eval, EvalConfig, env=True)
     p = stage("umap", "UMAP of the IDM's latent actions coloured by true action (PNG)", _cmd_umap, data=True)

@@ -99,8 +99,8 @@ class DecodeConfig:
 
 @dataclass
 class PPOConfig:
-    """Stage 3b (and demonstrators): PPO with Cobbe et al. (2020)'s Procgen settings.
-    frozen_trunk=True is LAPO's fine-tuning: features computed once per env step, reused."""
+    """PPO from scratch (demonstrators, the baseline) with Cobbe et al. (2020)'s Procgen settings;
+    stage 3b's fine-tuning uses FinetuneConfig."""
 
     env_steps: int = setting(4_000_000, "environment steps in all")
     num_envs: int = setting(64, "parallel environments")
@@ -113,7 +113,9 @@ class PPOConfig:
     entropy: float = setting(0.01, "entropy bonus coefficient (Cobbe et al.'s)")
     value_coef: float = setting(0.5, "value loss coefficient")
     lr: float = setting(5e-4, "Adam learning rate of full PPO (scratch, demonstrators)")
-    head_lr: float = setting(1e-2, "Adam learning rate of the heads when the trunk is frozen (fine-tuning)")
+    head_lr: float = setting(1e-2, "fine-tuning: the lr its layers' schedules are fractions of (the reference's 1e-2)")
+    adam_eps: float = setting(1e-5, "Adam epsilon")
+    clip_value: bool = setting(False, "clip the value loss around the rollout's values")
     grad_clip: float = setting(0.5, "gradient-norm clip")
     impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels")
     normalize_rewards: bool = setting(True, "divide rewards by a running std of the return, clip at 10")
@@ -121,6 +123,41 @@ class PPOConfig:
     checkpoint_every: int = setting(10, "updates between checkpoints")
     seed: int = setting(0, "seed of weights, envs and sampling")
     device: str = setting("", "torch device ('' = cuda if available, else cpu)")
+
+
+@dataclass
+class FinetuneConfig(PPOConfig):
+    """Stage 3b as LAPO's code (stage3_decoding.py, config.yaml): PPO on the decoded latent policy
+    (models.DecodedPolicy), whose decoder is trained online on the IDM's labels of the agent's own
+    transitions. Each trained layer's lr is 0 until its ramp starts, rises linearly to its
+    fraction of head_lr at the ramp's end, then falls linearly to 0 at env_steps."""
+
+    rollout: int = setting(64, "steps per environment per update (the reference's 64)")
+    entropy: float = setting(0.0025, "entropy bonus coefficient (the reference's)")
+    adam_eps: float = setting(1e-8, "Adam epsilon (torch's default, the reference's)")
+    clip_value: bool = setting(True, "clip the value loss around the rollout's values (the reference's)")
+    action_head_ramp: str = setting("35000,50000", "env steps: the action head's lr ramp (start,end) to head_lr/4")
+    value_head_ramp: str = setting("25000,50000", "env steps: the value head's lr ramp (start,end) to head_lr/4")
+    fc_ramp: str = setting("50000,200000", "env steps: the trainable fc's lr ramp (start,end) to head_lr/10")
+    decoder_from: int = setting(10_000, "env steps after which the decoder is trained online")
+    decoder_until: int = setting(400_000, "env steps after which it is no longer trained")
+    decoder_dense_until: int = setting(50_000, "until here it is retrained after every update, then every decoder_every")
+    decoder_every: int = setting(20, "updates between decoder retrainings after decoder_dense_until")
+    decoder_epochs: int = setting(3, "epochs over all labelled transitions per retraining")
+    decoder_batch: int = setting(512, "decoder minibatch size")
+    decoder_lr: float = setting(1e-3, "decoder Adam lr (torch's default, the reference's)")
+    label_smoothing: float = setting(0.05, "label smoothing of the decoder's cross-entropy")
+
+
+def ramp(text: str, name: str) -> tuple[int, int]:
+    """'start,end' env steps of a FinetuneConfig lr ramp."""
+    try:
+        start, end = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"FinetuneConfig.{name} must be 'start,end' env steps, got {text!r}") from None
+    if not 0 <= start <= end:
+        raise ValueError(f"FinetuneConfig.{name}: need 0 <= start <= end, got {text!r}")
+    return start, end
 
 
 @dataclass
@@ -176,6 +213,13 @@ _PRESETS: dict[type, dict[str, dict]] = {
         "cpu": {"labelled": "16,64,256,1024", "steps": 1_000, "held_out": 1_000, "eval_episodes": 32},
         "smoke": {"labelled": "8,16", "deploy": 16, "steps": 20, "held_out": 8, "eval_episodes": 2},
     },
+    FinetuneConfig: {
+        "paper": {},
+        "cpu": {"env_steps": 200_000, "num_envs": 32, "impala_scale": 1, "checkpoint_every": 20},
+        "smoke": {"env_steps": 256, "num_envs": 4, "rollout": 16, "epochs": 2, "minibatches": 2,
+                  "impala_scale": 1, "checkpoint_every": 1, "action_head_ramp": "0,64", "value_head_ramp": "0,64",
+                  "fc_ramp": "0,128", "decoder_from": 0, "decoder_dense_until": 256},
+    },
     PPOConfig: {
         "paper": {},
         "cpu": {"env_steps": 200_000, "num_envs": 32, "rollout": 128, "impala_scale": 1, "checkpoint_every": 5},
@@ -196,8 +240,8 @@ _PRESETS: dict[type, dict[str, dict]] = {
 
 # The configs of `lapo-fast train`, by the prefix its --set flags use (--set lam.steps=100).
 # "demo" is the PPO demonstrator trained when none is given; it is also the from-scratch baseline.
-STAGE_CONFIGS: dict[str, type] = {"demo": PPOConfig, "data": DataConfig, "lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig,
-                                  "finetune": PPOConfig, "eval": EvalConfig}
+STAGE_CONFIGS: dict[str, type] = {"demo": PPOConfig, "data": DataConfig, "lam": LAMConfig, "bc": BCConfig,
+                                  "decode": DecodeConfig, "finetune": FinetuneConfig, "eval": EvalConfig}
 
 
 def default_preset() -> tuple[str, str]:
@@ -251,6 +295,9 @@ def _check(cfg) -> None:
         sizes = labelled_sizes(cfg)
         if cfg.deploy not in sizes:
             raise ValueError(f"DecodeConfig.deploy={cfg.deploy} is not one of the swept sizes {sizes}")
+    if isinstance(cfg, FinetuneConfig):
+        for name in ("action_head_ramp", "value_head_ramp", "fc_ramp"):
+            ramp(getattr(cfg, name), name)
     if isinstance(cfg, PPOConfig):
         batch = cfg.num_envs * cfg.rollout
         if cfg.num_envs < 1 or cfg.rollout < 1 or cfg.minibatches < 1 or batch % cfg.minibatches:

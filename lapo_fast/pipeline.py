@@ -46,6 +46,7 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
     """Runs (or continues) every stage; returns the report's path. `cfgs` is resolve_run's output."""
     from lapo_fast.data import FrameDataset, checkpoint_policy, collect
     from lapo_fast.eval.actors import policy_actor
+    from lapo_fast.models import DecodedPolicy
     from lapo_fast.stages.bc import train_bc
     from lapo_fast.stages.decode import train_decoders
     from lapo_fast.stages.evaluate import evaluate_run
@@ -87,10 +88,12 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
     timer("stage 2 (bc)", train_bc, data, run, cfgs["bc"], progress=progress)
     timer("stage 3a (decode)", train_decoders, data, run, cfgs["decode"], env_name=game, progress=progress)
     timer("stage 3b (finetune)", train_ppo, run, game, cfgs["finetune"], name="finetune",
-          init=run.load_policy("bc"), frozen_trunk=True, progress=progress)
+          init=DecodedPolicy(run.load_policy("bc")), idm=run.load_lam().idm, progress=progress)
     if not run.has("demo"):
         # No demonstrator trained here: PPO from scratch at the fine-tuning's env steps, as the baseline.
-        scratch = dataclasses.replace(cfgs["finetune"], impala_scale=cfgs["bc"].impala_scale)  # same network
+        # The same network and env steps, with full PPO's own settings.
+        scratch = dataclasses.replace(cfgs["demo"], impala_scale=cfgs["bc"].impala_scale,
+                                      env_steps=cfgs["finetune"].env_steps, num_envs=cfgs["finetune"].num_envs)
         timer("PPO from scratch", train_ppo, run, game, scratch, name="ppo", progress=progress)
     timer("eval", evaluate_run, run, game, cfgs["eval"], progress=progress)
     if not run.umap_plot.exists():

@@ -22,19 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, LAMConfig, PPOConfig
+from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig
 from lapo_fast.config import load as load_config
 from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
 from lapo_fast.runtime.files import atomic_write, read_json, write_json
 
 # The config type of each stage folder; any other name (demo, ppo, a --name) is a PPO run.
-_STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
+_STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig,
+                                  "finetune": FinetuneConfig}
 # Settings that fix a stage's model shapes: a rerun may not change them and resume.
 _SHAPES: dict[type, tuple[str, ...]] = {
     LAMConfig: ("impala_scale", "fdm_arch", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks", "codebook_size",
                 "code_dim", "num_latents"),
-    BCConfig: ("impala_scale",), PPOConfig: ("impala_scale",)}
+    BCConfig: ("impala_scale",), PPOConfig: ("impala_scale",), FinetuneConfig: ("impala_scale",)}
 
 
 class RunDir:
@@ -172,10 +173,13 @@ class RunDir:
         return self._load("lam", build_lam(cfg))
 
     def load_policy(self, stage: str):
-        """The latest policy of RUN/<stage> (bc, finetune, ppo, demo), on the CPU, in eval mode."""
-        from lapo_fast.models import LatentPolicy
+        """The latest policy of RUN/<stage> (bc, ppo, demo: a LatentPolicy; finetune: a
+        DecodedPolicy), on the CPU, in eval mode."""
+        from lapo_fast.models import DecodedPolicy, LatentPolicy
 
-        return self._load(stage, LatentPolicy(impala_scale=self.config(stage).impala_scale))
+        cfg = self.config(stage)
+        policy = LatentPolicy(impala_scale=cfg.impala_scale)
+        return self._load(stage, DecodedPolicy(policy) if isinstance(cfg, FinetuneConfig) else policy)
 
     def load_labels(self, ds, *, batch: int = 512, device="cpu", progress: bool = True):
         """(starts, latents, context) of stage 2: for every window inside an episode of `ds`, its

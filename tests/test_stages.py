@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_fast.config import BCConfig, DecodeConfig, LAMConfig, PPOConfig, resolve, resolve_run
+from lapo_fast.config import BCConfig, DecodeConfig, FinetuneConfig, LAMConfig, PPOConfig, resolve, resolve_run
 from lapo_fast.data import DatasetWriter, FrameDataset, normalize, valid_starts
 from lapo_fast.eval import EXPERT_RETURN, RANDOM_RETURN, evaluate, normalized_return
 from lapo_fast.eval.decoders import accuracy, fit_decoder, probe
 from lapo_fast.envs import GAMES
-from lapo_fast.models import LatentPolicy
+from lapo_fast.models import DecodedPolicy, LatentPolicy
 from lapo_fast.data import prepare_obs
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.checkpoint import load_checkpoint
@@ -74,23 +74,28 @@ def test_reward_normalizer_matches_gyms_normalize_reward():
         np.testing.assert_allclose(ours(rewards[t], dones[t]), np.clip(expected, -10, 10), rtol=1e-5)
 
 
-def test_frozen_trunk_update_on_stored_features_equals_recomputing_them():
+@pytest.mark.parametrize("agent", ["latent policy, trunk frozen", "decoded policy (stage 3b)"])
+def test_frozen_trunk_update_on_stored_features_equals_recomputing_them(agent):
     torch.manual_seed(0)
-    cfg = resolve(PPOConfig, "smoke", {"num_envs": 4, "rollout": 8, "minibatches": 2, "epochs": 2})
+    cfg = resolve(FinetuneConfig, "smoke", {"num_envs": 4, "rollout": 8, "minibatches": 2, "epochs": 2})
     policy = LatentPolicy(impala_scale=1)
     policy.trunk.requires_grad_(False)
+    if agent.startswith("decoded"):
+        policy = DecodedPolicy(policy)
+        with torch.no_grad():  # a non-zero action head, so every trained layer gets gradients
+            policy.action_head.weight.normal_(0, 0.1)
     twin = copy.deepcopy(policy)
     obs = torch.randint(0, 256, (32, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         feats = policy.features(prepare_obs(obs))
     actions, old_logp = torch.randint(0, 15, (32,)), -torch.rand(32) - 2
     adv, ret = torch.randn(32), torch.randn(32)
+    old_value = ret + 0.1 * torch.randn(32)
     outs = []
     for model, store, frozen in ((policy, feats, True), (twin, obs, False)):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=1e-2)
-        stats = _update(model, opt, params, cfg, store, actions, old_logp, adv, ret, frozen,
-                        torch.Generator().manual_seed(3))
+        stats = _update(model, opt, params, cfg, store, actions, old_logp, adv, ret, old_value, frozen, torch.Generator().manual_seed(3))
         outs.append((stats, model.state_dict()))
     (s1, w1), (s2, w2) = outs
     for k in w1:
@@ -112,21 +117,33 @@ def bc_run(tmp_path_factory):
     return root / "ds", run
 
 
-def test_finetuning_trains_only_the_heads(bc_run, tmp_path):
+def test_finetuning_is_lapos_stage_3b(bc_run, tmp_path):
+    """The agent starts as the decoded latent policy (zero action head); PPO trains the action head,
+    value head and fc_rl; the conv trunk, the frozen fc copy and the latent head never change; the
+    decoder is retrained online on the IDM's labels of the agent's own transitions."""
     _, run = bc_run
-    start = RunDir(run).load_policy("bc")
-    before = {k: v.clone() for k, v in start.state_dict().items()}
-    cfg = resolve(PPOConfig, "smoke", {"env_steps": 128, "num_envs": 4, "rollout": 16})
-    last = train_ppo(tmp_path, "starpilot", cfg, name="finetune", init=start, frozen_trunk=True, progress=False)
-    after = LatentPolicy(impala_scale=1)
+    agent = DecodedPolicy(RunDir(run).load_policy("bc"))
+    obs = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = agent.features(prepare_obs(obs))
+        logits, _ = agent.act_value(feats)
+        assert torch.equal(logits, agent.decoder(agent.latent(feats)) / 2)  # step 0: the decoded policy
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    cfg = resolve(FinetuneConfig, "smoke", {"env_steps": 128, "num_envs": 4, "rollout": 16})
+    last = train_ppo(tmp_path, "starpilot", cfg, name="finetune", init=agent, idm=RunDir(run).load_lam().idm,
+                     progress=False)
+    after = DecodedPolicy(LatentPolicy(impala_scale=1))
     load_checkpoint(last, after)
     for k, v in after.state_dict().items():
-        if k.startswith(("trunk.", "latent_head.")):
-            assert torch.equal(v, before[k]), f"{k} changed but the trunk is frozen"
+        if k.startswith(("conv.", "fc_sl.", "latent_head.")):
+            assert torch.equal(v, before[k]), f"{k} changed but it is frozen"
         else:
             assert not torch.equal(v, before[k]), f"{k} did not train"
     rows = [json.loads(x) for x in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert [r["env_steps"] for r in rows] == [64, 128] and all(r["lr"] >= 0 for r in rows)
+    assert all(r["decoder_loss"] > 0 for r in rows)  # retrained after every update (smoke schedule)
+    with pytest.raises(ValueError, match="needs a FinetuneConfig and the stage-1 IDM"):
+        train_ppo(tmp_path, "starpilot", cfg, name="x", init=agent, progress=False)
 
 
 def test_ppo_resume_continues_at_the_saved_update(tmp_path):

@@ -88,3 +88,15 @@ class DecodedPolicy(nn.Module):
         latent = self.latent(feats) if latent is None else latent
         logits = (self.action_head(hidden) + self.decoder(latent)) / 2
         return logits, self.value_head(hidden).squeeze(-1)
+
+    # The PPO loop's interface (as LatentPolicy's): features once per env step, then the heads.
+    features = conv_features
+    act_value = logits_value
+
+    def reset_decoder(self, seed: int) -> None:
+        """Fresh decoder weights, seeded (LAPO retrains its decoder from scratch each time)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in self.decoder.net:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()

@@ -4,10 +4,16 @@ fine-tuning the stage-2 latent policy (`lapo-fast finetune`).
     lapo-fast ppo      --env starpilot --out RUN [--name demo]
     lapo-fast finetune --env starpilot --out RUN          (needs RUN/bc)
 
-Fine-tuning is LAPO's stage 3b: the conv trunk of the latent policy is frozen, the true-action and
-value heads are re-initialised and trained. A frozen trunk's features do not change during an
-update, so they are computed once per env step, stored in the rollout instead of the frames, and
-PPO's epochs run on the heads alone: most of PPO's cost disappears.
+Fine-tuning is LAPO's stage 3b, as its code does it (FinetuneConfig, models.DecodedPolicy): the
+latent policy's conv trunk is frozen; a frozen copy of its fc and its latent head feed a decoder to
+true actions, trained online on the stage-1 IDM's labels of the agent's own transitions (computed
+once per rollout, batched); a zero-initialised action head on a trainable fc is averaged with it,
+so the agent starts as the decoded latent policy. PPO trains the action head, the value head and
+the fc, each with its own lr ramp. The frozen conv trunk's features do not change during an update,
+so they are computed once per env step and stored in the rollout instead of the frames: PPO's
+epochs never run the convolutions. Departure from the reference: IDM windows never span an
+episode's end (the reference's rolling 3-frame buffer does). The labelled transitions are not
+checkpointed: a resumed run collects them again.
 
 Writes RUN/<name>/: config.json, metrics.jsonl (one line per update: env steps, mean return of
 the episodes that ended, losses, frames/s), TensorBoard events, checkpoints. Rerunning resumes
@@ -26,10 +32,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from lapo_fast import __version__
-from lapo_fast.config import PPOConfig
-from lapo_fast.data import prepare_obs
+from lapo_fast.config import FinetuneConfig, PPOConfig, ramp
+from lapo_fast.data import normalize, prepare_obs
 from lapo_fast.envs import ProcgenVecEnv
-from lapo_fast.models import LatentPolicy
+from lapo_fast.eval.decoders import decoder_step
+from lapo_fast.models import DecodedPolicy, LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.acting import sample_actions
@@ -83,23 +90,83 @@ def gae(rewards, values, dones, gamma: float, lam: float):
     return adv, adv + values[:-1]
 
 
-def prepare_finetune(policy: LatentPolicy, seed: int) -> LatentPolicy:
-    """LAPO's stage 3b: freeze the trunk, re-initialise the true-action and value heads."""
-    policy.trunk.requires_grad_(False)
-    policy.latent_head.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    for head in (policy.action_head, policy.value_head):
-        bound = 1 / math.sqrt(head.in_features)
-        with torch.no_grad():
-            head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=gen))
-            head.bias.zero_()
-    return policy
+def _optimizer(policy, cfg: PPOConfig, batch: int, updates: int, finetune: bool):
+    """(optimizer, schedule, trained parameters): full PPO anneals one lr linearly; fine-tuning
+    gives the action head, value head and fc their own ramps (FinetuneConfig), in env steps."""
+    if not finetune:
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1 - u / updates), params
+    groups = ((policy.action_head, cfg.action_head_ramp, "action_head_ramp", 0.25),
+              (policy.value_head, cfg.value_head_ramp, "value_head_ramp", 0.25), (policy.fc_rl, cfg.fc_ramp, "fc_ramp", 0.1))
+    optimizer = torch.optim.Adam([{"params": list(m.parameters())} for m, *_ in groups], lr=cfg.head_lr,
+                                 eps=cfg.adam_eps)
+
+    def factor(text: str, name: str, peak: float):
+        start, end = ramp(text, name)
+        points = [0, start, end, max(cfg.env_steps, end)]
+        return lambda u: float(np.interp(u * batch, points, [0.0, 0.0, peak, 0.0]))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(t, n, p) for _, t, n, p in groups])
+    return optimizer, schedule, [p for m, *_ in groups for p in m.parameters()]
 
 
-def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init: LatentPolicy | None = None,
-              frozen_trunk: bool = False, stop_after: int | None = None, progress: bool = True) -> Path:
-    """Trains (or resumes) PPO; returns the final checkpoint. `init` is the policy to start from
-    (fine-tuning); `stop_after` ends this call after that many updates, as an interruption would."""
+class OnlineDecoder:
+    """Stage 3b's decoder data and training: the IDM's latent of each of the agent's transitions
+    (o_{t-1}, o_t, o_{t+1}) that stays inside one episode, with the action taken at o_t; the
+    decoder is retrained from scratch on all of them on FinetuneConfig's schedule."""
+
+    def __init__(self, idm, cfg, device):
+        self.idm, self.cfg, self.device = idm.to(device).eval(), cfg, device
+        self.latents: list[torch.Tensor] = []
+        self.actions: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def add(self, frames: torch.Tensor, actions: torch.Tensor, dones: torch.Tensor) -> None:
+        """frames (T+1, N, H, W, C) uint8 of a rollout (the last: the obs after it), its actions
+        and dones (T, N): labels for t in 1..T-1 whose window crosses no episode end."""
+        keep = (dones[:-1] == 0) & (dones[1:] == 0)  # (T-1, N): no end at t-1 (o_t new) nor at t (o_{t+1} new)
+        t, n = torch.nonzero(keep, as_tuple=True)
+        t = t + 1
+        for i in range(0, len(t), 512):
+            tt, nn_ = t[i:i + 512], n[i:i + 512]
+            window = torch.stack([frames[tt - 1, nn_], frames[tt, nn_], frames[tt + 1, nn_]], 1).to(self.device)
+            self.latents.append(self.idm(normalize(window)).latent.float().cpu())
+        self.actions.append(actions[t, n].cpu())
+
+    def due(self, env_steps: int, update: int) -> bool:
+        c = self.cfg
+        return (c.decoder_from < env_steps < c.decoder_until and bool(self.latents)
+                and (env_steps < c.decoder_dense_until or update % c.decoder_every == 0))
+
+    def train(self, policy: DecodedPolicy, seed: int) -> float:
+        """Retrains policy.decoder from fresh weights; returns the last minibatch's loss."""
+        c = self.cfg
+        latents, actions = torch.cat(self.latents).to(self.device), torch.cat(self.actions).to(self.device)
+        policy.reset_decoder(seed)
+        policy.decoder.requires_grad_(True)
+        optimizer = torch.optim.Adam(policy.decoder.parameters(), lr=c.decoder_lr)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        loss = torch.zeros(())
+        for _ in range(c.decoder_epochs):
+            order = torch.randperm(len(actions), generator=gen).to(self.device)
+            for i in range(0, len(order), c.decoder_batch):
+                idx = order[i:i + c.decoder_batch]
+                _, loss = decoder_step(policy.decoder, optimizer, latents[idx], actions[idx],
+                                       label_smoothing=c.label_smoothing)
+        policy.decoder.requires_grad_(False)
+        return loss.item()
+
+
+def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
+              init: LatentPolicy | DecodedPolicy | None = None, idm=None, stop_after: int | None = None,
+              progress: bool = True) -> Path:
+    """Trains (or resumes) PPO; returns the final checkpoint. `init` is the policy to start from:
+    a DecodedPolicy (with the stage-1 `idm` that labels its transitions) is stage 3b's fine-tuning;
+    `stop_after` ends this call after that many updates, as an interruption would."""
+    finetune = isinstance(init, DecodedPolicy)
+    if finetune and (idm is None or not isinstance(cfg, FinetuneConfig)):
+        raise ValueError("fine-tuning a DecodedPolicy needs a FinetuneConfig and the stage-1 IDM (idm=...)")
     run = RunDir(run_dir)
     run.claim(name, cfg, game=env_name)
     out = run.stage(name)
@@ -108,14 +175,11 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
     torch.manual_seed(cfg.seed)
 
     policy = init if init is not None else LatentPolicy(impala_scale=cfg.impala_scale)
-    if frozen_trunk:
-        policy = prepare_finetune(policy, cfg.seed)
     policy = policy.to(device).to(memory_format=torch.channels_last)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.head_lr if frozen_trunk else cfg.lr, eps=1e-5)
     batch = cfg.num_envs * cfg.rollout
     updates = max(1, -(-cfg.env_steps // batch))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1 - u / updates)
+    optimizer, schedule, params = _optimizer(policy, cfg, batch, updates, finetune)
+    decoder = OnlineDecoder(idm, cfg, device) if finetune else None
     normalizer = RewardNormalizer(cfg.num_envs, cfg.gamma)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -127,17 +191,18 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
         gen.manual_seed(cfg.seed + update)
     last = latest_checkpoint(out)
     run.save_config(name, cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
-         env=env_name, frozen_trunk=frozen_trunk, device=str(device))
+         env=env_name, device=str(device))
 
     # Fresh envs on resume, seeded by the update so a resumed run does not replay its levels.
     env = ProcgenVecEnv(env_name, cfg.num_envs, seed=cfg.seed * 100_003 + update,
                         distribution_mode=cfg.distribution_mode)
     obs_np, _ = env.reset()
     T, N = cfg.rollout, cfg.num_envs
-    feat_dim = policy.trunk.out_features
-    # The rollout keeps what the update needs: trunk features when frozen, frames otherwise.
-    store = (torch.zeros(T, N, feat_dim, device=device) if frozen_trunk
+    # The rollout keeps what the update needs: conv features when fine-tuning, frames otherwise
+    # (and then the frames on the CPU too, for the IDM's labels).
+    store = (torch.zeros(T, N, policy.fc_rl.in_features, device=device) if finetune
              else torch.zeros(T, N, *env.obs.shape[1:], dtype=torch.uint8, device=device))
+    frames = torch.zeros(T + 1, N, *env.obs.shape[1:], dtype=torch.uint8) if finetune else None
     actions = torch.zeros(T, N, dtype=torch.long, device=device)
     logps = torch.zeros(T, N, device=device)
     values = torch.zeros(T + 1, N, device=device)
@@ -159,7 +224,9 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
                     feats = policy.features(prepare_obs(obs))
                     logits, value = policy.act_value(feats)
                 a = sample_actions(logits, gen)
-                store[t] = feats.float() if frozen_trunk else obs
+                store[t] = feats.float() if finetune else obs
+                if finetune:
+                    frames[t] = torch.from_numpy(obs_np)
                 actions[t], values[t] = a, value.float()
                 logps[t] = F.log_softmax(logits.float(), -1).gather(1, a[:, None])[:, 0]
                 obs_np, reward, done, _, info = env.step(a)
@@ -169,13 +236,18 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
                 finished += info["final_return"][done].tolist()
             values[T] = policy.act_value(policy.features(prepare_obs(torch.from_numpy(obs_np).to(device))))[1]
             adv, ret = gae(rewards, values, dones, cfg.gamma, cfg.gae_lambda)
+            if finetune:
+                frames[T] = torch.from_numpy(obs_np)
+                decoder.add(frames, actions, dones)
         t_rollout = time.perf_counter() - t0
 
         policy.train()
         stats = _update(policy, optimizer, params, cfg, store.flatten(0, 1), actions.flatten(), logps.flatten(),
-                        adv.flatten(), ret.flatten(), frozen_trunk, gen)
+                        adv.flatten(), ret.flatten(), values[:-1].flatten(), finetune, gen)
         schedule.step()
         update += 1
+        if finetune and decoder.due(update * batch, update):
+            stats["decoder_loss"] = decoder.train(policy, cfg.seed + update)
         bar.update(batch)
         elapsed = time.perf_counter() - t0
         metrics = {"update": update, "env_steps": update * batch,
@@ -197,7 +269,8 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo", init
     return last
 
 
-def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp, adv, ret, frozen: bool, gen) -> dict:
+def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp, adv, ret, old_value, frozen: bool,
+            gen) -> dict:
     size = len(actions)
     mb = size // cfg.minibatches
     totals = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0}
@@ -215,7 +288,11 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
             a = adv[idx]
             a = (a - a.mean()) / (a.std() + 1e-8)
             pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
-            v_loss = 0.5 * (value.float() - ret[idx]).pow(2).mean()
+            v_err = (value.float() - ret[idx]).pow(2)
+            if cfg.clip_value:  # the new value may not gain from moving further than `clip` from the old
+                clipped = old_value[idx] + (value.float() - old_value[idx]).clamp(-cfg.clip, cfg.clip)
+                v_err = torch.max(v_err, (clipped - ret[idx]).pow(2))
+            v_loss = 0.5 * v_err.mean()
             entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
             loss = pg + cfg.value_coef * v_loss - cfg.entropy * entropy
             optimizer.zero_grad(set_to_none=True)
