@@ -125,14 +125,14 @@ class OnlineDecoder:
     def add(self, frames: torch.Tensor, actions: torch.Tensor, dones: torch.Tensor) -> None:
         """frames (T+1, N, H, W, C) uint8 of a rollout (the last: the obs after it), its actions
         and dones (T, N): labels for t in 1..T-1 whose window crosses no episode end."""
-        keep = (dones[:-1] == 0) & (dones[1:] == 0)  # (T-1, N): no end at t-1 (o_t new) nor at t (o_{t+1} new)
-        t, n = torch.nonzero(keep, as_tuple=True)
+        keep = ((dones[:-1] == 0) & (dones[1:] == 0)).cpu()  # (T-1, N): no end at t-1 nor at t
+        t, n = torch.nonzero(keep, as_tuple=True)  # on the CPU, where the frames are
         t = t + 1
         for i in range(0, len(t), 512):
             tt, nn_ = t[i:i + 512], n[i:i + 512]
             window = torch.stack([frames[tt - 1, nn_], frames[tt, nn_], frames[tt + 1, nn_]], 1).to(self.device)
             self.latents.append(self.idm(normalize(window)).latent.float().cpu())
-        self.actions.append(actions[t, n].cpu())
+        self.actions.append(actions.cpu()[t, n])
 
     def due(self, env_steps: int, update: int) -> bool:
         c = self.cfg
