@@ -385,15 +385,23 @@ _ADDED_LATER: dict[type, dict[str, object]] = {LAMConfig: {"fdm_norm": "group", 
 
 
 def load(cls, path: Path):
-    """A config saved by `save`, checked to be of the expected type."""
+    """A config saved by `save`, checked to be a `cls`; returned as the type it was saved as (a
+    FinetuneConfig where a PPOConfig is asked for: fine-tuning is PPO)."""
     payload = read_json(path)
     if payload is None:
         raise FileNotFoundError(f"{path}: no saved config")
-    if payload.get("type") != cls.__name__:
+    saved = next((c for c in _config_types(cls) if c.__name__ == payload.get("type")), None)
+    if saved is None:
         raise ValueError(f"{path}: holds a {payload.get('type')}, expected a {cls.__name__}")
+    cls = saved
     known = {f.name for f in fields(cls)}
     values = {**_ADDED_LATER.get(cls, {}), **payload["config"]}
     return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _config_types(cls) -> list[type]:
+    """cls and its subclasses."""
+    return [cls] + [t for sub in cls.__subclasses__() for t in _config_types(sub)]
 
 
 def save(cfg, path: Path, **extra) -> None:

@@ -28,9 +28,9 @@ from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
 from lapo_fast.runtime.files import atomic_write, read_json, write_json
 
-# The config type of each stage folder; any other name (demo, ppo, a --name) is a PPO run.
-_STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig,
-                                  "finetune": FinetuneConfig}
+# The config type of each stage folder; any other (demo, ppo, finetune, a --name) holds a PPO run:
+# a PPOConfig, or a FinetuneConfig for stage 3b (a run saved before stage 3b was LAPO's: a PPOConfig).
+_STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
 # Settings that fix a stage's model shapes: a rerun may not change them and resume.
 _SHAPES: dict[type, tuple[str, ...]] = {
     LAMConfig: ("impala_scale", "fdm_arch", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks", "codebook_size",

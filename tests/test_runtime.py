@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lapo_fast.cli import build_parser
-from lapo_fast.config import PRESETS, STAGE_CONFIGS, LAMConfig, resolve
+from lapo_fast.config import PRESETS, STAGE_CONFIGS, FinetuneConfig, LAMConfig, PPOConfig, resolve
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.files import atomic_write, read_json, write_json
 
@@ -59,6 +59,18 @@ def test_rundir_loads_typed_configs_and_says_what_to_run_first(tmp_path):
         run.load_lam()
     assert str(run) == str(tmp_path) and (tmp_path / "x").parent == tmp_path  # a path wherever one goes
     assert RunDir(run).path == tmp_path
+
+
+def test_rundir_loads_a_ppo_folder_as_the_config_it_holds(tmp_path):
+    """A fine-tuning run under any --name loads as a FinetuneConfig (its policy is a DecodedPolicy);
+    a PPO run as a PPOConfig; a stage-1 folder must hold a LAMConfig."""
+    run = RunDir(tmp_path)
+    run.save_config("ft2", resolve(FinetuneConfig, "smoke"))
+    run.save_config("ppo", resolve(PPOConfig, "smoke"))
+    assert type(run.config("ft2")) is FinetuneConfig and type(run.config("ppo")) is PPOConfig
+    run.save_config("lam", resolve(PPOConfig, "smoke"))
+    with pytest.raises(ValueError, match="holds a PPOConfig, expected a LAMConfig"):
+        run.config("lam")
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))

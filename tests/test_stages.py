@@ -275,3 +275,27 @@ def test_resolve_run_applies_sets_and_rejects_contradictions():
                      ("finetune.minibatches=7", "minibatches"), ("eval.distribution_mode=weird", "distribution_mode")):
         with pytest.raises(ValueError, match=msg):
             resolve_run("smoke", [bad])
+
+
+def test_online_decoder_labels_windows_inside_episodes_only():
+    """Stage 3b's labels: the IDM's latent of (o_{t-1}, o_t, o_{t+1}) for t in 1..T-1, with a_t,
+    and none whose window crosses an episode end (dones[t-1] or dones[t])."""
+    from lapo_fast.models import LatentIDM
+    from lapo_fast.stages.ppo import OnlineDecoder
+
+    torch.manual_seed(0)
+    T, N = 5, 2
+    frames = torch.randint(0, 256, (N, T + 1, 64, 64, 3), dtype=torch.uint8)
+    actions = torch.arange(T * N).view(T, N)
+    dones = torch.zeros(T, N)
+    dones[2, 1] = 1  # env 1's episode ends with step 2: its windows at t = 2 and 3 cross it
+    idm = LatentIDM(impala_scale=1).eval()
+    labels = OnlineDecoder(idm, resolve(FinetuneConfig, "smoke"), "cpu")
+    labels.add(frames, actions, dones)
+    pairs = sorted(zip(*[x.tolist() for x in torch.nonzero(actions[:, :, None] == labels.actions[0], as_tuple=True)[:2]]))
+    assert pairs == [(1, 0), (1, 1), (2, 0), (3, 0), (4, 0), (4, 1)]
+    with torch.no_grad():
+        t, n = 3, 0
+        expected = idm(normalize(frames[n, t - 1:t + 2][None])).latent
+    i = labels.actions[0].tolist().index(int(actions[t, n]))
+    torch.testing.assert_close(labels.latents[0][i], expected[0], rtol=1e-4, atol=1e-5)

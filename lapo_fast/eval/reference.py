@@ -72,9 +72,7 @@ def _state(d, mapping=()) -> dict[str, torch.Tensor]:
     for key in d.files:
         kind, _, name = key.partition("/")
         if kind in ("param", "buffer"):
-            for pattern, repl in mapping:
-                name = re.sub(pattern, repl, name)
-            out[name] = torch.from_numpy(np.array(d[key]))
+            out[_mapped(name, mapping)] = torch.from_numpy(np.array(d[key]))
     return out
 
 

@@ -33,9 +33,10 @@ from torch.nn import functional as F
 
 from lapo_fast import __version__
 from lapo_fast.config import FinetuneConfig, PPOConfig, ramp
-from lapo_fast.data import normalize, prepare_obs
+from lapo_fast.data import prepare_obs
 from lapo_fast.envs import ProcgenVecEnv
 from lapo_fast.eval.decoders import decoder_step
+from lapo_fast.eval.latents import idm_latents
 from lapo_fast.models import DecodedPolicy, LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
@@ -121,17 +122,16 @@ class OnlineDecoder:
         self.latents: list[torch.Tensor] = []
         self.actions: list[torch.Tensor] = []
 
-    @torch.no_grad()
     def add(self, frames: torch.Tensor, actions: torch.Tensor, dones: torch.Tensor) -> None:
-        """frames (T+1, N, H, W, C) uint8 of a rollout (the last: the obs after it), its actions
-        and dones (T, N): labels for t in 1..T-1 whose window crosses no episode end."""
+        """frames (N, T+1, H, W, C) uint8 of a rollout, each env's in order (the last: the obs
+        after it), its actions and dones (T, N): labels for t in 1..T-1 whose window crosses no
+        episode end."""
         keep = ((dones[:-1] == 0) & (dones[1:] == 0)).cpu()  # (T-1, N): no end at t-1 nor at t
         t, n = torch.nonzero(keep, as_tuple=True)  # on the CPU, where the frames are
         t = t + 1
-        for i in range(0, len(t), 512):
-            tt, nn_ = t[i:i + 512], n[i:i + 512]
-            window = torch.stack([frames[tt - 1, nn_], frames[tt, nn_], frames[tt + 1, nn_]], 1).to(self.device)
-            self.latents.append(self.idm(normalize(window)).latent.float().cpu())
+        starts = (n * frames.shape[1] + t - 1).numpy()  # o_{t-1} in the envs' concatenated frames
+        latents = idm_latents(self.idm, frames.flatten(0, 1), starts, 1, batch=512, device=self.device)
+        self.latents.append(torch.from_numpy(latents))
         self.actions.append(actions.cpu()[t, n])
 
     def due(self, env_steps: int, update: int) -> bool:
@@ -202,7 +202,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
     # (and then the frames on the CPU too, for the IDM's labels).
     store = (torch.zeros(T, N, policy.fc_rl.in_features, device=device) if finetune
              else torch.zeros(T, N, *env.obs.shape[1:], dtype=torch.uint8, device=device))
-    frames = torch.zeros(T + 1, N, *env.obs.shape[1:], dtype=torch.uint8) if finetune else None
+    frames = torch.zeros(N, T + 1, *env.obs.shape[1:], dtype=torch.uint8) if finetune else None
     actions = torch.zeros(T, N, dtype=torch.long, device=device)
     logps = torch.zeros(T, N, device=device)
     values = torch.zeros(T + 1, N, device=device)
@@ -226,7 +226,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
                 a = sample_actions(logits, gen)
                 store[t] = feats.float() if finetune else obs
                 if finetune:
-                    frames[t] = torch.from_numpy(obs_np)
+                    frames[:, t] = torch.from_numpy(obs_np)
                 actions[t], values[t] = a, value.float()
                 logps[t] = F.log_softmax(logits.float(), -1).gather(1, a[:, None])[:, 0]
                 obs_np, reward, done, _, info = env.step(a)
@@ -237,7 +237,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
             values[T] = policy.act_value(policy.features(prepare_obs(torch.from_numpy(obs_np).to(device))))[1]
             adv, ret = gae(rewards, values, dones, cfg.gamma, cfg.gae_lambda)
             if finetune:
-                frames[T] = torch.from_numpy(obs_np)
+                frames[:, T] = torch.from_numpy(obs_np)
                 decoder.add(frames, actions, dones)
         t_rollout = time.perf_counter() - t0
 
