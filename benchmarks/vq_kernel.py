@@ -2,6 +2,12 @@
 vector-quantize-pytorch, same inputs, same run. CPU always; CUDA too when present.
 
     python benchmarks/vq_kernel.py [--threads N] [--repeats R] [--json out.json]
+    python benchmarks/vq_kernel.py --compile-only [--arch 80 90] [--json out.json]
+
+--compile-only needs no GPU: it compiles every Triton variant the dispatcher launches to cubin
+(benchmarks/vq_compile.py) and prints registers, spills, shared memory, warps per SM and a
+roofline prediction against the bandwidth floor; exit 1 on a compile error, shared memory over a
+target's limit, or a spill or fewer than 16 warps/SM at the LAPO shape.
 """
 
 from __future__ import annotations
@@ -77,7 +83,12 @@ def main() -> None:
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda if present")
     p.add_argument("--cases", nargs="+", default=None, help="substring filter on case names")
     p.add_argument("--json", default=None)
+    p.add_argument("--compile-only", action="store_true", help="AOT-compile the Triton kernels for --arch; no timing")
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities for --compile-only")
+    p.add_argument("--quick", action="store_true", help="--compile-only: the benchmark's cases only")
     args = p.parse_args()
+    if args.compile_only:
+        sys.exit(compile_only(args))
     torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
@@ -112,6 +123,36 @@ def main() -> None:
                        ("ours_speedup", "it / ours", ".1f")])
     if args.json:
         dump_json(args.json, {"benchmark": "vq_kernel", "threads": args.threads, "rows": rows})
+
+
+def compile_only(args) -> int:
+    import vq_compile
+
+    result = vq_compile.run(tuple(args.arch), quick=args.quick)
+    step_rows = [r for r in result["rows"] if r["kernel"] == "step"]
+    kernel_rows = {}
+    for r in result["rows"]:  # one line per (kernel, target, variant figures): the cases share variants
+        if r["kernel"] != "step":
+            kernel_rows.setdefault((r["kernel"], r["target"], r["dtype"], r["registers"], r["spill_bytes"],
+                                    r["shared_bytes"], r["warps_per_sm"]), r)
+    print_table(list(kernel_rows.values()), [
+        ("kernel", "kernel", ""), ("target", "target", ""), ("dtype", "dtype", ""), ("case", "first case", ""),
+        ("registers", "regs", "d"), ("spill_bytes", "spill B", "d"), ("shared_bytes", "smem B", "d"),
+        ("warps_per_sm", "warps/SM", "d")])
+    print()
+    for r in step_rows:
+        r["ratio"] = r["predicted_us"] / r["floor_us"] if r["floor_us"] else None
+    print_table([r for r in step_rows if r["case"].endswith(" train")], [
+        ("target", "target", ""), ("case", "forward + EMA step", ""), ("dtype", "dtype", ""),
+        ("predicted_us", "predicted us", ".1f"), ("floor_us", "floor us", ".1f"), ("ratio", "x floor", ".2f")])
+    print(f"\n{result['variants']} variants compiled with triton {result['triton']}; "
+          f"{len(result['failures'])} failure(s)")
+    for f in result["failures"]:
+        print("FAIL", f)
+    if args.json:
+        dump_json(args.json, {"benchmark": "vq_kernel --compile-only", "triton": result["triton"],
+                              "rows": result["rows"], "failures": result["failures"]})
+    return 1 if result["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -1,18 +1,33 @@
-"""Triton kernels of the fused EMA vector quantiser (see lapo_fast/ops/vq.py for the op).
+"""Triton kernels of the fused EMA vector quantiser (the op and its dispatcher: lapo_fast/ops/vq.py).
 
-vq_search_kernel: one program per (tile of BLOCK_N rows, codebook group). It loads the tile once
-(through the strided layout of lapo_fast/ops/vq_layout.py), scans the codes in tiles of BLOCK_K
-computing ||c||^2 - 2 x.c in fp32 (no N x K matrix in memory), keeps the running argmin (ties to the
-lowest index), writes the quantised rows and indices, and adds the tile's per-code counts and sums
-(one-hot^T @ x) into the accumulators: with one atomic per used code per tile, or, in the
-deterministic mode, into per-tile partials that the host sums in a fixed order.
+A training step is three launches and no host read: a zero-fill of the accumulators, a search,
+a finalize.
 
-vq_ema_finalize_kernel: one program per group: loss and NaN count from the search's per-tile
-partials, perplexity of the batch counts, then (unless the input had NaN/inf) the EMA update of
-counts (with Laplace smoothing), weights and codes. So a training step is three launches: one
-zero-fill of the accumulators, the search, the finalize.
+vq_search_resident_kernel: codebooks small enough to live in registers (LAPO's 64 x 16). A
+persistent kernel: program (p, g) loads codebook g and ||c||^2 once, then walks the row tiles
+p, p + P, p + 2P, ... For each tile: distances ||c||^2 - 2 x.c on tensor cores (PRECISION
+"tf32x3", a 3-term TF32 split as accurate as fp32 FMA), argmin with ties to the lowest index,
+quantised rows and indices written, and the tile's code counts and one-hot^T x sums added into
+registers. They leave the program once: relaxed atomics into the zeroed accumulators, or, in the
+deterministic mode, stored as the program's own partial (the host sums partials in a fixed order).
+With CONTIGUOUS, a tile is BLOCK_B whole batch entries, each a contiguous d*L run in memory (the
+LAPO layout, and the grouped one with L = 1): loaded and stored with vector accesses and
+transposed to (rows, d) in registers.
 
-vq_backward_kernel: grad_x = grad_q + coef * (x - q), one elementwise pass.
+vq_search_kernel: any K and d. Codes in tiles of BLOCK_K, d in chunks of BLOCK_D (x chunks are
+reloaded from L1/L2 per code tile); counts and sums are added per row tile, only for code tiles
+the row tile used: relaxed atomics, or load-add-store into the program's own partial.
+
+Both write, per program, the squared error of its rows (err, a (G, P) partial), add the rows
+holding NaN/inf to stats[2] (an integer count: exact in any order), and program 0 of each group
+writes the sum of the group's old EMA counts (the update needs it, and the finalize overwrites
+them).
+
+vq_finalize_kernel: one program per (group, block of codes): the group's loss, perplexity and, for
+its codes, the EMA update. With GUARD, a batch holding NaN/inf anywhere leaves the state as it was
+and makes the loss NaN: the caller's next read of the loss sees it, and no host read is needed here.
+
+All offsets that can pass 2^31 are int64.
 """
 
 import triton
@@ -20,151 +35,291 @@ import triton.language as tl
 
 
 @triton.jit
-def vq_search_kernel(
-    x_ptr, out_ptr, idx_ptr, codebook_ptr,
-    counts_ptr, sums_ptr, err_ptr, bad_ptr,
-    n_rows, K, d, G, L,
-    stride_b, stride_g, stride_k, stride_l,
-    ACCUMULATE_SUMS: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    num_tiles = tl.num_programs(0)
-
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask = rows < n_rows
-    b = rows // L
-    l = rows % L
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < d
-    mask = row_mask[:, None] & dim_mask[None, :]
-    x_off = b[:, None] * stride_b + g * stride_g + dims[None, :] * stride_k + l[:, None] * stride_l
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-
-    # Non-finite rows are counted (the host raises) and zeroed so they cannot poison the argmin.
+def _clean(x, mask):
+    """x with NaN/inf zeroed (so they cannot poison the argmin), and which rows held any."""
     finite = (x == x) & (tl.abs(x) < float("inf"))
     bad_row = tl.sum(tl.where(mask & (finite == 0), 1, 0), axis=1) > 0
-    x = tl.where(finite, x, 0.0)
-
-    cb_base = codebook_ptr + g * K * d
-    best_val = tl.full((BLOCK_N,), float("inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK_N,), tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        c = tl.load(cb_base + codes[:, None] * d + dims[None, :],
-                    mask=code_mask[:, None] & dim_mask[None, :], other=0.0)
-        # ||c||^2 on the fly (the tile is loaded anyway): no separate launch; padding never wins.
-        cnorm = tl.where(code_mask, tl.sum(c * c, axis=1), float("inf"))
-        dots = tl.dot(x, tl.trans(c), input_precision="ieee")
-        dist = cnorm[None, :] - 2.0 * dots
-        tile_min = tl.min(dist, axis=1)
-        tile_arg = tl.argmin(dist, axis=1, tie_break_left=True).to(tl.int32) + k0
-        better = tile_min < best_val  # strict: an earlier tile keeps ties
-        best_val = tl.where(better, tile_min, best_val)
-        best_idx = tl.where(better, tile_arg, best_idx)
-
-    tl.store(idx_ptr + (b * G + g) * L + l, best_idx.to(tl.int64), mask=row_mask)
-    q = tl.load(cb_base + best_idx[:, None] * d + dims[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + x_off, q.to(out_ptr.dtype.element_ty), mask=mask)
-    diff = tl.where(mask, x - q, 0.0)
-    tl.store(err_ptr + g * num_tiles + pid, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
-    tl.store(bad_ptr + g * num_tiles + pid, tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0))
-
-    # Counts are needed in eval mode too (perplexity); sums only when training.
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        onehot = ((best_idx[:, None] == codes[None, :]) & row_mask[:, None]).to(tl.float32)
-        cnt = tl.sum(onehot, axis=0)
-        if DETERMINISTIC:
-            tl.store(counts_ptr + (pid * G + g) * K + codes, cnt, mask=code_mask)
-        else:
-            tl.atomic_add(counts_ptr + g * K + codes, cnt, mask=code_mask & (cnt > 0))
-        if ACCUMULATE_SUMS:
-            s = tl.dot(tl.trans(onehot), x, input_precision="ieee")
-            s_mask = code_mask[:, None] & dim_mask[None, :]
-            if DETERMINISTIC:
-                s_off = ((pid * G + g) * K + codes)[:, None] * d + dims[None, :]
-                tl.store(sums_ptr + s_off, s, mask=s_mask)
-            else:
-                s_off = (g * K + codes)[:, None] * d + dims[None, :]
-                tl.atomic_add(sums_ptr + s_off, s, mask=s_mask & (cnt > 0)[:, None])
+    return tl.where(finite, x, 0.0), bad_row
 
 
 @triton.jit
-def vq_ema_finalize_kernel(
-    counts_ptr, sums_ptr, ema_count_ptr, ema_weight_ptr, codebook_ptr,
-    err_ptr, bad_ptr, stats_ptr,
-    K, d, G, tiles, numel, decay, eps, commitment,
-    UPDATE: tl.constexpr, GUARD: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+def _tile_rows(tile, n_batch, L, BLOCK_N: tl.constexpr):
+    rows = tl.cast(tile, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = rows // L
+    return rows, b, rows - b * L, b < n_batch
+
+
+@triton.jit
+def vq_search_resident_kernel(
+    x_ptr, out_ptr, idx_ptr, codebook_ptr, ema_count_ptr,
+    counts_ptr, sums_ptr, stats_ptr, err_ptr, old_total_ptr,
+    n_batch, K, d, G, L, num_tiles,
+    stride_b, stride_g, stride_k, stride_l,
+    ACCUMULATE_SUMS: tl.constexpr, DETERMINISTIC: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    L_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """stats (zeroed by the host) receives [loss, perplexity summed over groups, rows with NaN/inf]."""
-    g = tl.program_id(0)
-    # The search kernel's per-tile partials: this group's squared error, and every group's bad
-    # rows (so all programs agree on whether to update).
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    P = tl.num_programs(0)
+    BLOCK_B: tl.constexpr = BLOCK_N // L_C
+    codes = tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, BLOCK_D)
+    code_mask = codes < K
+    dim_mask = dims < d
+    cb_base = codebook_ptr + g * K * d
+    c = tl.load(cb_base + codes[:, None] * d + dims[None, :],
+                mask=code_mask[:, None] & dim_mask[None, :], other=0.0)
+    cnorm = tl.where(code_mask, tl.sum(c * c, axis=1), float("inf"))  # padding codes never win
+    # 16-bit x is exact in TF32, so x.c needs only c's two TF32 halves: 2 products, not tf32x3's 3.
+    c_hi = (c.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    c_lo = c - c_hi
+    if pid == 0:
+        tl.store(old_total_ptr + g, tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0), axis=0))
+
+    acc_cnt = tl.zeros((BLOCK_K,), tl.float32)
+    acc_sum = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     err = 0.0
     bad = 0
-    for t0 in range(0, tiles, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        err += tl.sum(tl.load(err_ptr + g * tiles + t, mask=t < tiles, other=0.0), axis=0)
-        for h in range(0, G):
-            bad += tl.sum(tl.load(bad_ptr + h * tiles + t, mask=t < tiles, other=0), axis=0)
-    tl.atomic_add(stats_ptr, err * commitment / numel)
-    if g == 0:
-        tl.store(stats_ptr + 2, bad.to(tl.float32))
+    for tile in range(pid, num_tiles, P):
+        if CONTIGUOUS:  # BLOCK_B batch entries, each d*L contiguous values of group g
+            bb = tl.cast(tile, tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+            seg = tl.arange(0, BLOCK_D * L_C)
+            x_off = bb[:, None] * stride_b + g * stride_g + seg[None, :]
+            seg_mask = (bb < n_batch)[:, None] & (seg < BLOCK_D * L_C)[None, :]
+            xs = tl.load(x_ptr + x_off, mask=seg_mask, other=0.0)
+            x = tl.reshape(tl.permute(tl.reshape(xs, (BLOCK_B, BLOCK_D, L_C)), (0, 2, 1)), (BLOCK_N, BLOCK_D))
+            x = x.to(tl.float32)
+            rows, b, l, row_mask = _tile_rows(tile, n_batch, L_C, BLOCK_N)
+        else:
+            rows, b, l, row_mask = _tile_rows(tile, n_batch, L, BLOCK_N)
+            x_off = b[:, None] * stride_b + g * stride_g + dims[None, :] * stride_k + l[:, None] * stride_l
+            x = tl.load(x_ptr + x_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+        mask = row_mask[:, None] & dim_mask[None, :]
+        x, bad_row = _clean(x, mask)
 
-    rows = 0.0   # the batch's rows (all ranks' under DDP): the sum of its counts
-    total = 0.0  # sum of the decayed EMA counts
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        cnt = tl.load(counts_ptr + g * K + codes, mask=code_mask, other=0.0)
-        rows += tl.sum(cnt, axis=0)
-        if UPDATE:
-            old = tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0)
-            total += tl.sum(tl.where(code_mask, decay * old + (1.0 - decay) * cnt, 0.0), axis=0)
-    entropy = 0.0
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        p = tl.load(counts_ptr + g * K + codes, mask=code_mask, other=0.0) / tl.maximum(rows, 1.0)
-        entropy += tl.sum(tl.where(code_mask, -p * tl.log(p + 1e-10), 0.0), axis=0)
-    tl.atomic_add(stats_ptr + 1, tl.exp(entropy))
+        if PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32:
+            dots = tl.dot(x, tl.trans(c_hi), input_precision="tf32")
+            dots = tl.dot(x, tl.trans(c_lo), dots, input_precision="tf32")
+        else:
+            dots = tl.dot(x, tl.trans(c), input_precision=PRECISION)
+        dist = cnorm[None, :] - 2.0 * dots
+        best = tl.argmin(dist, axis=1, tie_break_left=True).to(tl.int32)
 
-    # With GUARD, non-finite input leaves the state as it was (the host raises): every store below
-    # writes back the old value then.
-    keep_old = 0.0
-    if GUARD:
-        keep_old = tl.where(bad > 0, 1.0, 0.0)
-    if UPDATE:
-        dims = tl.arange(0, BLOCK_D)
+        tl.store(idx_ptr + (b * G + g) * L + l, best.to(tl.int64), mask=row_mask)
+        q = tl.load(cb_base + best[:, None] * d + dims[None, :], mask=mask, other=0.0)
+        if CONTIGUOUS:
+            q_out = q.to(out_ptr.dtype.element_ty)  # narrow before the shuffle: half the bytes for 16-bit x
+            qs = tl.reshape(tl.permute(tl.reshape(q_out, (BLOCK_B, L_C, BLOCK_D)), (0, 2, 1)), (BLOCK_B, BLOCK_D * L_C))
+            tl.store(out_ptr + x_off, qs, mask=seg_mask)
+        else:
+            tl.store(out_ptr + x_off, q.to(out_ptr.dtype.element_ty), mask=mask)
+        diff = tl.where(mask, x - q, 0.0)
+        err += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
+
+        onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(tl.float32)  # (codes, rows)
+        acc_cnt += tl.sum(onehot_t, axis=1)
+        if ACCUMULATE_SUMS:  # one-hot entries are exact in TF32: the split keeps x's fp32 value
+            if PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32:
+                # one-hot and 16-bit x are exact in their own type: one 16-bit product is exact
+                x16 = x.to(x_ptr.dtype.element_ty)
+                acc_sum = tl.dot(onehot_t.to(x_ptr.dtype.element_ty), x16, acc_sum)
+            elif PRECISION == "tf32x3":  # one-hot is exact in TF32: two products of x's TF32 halves suffice
+                x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                acc_sum = tl.dot(onehot_t, x_hi, acc_sum, input_precision="tf32")
+                acc_sum = tl.dot(onehot_t, x - x_hi, acc_sum, input_precision="tf32")
+            else:
+                acc_sum = tl.dot(onehot_t, x, acc_sum, input_precision=PRECISION)
+
+    tl.store(err_ptr + g * P + pid, err)
+    if bad > 0:
+        tl.atomic_add(stats_ptr + 2, bad.to(tl.float32), sem="relaxed")
+    s_off = (g * K + codes)[:, None] * d + dims[None, :]
+    s_mask = code_mask[:, None] & dim_mask[None, :]
+    if DETERMINISTIC:  # this program's partial, fully overwritten
+        part = pid.to(tl.int64) * G * K
+        tl.store(counts_ptr + part + g * K + codes, acc_cnt, mask=code_mask)
+        if ACCUMULATE_SUMS:
+            tl.store(sums_ptr + part * d + s_off, acc_sum, mask=s_mask)
+    else:
+        used = acc_cnt > 0
+        tl.atomic_add(counts_ptr + g * K + codes, acc_cnt, mask=code_mask & used, sem="relaxed")
+        if ACCUMULATE_SUMS:
+            tl.atomic_add(sums_ptr + s_off, acc_sum, mask=s_mask & used[:, None], sem="relaxed")
+
+
+@triton.jit
+def vq_search_kernel(
+    x_ptr, out_ptr, idx_ptr, codebook_ptr, ema_count_ptr,
+    counts_ptr, sums_ptr, stats_ptr, err_ptr, old_total_ptr,
+    n_batch, K, d, G, L, num_tiles,
+    stride_b, stride_g, stride_k, stride_l,
+    ACCUMULATE_SUMS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    P = tl.num_programs(0)
+    dims = tl.arange(0, BLOCK_D)
+    cb_base = codebook_ptr + g.to(tl.int64) * K * d
+    if pid == 0:
+        total = 0.0
+        for k0 in range(0, K, BLOCK_K):
+            codes = k0 + tl.arange(0, BLOCK_K)
+            total += tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=codes < K, other=0.0), axis=0)
+        tl.store(old_total_ptr + g, total)
+    part = pid.to(tl.int64) * 0
+    if DETERMINISTIC:
+        part = pid.to(tl.int64) * G * K  # this program's partial slice
+
+    err = 0.0
+    bad = 0
+    for tile in range(pid, num_tiles, P):
+        rows, b, l, row_mask = _tile_rows(tile, n_batch, L, BLOCK_N)
+        row_off = b * stride_b + g * stride_g + l * stride_l
+        bad_row = tl.zeros((BLOCK_N,), tl.int1)
+        for d0 in range(0, d, BLOCK_D):  # which rows hold NaN/inf (they count as zeros below)
+            dm = (d0 + dims) < d
+            xc = tl.load(x_ptr + row_off[:, None] + (d0 + dims)[None, :] * stride_k,
+                         mask=row_mask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            _, bad_chunk = _clean(xc, row_mask[:, None] & dm[None, :])
+            bad_row = bad_row | bad_chunk
+
+        best_val = tl.full((BLOCK_N,), float("inf"), tl.float32)
+        best = tl.zeros((BLOCK_N,), tl.int32)
         for k0 in range(0, K, BLOCK_K):
             codes = k0 + tl.arange(0, BLOCK_K)
             code_mask = codes < K
+            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            cnorm = tl.zeros((BLOCK_K,), tl.float32)
+            for d0 in range(0, d, BLOCK_D):
+                dm = (d0 + dims) < d
+                xc = tl.load(x_ptr + row_off[:, None] + (d0 + dims)[None, :] * stride_k,
+                             mask=row_mask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                xc, _ = _clean(xc, row_mask[:, None] & dm[None, :])
+                c = tl.load(cb_base + codes[:, None] * d + (d0 + dims)[None, :],
+                            mask=code_mask[:, None] & dm[None, :], other=0.0)
+                cnorm += tl.sum(c * c, axis=1)
+                dots += tl.dot(xc, tl.trans(c), input_precision=PRECISION)
+            dist = tl.where(code_mask, cnorm, float("inf"))[None, :] - 2.0 * dots
+            tile_min = tl.min(dist, axis=1)
+            tile_arg = tl.argmin(dist, axis=1, tie_break_left=True).to(tl.int32) + k0
+            better = tile_min < best_val  # strict: an earlier code tile keeps ties
+            best_val = tl.where(better, tile_min, best_val)
+            best = tl.where(better, tile_arg, best)
+
+        tl.store(idx_ptr + (b * G + g) * L + l, best.to(tl.int64), mask=row_mask)
+        for d0 in range(0, d, BLOCK_D):
+            dm = (d0 + dims) < d
+            m = row_mask[:, None] & dm[None, :]
+            off = row_off[:, None] + (d0 + dims)[None, :] * stride_k
+            xc, _ = _clean(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32), m)
+            q = tl.load(cb_base + best[:, None] * d + (d0 + dims)[None, :], mask=m, other=0.0)
+            tl.store(out_ptr + off, q.to(out_ptr.dtype.element_ty), mask=m)
+            diff = tl.where(m, xc - q, 0.0)
+            err += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
+
+        for k0 in range(0, K, BLOCK_K):
+            codes = k0 + tl.arange(0, BLOCK_K)
+            code_mask = codes < K
+            onehot = ((best[:, None] == codes[None, :]) & row_mask[:, None]).to(tl.float32)
+            cnt = tl.sum(onehot, axis=0)
+            if tl.sum(cnt, axis=0) > 0:  # most code tiles see none of a tile's rows when K is large
+                c_off = part + g * K + codes
+                if DETERMINISTIC:
+                    old = tl.load(counts_ptr + c_off, mask=code_mask, other=0.0)
+                    tl.store(counts_ptr + c_off, old + cnt, mask=code_mask)
+                else:
+                    tl.atomic_add(counts_ptr + c_off, cnt, mask=code_mask & (cnt > 0), sem="relaxed")
+                if ACCUMULATE_SUMS:
+                    for d0 in range(0, d, BLOCK_D):
+                        dm = (d0 + dims) < d
+                        m = row_mask[:, None] & dm[None, :]
+                        xc, _ = _clean(tl.load(x_ptr + row_off[:, None] + (d0 + dims)[None, :] * stride_k,
+                                               mask=m, other=0.0).to(tl.float32), m)
+                        s = tl.dot(tl.trans(onehot), xc, input_precision=PRECISION)
+                        s_off = c_off[:, None] * d + (d0 + dims)[None, :]
+                        s_mask = code_mask[:, None] & dm[None, :]
+                        if DETERMINISTIC:
+                            tl.store(sums_ptr + s_off, tl.load(sums_ptr + s_off, mask=s_mask, other=0.0) + s,
+                                     mask=s_mask)
+                        else:
+                            tl.atomic_add(sums_ptr + s_off, s, mask=s_mask & (cnt > 0)[:, None], sem="relaxed")
+
+    tl.store(err_ptr + g * P + pid, err)
+    if bad > 0:
+        tl.atomic_add(stats_ptr + 2, bad.to(tl.float32), sem="relaxed")
+
+
+@triton.jit
+def vq_finalize_kernel(
+    counts_ptr, sums_ptr, ema_count_ptr, ema_weight_ptr, codebook_ptr,
+    stats_ptr, err_ptr, old_total_ptr,
+    K, d, G, P, numel, decay, eps, commitment,
+    UPDATE: tl.constexpr, GUARD: tl.constexpr, PER_GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """stats: [loss, perplexity (summed over groups), rows with NaN/inf]; with PER_GROUP (a fixed
+    summation order for the deterministic mode) the loss and perplexity of group g go to
+    stats[3 + g] and stats[3 + G + g] instead, for the host to sum."""
+    g = tl.program_id(0)
+    kb = tl.program_id(1)
+    bad = tl.load(stats_ptr + 2)  # the search's count (all ranks' under DDP)
+
+    rows = 0.0  # the batch's rows: the sum of this group's counts
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        rows += tl.sum(tl.load(counts_ptr + g * K + codes, mask=codes < K, other=0.0), axis=0)
+
+    if kb == 0:
+        err = 0.0
+        for t0 in range(0, P, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            err += tl.sum(tl.load(err_ptr + g * P + t, mask=t < P, other=0.0), axis=0)
+        loss = err * commitment / numel
+        if GUARD:
+            loss = tl.where(bad > 0, float("nan"), loss)
+        entropy = 0.0
+        for k0 in range(0, K, BLOCK_K):
+            codes = k0 + tl.arange(0, BLOCK_K)
+            p = tl.load(counts_ptr + g * K + codes, mask=codes < K, other=0.0) / tl.maximum(rows, 1.0)
+            entropy += tl.sum(tl.where(codes < K, -p * tl.log(p + 1e-10), 0.0), axis=0)
+        if PER_GROUP:
+            tl.store(stats_ptr + 3 + g, loss)
+            tl.store(stats_ptr + 3 + G + g, tl.exp(entropy))
+        else:
+            tl.atomic_add(stats_ptr, loss, sem="relaxed")
+            tl.atomic_add(stats_ptr + 1, tl.exp(entropy), sem="relaxed")
+
+    if GUARD:
+        apply = bad == 0
+    else:
+        apply = bad > -1.0
+    if UPDATE:
+        if apply:
+            total = decay * tl.load(old_total_ptr + g) + (1.0 - decay) * rows  # sum of decayed counts
+            codes = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            code_mask = codes < K
             cnt = tl.load(counts_ptr + g * K + codes, mask=code_mask, other=0.0)
-            old = tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0)
-            c = decay * old + (1.0 - decay) * cnt
-            c = (c + eps) / (total + K * eps) * total
-            keep = (tl.zeros_like(c) + keep_old) > 0
-            tl.store(ema_count_ptr + g * K + codes, tl.where(keep, old, c), mask=code_mask)
-            for j0 in range(0, d, BLOCK_D):
-                dj = j0 + dims
-                m = code_mask[:, None] & (dj < d)[None, :]
-                off = (g * K + codes)[:, None] * d + dj[None, :]
-                old_w = tl.load(ema_weight_ptr + off, mask=m, other=0.0)
-                w = decay * old_w + (1.0 - decay) * tl.load(sums_ptr + off, mask=m, other=0.0)
-                keep2 = (tl.zeros_like(w) + keep_old) > 0
-                old_code = tl.load(codebook_ptr + off, mask=m, other=0.0)
-                tl.store(ema_weight_ptr + off, tl.where(keep2, old_w, w), mask=m)
-                tl.store(codebook_ptr + off, tl.where(keep2, old_code, w / c[:, None]), mask=m)
+            c = decay * tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0) + (1.0 - decay) * cnt
+            c = (c + eps) / (total + K * eps) * total  # Laplace smoothing
+            tl.store(ema_count_ptr + g * K + codes, c, mask=code_mask)
+            dims = tl.arange(0, BLOCK_D)
+            for d0 in range(0, d, BLOCK_D):
+                m = code_mask[:, None] & ((d0 + dims) < d)[None, :]
+                off = (g * K + codes).to(tl.int64)[:, None] * d + (d0 + dims)[None, :]
+                w = decay * tl.load(ema_weight_ptr + off, mask=m, other=0.0) \
+                    + (1.0 - decay) * tl.load(sums_ptr + off, mask=m, other=0.0)
+                tl.store(ema_weight_ptr + off, w, mask=m)
+                tl.store(codebook_ptr + off, w / c[:, None], mask=m)
 
 
 @triton.jit
 def vq_backward_kernel(grad_q_ptr, x_ptr, q_ptr, grad_x_ptr, coef_ptr, numel, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """grad_x = grad_q + coef * (x - q) over contiguous tensors."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < numel
     coef = tl.load(coef_ptr)
     gq = tl.load(grad_q_ptr + offs, mask=m, other=0.0).to(tl.float32)

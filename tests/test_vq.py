@@ -104,8 +104,12 @@ def test_cpu_kernel_matches_reference(shape):
 
 TRITON_SHAPES = [
     ("lapo", 6, 2, 64, 16, 4),
-    ("grouped", 1, 1, 8, 4, 1),
-    ("grouped", 70, 2, 100, 33, 1),  # several code tiles, masked dims, a partial row tile
+    ("lapo", 100, 2, 64, 16, 4),     # resident codebook, vector rows: 7 tiles over 3 persistent programs
+    ("lapo", 5, 2, 64, 32, 4),       # resident, d=32
+    ("grouped", 300, 1, 64, 16, 1),  # resident, contiguous rows of one group
+    ("grouped", 1, 1, 8, 4, 1),      # resident, padded codes and dims: the strided path
+    ("grouped", 70, 2, 100, 33, 1),  # general kernel: several code tiles, masked dims, a partial row tile
+    ("grouped", 130, 1, 16, 100, 1), # general kernel: d in 4 chunks of 32
 ]
 
 
@@ -113,6 +117,89 @@ TRITON_SHAPES = [
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "-".join(map(str, s)))
 def test_triton_kernel_matches_reference(shape, deterministic):
     run_pair("triton", *shape, steps=2, device=TRITON_DEVICE, deterministic=deterministic)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter stands in for an sm_80 GPU")
+@pytest.mark.parametrize("shape", TRITON_SHAPES[:3], ids=lambda s: "-".join(map(str, s)))
+def test_triton_kernel_with_sm80_tiles_matches_reference(shape, monkeypatch):
+    from lapo_fast.ops import vq as vq_mod
+
+    monkeypatch.setattr(vq_mod, "_launch_facts", lambda device: (None, 80))  # 16-row tiles, strided rows
+    run_pair("triton", *shape, steps=2, device=TRITON_DEVICE)
+
+
+def test_triton_plans_cover_both_kernels():
+    from lapo_fast.ops.vq import triton_plan
+
+    lapo = Layout.for_shape((65536, 128), 2, 16, "lapo", 4)
+    h100 = triton_plan(lapo, 64, 16, False, sms=132, capability=90)
+    assert h100.resident and h100.contiguous and h100.programs == 132 * 2 and h100.precision == "tf32x3"
+    a100 = triton_plan(lapo, 64, 16, False, sms=108, capability=80)
+    assert a100.resident and not a100.contiguous and a100.programs == 108 * 4
+    assert triton_plan(lapo, 64, 16, False, sms=80, capability=70).precision == "ieee"  # no TF32 before sm_80
+    big = triton_plan(Layout.for_shape((10, 512), 1, 512, "grouped", 1), 8192, 512, True, sms=132, capability=90)
+    assert not big.resident and big.block_d == 32 and big.programs == 1  # 1 row tile
+    small = triton_plan(Layout.for_shape((8, 128), 2, 16, "lapo", 4), 64, 16, False, sms=None, capability=None)
+    assert small.programs == 1 and small.tiles == 1
+
+
+def test_triton_backward_of_a_non_contiguous_input():
+    """The saved x is read as flat memory by the backward kernel: a transposed x must still give
+    the reference's gradient."""
+    state = make_state(1, 16, 16)
+    base = make_x("grouped", 16, 1, 16, 1, seed=5)  # (16, 16)
+    grads = {}
+    for backend in ("reference", "triton"):
+        x = base.t().contiguous().t().clone().requires_grad_()  # column-major storage
+        assert not x.is_contiguous()
+        out = vq_ema(x, *[t.clone() for t in state], backend=backend, training=True)
+        upstream = torch.linspace(-1, 1, 256).reshape(16, 16)
+        ((out.quantized * upstream).sum() + 10 * out.loss).backward()
+        grads[backend] = x.grad
+    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_under_autocast_stays_fp32():
+    state, x = make_state(2, 64, 16), make_x("lapo", 256, 2, 16, 4, seed=9)
+    plain = [t.clone() for t in state]
+    a = vq_ema(x, *plain, layout="lapo", num_latents=4, backend="reference")
+    auto = [t.clone() for t in state]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b = vq_ema(x, *auto, layout="lapo", num_latents=4, backend="reference")
+    assert torch.equal(a.indices, b.indices)
+    for s, t in zip(plain, auto):
+        assert torch.equal(s, t)
+
+
+def test_launches_are_guarded_to_the_tensors_device(monkeypatch):
+    from lapo_fast.ops import vq as vq_mod
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or __import__("contextlib").nullcontext())
+    with vq_mod._device_guard(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with vq_mod._device_guard(torch.device("cpu")):
+        pass
+    assert len(entered) == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nonfinite_without_a_host_read_skips_the_update_and_poisons_the_loss(backend):
+    """The CUDA policy (raise_nonfinite=False is its default there): no raise, state unchanged,
+    the loss NaN for the caller's next read to see."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    state = make_state(2, 64, 16, device=device)
+    before = [t.clone() for t in state]
+    x = make_x("lapo", 40, 2, 16, 4, seed=0, device=device)
+    x[31, 5] = float("nan")
+    out = vq_ema(x, *state, layout="lapo", num_latents=4, backend=backend, raise_nonfinite=False)
+    assert torch.isnan(out.loss)
+    for a, b in zip(state, before):
+        assert torch.equal(a, b)
+    clean = vq_ema(torch.nan_to_num(x), *state, layout="lapo", num_latents=4, backend=backend,
+                   raise_nonfinite=False)
+    assert torch.isfinite(clean.loss) and not torch.equal(state[0], before[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -280,3 +367,45 @@ def _vq_in_child(x, state):
     # numpy in and out: torch's own intra-op threads are not fork-safe, and that is not under test.
     out = vq_ema(torch.from_numpy(x), *map(torch.from_numpy, state), backend="cpu", num_threads=2)
     return out.indices.numpy()
+
+
+def _tf32(a: np.ndarray) -> np.ndarray:
+    """What a TF32 tensor-core product sees of an fp32 operand: 10 mantissa bits (truncated)."""
+    return (a.astype(np.float32).view(np.int32) & np.int32(-8192)).view(np.float32)
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, "bf16"])
+def test_tensor_core_splits_keep_the_nearest_code(x_dtype):
+    """The kernels' distance and sum products on tensor cores, emulated: TF32 operands, fp32 sums.
+    tf32x3 for fp32 x; for 16-bit x (exact in TF32) two products with c's TF32 halves; the one-hot
+    sums with x's two halves. Each must pick a nearest code (within fp32 rounding) and sum x to
+    fp32 accuracy; a single TF32 product would not."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4096, 16)) * 0.1).astype(np.float32)
+    if x_dtype == "bf16":
+        x = torch.from_numpy(x).bfloat16().float().numpy()
+    c = (x[rng.integers(0, 4096, 64)] + rng.standard_normal((64, 16)).astype(np.float32) * 1e-3).astype(np.float32)
+    c_hi = _tf32(c)
+    c_lo = c - c_hi
+    if x_dtype == "bf16":
+        dots = _tf32(x) @ _tf32(c_hi).T + _tf32(x) @ _tf32(c_lo).T
+    else:
+        x_hi = _tf32(x)
+        x_lo = x - x_hi
+        dots = x_hi @ _tf32(c_hi).T + x_hi @ _tf32(c_lo).T + _tf32(x_lo) @ _tf32(c_hi).T
+    dist = (c.astype(np.float64) ** 2).sum(1)[None] - 2.0 * dots
+    exact = ((x.astype(np.float64)[:, None] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    picked = exact[np.arange(len(x)), dist.argmin(1)]
+    tol = 1e-5 * (1 + (x.astype(np.float64) ** 2).sum(1) + (c.astype(np.float64) ** 2).sum(1).max())
+    assert (picked - exact.min(1) <= tol).all()
+    single = (c.astype(np.float64) ** 2).sum(1)[None] - 2.0 * (_tf32(x) @ _tf32(c).T)
+    assert (exact[np.arange(len(x)), single.argmin(1)] - exact.min(1) > tol).any()  # the test can fail
+
+    onehot = np.eye(64, dtype=np.float32)[exact.argmin(1)]
+    x_hi = _tf32(x)
+    sums = onehot.T @ x_hi + onehot.T @ _tf32(x - x_hi)
+    truth = onehot.T.astype(np.float64) @ x.astype(np.float64)
+    scale = onehot.T.astype(np.float64) @ np.abs(x.astype(np.float64))  # fp32 summation's own error scale
+    assert (np.abs(sums - truth) <= 1e-6 * scale + 1e-12).all()
+    one_product_error = np.abs(onehot.T @ x_hi - truth) > 1e-6 * scale
+    assert one_product_error.any() if x_dtype == np.float32 else not one_product_error.any()  # 16-bit: exact

@@ -12,10 +12,14 @@ update, straight-through gradient, commitment loss, EMA counts with Laplace smoo
 accumulation is fp32 whatever the input dtype (bf16/fp16 accepted, e.g. under autocast); the
 codebook state is always fp32.
 
-NaN policy: a NaN or inf anywhere in x raises ValueError and leaves the codebook untouched. On
-CUDA the check costs one host sync per call; ``check_finite=False`` skips it there (and on the
-reference path), and then non-finite values are treated as 0 by the Triton kernel. The CPU kernel
-detects them for free and always raises.
+NaN policy: NaN or inf anywhere in x leaves the codebook state untouched, and a step never reads
+the device back to find out. On CPU tensors (the C++ kernel, the reference, the Triton
+interpreter) it is found for free and raises NonFiniteError at once (under DDP after the ranks
+have agreed, so every rank raises at the same step). On CUDA the EMA update is skipped on the
+device and the returned loss is NaN: the caller's next read of the loss (a training loop's log or
+checkpoint step) sees it. ``raise_nonfinite=True`` reads the flag back and raises at once (one
+host sync per call); ``check_finite=False`` turns the guard off on CUDA: non-finite values then
+count as 0 and the update goes ahead (the CPU kernel finds them anyway and raises).
 
 DDP: when torch.distributed is initialised with more than one rank, the batch counts and sums are
 all-reduced before the EMA update, so every rank ends with the codebook one process would get on
@@ -24,6 +28,7 @@ the joined batch. Dead-code refills and k-means init are broadcast from rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -50,6 +55,7 @@ class _Spec(NamedTuple):  # a NamedTuple: built on every call, and ~4x cheaper t
     commitment: float
     deterministic: bool
     check_finite: bool
+    raise_nonfinite: bool
     num_threads: int
 
 
@@ -72,6 +78,7 @@ def vq_ema(
     backend: str = "auto",
     deterministic: bool = False,
     check_finite: bool = True,
+    raise_nonfinite: bool | None = None,
     num_threads: int | None = None,
 ) -> VQOutput:
     """EMA vector quantisation of x against G codebooks (G, K, d); updates the state if training."""
@@ -88,15 +95,14 @@ def vq_ema(
     backend = _resolve_backend(backend, x)
     reduce = _all_reduce_fn() if training else None
 
+    raise_nonfinite = (not x.is_cuda) if raise_nonfinite is None else raise_nonfinite
     if backend == "reference":
-        if check_finite and not torch.isfinite(x).all():
-            raise NonFiniteError(_NONFINITE)
-        return VQOutput(*vq_ema_reference(
-            x, codebook, ema_count, ema_weight, lay, training=training, decay=decay, eps=eps,
-            commitment=commitment, all_reduce=reduce))
+        return _reference_forward(x, (codebook, ema_count, ema_weight), lay, reduce, check_finite,
+                                  raise_nonfinite, training=training, decay=decay, eps=eps,
+                                  commitment=commitment)
 
     spec = _Spec(lay, training, float(decay), float(eps), float(commitment), deterministic,
-                 check_finite, num_threads or _CORES)
+                 check_finite, raise_nonfinite, num_threads or _CORES)
     state = (codebook, ema_count, ema_weight)
     if x.requires_grad and torch.is_grad_enabled():
         q, idx, loss, perp = _VQFunction.apply(x, spec, backend, reduce, *state)
@@ -169,15 +175,38 @@ def _cpu_kernel_available() -> bool:
 
 
 def _all_reduce_fn():
+    """Under DDP, a function summing its tensors (None passes through) over the ranks in place."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
 
-    def reduce(counts, sums):
-        dist.all_reduce(counts)
-        dist.all_reduce(sums)
-        return counts, sums
+    def reduce(*tensors):
+        for t in tensors:
+            if t is not None:
+                dist.all_reduce(t)
+        return tensors
 
     return reduce
+
+
+def _reference_forward(x, state, lay, reduce, check_finite, raise_nonfinite, **kw):
+    """The PyTorch reference, with the op's NaN policy and in fp32 even under autocast."""
+    bad = None
+    if check_finite:
+        bad = (~torch.isfinite(x)).sum().float().reshape(1)  # on x's device: no host read
+        if reduce is not None:
+            reduce(bad)
+        if raise_nonfinite and bad.item() > 0:
+            raise NonFiniteError(_NONFINITE)
+    saved = [t.clone() for t in state] if bad is not None and kw["training"] else None
+    with torch.autocast(x.device.type, enabled=False):
+        q, idx, loss, perp = vq_ema_reference(x, *state, lay, all_reduce=reduce, **kw)
+    if bad is not None:
+        ok = bad[0] == 0
+        if saved is not None:
+            for t, old in zip(state, saved):
+                t.copy_(torch.where(ok, t, old))
+        loss = torch.where(ok, loss, torch.full_like(loss, float("nan")))
+    return VQOutput(q, idx, loss, perp)
 
 
 class _VQFunction(torch.autograd.Function):
@@ -185,6 +214,7 @@ class _VQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, backend, reduce, codebook, ema_count, ema_weight):
+        x = x.detach().contiguous()  # the backward kernel reads x as flat memory, like q
         q, idx, loss, perp = _fused_forward(x, spec, backend, reduce, codebook, ema_count, ema_weight)
         ctx.save_for_backward(x, q)
         ctx.coef = 2.0 * spec.commitment / max(x.numel(), 1)
@@ -204,10 +234,11 @@ class _VQFunction(torch.autograd.Function):
             from lapo_fast.kernels.vq import vq_backward_kernel
 
             grad_q = grad_q.contiguous()
-            grad_x = torch.empty_like(x)
+            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
             block = 1024
-            grid = (_cdiv(x.numel(), block),)
-            vq_backward_kernel[grid](grad_q, x, q, grad_x, coef.reshape(1), x.numel(), BLOCK=block)
+            with _device_guard(x.device):
+                vq_backward_kernel[(_cdiv(x.numel(), block),)](grad_q, x, q, grad_x, coef.reshape(1), x.numel(),
+                                                               BLOCK=block)
         else:
             grad_x = (grad_q.float() + coef * (x.float() - q.float())).to(x.dtype)
         return grad_x, None, None, None, None, None, None
@@ -229,7 +260,10 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
     from lapo_fast import _C
 
     q, idx, loss, _, counts, sums = _cpu_forward(x, spec, codebook, keep_stats=True)
-    counts, sums = reduce(counts, sums)
+    bad = torch.tensor([float(loss is None)])
+    counts, sums, bad = reduce(counts, sums, bad)  # every rank learns of NaN/inf on any rank
+    if bad.item() > 0:
+        raise NonFiniteError(_NONFINITE)
     perplexity = perplexity_of(counts)
     if spec.training:
         call = _C.VQCall()
@@ -244,7 +278,8 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
 def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     """The C++ kernel: search, outputs, and the EMA update of `ema` = (count, weight) if given.
     Returns q, idx, loss, perplexity, counts, sums; the batch counts and sums are tensors only with
-    keep_stats (for a DDP all-reduce before the update), else None."""
+    keep_stats (for a DDP all-reduce before the update), else None. NaN/inf in x raise, except with
+    keep_stats, where loss comes back None for the caller to raise after the ranks agree."""
     from lapo_fast import _C
 
     lay = spec.layout
@@ -267,6 +302,8 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     call.num_threads, call.decay, call.eps = spec.num_threads, spec.decay, spec.eps
     sq_err, nonfinite, perplexity = _C.vq_forward(call)
     if nonfinite:  # free to detect on the CPU, so always enforced there (check_finite is a CUDA knob)
+        if keep_stats:
+            return out, idx, None, None, counts, sums
         raise NonFiniteError(_NONFINITE)
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
@@ -276,56 +313,128 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     return out, idx, loss, perplexity, counts, sums
 
 
-def _search_blocks(K: int, d: int) -> tuple[int, int, int]:
-    block_d = max(16, 1 << (d - 1).bit_length())
-    block_k = max(16, min(64, 1 << (K - 1).bit_length()))
-    block_n = 64 if block_d <= 64 else 32
-    return block_n, block_k, block_d
+class TritonPlan(NamedTuple):
+    """What the dispatcher launches for one shape: kernel, tile sizes, programs."""
+    resident: bool     # codebook and statistics held in registers (vq_search_resident_kernel)
+    contiguous: bool   # rows loaded as contiguous d*L runs (vector accesses)
+    block_n: int
+    block_k: int
+    block_d: int
+    tiles: int         # row tiles per group
+    programs: int      # persistent programs per group
+    precision: str     # tl.dot input precision: "tf32x3" (fp32-accurate on tensor cores) or "ieee"
+    num_warps: int
+
+
+RESIDENT_MAX = 2048        # padded K x d held in registers per program (LAPO: 64 x 16 = 1,024)
+MAX_REGISTERS = 128        # per thread, so 16 warps fit an SM's 64K registers (ptxas would take ~220)
+PARTIAL_BYTES = 256 << 20  # cap on the deterministic mode's per-program partial sums
+# Per architecture (rows per tile, warps per program, vector row loads), the largest tiles that
+# compile without spills at the LAPO shape under MAX_REGISTERS (benchmarks/vq_compile.py).
+_TILES = {90: (32, 8, True), 80: (16, 4, False)}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | None,
+                capability: int | None) -> TritonPlan:
+    """sms, capability (e.g. 90): the GPU's; None for CPU tensors (the interpreter), where a few
+    programs each walk several tiles (so tests exercise the persistent loop) with sm_90's tiles."""
+    block_n, warps, vector_rows = _TILES[90 if capability is None or capability >= 90 else 80]
+    pk, pd = max(16, _pow2(K)), max(16, _pow2(d))
+    resident = pk * pd <= RESIDENT_MAX and pk <= 128 and pd <= 64
+    if resident:
+        block_k, block_d = pk, pd
+        contiguous = vector_rows and d == pd and _pow2(lay.L) == lay.L and lay.L <= block_n
+    else:
+        block_k, block_d = min(pk, 64), min(pd, 32)
+        contiguous = False
+    tiles = max(1, _cdiv(lay.rows, block_n))
+    programs = min(tiles, 3 if sms is None else sms * (16 // warps))  # 16 resident warps per SM
+    if deterministic and not resident:
+        programs = max(1, min(programs, PARTIAL_BYTES // (4 * lay.G * K * (d + 1))))
+    tensor_cores = capability is None or capability >= 80  # TF32 from sm_80
+    return TritonPlan(resident, contiguous, block_n, block_k, block_d, tiles, programs,
+                      "tf32x3" if tensor_cores else "ieee", warps)
+
+
+def _launch_facts(device: torch.device) -> tuple[int | None, int | None]:
+    """(multiprocessors, compute capability) of x's GPU; (None, None) for CPU tensors."""
+    if device.type != "cuda":
+        return None, None
+    return _gpu_facts(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _gpu_facts(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major * 10 + props.minor
+
+
+def _device_guard(device: torch.device):
+    """Launch on x's GPU and its current stream, whatever the current device is."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
-    """Three launches: zero-fill, search (+ per-tile partials), finalize (loss, perplexity, EMA)."""
-    from lapo_fast.kernels.vq import vq_ema_finalize_kernel, vq_search_kernel
+    """Zero-fill, search, finalize; no host read unless spec.raise_nonfinite."""
+    from lapo_fast.kernels import vq as kernels
 
     lay = spec.layout
     G, K, d = codebook.shape
     dev = x.device
-    block_n, block_k, block_d = _search_blocks(K, d)
-    tiles = max(1, _cdiv(lay.rows, block_n))
+    plan = triton_plan(lay, K, d, spec.deterministic, *_launch_facts(dev))
+    P = plan.programs
     out = torch.empty_like(x)
     idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
-    err = torch.empty(G, tiles, device=dev)
-    bad = torch.empty(G, tiles, dtype=torch.int32, device=dev)
-    sum_size = G * K * d if spec.training else 0
-    if spec.deterministic:  # per-tile partials, fully overwritten, summed below in a fixed order
-        stats = torch.zeros(3, device=dev)
-        counts = torch.empty(tiles, G, K, device=dev)
-        sums = torch.empty(tiles, G, K, d, device=dev) if spec.training else None
-    else:  # one zero-filled buffer: [loss, perplexity, bad | counts | sums], atomics add into it
-        flat = torch.zeros(3 + G * K + sum_size, device=dev)
+    err = torch.empty(G, P, device=dev)
+    old_total = torch.empty(G, device=dev)
+    sums_numel = G * K * d if spec.training else 0
+    if spec.deterministic:  # per-program partials, summed below in a fixed order
+        stats = torch.zeros(3 + 2 * G, device=dev)
+        fill = torch.zeros if not plan.resident else torch.empty  # resident programs overwrite theirs
+        counts = fill(P, G, K, device=dev)
+        sums = fill(P, G, K, d, device=dev) if spec.training else None
+    else:  # one zero-filled buffer [loss, perplexity, bad rows | counts | sums] for the atomics
+        flat = torch.zeros(3 + G * K + sums_numel, device=dev)
         stats, counts = flat[:3], flat[3:3 + G * K].view(G, K)
         sums = flat[3 + G * K:].view(G, K, d) if spec.training else None
-    vq_search_kernel[(tiles, G)](
-        x, out, idx, codebook, counts, counts if sums is None else sums, err, bad,
-        lay.rows, K, d, G, lay.L, *lay.strides(),
-        ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-    )
-    if spec.deterministic:
-        counts = counts.sum(0)
-        sums = sums.sum(0) if sums is not None else None
-    if reduce is not None:
-        counts, sums = reduce(counts, sums)
-    update = spec.training
-    unused = counts  # pointer arguments the kernel does not touch when not updating
-    vq_ema_finalize_kernel[(G,)](
-        counts, sums if update else unused, ema_count if update else unused,
-        ema_weight if update else unused, codebook, err, bad, stats,
-        K, d, G, tiles, max(x.numel(), 1), spec.decay, spec.eps, spec.commitment,
-        UPDATE=update, GUARD=spec.check_finite,
-        BLOCK_K=min(64, max(16, 1 << (K - 1).bit_length())),
-        BLOCK_D=max(16, min(64, 1 << (d - 1).bit_length())), BLOCK_T=256,
-    )
-    if spec.check_finite and stats[2].item() > 0:
+    sums_arg = counts if sums is None else sums  # a pointer the kernel does not touch without sums
+    with _device_guard(dev):
+        common = (x, out, idx, codebook, ema_count, counts, sums_arg, stats, err, old_total,
+                  lay.batch, K, d, G, lay.L, plan.tiles, *lay.strides())
+        if plan.resident:
+            kernels.vq_search_resident_kernel[(P, G)](
+                *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
+                CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous else 1, BLOCK_N=plan.block_n,
+                BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision, num_warps=plan.num_warps,
+                maxnreg=MAX_REGISTERS)
+        else:
+            kernels.vq_search_kernel[(P, G)](
+                *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
+                BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
+                num_warps=plan.num_warps)  # any K and d: not register-capped (it would spill)
+        if spec.deterministic:
+            counts = counts.sum(0)
+            sums = sums.sum(0) if sums is not None else None
+        if reduce is not None:  # all ranks: counts, sums and the NaN count
+            if spec.deterministic:
+                reduce(stats[2:3], counts, sums)
+            else:
+                reduce(flat[2:])
+        block_k = min(64, max(16, _pow2(K)))
+        update = spec.training
+        unused = counts
+        kernels.vq_finalize_kernel[(G, _cdiv(K, block_k) if update else 1)](
+            counts, sums if update else unused, ema_count if update else unused,
+            ema_weight if update else unused, codebook, stats, err, old_total,
+            K, d, G, P, max(x.numel(), 1), spec.decay, spec.eps, spec.commitment,
+            UPDATE=update, GUARD=spec.check_finite, PER_GROUP=spec.deterministic,
+            BLOCK_K=block_k, BLOCK_D=max(16, min(32, _pow2(d))), BLOCK_T=1024)
+    if spec.raise_nonfinite and spec.check_finite and stats[2].item() > 0:
         raise NonFiniteError(_NONFINITE)
+    if spec.deterministic:
+        return out, idx, stats[3:3 + G].sum(), stats[3 + G:].sum()
     return out, idx, stats[0], stats[1]

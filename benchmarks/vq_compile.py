@@ -1,0 +1,310 @@
+"""Ahead-of-time compile of every Triton VQ kernel variant the dispatcher launches, for sm_80 and
+sm_90, without a GPU; per variant: registers, spills, shared memory, occupancy, and a roofline
+prediction of its time on the target's flagship GPU (A100 for sm_80, H100 for sm_90).
+
+How: the real dispatcher (lapo_fast.ops.vq_ema, backend "triton", forward and backward) runs on
+CPU tensors with each kernel swapped for a recorder and the GPU's facts (132 or 108
+multiprocessors) standing in, so it makes the launches a CUDA run makes. Triton's own binder
+then specialises each launch for a CUDA target (dtypes, divisibility by 16, ints equal to 1) and
+triton.compile goes to cubin with the ptxas that ships in the Triton wheel.
+
+Used by `python benchmarks/vq_kernel.py --compile-only [--json OUT]` and by tests/test_vq_compile.py.
+Must run without TRITON_INTERPRET (the kernels must be JITFunctions): it clears it at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="lapo-fast-aot-"))
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: registers and spills
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+import lapo_fast.kernels.vq as KV  # noqa: E402
+from lapo_fast.ops import vq as vq_op  # noqa: E402
+
+KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_finalize_kernel", "vq_backward_kernel")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int
+    bandwidth: float      # HBM bytes/s
+    fp32: float           # FP32 lane-instructions/s (FMA or simple op): SMs x 128 lanes x clock
+    tf32: float           # dense TF32 tensor-core flop/s
+    atomics: float        # L2 reductions/s (about one per clock per L2 slice)
+    launch_s: float       # GPU time of a back-to-back small kernel
+    regs: int = 65536     # registers per SM
+    smem_sm: int = 0      # shared memory per SM
+    smem_block: int = 0   # the most one program may ask for (the launch fails above it)
+    warps: int = 64
+    blocks: int = 32
+
+
+GPUS = {  # public data-sheet figures (SXM parts)
+    80: Gpu("A100", 108, 2.04e12, 108 * 128 * 1.41e9, 156e12, 80 * 1.41e9, 2.5e-6,
+            smem_sm=164 * 1024, smem_block=166912),
+    90: Gpu("H100", 132, 3.35e12, 132 * 128 * 1.98e9, 495e12, 96 * 1.75e9, 2.0e-6,
+            smem_sm=228 * 1024, smem_block=232448),
+}
+MIN_WARPS_PER_SM = 16
+
+# The benchmark's cases (name, layout, B, G, K, d, L), and shapes that reach every block
+# configuration the dispatcher can pick (for the shared-memory check on all accepted layouts).
+BENCH_CASES = [
+    ("LAPO B=128", "lapo", 128, 2, 64, 16, 4),
+    ("LAPO B=4096", "lapo", 4096, 2, 64, 16, 4),
+    ("LAPO B=65536", "lapo", 65536, 2, 64, 16, 4),
+    ("K64 d16 N=65536", "grouped", 65536, 1, 64, 16, 1),
+    ("K1024 d64 N=8192", "grouped", 8192, 1, 1024, 64, 1),
+    ("K8192 d256 N=1024", "grouped", 1024, 1, 8192, 256, 1),
+]
+COVERAGE_CASES = [
+    ("K128 d16 N=1000", "grouped", 1000, 1, 128, 16, 1),   # resident, widest codebook
+    ("K32 d64 N=1000", "grouped", 1000, 1, 32, 64, 1),     # resident, widest rows
+    ("LAPO d32 B=500", "lapo", 500, 2, 64, 32, 4),         # resident, LAPO view with d=32
+    ("K8 d4 N=1", "grouped", 1, 1, 8, 4, 1),               # resident, padded: strided rows
+    ("K100 d33 N=1000", "grouped", 1000, 3, 100, 33, 1),   # general, masked codes and dims
+    ("K64 d512 N=256", "grouped", 256, 1, 64, 512, 1),     # general, d in 16 chunks
+]
+MODES = ("train", "eval", "train-det", "train-nocheck")
+
+
+def cases(quick: bool = False) -> list[dict]:
+    out = []
+    for name, *shape in BENCH_CASES:
+        lapo = name.startswith("LAPO")
+        for dtype in ((torch.float32, torch.bfloat16, torch.float16) if lapo else (torch.float32, torch.bfloat16)):
+            for mode in (MODES if lapo else ("train", "eval")):
+                out.append(dict(name=name, shape=tuple(shape), dtype=dtype, mode=mode, lapo=lapo))
+    if not quick:
+        for name, *shape in COVERAGE_CASES:
+            out.append(dict(name=name, shape=tuple(shape), dtype=torch.float32, mode="train", lapo=False))
+    return out
+
+
+# -- 1. the dispatcher's launches ------------------------------------------------------------------
+
+class _Recorder:
+    def __init__(self, fn, sink):
+        self.fn, self.sink = fn, sink
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append((self.fn, tuple(grid), args, kwargs))
+
+
+@contextlib.contextmanager
+def _recording(sms: int, arch: int):
+    launches: list = []
+    saved = {k: getattr(KV, k) for k in KERNELS}
+    facts = vq_op._launch_facts
+    env = os.environ.get("TRITON_INTERPRET")
+    for k in KERNELS:
+        setattr(KV, k, _Recorder(saved[k], launches))
+    vq_op._launch_facts = lambda device: (sms, arch)
+    os.environ["TRITON_INTERPRET"] = "1"  # only so that the dispatcher takes CPU tensors for "triton"
+    try:
+        yield launches
+    finally:
+        for k, v in saved.items():
+            setattr(KV, k, v)
+        vq_op._launch_facts = facts
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = env
+
+
+def launches_of(case: dict, arch: int) -> list:
+    layout, B, G, K, d, L = case["shape"]
+    gen = torch.Generator().manual_seed(0)
+    cb = (torch.rand(G, K, d, generator=gen) * 2 - 1) * (5.0 / K)
+    state = [cb, torch.zeros(G, K), cb.clone()]
+    x = (0.1 * torch.randn(B, G * d * L, generator=gen)).to(case["dtype"])
+    training = case["mode"] != "eval"
+    x.requires_grad_(training)
+    with _recording(GPUS[arch].sms, arch) as launches:
+        out = vq_op.vq_ema(x, *state, layout=layout, num_latents=L, backend="triton", training=training,
+                           deterministic=case["mode"] == "train-det",
+                           check_finite=case["mode"] != "train-nocheck", raise_nonfinite=False)
+        if training:
+            (out.quantized.float().sum() + out.loss).backward()
+    return launches
+
+
+# -- 2. specialise and compile ---------------------------------------------------------------------
+
+_BINDERS: dict = {}
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def specialise(fn, args, kwargs, arch: int):
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    if (fn.__name__, arch) not in _BINDERS:
+        _BINDERS[fn.__name__, arch] = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs, debug=False)
+    bound, spec, opts = _BINDERS[fn.__name__, arch](*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return target, options, signature, constexprs, attrs
+
+
+def compile_variant(job) -> dict:
+    """job: (kernel name, arch, options, signature, constexprs, attrs) -> its resource figures."""
+    name, arch, options, sig, cx, attrs = job
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(getattr(KV, name), sig, cx, attrs), target=GPUTarget("cuda", arch, 32),
+                               options=options.__dict__)
+    except Exception as e:  # every failure is reported, not just the first
+        first = str(e).strip().splitlines()
+        return dict(ok=False, error=f"{type(e).__name__}: {first[0][:300] if first else ''}")
+    text = log.getvalue()
+    regs, spill = _REGS.search(text), _SPILL.search(text)
+    r = dict(ok=True, registers=int(regs.group(1)) if regs else None,
+             spill_bytes=(int(spill.group(1)) + int(spill.group(2))) if spill else 0,
+             shared_bytes=k.metadata.shared, warps=k.metadata.num_warps,
+             tensor_core_ops=len(re.findall(r"\b(w?gmma|mma)\.", k.asm["ptx"])))
+    r["warps_per_sm"] = warps_per_sm(GPUS[arch], r["registers"], r["shared_bytes"], r["warps"])
+    gpu = GPUS[arch]
+    if r["shared_bytes"] > gpu.smem_block:
+        r.update(ok=False, error=f"{r['shared_bytes']} B of shared memory per program > {gpu.smem_block} B on sm_{arch}")
+    return r
+
+
+def warps_per_sm(gpu: Gpu, regs, smem: int, warps: int) -> int | None:
+    if regs is None:
+        return None
+    per_warp = -(-regs * 32 // 256) * 256  # register allocation granularity: 256 per warp
+    by_regs = gpu.regs // (per_warp * warps)
+    by_smem = gpu.smem_sm // (smem + 1024) if smem else gpu.blocks  # 1 KB reserved per block
+    return min(by_regs, by_smem, gpu.blocks, gpu.warps // warps) * warps
+
+
+# -- 3. roofline prediction ------------------------------------------------------------------------
+
+def _arg(launch, name):
+    fn, _grid, args, kwargs = launch
+    names = [p.name for p in fn.params]
+    return kwargs[name] if name in kwargs else args[names.index(name)]
+
+
+def predict(launch, gpu: Gpu, occupancy: int | None) -> tuple[float, float]:
+    """(predicted seconds, floor seconds) of one launch: the slowest of HBM bytes, FP32-pipe
+    instructions, tensor-core flops and L2 atomics, over the fraction of the GPU its occupancy
+    keeps busy (fewer than 16 warps per SM cannot hide memory latency), plus a launch's time.
+    The floor is its compulsory bytes at full bandwidth."""
+    fn, grid, args, kwargs = launch
+    name = fn.__name__
+    if name == "vq_backward_kernel":
+        numel = _arg(launch, "numel")
+        nbytes = numel * (4 * 4)  # grad_q, x, q in and grad_x out, fp32 upper bound
+        t = nbytes / gpu.bandwidth
+        return t + gpu.launch_s, nbytes / gpu.bandwidth
+    if name == "vq_finalize_kernel":
+        K, d, G, P = (_arg(launch, k) for k in ("K", "d", "G", "P"))
+        nbytes = 4 * (G * K * (3 * d + 3) + G * P)
+        return nbytes / gpu.bandwidth + gpu.launch_s, nbytes / gpu.bandwidth
+    # the searches
+    x = _arg(launch, "x_ptr")
+    G, K, d, L = (_arg(launch, k) for k in ("G", "K", "d", "L"))
+    bn, bk, bd = (kwargs[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_D"))
+    rows = _arg(launch, "n_batch") * L
+    tiles = _arg(launch, "num_tiles") * G
+    programs = grid[0] * grid[1]
+    in_bytes = x.element_size()
+    floor_bytes = rows * G * d * in_bytes * 2 + rows * G * 8  # x in, q out, indices out
+    code_tiles = -(-K // bk)
+    d_chunks = -(-d // bd)
+    resident = name == "vq_search_resident_kernel"
+    # Tensor cores, in TF32 products (a 16-bit product counts half: twice the rate): distances
+    # tf32x3 (3), or 2 for 16-bit x; sums of the resident kernel 2 (fp32 x) or one 16-bit product.
+    wide = in_bytes == 4
+    products = (3 if wide or not resident else 2)
+    if kwargs["ACCUMULATE_SUMS"]:
+        products += (2 if wide else 0.5) if resident else 3
+    tc_flops = tiles * products * 2 * bn * bk * bd * code_tiles * d_chunks
+    # FP32 pipe: per (row, code) ~6 ops (norm add, argmin compare/select, one-hot, column sum);
+    # per (row, dim) ~8 ops (NaN test, clean, error, gather address); x per code tile when not resident.
+    fp32_ops = tiles * (6 * bn * bk * code_tiles + 8 * bn * bd * d_chunks * (1 if resident else 2 + code_tiles))
+    reloads = 0 if resident else rows * G * d * in_bytes * (code_tiles + 1)  # L2 re-reads, counted at HBM speed / 4
+    nbytes = floor_bytes + programs * G * K * d * 4 * (2 if kwargs["DETERMINISTIC"] else 0) + reloads / 4
+    atomics = 0 if kwargs["DETERMINISTIC"] else programs * K * (d + 1) if resident else tiles * min(K, bn) * (d + 1)
+    busy = min(1.0, (occupancy or MIN_WARPS_PER_SM) / MIN_WARPS_PER_SM)
+    waves = min(1.0, programs / (gpu.sms * 4))  # a grid smaller than the GPU leaves SMs idle
+    t = max(nbytes / gpu.bandwidth / busy, fp32_ops / gpu.fp32 / max(waves, 1e-9),
+            tc_flops / gpu.tf32 / max(waves, 1e-9), atomics / gpu.atomics)
+    return t + gpu.launch_s, floor_bytes / gpu.bandwidth
+
+
+# -- 4. everything ---------------------------------------------------------------------------------
+
+def run(archs=(80, 90), quick: bool = False, jobs: int | None = None) -> dict:
+    """Compiles every variant and returns {"rows": [...], "failures": [...]}. A row per (case,
+    kernel launch, target), plus a row per (case, target) with kernel "step" summing the forward
+    + EMA launches (zero-fill counted as one launch)."""
+    variants: dict = {}
+    per_case = []
+    for case in cases(quick):
+        for arch in archs:
+            gpu = GPUS[arch]
+            for launch in launches_of(case, arch):
+                fn, grid, args, kwargs = launch
+                target, options, sig, cx, attrs = specialise(fn, args, kwargs, arch)
+                key = (fn.__name__, arch, repr(sorted(sig.items())), repr(sorted(cx.items())), repr(sorted(attrs.items())))
+                variants.setdefault(key, (fn.__name__, arch, options, sig, cx, attrs))
+                per_case.append((case, arch, launch, key))
+    keys = list(variants)
+    if (jobs or os.cpu_count() or 1) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs or os.cpu_count(), mp_context=mp.get_context("fork")) as pool:
+            results = dict(zip(keys, pool.map(compile_variant, [variants[k] for k in keys])))
+    else:
+        results = {k: compile_variant(variants[k]) for k in keys}
+
+    rows, failures, steps = [], [], {}
+    for case, arch, launch, key in per_case:
+        r = results[key]
+        label = f"{case['name']} {case['mode']}"
+        dtype = str(case["dtype"]).replace("torch.", "")
+        gpu = GPUS[arch]
+        pred, floor = predict(launch, gpu, r.get("warps_per_sm")) if r["ok"] else (None, None)
+        row = dict(kernel=key[0], target=f"sm_{arch}", case=label, dtype=dtype, registers=r.get("registers"),
+                   spill_bytes=r.get("spill_bytes"), shared_bytes=r.get("shared_bytes"),
+                   warps_per_sm=r.get("warps_per_sm"), predicted_us=_us(pred), floor_us=_us(floor))
+        rows.append(row)
+        if not r["ok"]:
+            failures.append(f"{key[0]} sm_{arch} {label} {dtype}: {r['error']}")
+            continue
+        if case["lapo"] and r["spill_bytes"]:
+            failures.append(f"{key[0]} sm_{arch} {label} {dtype}: spills {r['spill_bytes']} B at the LAPO shape")
+        if case["lapo"] and key[0] != "vq_finalize_kernel" and r["warps_per_sm"] < MIN_WARPS_PER_SM:
+            failures.append(f"{key[0]} sm_{arch} {label} {dtype}: {r['warps_per_sm']} warps/SM < {MIN_WARPS_PER_SM}")
+        if key[0] != "vq_backward_kernel":  # the step: forward + EMA update
+            s = steps.setdefault((label, dtype, arch), dict(kernel="step", target=f"sm_{arch}", case=label, dtype=dtype,
+                                                           predicted_us=_us(gpu.launch_s), floor_us=0.0))
+            s["predicted_us"] = round(s["predicted_us"] + row["predicted_us"], 2)
+            s["floor_us"] = round(s["floor_us"] + row["floor_us"], 2)
+    return {"rows": rows + list(steps.values()), "failures": failures, "variants": len(variants),
+            "triton": triton.__version__}
+
+
+def _us(seconds):
+    return None if seconds is None else round(seconds * 1e6, 2)
