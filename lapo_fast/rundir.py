@@ -181,11 +181,13 @@ class RunDir:
         policy = LatentPolicy(impala_scale=cfg.impala_scale)
         return self._load(stage, DecodedPolicy(policy) if isinstance(cfg, FinetuneConfig) else policy)
 
-    def load_labels(self, ds, *, batch: int = 512, device="cpu", progress: bool = True):
+    def load_labels(self, ds, *, batch: int = 512, device="cpu", progress: bool = True, rank: int = 0,
+                    world: int = 1):
         """(starts, latents, context) of stage 2: for every window inside an episode of `ds`, its
         first frame and the frozen IDM's pre-quantisation latent; the policy's input is frame
         start + context. Computed once and saved; recomputed when the dataset or the stage-1
-        checkpoint changed."""
+        checkpoint changed. Under DDP every rank calls it: each labels 1/world of the windows,
+        all get every label, rank 0 saves them."""
         from lapo_fast.data import valid_starts
         from lapo_fast.eval.latents import idm_latents
 
@@ -196,12 +198,17 @@ class RunDir:
             if "data" in blob and str(blob["data"]) == ds.identity() and blob["lam_step"] == lam_step:
                 return blob["starts"], blob["latents"], context
             print(f"bc: {self.labels} is stale (dataset or stage-1 checkpoint changed); recomputing")
+        from lapo_fast.runtime.distributed import all_gather_rows
+
         starts = valid_starts(ds.episodes, context + 2)
+        share = np.array_split(starts, world)[rank]
         idm = self.load_lam(lam_cfg).idm.to(device)
-        latents = idm_latents(idm, ds.cache(), starts, context, batch=batch, device=device, progress=progress)
-        self.labels.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.labels, lambda tmp: np.savez(tmp, starts=starts, latents=latents, data=ds.identity(),
-                                                       lam_step=lam_step))
+        latents = idm_latents(idm, ds.cache(), share, context, batch=batch, device=device, progress=progress)
+        latents = all_gather_rows(latents, device)
+        if rank == 0:
+            self.labels.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.labels, lambda tmp: np.savez(tmp, starts=starts, latents=latents, data=ds.identity(),
+                                                           lam_step=lam_step))
         return starts, latents, context
 
     def save_decoder(self, labelled: int, decoder) -> None:

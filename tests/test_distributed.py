@@ -35,7 +35,7 @@ def _digest(module: torch.nn.Module) -> str:
 
 def _worker(rank: int, world: int, port: int, data: str, run: str, fdm: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")  # gloo on CPUs, even on a 1-GPU machine
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -82,6 +82,29 @@ def test_two_rank_gloo_training_stays_in_lock_step(dataset, tmp_path, fdm):
     assert sorted(p.name for p in (tmp_path / "run" / "lam").glob("step-*")) == ["step-00000004"]
     lines = (tmp_path / "run" / "lam" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 + 1  # rank 0 alone logs: steps 1, 2 and 4, then the probe
+
+    # Each rank labelled half of the windows; the gathered labels are the ones one process computes.
+    from lapo_fast.data import FrameDataset
+    from lapo_fast.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    saved = np.load(run.labels)
+    run.labels.unlink()
+    starts, latents, _ = run.load_labels(FrameDataset(dataset), progress=False)
+    np.testing.assert_array_equal(saved["starts"], starts)
+    np.testing.assert_allclose(saved["latents"], latents, rtol=1e-5, atol=1e-6)
+
+
+def test_a_local_rank_without_its_gpu_is_a_clear_error(monkeypatch):
+    from lapo_fast.runtime import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail(f"set_device({i}) on a 1-GPU machine"))
+    with pytest.raises(ValueError, match="LOCAL_RANK=1 but this machine has 1 CUDA device"):
+        distributed.init()
 
 
 def test_ranks_draw_different_batches(dataset):

@@ -274,3 +274,36 @@ def test_missing_procgen_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "procgen" else real(name, *a))
     with pytest.raises(ImportError, match="procgen-mirror"):
         ProcgenVecEnv("starpilot", 2)
+
+
+def test_an_async_copy_of_the_obs_is_waited_for_before_the_buffer_is_overwritten():
+    """obs_to(cuda) from pinned memory is asynchronous; step, reset and rollout must wait for it
+    (a recorded CUDA event, stood in for here) before the workers write the next frames."""
+    order = []
+
+    class Copy:
+        def synchronize(self):
+            order.append("waited")
+
+    with ProcgenVecEnv("starpilot", 4, seed=1, num_threads=1) as env:
+        env.reset()
+        class Engine:  # the C++ engine, its step calls recorded
+            def __init__(self, engine):
+                self.engine = engine
+
+            def step(self, *a):
+                order.append("stepped")
+                return self.engine.step(*a)
+
+            def __getattr__(self, name):
+                return getattr(self.engine, name)
+
+        env._engine = Engine(env._engine)
+        for call in (lambda: env.step(np.zeros(4, np.int32)), lambda: env.rollout(2, actions=np.zeros((2, 4), np.int32))):
+            order.clear()
+            env._pending_copy = Copy()
+            call()
+            assert order[:2] == ["waited", "stepped"] and env._pending_copy is None
+        copy = env.obs_to("cpu")
+        env.step(np.zeros(4, np.int32))
+        assert not np.shares_memory(copy.numpy(), env.obs)

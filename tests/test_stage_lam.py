@@ -149,3 +149,29 @@ def test_true_action_ablation_needs_actions_and_stays_out_of_train(tiny_dataset,
         resolve(LAMConfig, "smoke", {"fdm_action": "oracle"})
     with pytest.raises(ValueError, match="ablation without an IDM"):
         resolve_run("smoke", ["lam.fdm_action=true"])
+
+
+def test_training_steps_do_not_read_the_device_back(tiny_dataset, tmp_path, monkeypatch):
+    """Metrics stay on the device between logs: 2 and 6 unlogged steps make the same host reads
+    from our code (torch's own CPU-side reads, e.g. AdamW's step counter, are not device reads)."""
+    import sys
+
+    reads = []
+
+    def spy(real, name):
+        def read(t, *a):
+            caller = sys._getframe(1).f_code.co_filename
+            if "lapo_fast" in caller and "site-packages/torch" not in caller:
+                reads.append(f"{name} {caller}:{sys._getframe(1).f_lineno}")
+            return real(t, *a)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(getattr(torch.Tensor, name), name))
+    cfg = resolve(LAMConfig, "smoke", {"steps": 100, "checkpoint_every": 100, "log_every": 100})
+    counts = []
+    for steps in (3, 7):  # step 1 is logged; then 2 or 6 steps without a log or checkpoint
+        reads.clear()
+        train_lam(tiny_dataset, tmp_path / f"run{steps}", cfg, stop_after=steps, progress=False)
+        counts.append(list(reads))
+    assert len(counts[0]) == len(counts[1]), counts[1]

@@ -409,3 +409,57 @@ def test_tensor_core_splits_keep_the_nearest_code(x_dtype):
     assert (np.abs(sums - truth) <= 1e-6 * scale + 1e-12).all()
     one_product_error = np.abs(onehot.T @ x_hi - truth) > 1e-6 * scale
     assert one_product_error.any() if x_dtype == np.float32 else not one_product_error.any()  # 16-bit: exact
+
+
+def _ddp_nan_worker(rank, world, init_file, backend, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    if backend == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails the test, not CI
+    torch.set_num_threads(1)
+    state = make_state(2, 64, 16)
+    before = [t.clone() for t in state]
+    x = make_x("lapo", 8, 2, 16, 4, seed=rank)
+    if rank == 1:
+        x[2, 7] = float("nan")  # one rank's batch only
+    outcome = "no error"
+    try:
+        vq_ema(x, *state, layout="lapo", num_latents=4, backend=backend)
+    except ValueError as e:
+        outcome = str(e)
+    dist.barrier()  # both ranks get here: neither hangs in a collective the other skipped
+    unchanged = all(torch.equal(a, b) for a, b in zip(state, before))
+    with open(os.path.join(out_dir, f"nan{rank}.txt"), "w") as f:
+        f.write(f"{outcome}|{unchanged}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_ddp_nan_on_one_rank_raises_on_every_rank(tmp_path, backend):
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("gloo ranks share CPU tensors here; on GPUs the triton path runs under nccl")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_nan_worker, args=(2, str(tmp_path / "init"), backend, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        outcome, unchanged = (tmp_path / f"nan{rank}.txt").read_text().split("|")
+        assert "NaN or inf" in outcome, f"rank {rank}: {outcome}"
+        assert unchanged == "True"  # no rank updated its codebook
+
+
+def test_module_reads_its_initialised_flag_once(monkeypatch):
+    m = VectorQuantizerEMA(kmeans_init=True, kmeans_iters=2).train()
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__",
+                        lambda t: reads.append(t is m.initialized) or real_bool(t))
+    for seed in range(3):
+        m(make_x("lapo", 64, 2, 16, 4, seed=seed))
+    assert reads.count(True) == 1 and bool(m.initialized.item())
+    m.load_state_dict(m.state_dict())  # a loaded state is read once again
+    m(make_x("lapo", 64, 2, 16, 4, seed=9))
+    assert reads.count(True) == 2

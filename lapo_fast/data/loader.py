@@ -4,6 +4,7 @@ device-resident mode for datasets that fit in GPU memory. `make_loader` picks on
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import warnings
@@ -96,10 +97,30 @@ class DeviceResidentLoader:
         return batch
 
 
-def dali_available() -> bool:
+@functools.cache
+def dali_available(device_id: int | None = None) -> bool:
+    """DALI importable and, for a GPU, able to run there: a one-sample pipeline is built and run
+    on device_id once, so an old driver or a CPU-only build falls back here instead of failing
+    when a stage builds its pipeline."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
+        return False
+    if device_id is None:
+        return True
+    try:
+        from nvidia.dali import fn, pipeline_def
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=device_id)
+        def probe():
+            return fn.external_source(source=lambda: np.zeros(4, np.uint8), batch=False).gpu()
+
+        pipe = probe()
+        pipe.build()
+        pipe.run()
+    except Exception as e:  # DALI raises RuntimeError for driver/CUDA faults, others for odd builds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"DALI is installed but cannot run on GPU {device_id} ({first}); using the CPU path")
         return False
     return True
 
@@ -115,6 +136,7 @@ class DaliLoader:
 
         self.sampler = sampler
         self.device_id = device_id
+        self._copied = None  # a CUDA event after the last batch's copies out of DALI's buffers
         keys = ["obs", *sorted(sampler.meta)]
         self.keys = keys
 
@@ -135,6 +157,9 @@ class DaliLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self._copied is not None:  # the last batch's copies read DALI buffers that run() recycles
+            self._copied.synchronize()
+            self._copied = None
         outs = self.pipe.run()
         batch = {}
         for k, o in zip(self.keys, outs):
@@ -148,6 +173,9 @@ class DaliLoader:
             out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=f"cuda:{self.device_id}")
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device_id))
             batch[k] = out[0]
+        if self.device_id is not None:
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(self.device_id))
         return batch
 
 
@@ -160,6 +188,7 @@ def make_loader(sampler: WindowSampler, device="cpu", prefer_dali: bool = True, 
         free, _ = torch.cuda.mem_get_info(device)
         if sampler.frames.nbytes < resident_fraction * free:
             return DeviceResidentLoader(sampler, device)
-        if prefer_dali and dali_available():
-            return DaliLoader(sampler, device_id=device.index or 0)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if prefer_dali and dali_available(index):
+            return DaliLoader(sampler, device_id=index)
     return PrefetchLoader(sampler, device=device)

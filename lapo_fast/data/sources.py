@@ -230,26 +230,43 @@ def _declared_frames(container, stream) -> int:
     return 0
 
 
-def _decode_video_dali(path: Path, size: int, device_id: int | None = 0) -> np.ndarray:
-    """A whole video file decoded and resized by DALI: on the GPU with NVDEC (H.264, HEVC, VP9,
-    AV1) for a device_id, or DALI's CPU backend (VP8, VP9, MJPEG) for device_id=None."""
+DALI_CHUNK = 64  # frames decoded at full resolution at a time (1080p: ~400 MB), then resized
+
+
+def _decode_video_dali(path: Path, size: int, device_id: int | None = 0, chunk: int = DALI_CHUNK) -> np.ndarray:
+    """Every frame of a video, decoded and resized by DALI: on the GPU with NVDEC (H.264, HEVC,
+    VP9, AV1) for a device_id, or DALI's CPU backend for device_id=None. Decoded `chunk` frames
+    at a time, so memory stays bounded whatever the video's length and resolution."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=2, device_id=device_id)
+    # Not pipelined: each run() answers the start frame fed just before it.
+    @pipeline_def(batch_size=1, num_threads=2, device_id=device_id, exec_pipelined=False, exec_async=False,
+                  prefetch_queue_depth=1)
     def pipe():
         encoded = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
-        frames = fn.decoders.video(encoded, device="cpu" if device_id is None else "mixed")
+        start = fn.external_source(name="start", dtype=types.INT32, ndim=0)
+        # One frame past the chunk: a shorter answer says the video ended, without asking past its end.
+        frames = fn.decoders.video(encoded, device="cpu" if device_id is None else "mixed", start_frame=start,
+                                   sequence_length=chunk + 1, pad_mode="none")
         return fn.resize(frames, resize_x=size, resize_y=size)
 
     p = pipe()
     p.build()
-    p.feed_input("video", [np.fromfile(path, np.uint8)])
-    try:
-        (out,) = p.run()
-    except RuntimeError as e:
-        raise DatasetError(f"{path}: DALI cannot decode this video ({str(e).splitlines()[0]})") from e
-    out = out.as_cpu() if device_id is not None else out
-    return np.asarray(out.as_array()[0], dtype=np.uint8)
+    data = np.fromfile(path, np.uint8)
+    parts, start = [], 0
+    while True:
+        p.feed_input("video", [data])
+        p.feed_input("start", [np.array(start, np.int32)])
+        try:
+            (out,) = p.run()
+        except RuntimeError as e:
+            raise DatasetError(f"{path}: DALI cannot decode this video ({str(e).strip().splitlines()[0]})") from e
+        frames = np.asarray((out.as_cpu() if device_id is not None else out).as_array()[0], dtype=np.uint8)
+        parts.append(frames[:chunk])
+        if len(frames) <= chunk:
+            break
+        start += chunk
+    return np.concatenate(parts)
 
 
 def ingest_videos(paths, out_dir, *, size: int = OBS_SHAPE[0], codec: str = "lz4", progress: bool = True,
@@ -273,7 +290,7 @@ def ingest_videos(paths, out_dir, *, size: int = OBS_SHAPE[0], codec: str = "lz4
 
         from .loader import dali_available
 
-        decoder = "dali" if torch.cuda.is_available() and dali_available() else "pyav"
+        decoder = "dali" if torch.cuda.is_available() and dali_available(torch.cuda.current_device()) else "pyav"
 
     writer = DatasetWriter(out_dir, frame_shape=(size, size, 3), codec=codec, source={
         "kind": "ingest", "files": [str(p) for p in paths], "image_order": "by the number in each file name"})

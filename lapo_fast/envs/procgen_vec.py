@@ -141,6 +141,7 @@ class ProcgenVecEnv:
         self._lib_path, assets = procgen_paths()
         self.options["resource_root"] = assets
         self._alloc_buffers(pin_memory)
+        self._pending_copy = None  # a CUDA event after an asynchronous copy out of self.obs
         self._engine = None
         self._build(random.SystemRandom().randrange(2**31) if seed is None else seed)
 
@@ -199,6 +200,7 @@ class ProcgenVecEnv:
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Starts new episodes everywhere. With a seed, the level streams restart from it."""
         self._check_open()
+        self._wait_for_copies()
         if options:
             raise ValueError(f"reset options are not supported, got {sorted(options)}")
         if seed is not None:
@@ -217,6 +219,7 @@ class ProcgenVecEnv:
         """
         self._check_open()
         self._set_actions(actions)
+        self._wait_for_copies()
         self._engine.step(record_obs)
         self._stepped = True
         return self.obs, self.reward, self.terminated, self.truncated, self._info()
@@ -260,6 +263,7 @@ class ProcgenVecEnv:
         for t in range(num_steps):
             a = actions[t] if actions is not None else policy(self.obs)
             self._set_actions(a)
+            self._wait_for_copies()  # the policy may have copied obs to a GPU
             result["actions"][t] = self._actions
             self._engine.step(out[t])
             self._stepped = True
@@ -278,10 +282,31 @@ class ProcgenVecEnv:
         return self._engine is None or self._engine.closed
 
     def obs_tensor(self):
-        """The observation buffer as a torch tensor sharing its memory (no copy)."""
+        """The observation buffer as a torch tensor sharing its memory (no copy): the next step
+        overwrites it. To move it to a GPU use obs_to, which makes that safe."""
         import torch
 
         return torch.from_numpy(self.obs)
+
+    def obs_to(self, device):
+        """The observations on `device`. From pinned memory (pin_memory=True) the copy runs
+        asynchronously; the next step, reset or rollout waits for it before the workers overwrite
+        the buffer, so the copy never reads a half-written step."""
+        import torch
+
+        device = torch.device(device)
+        src = torch.from_numpy(self.obs)
+        if device.type != "cuda":
+            return src.clone()
+        out = src.to(device, non_blocking=True)
+        self._pending_copy = torch.cuda.Event()
+        self._pending_copy.record(torch.cuda.current_stream(device))
+        return out
+
+    def _wait_for_copies(self) -> None:
+        if self._pending_copy is not None:
+            self._pending_copy.synchronize()
+            self._pending_copy = None
 
     def __enter__(self):
         return self

@@ -59,13 +59,16 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("ema_count", torch.zeros(num_codebooks, codebook_size))
         self.register_buffer("ema_weight", codebook.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
-        # Refills draw from a stream keyed by (seed, refill count): saved in the state dict, so a
-        # resumed run refills exactly as an uninterrupted one.
+        self._init_known = not kmeans_init  # the flag is read from the device once, not every step
+        # Refill rows are picked by a hash of (seed, training calls so far, code): the count is in
+        # the state dict, so a resumed run refills exactly as an uninterrupted one.
         self.register_buffer("refills", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> VQOutput:
-        if self.training and not bool(self.initialized):
-            self._kmeans_init(x)
+        if self.training and not self._init_known:
+            if not bool(self.initialized):
+                self._kmeans_init(x)
+            self._init_known = True
         out = vq_ema(
             x, self.codebook, self.ema_count, self.ema_weight, layout=self.layout,
             num_latents=self.num_latents, training=self.training, decay=self.decay, eps=self.eps,
@@ -74,6 +77,10 @@ class VectorQuantizerEMA(nn.Module):
         if self.training and self.dead_code_threshold > 0:
             self._replace_dead_codes(x)
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_known = False  # a loaded state may not be initialised yet
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Latents for given indices, in this module's layout (e.g. to decode a sampled code)."""
@@ -126,21 +133,21 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _replace_dead_codes(self, x: torch.Tensor) -> None:
-        dead = self.ema_count < self.dead_code_threshold
-        if not bool(dead.any()):
+        """Every dead code takes a row of the batch, all on the device: no host read per step."""
+        rows = self._rows(x)  # (G, N, d)
+        G, N, _ = rows.shape
+        if N == 0:
             return
-        rows = self._rows(x)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.refills))
+        dead = (self.ema_count < self.dead_code_threshold)[..., None]  # (G, K, 1)
+        pick = _mix(self.seed * 1_000_003 + self.refills * (G * self.codebook_size)
+                    + torch.arange(G * self.codebook_size, device=rows.device)).remainder(N).view(G, -1)
+        chosen = torch.gather(rows, 1, pick[..., None].expand(-1, -1, rows.shape[2]))  # (G, K, d)
         self.refills += 1
-        for g in range(self.num_codebooks):
-            codes = dead[g].nonzero().squeeze(1)
-            if codes.numel() == 0 or rows.shape[1] == 0:
-                continue
-            pick = torch.randint(rows.shape[1], (codes.numel(),), generator=gen).to(rows.device)
-            self.codebook[g, codes] = rows[g, pick]
-            self.ema_count[g, codes] = self.dead_code_threshold
-            self.ema_weight[g, codes] = rows[g, pick] * self.dead_code_threshold
-        self._broadcast_state()
+        self.codebook.copy_(torch.where(dead, chosen, self.codebook))
+        self.ema_count.copy_(torch.where(dead[..., 0], torch.full_like(self.ema_count, self.dead_code_threshold),
+                                         self.ema_count))
+        self.ema_weight.copy_(torch.where(dead, chosen * self.dead_code_threshold, self.ema_weight))
+        self._broadcast_state()  # under DDP every call: rank 0's rows win (small: G x K x d)
 
     def _broadcast_state(self) -> None:
         import torch.distributed as dist
@@ -153,3 +160,11 @@ class VectorQuantizerEMA(nn.Module):
         return (f"codebooks={self.num_codebooks}, size={self.codebook_size}, dim={self.dim}, "
                 f"latents={self.num_latents}, layout={self.layout!r}, decay={self.decay}, "
                 f"commitment={self.commitment}, backend={self.backend!r}")
+
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer hash (splitmix64's finaliser, in torch's wrapping int64 arithmetic), >= 0."""
+    h = h.to(torch.int64)
+    h = (h ^ (h >> 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
+    h = (h ^ (h >> 27)) * -7723592293110705685  # 0x94d049bb133111eb
+    return (h ^ (h >> 31)) & 0x7FFFFFFFFFFFFFFF

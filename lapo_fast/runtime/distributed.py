@@ -9,6 +9,7 @@ and sums, so every rank holds the same codebooks; rank 0 writes logs and checkpo
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -20,12 +21,22 @@ def _wanted() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# One rank may work alone for a while (rank 0 decoding a large dataset's frame cache): the
+# collectives' default 10-minute timeout would kill the others mid-wait.
+TIMEOUT_S = float(os.environ.get("LAPO_FAST_DIST_TIMEOUT_S", 6 * 3600))
+
+
 def init() -> None:
     """Joins the process group torchrun describes (nccl on CUDA, gloo on CPU), once."""
     if _wanted() and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL uses the current device
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            if local >= torch.cuda.device_count():
+                raise ValueError(f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} CUDA "
+                                 "device(s): start at most that many processes per node (torchrun --nproc-per-node)")
+            torch.cuda.set_device(local)  # NCCL uses the current device
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -98,3 +109,22 @@ def gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_rows(rows, device) -> "np.ndarray":
+    """Every rank's array of rows (same trailing shape and dtype; any number of rows), joined in
+    rank order; `rows` itself when not distributed. Moves through `device` (NCCL needs CUDA)."""
+    import numpy as np
+
+    if not dist.is_initialized():
+        return rows
+    world = dist.get_world_size()
+    counts = torch.tensor([len(rows)], device=device)
+    sizes = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(sizes, counts)
+    sizes = [int(n) for n in torch.cat(sizes).tolist()]
+    local = torch.zeros((max(sizes), *rows.shape[1:]), dtype=torch.from_numpy(rows[:0]).dtype, device=device)
+    local[:len(rows)] = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return np.concatenate([p[:n].cpu().numpy() for p, n in zip(parts, sizes)])

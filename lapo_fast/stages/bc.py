@@ -25,6 +25,7 @@ from lapo_fast.models import LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
+from lapo_fast.runtime.metrics import StepMeans
 from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error, optimizer_step
 from lapo_fast.runtime.runlog import RunLog
 
@@ -37,10 +38,11 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
     ds = run.training_data("bc", cfg, data_dir, write=rank == 0)
     if rank == 0:
-        labels = run.load_labels(ds, batch=cfg.label_batch, device=device, progress=progress)
-    distributed.barrier()  # rank 0 computes the labels; the others then load them
-    starts, latents, context = (labels if rank == 0 else
-                                run.load_labels(ds, batch=cfg.label_batch, device=device, progress=False))
+        ds.cache()
+    distributed.barrier()  # rank 0 writes the decode cache, the others then map it
+    # Every rank labels its share of the windows; the shares are gathered (rank 0 saves them).
+    starts, latents, context = run.load_labels(ds, batch=cfg.label_batch, device=device,
+                                               progress=progress and rank == 0, rank=rank, world=world)
     frames = ds.cache()
     obs_index = starts + context                     # o_t of each window
     targets = torch.from_numpy(latents)
@@ -66,6 +68,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc="bc", unit="step")
     t0, start = time.perf_counter(), step
+    means = StepMeans("loss")
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
     while step < end:
         pick = rng.integers(0, len(starts), cfg.batch_size)
@@ -74,15 +77,19 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
             pred = model(prepare_obs(obs))
         loss = F.mse_loss(pred.float(), targets[pick].to(device))
         optimizer_step(loss, policy.parameters(), optimizer, schedule, cfg.grad_clip)
+        means.add(loss)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            if not math.isfinite(loss.item()):
+            metrics = means.read()  # the mean since the last log: the one host read of the losses
+            if not math.isfinite(metrics["loss"]):
                 raise divergence_error("stage 2 (bc)", step, cfg, out)
-            log.log({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+            log.log({"step": step, **metrics, "lr": schedule.get_last_lr()[0],
                      "samples_per_s": (step - start) * cfg.batch_size * world / (time.perf_counter() - t0)})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if not means.finite():  # never save weights a NaN step has touched
+                raise divergence_error("stage 2 (bc)", step, cfg, out)
             save_checkpoint_all_ranks(out, step, policy, optimizer, schedule, rng)
             distributed.barrier()
     bar.close()

@@ -32,6 +32,7 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.files import write_json
+from lapo_fast.runtime.metrics import StepMeans
 from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error, optimizer_step
 from lapo_fast.runtime.runlog import RunLog
 
@@ -78,6 +79,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
 
     model.train()
     t0, start = time.perf_counter(), step
+    means = StepMeans("loss", "fdm_loss", "vq_loss", "perplexity")
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc="lam", unit="step")
@@ -92,13 +94,13 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
         except NonFiniteError:  # the IDM's latents went NaN/inf: the model diverged
             raise divergence_error("stage 1 (lam)", step + 1, cfg, out) from None
         optimizer_step(loss, model.parameters(), optimizer, schedule, cfg.grad_clip)
+        means.add(loss, recon, idm.vq_loss, idm.perplexity)  # on the device: no host read per step
         step += 1
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # codes in use from the start
             used = torch.unique(idm.indices[:, 0]).numel()  # distinct codes of codebook 0 in this batch
-            metrics = {"step": step, "loss": loss.item(), "fdm_loss": recon.item(), "vq_loss": idm.vq_loss.item(),
-                       "perplexity": idm.perplexity.item(), "codebook0_codes_used": used,
+            metrics = {"step": step, **means.read(), "codebook0_codes_used": used,
                        "lr": schedule.get_last_lr()[0],
                        "steps_per_s": (step - start) / max(time.perf_counter() - t0, 1e-9)}
             if not math.isfinite(metrics["loss"]):
@@ -112,6 +114,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
                           f"{metrics['test_fdm_loss_shuffled']:.5f} with another's")
             bar.set_postfix(loss=f"{metrics['fdm_loss']:.4f}", perp=f"{metrics['perplexity']:.1f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if not means.finite():  # never save weights a NaN step has touched (a NaN VQ input on CUDA)
+                raise divergence_error("stage 1 (lam)", step, cfg, out)
             saved = save_checkpoint_all_ranks(out, step, model, optimizer, schedule, sampler.rng)
             if saved is not None and probe_actions:  # rank 0
                 _probe(model, sampler, ds, device, cfg, log, run, step)

@@ -43,6 +43,7 @@ from lapo_fast.runtime import distributed
 from lapo_fast.runtime.acting import sample_actions
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint
 from lapo_fast.runtime.distributed import autocast
+from lapo_fast.runtime.metrics import StepMeans
 from lapo_fast.runtime.runlog import RunLog
 
 
@@ -273,8 +274,7 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
             gen) -> dict:
     size = len(actions)
     mb = size // cfg.minibatches
-    totals = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0}
-    n = 0
+    means = StepMeans("policy_loss", "value_loss", "entropy", "clip_frac")
     for _ in range(cfg.epochs):
         order = torch.randperm(size, generator=gen, device=gen.device).to(store.device)
         for i in range(cfg.minibatches):
@@ -299,10 +299,6 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
             loss.backward()
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            totals["policy_loss"] += pg.item()
-            totals["value_loss"] += v_loss.item()
-            totals["entropy"] += entropy.item()
-            totals["clip_frac"] += ((ratio - 1).abs() > cfg.clip).float().mean().item()
-            n += 1
-    return {k: v / n for k, v in totals.items()}
+            means.add(pg, v_loss, entropy, ((ratio - 1).abs() > cfg.clip).float().mean())
+    return means.read()
 
