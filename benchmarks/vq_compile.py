@@ -75,7 +75,7 @@ BENCH_CASES = [
 COVERAGE_CASES = [
     ("K128 d16 N=1000", "grouped", 1000, 1, 128, 16, 1),   # resident, widest codebook
     ("K32 d64 N=1000", "grouped", 1000, 1, 32, 64, 1),     # resident, widest rows
-    ("LAPO d32 B=500", "lapo", 500, 2, 64, 32, 4),         # resident, LAPO view with d=32
+    ("lapo layout d32 B=500", "lapo", 500, 2, 64, 32, 4),  # resident, LAPO view with d=32
     ("K8 d4 N=1", "grouped", 1, 1, 8, 4, 1),               # resident, padded: strided rows
     ("K100 d33 N=1000", "grouped", 1000, 3, 100, 33, 1),   # general, masked codes and dims
     ("K64 d512 N=256", "grouped", 256, 1, 64, 512, 1),     # general, d in 16 chunks
@@ -298,8 +298,9 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None) -> dict:
         if case["lapo"] and key[0] != "vq_finalize_kernel" and r["warps_per_sm"] < MIN_WARPS_PER_SM:
             failures.append(f"{key[0]} sm_{arch} {label} {dtype}: {r['warps_per_sm']} warps/SM < {MIN_WARPS_PER_SM}")
         if key[0] != "vq_backward_kernel":  # the step: forward + EMA update
-            s = steps.setdefault((label, dtype, arch), dict(kernel="step", target=f"sm_{arch}", case=label, dtype=dtype,
-                                                           predicted_us=_us(gpu.launch_s), floor_us=0.0))
+            s = steps.setdefault((label, dtype, arch), dict(
+                kernel="step", target=f"sm_{arch}", case=label, dtype=dtype, registers=None, spill_bytes=None,
+                shared_bytes=None, warps_per_sm=None, predicted_us=_us(gpu.launch_s), floor_us=0.0))
             s["predicted_us"] = round(s["predicted_us"] + row["predicted_us"], 2)
             s["floor_us"] = round(s["floor_us"] + row["floor_us"], 2)
     return {"rows": rows + list(steps.values()), "failures": failures, "variants": len(variants),
