@@ -34,6 +34,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import lapo_fast.kernels.vq as KV  # noqa: E402
 from lapo_fast.ops import vq as vq_op  # noqa: E402
+from vq_kernel import CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
 
 KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_finalize_kernel", "vq_backward_kernel")
 
@@ -62,16 +63,8 @@ GPUS = {  # public data-sheet figures (SXM parts)
 }
 MIN_WARPS_PER_SM = 16
 
-# The benchmark's cases (name, layout, B, G, K, d, L), and shapes that reach every block
-# configuration the dispatcher can pick (for the shared-memory check on all accepted layouts).
-BENCH_CASES = [
-    ("LAPO B=128", "lapo", 128, 2, 64, 16, 4),
-    ("LAPO B=4096", "lapo", 4096, 2, 64, 16, 4),
-    ("LAPO B=65536", "lapo", 65536, 2, 64, 16, 4),
-    ("K64 d16 N=65536", "grouped", 65536, 1, 64, 16, 1),
-    ("K1024 d64 N=8192", "grouped", 8192, 1, 1024, 64, 1),
-    ("K8192 d256 N=1024", "grouped", 1024, 1, 8192, 256, 1),
-]
+# Beside the benchmark's cases (BENCH_CASES), shapes that reach every block configuration the
+# dispatcher can pick (for the shared-memory check on all accepted layouts).
 COVERAGE_CASES = [
     ("K128 d16 N=1000", "grouped", 1000, 1, 128, 16, 1),   # resident, widest codebook
     ("K32 d64 N=1000", "grouped", 1000, 1, 32, 64, 1),     # resident, widest rows

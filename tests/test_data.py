@@ -382,3 +382,17 @@ def test_dali_cpu_pipeline_equals_numpy_path(tmp_path):
     dali = DaliLoader(WindowSampler(mm, ds.episodes, seed=9, batch_size=8), device_id=None, prefetch=1)
     for _ in range(4):
         np.testing.assert_array_equal(next(dali)["obs"].numpy(), ref.sample()["obs"])
+
+
+def test_make_loader_feeds_dali_the_tensors_gpu(tmp_path, monkeypatch):
+    """cuda without an index means the current device, not GPU 0."""
+    from lapo_fast.data import loader
+
+    ds = _small_dataset(tmp_path / "ds")
+    sampler = WindowSampler(ds.cache(), ds.episodes, seed=1, batch_size=4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))  # too big to keep resident
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(loader, "dali_available", lambda device_id=None: True)
+    monkeypatch.setattr(loader, "DaliLoader", lambda sampler, device_id: ("dali", device_id))
+    assert loader.make_loader(sampler, "cuda") == ("dali", 3)
+    assert loader.make_loader(sampler, "cuda:1") == ("dali", 1)

@@ -88,3 +88,35 @@ def test_every_config_field_has_help_printed_with_each_preset(stage, capsys):
         assert f.metadata["help"].split()[0] in out
     if cls is LAMConfig:  # a field whose presets differ shows each preset's value
         assert "(" + "; ".join(f"{p} {resolve(cls, p).steps!r}" for p in PRESETS) + ")" in out
+
+
+def test_checkpoints_load_onto_the_cpu_whatever_device_saved_them(tmp_path, monkeypatch):
+    """A GPU run's optimiser state must resume on a CPU (and each rank must not load onto cuda:0)."""
+    import torch
+
+    from lapo_fast.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path, 1, model, opt)
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or real(*a, **k))
+    load_checkpoint(path, torch.nn.Linear(3, 2), torch.optim.AdamW(model.parameters()))
+    assert seen and all(m == "cpu" for m in seen)
+
+
+def test_the_process_group_waits_for_long_single_rank_work(monkeypatch):
+    """Rank 0 may decode a dataset alone for longer than the collectives' default 10 minutes."""
+    import torch.distributed as dist
+
+    from lapo_fast.runtime import distributed
+
+    got = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: got.update(kw, backend=backend))
+    distributed.init()
+    assert got["timeout"].total_seconds() >= 3600
