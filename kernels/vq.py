@@ -120,7 +120,7 @@ def vq_search_resident_kernel(
 
         onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(tl.float32)  # (codes, rows)
         acc_cnt += tl.sum(onehot_t, axis=1)
-        if ACCUMULATE_SUMS:  # one-hot entries are exact in TF32: the split keeps x's fp32 value
+        if ACCUMULATE_SUMS:  # per-code sums of x: one-hot^T x
             if PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32:
                 # one-hot and 16-bit x are exact in their own type: one 16-bit product is exact
                 x16 = x.to(x_ptr.dtype.element_ty)
