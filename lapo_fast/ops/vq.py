@@ -324,6 +324,9 @@ class TritonPlan(NamedTuple):
     programs: int      # persistent programs per group
     precision: str     # tl.dot input precision: "tf32x3" (fp32-accurate on tensor cores) or "ieee"
     num_warps: int
+    finalize_block_k: int
+    finalize_block_d: int
+    finalize_blocks: int  # finalize programs per group
 
 
 RESIDENT_MAX = 2048        # padded K x d held in registers per program (LAPO: 64 x 16 = 1,024)
@@ -338,6 +341,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=256)  # once per shape: host time per call matters at small batches
 def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | None,
                 capability: int | None) -> TritonPlan:
     """sms, capability (e.g. 90): the GPU's; None for CPU tensors (the interpreter), where a few
@@ -356,8 +360,9 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
     if deterministic and not resident:
         programs = max(1, min(programs, PARTIAL_BYTES // (4 * lay.G * K * (d + 1))))
     tensor_cores = capability is None or capability >= 80  # TF32 from sm_80
+    fk = min(64, pk)
     return TritonPlan(resident, contiguous, block_n, block_k, block_d, tiles, programs,
-                      "tf32x3" if tensor_cores else "ieee", warps)
+                      "tf32x3" if tensor_cores else "ieee", warps, fk, min(32, pd), _cdiv(K, fk))
 
 
 def _launch_facts(device: torch.device) -> tuple[int | None, int | None]:
@@ -389,18 +394,19 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
     P = plan.programs
     out = torch.empty_like(x)
     idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
-    err = torch.empty(G, P, device=dev)
-    old_total = torch.empty(G, device=dev)
     sums_numel = G * K * d if spec.training else 0
     if spec.deterministic:  # per-program partials, summed below in a fixed order
         stats = torch.zeros(3 + 2 * G, device=dev)
+        err, old_total = torch.empty(G, P, device=dev), torch.empty(G, device=dev)
         fill = torch.zeros if not plan.resident else torch.empty  # resident programs overwrite theirs
         counts = fill(P, G, K, device=dev)
         sums = fill(P, G, K, d, device=dev) if spec.training else None
-    else:  # one zero-filled buffer [loss, perplexity, bad rows | counts | sums] for the atomics
-        flat = torch.zeros(3 + G * K + sums_numel, device=dev)
+    else:  # one zero-filled buffer [loss, perplexity, bad rows | counts | sums | err | old totals]
+        stat_end = 3 + G * K + sums_numel  # the atomics' part (and under DDP the all-reduced part)
+        flat = torch.zeros(stat_end + G * P + G, device=dev)  # one allocation: host time counts at B=128
         stats, counts = flat[:3], flat[3:3 + G * K].view(G, K)
-        sums = flat[3 + G * K:].view(G, K, d) if spec.training else None
+        sums = flat[3 + G * K:stat_end].view(G, K, d) if spec.training else None
+        err, old_total = flat[stat_end:stat_end + G * P].view(G, P), flat[stat_end + G * P:]
     sums_arg = counts if sums is None else sums  # a pointer the kernel does not touch without sums
     with _device_guard(dev):
         common = (x, out, idx, codebook, ema_count, counts, sums_arg, stats, err, old_total,
@@ -423,16 +429,15 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
             if spec.deterministic:
                 reduce(stats[2:3], counts, sums)
             else:
-                reduce(flat[2:])
-        block_k = min(64, max(16, _pow2(K)))
+                reduce(flat[2:stat_end])
         update = spec.training
         unused = counts
-        kernels.vq_finalize_kernel[(G, _cdiv(K, block_k) if update else 1)](
+        kernels.vq_finalize_kernel[(G, plan.finalize_blocks if update else 1)](
             counts, sums if update else unused, ema_count if update else unused,
             ema_weight if update else unused, codebook, stats, err, old_total,
             K, d, G, P, max(x.numel(), 1), spec.decay, spec.eps, spec.commitment,
             UPDATE=update, GUARD=spec.check_finite, PER_GROUP=spec.deterministic,
-            BLOCK_K=block_k, BLOCK_D=max(16, min(32, _pow2(d))), BLOCK_T=1024)
+            BLOCK_K=plan.finalize_block_k, BLOCK_D=plan.finalize_block_d, BLOCK_T=1024)
     if spec.raise_nonfinite and spec.check_finite and stats[2].item() > 0:
         raise NonFiniteError(_NONFINITE)
     if spec.deterministic:
