@@ -16,7 +16,8 @@ class VectorQuantizerEMA(nn.Module):
     LAPO code does; layout="grouped" takes x (..., num_codebooks * dim).
 
     dead_code_threshold > 0: after each update, codes whose EMA count fell below it are refilled
-    with random rows of the batch (count set to the threshold, weight to row * threshold).
+    with random rows of the batch (count set to the threshold, weight to row * threshold), on the
+    device with no host read; under DDP the state is then broadcast from rank 0 every step.
     kmeans_init: the first training batch initialises the codebook by k-means (kmeans_iters).
     """
 
@@ -163,7 +164,8 @@ class VectorQuantizerEMA(nn.Module):
 
 
 def _mix(h: torch.Tensor) -> torch.Tensor:
-    """A 64-bit integer hash (splitmix64's finaliser, in torch's wrapping int64 arithmetic), >= 0."""
+    """A 64-bit integer hash, >= 0: splitmix64's finaliser in torch's wrapping int64 arithmetic
+    (its shifts are arithmetic, not logical: a different hash, as good a mix for picking rows)."""
     h = h.to(torch.int64)
     h = (h ^ (h >> 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
     h = (h ^ (h >> 27)) * -7723592293110705685  # 0x94d049bb133111eb
