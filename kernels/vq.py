@@ -178,14 +178,6 @@ def vq_search_kernel(
     for tile in range(pid, num_tiles, P):
         rows, b, l, row_mask = _tile_rows(tile, n_batch, L, BLOCK_N)
         row_off = b * stride_b + g * stride_g + l * stride_l
-        bad_row = tl.zeros((BLOCK_N,), tl.int1)
-        for d0 in range(0, d, BLOCK_D):  # which rows hold NaN/inf (they count as zeros below)
-            dm = (d0 + dims) < d
-            xc = tl.load(x_ptr + row_off[:, None] + (d0 + dims)[None, :] * stride_k,
-                         mask=row_mask[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            _, bad_chunk = _clean(xc, row_mask[:, None] & dm[None, :])
-            bad_row = bad_row | bad_chunk
-
         best_val = tl.full((BLOCK_N,), float("inf"), tl.float32)
         best = tl.zeros((BLOCK_N,), tl.int32)
         for k0 in range(0, K, BLOCK_K):
@@ -210,11 +202,13 @@ def vq_search_kernel(
             best = tl.where(better, tile_arg, best)
 
         tl.store(idx_ptr + (b * G + g) * L + l, best.to(tl.int64), mask=row_mask)
+        bad_row = tl.zeros((BLOCK_N,), tl.int1)  # rows holding NaN/inf (they counted as zeros above)
         for d0 in range(0, d, BLOCK_D):
             dm = (d0 + dims) < d
             m = row_mask[:, None] & dm[None, :]
             off = row_off[:, None] + (d0 + dims)[None, :] * stride_k
-            xc, _ = _clean(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32), m)
+            xc, bad_chunk = _clean(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32), m)
+            bad_row = bad_row | bad_chunk
             q = tl.load(cb_base + best[:, None] * d + (d0 + dims)[None, :], mask=m, other=0.0)
             tl.store(out_ptr + off, q.to(out_ptr.dtype.element_ty), mask=m)
             diff = tl.where(m, xc - q, 0.0)

@@ -128,13 +128,18 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.identity, {**known, **new_facts})
 
-    def training_data(self, stage: str, cfg, data_dir, *, write: bool = True):
-        """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim)."""
+    def training_data(self, stage: str, cfg, data_dir, *, rank: int = 0):
+        """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim), its
+        decode cache ready: under DDP rank 0 writes the claim and the cache, the others then map it."""
         from lapo_fast.data import FrameDataset
         from lapo_fast.envs.games import OBS_SHAPE
+        from lapo_fast.runtime.distributed import barrier
 
         ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
-        self.claim(stage, cfg, data=ds, write=write)
+        self.claim(stage, cfg, data=ds, write=rank == 0)
+        if rank == 0:
+            ds.cache()
+        barrier()
         return ds
 
     def save_config(self, stage: str, cfg, **extra) -> None:

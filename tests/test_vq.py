@@ -463,3 +463,15 @@ def test_module_reads_its_initialised_flag_once(monkeypatch):
     m.load_state_dict(m.state_dict())  # a loaded state is read once again
     m(make_x("lapo", 64, 2, 16, 4, seed=9))
     assert reads.count(True) == 2
+
+
+def test_general_kernel_finds_nonfinite_rows_in_any_d_chunk():
+    """The any-K/any-d kernel sees NaN in a later d chunk: raises on CPU tensors, else skips the update."""
+    state = make_state(2, 100, 33, device=TRITON_DEVICE)
+    before = [t.clone() for t in state]
+    x = make_x("grouped", 70, 2, 33, 1, seed=1, device=TRITON_DEVICE)
+    x[13, 65] = float("nan")  # group 1, dim 32 of its 33: the second chunk of 32
+    out = vq_ema(x, *state, backend="triton", raise_nonfinite=False)
+    assert torch.isnan(out.loss) and all(torch.equal(a, b) for a, b in zip(state, before))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        vq_ema(x, *state, backend="triton", raise_nonfinite=True)

@@ -36,10 +36,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     run = RunDir(run_dir)
     out = run.stage("bc")
     rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
-    ds = run.training_data("bc", cfg, data_dir, write=rank == 0)
-    if rank == 0:
-        ds.cache()
-    distributed.barrier()  # rank 0 writes the decode cache, the others then map it
+    ds = run.training_data("bc", cfg, data_dir, rank=rank)
     # Every rank labels its share of the windows; the shares are gathered (rank 0 saves them).
     starts, latents, context = run.load_labels(ds, batch=cfg.label_batch, device=device,
                                                progress=progress and rank == 0, rank=rank, world=world)

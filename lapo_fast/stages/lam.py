@@ -48,11 +48,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
 
     # Data: decoded once into a memmap, windows that never cross episodes.
-    ds = run.training_data("lam", cfg, data_dir, write=rank == 0)
+    ds = run.training_data("lam", cfg, data_dir, rank=rank)
     true_action = cfg.fdm_action == "true"
-    if rank == 0:
-        ds.cache()
-    distributed.barrier()  # one rank writes the decode cache, the others then map it
     sampler = WindowSampler(ds.cache(), ds.episodes, context=cfg.context, batch_size=cfg.batch_size,
                             seed=cfg.seed + 1_000 * rank, meta=_actions(ds, true_action))
     test = None
@@ -61,7 +58,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
         test = WindowSampler(tds.cache(), tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed,
                              meta=_actions(tds, true_action))
 
-    # Model and optimiser: AdamW, linear warm-up then linear decay to 0.
+    # Model and optimiser: AdamW, the reference's warm-up from warmup_from x lr, then linear to final_lr x lr.
     model = build_lam(cfg).to(device)
     optimizer, schedule = adamw_warmup_decay(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                              warmup_steps=cfg.warmup_steps, steps=cfg.steps,
