@@ -68,6 +68,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(f"ok: {args.dir}: {info['frames']} frames in {info['episodes']} episodes, "
               f"{info['shards']} shards, {info['bytes_per_frame']:.0f} B/frame, all checksums match; "
               f"decoded cache: {info['cache']}")
+    elif args.data_command == "cache":
+        ds = FrameDataset(args.dir)
+        ds.cache()
+        print(f"ok: {args.dir}: decoded cache at {ds.cache_path()} "
+              f"({ds.num_frames * ds.manifest.frame_bytes / 2**30:.2f} GiB)")
     elif args.data_command == "import-lapo":
         for out in import_lapo(args.dir, args.out, codec=args.codec):
             print(f"wrote {out}")
@@ -127,7 +132,7 @@ def _cmd_eval(args: argparse.Namespace, cfg) -> str:
 def _cmd_umap(args: argparse.Namespace, cfg) -> str:
     from .stages.umap import project_latents
 
-    return f"wrote {project_latents(args.data, args.out, points=args.points, seed=args.seed)}"
+    return f"wrote {project_latents(args.data, args.out, cfg)}"
 
 
 def _cmd_report(args: argparse.Namespace, cfg) -> str:
@@ -192,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir")
     q = data.add_parser("verify", help="check every shard's checksums and that every chunk decodes")
     q.add_argument("dir")
+    q = data.add_parser("cache", help="decode the whole dataset once into a raw uint8 memmap (loader=cache), e.g. "
+                                      "before a multi-GPU run")
+    q.add_argument("dir")
     q = data.add_parser("import-lapo", help="convert the reference LAPO code's npz expert data")
     q.add_argument("dir", help="a game folder with train/ and test/ folders of .npz chunks")
     q.add_argument("--out", required=True)
@@ -205,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
     p.set_defaults(func=_cmd_data)
 
-    from .config import PRESETS, BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig, add_arguments
+    from .config import (
+        PRESETS, BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig, UmapConfig, add_arguments,
+    )
 
     def stage(name: str, help: str, func, cls=None, *, data: bool = False, env: bool = False):
         q = sub.add_parser(name, help=help)
@@ -234,9 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = stage(name, help, _cmd_ppo, cls, env=True)
         p.add_argument("--name", default=None, help=f"subdirectory of the run (default {name})")
     stage("eval", "returns of every policy in a run, normalised per game", _cmd_eval, EvalConfig, env=True)
-    p = stage("umap", "UMAP of the IDM's latent actions coloured by true action (PNG)", _cmd_umap, data=True)
-    p.add_argument("--points", type=int, default=5_000)
-    p.add_argument("--seed", type=int, default=0)
+    stage("umap", "UMAP of the IDM's latent actions coloured by true action (PNG)", _cmd_umap, UmapConfig, data=True)
     stage("report", "report.md/json and plots of a run", _cmd_report)
 
     p = sub.add_parser("check-reference", help="run our models on the reference LAPO code's saved weights and inputs, "
@@ -250,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override one setting, e.g. --set lam.steps=500 (stages: demo, data, lam, bc, decode, "
-                        "finetune, eval)")
+                        "finetune, eval, umap)")
     p.add_argument("--demonstrator", default=None, help="torch.export policy (.pt2) that records the dataset")
     p.add_argument("--data", default=None, help="use this dataset instead of recording one")
     p.add_argument("--test-data", default=None, help="held-out dataset for the test FDM loss")

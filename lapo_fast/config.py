@@ -58,6 +58,8 @@ class LAMConfig:
     probe_labels: int = setting(65_536, "labelled transitions the latent probe fits (the reference's 65,536)")
     probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)")
     seed: int = setting(0, "seed of weights and window sampling")
+    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
+                                  "memmap on disk) or compressed (no decoded copy)")
     device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)")
 
 
@@ -78,6 +80,8 @@ class BCConfig:
     log_every: int = setting(100, "steps between metric lines")
     checkpoint_every: int = setting(2_000, "steps between checkpoints")
     seed: int = setting(0, "seed of weights and batch sampling")
+    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
+                                  "memmap on disk) or compressed (no decoded copy)")
     device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)")
 
 
@@ -94,7 +98,20 @@ class DecodeConfig:
     held_out: int = setting(2_000, "labelled transitions kept apart to score the decoders")
     eval_episodes: int = setting(64, "episodes of the online evaluation of each decoder")
     seed: int = setting(0, "seed of the labelled subsets, decoders and evaluation")
+    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
+                                  "memmap on disk) or compressed (no decoded copy)")
     device: str = setting("", "torch device ('' = cuda if available, else cpu)")
+
+
+@dataclass
+class UmapConfig:
+    """The 2-D UMAP of the IDM's latent actions, coloured by true action."""
+
+    points: int = setting(5_000, "windows projected (no-op actions left out)")
+    seed: int = setting(0, "seed of the windows picked and of UMAP")
+    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
+                                  "memmap on disk) or compressed (no decoded copy)")
+    device: str = setting("", "torch device of the IDM ('' = cuda if available, else cpu)")
 
 
 @dataclass
@@ -241,7 +258,8 @@ _PRESETS: dict[type, dict[str, dict]] = {
 # The configs of `lapo-fast train`, by the prefix its --set flags use (--set lam.steps=100).
 # "demo" is the PPO demonstrator trained when none is given; it is also the from-scratch baseline.
 STAGE_CONFIGS: dict[str, type] = {"demo": PPOConfig, "data": DataConfig, "lam": LAMConfig, "bc": BCConfig,
-                                  "decode": DecodeConfig, "finetune": FinetuneConfig, "eval": EvalConfig}
+                                  "decode": DecodeConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
+                                  "umap": UmapConfig}
 
 
 def default_preset() -> tuple[str, str]:
@@ -291,6 +309,11 @@ def _check(cfg) -> None:
             raise ValueError(f"LAMConfig.fdm_norm={cfg.fdm_norm!r}; choose one of {NORMS}")
         if cfg.fdm_action not in FDM_ACTIONS:
             raise ValueError(f"LAMConfig.fdm_action={cfg.fdm_action!r}; choose one of {FDM_ACTIONS}")
+    if hasattr(cfg, "loader"):
+        from lapo_fast.data.planner import LOADERS
+
+        if cfg.loader not in LOADERS:
+            raise ValueError(f"{name}.loader={cfg.loader!r}; choose one of {list(LOADERS)}")
     if isinstance(cfg, DecodeConfig):
         sizes = labelled_sizes(cfg)
         if cfg.deploy not in sizes:

@@ -97,7 +97,7 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
         timer("PPO from scratch", train_ppo, run, game, scratch, name="ppo", progress=progress)
     timer("eval", evaluate_run, run, game, cfgs["eval"], progress=progress)
     if not run.umap_plot.exists():
-        timer("umap", project_latents, data, run)
+        timer("umap", project_latents, data, run, cfgs["umap"])
     report = write_report(run)
     print(f"train: report at {report}")
     return report

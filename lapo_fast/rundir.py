@@ -129,16 +129,14 @@ class RunDir:
             write_json(self.identity, {**known, **new_facts})
 
     def training_data(self, stage: str, cfg, data_dir, *, rank: int = 0):
-        """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim), its
-        decode cache ready: under DDP rank 0 writes the claim and the cache, the others then map it."""
+        """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim): under
+        DDP rank 0 writes the claim; how its frames are read is data.planner's choice."""
         from lapo_fast.data import FrameDataset
         from lapo_fast.envs.games import OBS_SHAPE
         from lapo_fast.runtime.distributed import barrier
 
         ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
         self.claim(stage, cfg, data=ds, write=rank == 0)
-        if rank == 0:
-            ds.cache()
         barrier()
         return ds
 
@@ -186,13 +184,14 @@ class RunDir:
         policy = LatentPolicy(impala_scale=cfg.impala_scale)
         return self._load(stage, DecodedPolicy(policy) if isinstance(cfg, FinetuneConfig) else policy)
 
-    def load_labels(self, ds, *, batch: int = 512, device="cpu", progress: bool = True, rank: int = 0,
+    def load_labels(self, ds, frames=None, *, batch: int = 512, device="cpu", progress: bool = True, rank: int = 0,
                     world: int = 1):
         """(starts, latents, context) of stage 2: for every window inside an episode of `ds`, its
         first frame and the frozen IDM's pre-quantisation latent; the policy's input is frame
-        start + context. Computed once and saved; recomputed when the dataset or the stage-1
-        checkpoint changed. Under DDP every rank calls it: each labels 1/world of the windows,
-        all get every label, rank 0 saves them."""
+        start + context. Computed once (from `frames`, as a planner opened them; default: the
+        compressed shards) and saved; recomputed when the dataset or the stage-1 checkpoint
+        changed. Under DDP every rank calls it: each labels 1/world of the windows, all get every
+        label, rank 0 saves them."""
         from lapo_fast.data import valid_starts
         from lapo_fast.eval.latents import idm_latents
 
@@ -203,12 +202,14 @@ class RunDir:
             if "data" in blob and str(blob["data"]) == ds.identity() and blob["lam_step"] == lam_step:
                 return blob["starts"], blob["latents"], context
             print(f"bc: {self.labels} is stale (dataset or stage-1 checkpoint changed); recomputing")
+        from lapo_fast.data import CompressedFrames
         from lapo_fast.runtime.distributed import all_gather_rows
 
+        frames = CompressedFrames(ds) if frames is None else frames
         starts = valid_starts(ds.episodes, context + 2)
         share = np.array_split(starts, world)[rank]
         idm = self.load_lam(lam_cfg).idm.to(device)
-        latents = idm_latents(idm, ds.cache(), share, context, batch=batch, device=device, progress=progress)
+        latents = idm_latents(idm, frames, share, context, batch=batch, device=device, progress=progress)
         latents = all_gather_rows(latents, device)
         if rank == 0:
             self.labels.parent.mkdir(parents=True, exist_ok=True)

@@ -305,47 +305,6 @@ def test_prefetch_loader_yields_the_samplers_batches(tmp_path):
     assert x.shape == (16, 3, 3, 64, 64) and x.min() >= -0.5 and x.max() <= 0.5
 
 
-def test_pooled_sampler_stays_bounded_and_visits_every_episode(tmp_path):
-    from lapo_fast.data import PooledSampler
-
-    with DatasetWriter(tmp_path / "ds", frame_shape=(2, 2, 3), chunk_frames=16, shard_frames=64) as w:
-        for e in range(12):
-            frames = np.zeros((30 + e, 2, 2, 3), np.uint8)
-            frames[:, 0, 0, 0] = np.arange(30 + e)
-            frames[:, 0, 0, 1] = e
-            w.add_episode(frames, action=np.full(30 + e, e))
-    ds = FrameDataset(tmp_path / "ds")
-    with pytest.raises(ValueError, match="longest episode"):
-        PooledSampler(ds, capacity_frames=20)
-    pool = PooledSampler(ds, capacity_frames=120, batch_size=32, swap_every=5, swap_fraction=0.5,
-                         meta_keys=("action",))
-    assert pool.buffer.nbytes == 120 * 12
-    for _ in range(200):
-        b = pool.sample()
-        ep = b["obs"][:, :, 0, 0, 1].astype(int)
-        t = b["obs"][:, :, 0, 0, 0].astype(int)
-        assert (ep == ep[:, :1]).all(), "a window crossed an episode boundary"
-        assert (np.diff(t, axis=1) == 1).all()
-        assert (b["action"] == ep).all()
-        assert pool._used() <= pool.capacity
-    assert pool.visited == set(range(12))
-
-
-def test_device_resident_loader_gives_the_samplers_batches(tmp_path):
-    from lapo_fast.data import DeviceResidentLoader
-
-    ds = _small_dataset(tmp_path / "ds")
-    mm = ds.cache()
-    ref = WindowSampler(mm, ds.episodes, seed=2, batch_size=8, meta={"action": ds.meta("action")})
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    loader = DeviceResidentLoader(WindowSampler(mm, ds.episodes, seed=2, batch_size=8,
-                                                meta={"action": ds.meta("action")}), device=dev)
-    for _ in range(3):
-        want, got = ref.sample(), next(loader)
-        np.testing.assert_array_equal(got["obs"].cpu().numpy(), want["obs"])
-        np.testing.assert_array_equal(got["action"].cpu().numpy(), want["action"])
-
-
 def test_collect_with_a_torchscript_policy(tmp_path):
     from lapo_fast.data import checkpoint_policy
 
@@ -369,30 +328,3 @@ def test_collect_with_a_torchscript_policy(tmp_path):
     (tmp_path / "junk.pt2").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="not a torch.export policy"):
         checkpoint_policy(tmp_path / "junk.pt2")
-
-
-def test_dali_cpu_pipeline_equals_numpy_path(tmp_path):
-    from lapo_fast.data import DaliLoader, dali_available
-
-    if not dali_available():
-        pytest.skip("nvidia-dali is not installed (optional extra: pip install -e '.[dali]')")
-    ds = _small_dataset(tmp_path / "ds")
-    mm = ds.cache()
-    ref = WindowSampler(mm, ds.episodes, seed=9, batch_size=8)
-    dali = DaliLoader(WindowSampler(mm, ds.episodes, seed=9, batch_size=8), device_id=None, prefetch=1)
-    for _ in range(4):
-        np.testing.assert_array_equal(next(dali)["obs"].numpy(), ref.sample()["obs"])
-
-
-def test_make_loader_feeds_dali_the_tensors_gpu(tmp_path, monkeypatch):
-    """cuda without an index means the current device, not GPU 0."""
-    from lapo_fast.data import loader
-
-    ds = _small_dataset(tmp_path / "ds")
-    sampler = WindowSampler(ds.cache(), ds.episodes, seed=1, batch_size=4)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))  # too big to keep resident
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    monkeypatch.setattr(loader, "dali_available", lambda device_id=None: True)
-    monkeypatch.setattr(loader, "DaliLoader", lambda sampler, device_id: ("dali", device_id))
-    assert loader.make_loader(sampler, "cuda") == ("dali", 3)
-    assert loader.make_loader(sampler, "cuda:1") == ("dali", 1)

@@ -1,15 +1,20 @@
-"""Frame datasets: format, writer/reader, window sampling, loaders, and where data comes from."""
+"""Frame datasets: format, writer/reader, window sampling, loaders and their planner, and where
+data comes from."""
 
+from .compressed import CompressedFrames
 from .format import CODECS, DatasetError, Manifest
-from .loader import DaliLoader, DeviceResidentLoader, PrefetchLoader, dali_available, make_loader, normalize, prepare_obs
-from .pool import PooledSampler
+from .loader import (
+    DaliDecodeLoader, DeviceResidentLoader, PrefetchLoader, dali_available, frames_at, normalize, prepare_obs,
+)
+from .planner import LOADERS, frames_for, make_loader, plan_loader, window_loader
 from .reader import FrameDataset
 from .sources import checkpoint_policy, collect, import_lapo, ingest_videos, random_policy
-from .windows import WindowSampler, valid_starts
+from .windows import RowSampler, WindowSampler, valid_starts
 from .writer import DatasetWriter
 
 __all__ = [
-    "CODECS", "DaliLoader", "DeviceResidentLoader", "DatasetError", "DatasetWriter", "FrameDataset", "Manifest", "PooledSampler", "PrefetchLoader",
-    "WindowSampler", "checkpoint_policy", "collect", "dali_available", "import_lapo", "ingest_videos", "make_loader",
-    "normalize", "prepare_obs", "random_policy", "valid_starts",
+    "CODECS", "CompressedFrames", "DaliDecodeLoader", "DatasetError", "DatasetWriter", "DeviceResidentLoader",
+    "FrameDataset", "LOADERS", "Manifest", "PrefetchLoader", "RowSampler", "WindowSampler", "checkpoint_policy",
+    "collect", "dali_available", "frames_at", "frames_for", "import_lapo", "ingest_videos", "make_loader",
+    "normalize", "plan_loader", "prepare_obs", "random_policy", "valid_starts", "window_loader",
 ]

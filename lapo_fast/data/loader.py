@@ -1,9 +1,21 @@
-"""Batch loaders feeding training, all drawing from one WindowSampler: a CPU prefetcher (numpy
-gathers on a background thread, pinned memory when CUDA is there), an NVIDIA DALI pipeline, and a
-device-resident mode for datasets that fit in GPU memory. `make_loader` picks one."""
+"""Batch loaders feeding training. Each draws its batches from a sampler (windows.WindowSampler or
+RowSampler: an rng, the frames, and `draw()` -> frame indices plus per-row extras) and yields
+dicts of tensors on the training device, frames as uint8 (normalised there, by `normalize`):
+
+- PrefetchLoader: a background thread gathers (or decodes) batches `prefetch` ahead into pinned
+  memory and they are copied non-blocking; for frames in host memory (the decoded cache, a RAM
+  copy, or the compressed shards through data.compressed.CompressedFrames).
+- DeviceResidentLoader: every frame already in GPU memory; batches are gathered there.
+- DaliDecodeLoader: the compressed shards decoded on the GPU by DALI's LZ4 inflate.
+
+Every loader's `rng` is the sampler's stream as of the last batch handed out (not the batches
+prefetched), so a checkpoint saves it and resuming continues with the next batch.
+`data.planner` picks one of them for a stage.
+"""
 
 from __future__ import annotations
 
+import collections
 import functools
 import queue
 import threading
@@ -12,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from .windows import WindowSampler
+from .compressed import CompressedFrames, DecodePlan, plan_decode
 
 
 def normalize(obs: torch.Tensor) -> torch.Tensor:
@@ -26,30 +38,82 @@ def prepare_obs(obs: torch.Tensor) -> torch.Tensor:
     return normalize(obs).contiguous(memory_format=torch.channels_last)
 
 
-class PrefetchLoader:
-    """Yields dicts of torch tensors (obs uint8 (B, W, H, W, C) plus metadata), sampled on a
-    background thread `prefetch` batches ahead; moved to `device` (non-blocking from pinned
-    memory when that is CUDA)."""
+def gather_frames(frames, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """frames[idx] into `out` (a CPU uint8 tensor of idx.shape + frame shape), from a numpy array or
+    memmap (one torch index_select over whole frames: measured faster than numpy's fancy
+    indexing) or from CompressedFrames (decoded)."""
+    if isinstance(frames, CompressedFrames):
+        frames.read_into(idx, out)
+        return out
+    with warnings.catch_warnings():  # a read-only memmap: torch warns, and we never write to it
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.from_numpy(np.asarray(frames)).view(len(frames), -1)
+    torch.index_select(rows, 0, torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)), out=out.view(-1, rows.shape[1]))
+    return out
 
-    def __init__(self, sampler: WindowSampler, *, device="cpu", prefetch: int = 4, pin_memory=None):
+
+def frames_at(frames, idx, device) -> torch.Tensor:
+    """frames[idx] as a uint8 tensor on `device`, from any frames a planner opens (an array or
+    memmap, CompressedFrames, or a tensor already on a device)."""
+    idx = np.asarray(idx, np.int64)
+    if isinstance(frames, torch.Tensor):
+        at = torch.from_numpy(idx.reshape(-1)).to(frames.device)
+        return frames.view(len(frames), -1).index_select(0, at).view(*idx.shape, *frames.shape[1:]).to(device)
+    out = torch.empty((*idx.shape, *frames.shape[1:]), dtype=torch.uint8)
+    return gather_frames(frames, idx, out).to(device)
+
+
+class _ConsumedStream:
+    """The sampler's rng as of the last batch handed out: before the first batch, the sampler's own
+    generator (so `resume` can restore it); after, a copy advanced batch by batch."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self._copy: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.sampler.rng if self._copy is None else self._copy
+
+    def consumed(self, state: dict) -> None:
+        if self._copy is None:
+            self._copy = np.random.Generator(type(self.sampler.rng.bit_generator)())
+        self._copy.bit_generator.state = state
+
+
+class PrefetchLoader:
+    """Batches gathered on a background thread `prefetch` ahead, pinned when the device is CUDA and
+    copied to it non-blocking. The thread starts with the first batch (after any resume)."""
+
+    def __init__(self, sampler, *, device="cpu", prefetch: int = 4, pin_memory=None):
         self.sampler = sampler
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._stream = _ConsumedStream(sampler)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self._stream.rng
 
     def _work(self) -> None:
+        frames = self.sampler.frames
         try:
             while not self._stop.is_set():
-                batch = {k: torch.from_numpy(v) for k, v in self.sampler.sample().items()}
-                if self.pin:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                idx, extras = self.sampler.draw()
+                state = self.sampler.rng.bit_generator.state
+                obs = torch.empty((*idx.shape, *frames.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
+                batch = {"obs": gather_frames(frames, idx, obs)}
+                for k, v in extras.items():
+                    batch[k] = torch.from_numpy(np.ascontiguousarray(v))
+                    if self.pin:
+                        batch[k] = batch[k].pin_memory()
                 while not self._stop.is_set():
                     try:
-                        self._queue.put(batch, timeout=0.1)
+                        self._queue.put((batch, state), timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -61,40 +125,53 @@ class PrefetchLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        batch = self._queue.get()
-        if batch is None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if item is None:
+            if self._error is not None and type(self._error).__name__ == "DatasetError":
+                raise self._error
             raise RuntimeError("the loader's sampling thread failed") from self._error
+        batch, state = item
+        self._stream.consumed(state)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def __del__(self):
         self._stop.set()
 
 
 class DeviceResidentLoader:
-    """The whole frame array copied once to `device` (when it fits in GPU memory): windows are
-    gathered there, so no frame crosses PCIe during training. Same batches as the sampler."""
+    """Every frame already on `frames`' device (a (N, H, W, C) uint8 tensor): windows are gathered
+    there, so no frame crosses PCIe during training."""
 
-    def __init__(self, sampler: WindowSampler, device="cuda"):
+    def __init__(self, sampler, frames: torch.Tensor):
         self.sampler = sampler
-        self.device = torch.device(device)
-        with warnings.catch_warnings():  # a read-only memmap: torch warns, and we never write to it
-            warnings.simplefilter("ignore", UserWarning)
-            self.frames = torch.from_numpy(np.asarray(sampler.frames)).to(self.device)
-        self.meta = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in sampler.meta.items()}
+        self.frames = frames
+        self.rows = frames.view(len(frames), -1)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.sampler.rng
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        idx = torch.from_numpy(self.sampler.sample_indices()).to(self.device, non_blocking=True)
-        batch = {"obs": self.frames[idx]}
-        for k, v in self.meta.items():
-            batch[k] = v[idx]
+        idx, extras = self.sampler.draw()
+        at = torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)).to(self.frames.device)
+        batch = {"obs": self.rows.index_select(0, at).view(*idx.shape, *self.frames.shape[1:])}
+        for k, v in extras.items():
+            batch[k] = torch.from_numpy(np.ascontiguousarray(v)).to(self.frames.device)
         return batch
+
+    def close(self) -> None:
+        pass
 
 
 @functools.cache
@@ -125,70 +202,81 @@ def dali_available(device_id: int | None = None) -> bool:
     return True
 
 
-class DaliLoader:
-    """The same batches through an NVIDIA DALI pipeline: our sampler feeds fn.external_source,
-    DALI transfers them (device_id=None: a CPU-only pipeline, used by the tests), and yields
-    torch tensors. On a GPU the copy to device memory is DALI's, prefetched `prefetch` deep."""
+def chunk_inputs(frames: CompressedFrames, idx: np.ndarray) -> tuple[list, list, DecodePlan]:
+    """What a GPU decoder is fed for frames[idx]: one sample per chunk the batch touches (its
+    compressed bytes, checksum-verified on first use, and its decoded shape), and the plan whose
+    `gather` picks the frames out of the decoded chunks padded to equal slots."""
+    plan = plan_decode(frames.table, idx, stride=frames.chunk_slot)
+    blobs = [frames.chunk_bytes(int(k)) for k in plan.chunks]
+    shapes = [np.array([int(frames.table.frames[k]), *frames.shape[1:]], np.int32) for k in plan.chunks]
+    return blobs, shapes, plan
 
-    def __init__(self, sampler: WindowSampler, *, device_id: int | None = None, prefetch: int = 2,
-                 num_threads: int = 2):
-        from nvidia.dali import fn, pipeline_def
 
-        self.sampler = sampler
-        self.device_id = device_id
-        self._copied = None  # a CUDA event after the last batch's copies out of DALI's buffers
-        keys = ["obs", *sorted(sampler.meta)]
-        self.keys = keys
+def assemble(decoded: torch.Tensor, plan: DecodePlan, frame_shape) -> torch.Tensor:
+    """The batch's frames from the decoded chunks ((n, slot, H, W, C), on any device)."""
+    rows = decoded.reshape(-1, int(np.prod(frame_shape)))
+    at = torch.from_numpy(plan.gather).to(decoded.device, non_blocking=True)
+    return rows.index_select(0, at).view(*plan.shape, *frame_shape)
+
+
+class DaliDecodeLoader:
+    """The compressed shards decoded on GPU `device_id` by DALI: each batch's chunks (read from the
+    memory-mapped shards on the host) go through fn.decoders.inflate (nvCOMP LZ4), are padded to
+    equal slots, and the windows are gathered on the GPU; DALI runs `prefetch` batches ahead."""
+
+    def __init__(self, sampler, frames: CompressedFrames, *, device_id: int, prefetch: int = 2, num_threads: int = 2):
+        from nvidia.dali import fn, pipeline_def, types
+
+        if frames.ds.manifest.codec != "lz4":
+            raise ValueError(f"{frames.ds.dir}: DALI decodes LZ4 shards; this dataset is {frames.ds.manifest.codec}")
+        self.sampler, self.frames, self.device_id = sampler, frames, device_id
+        self._stream = _ConsumedStream(sampler)
+        self._fed: collections.deque = collections.deque()  # per batch fed to DALI: (plan, extras, rng state)
+        self._copied = None  # a CUDA event after the last batch's copy out of DALI's buffers
+        max_chunks = sampler.draw_size  # at most one chunk per frame of a batch
 
         def source():
-            batch = sampler.sample()
-            return [batch[k] for k in keys]
+            idx, extras = sampler.draw()
+            state = sampler.rng.bit_generator.state
+            blobs, shapes, plan = chunk_inputs(frames, idx)
+            self._fed.append((plan, extras, state))
+            return blobs, shapes
 
-        @pipeline_def(batch_size=1, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch,
-                      exec_dynamic=True)
+        @pipeline_def(batch_size=max_chunks, num_threads=num_threads, device_id=device_id,
+                      prefetch_queue_depth=prefetch, exec_dynamic=True)
         def pipe():
-            outs = fn.external_source(source=source, num_outputs=len(keys), batch=False)
-            return tuple(o.gpu() for o in outs) if device_id is not None else tuple(outs)
+            data, shape = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+            chunks = fn.decoders.inflate(data.gpu(), shape=shape, algorithm="LZ4")
+            return fn.pad(chunks, axes=[0], shape=[frames.chunk_slot])
 
         self.pipe = pipe()
         self.pipe.build()
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self._stream.rng
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._copied is not None:  # the last batch's copies read DALI buffers that run() recycles
-            self._copied.synchronize()
-            self._copied = None
-        outs = self.pipe.run()
-        batch = {}
-        for k, o in zip(self.keys, outs):
-            if self.device_id is None:
-                batch[k] = torch.from_numpy(np.array(o.as_array()[0]))
-                continue
-            # Straight from DALI's device buffer into a torch CUDA tensor, on the current stream.
-            from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            dense = o.as_tensor()  # (1, ...): the pipeline's batch is one of our batches
-            out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=f"cuda:{self.device_id}")
-            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device_id))
-            batch[k] = out[0]
-        if self.device_id is not None:
-            self._copied = torch.cuda.Event()
-            self._copied.record(torch.cuda.current_stream(self.device_id))
+        if self._copied is not None:  # the last batch's copy read DALI buffers that run() recycles
+            self._copied.synchronize()
+        (out,) = self.pipe.run()
+        plan, extras, state = self._fed.popleft()
+        dense = out.as_tensor()
+        decoded = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+        stream = torch.cuda.current_stream(self.device_id)
+        feed_ndarray(dense, decoded, cuda_stream=stream)
+        self._copied = torch.cuda.Event()
+        self._copied.record(stream)
+        self._stream.consumed(state)
+        batch = {"obs": assemble(decoded, plan, self.frames.shape[1:])}
+        for k, v in extras.items():
+            batch[k] = torch.from_numpy(np.ascontiguousarray(v)).to(decoded.device, non_blocking=True)
         return batch
 
-
-def make_loader(sampler: WindowSampler, device="cpu", prefer_dali: bool = True, resident_fraction: float = 0.5):
-    """On CUDA: the frames resident in GPU memory when they take under `resident_fraction` of
-    what is free, else DALI when installed, else the CPU prefetcher with pinned memory.
-    On CPU: the prefetcher."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if sampler.frames.nbytes < resident_fraction * free:
-            return DeviceResidentLoader(sampler, device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if prefer_dali and dali_available(index):
-            return DaliLoader(sampler, device_id=index)
-    return PrefetchLoader(sampler, device=device)
+    def close(self) -> None:
+        del self.pipe

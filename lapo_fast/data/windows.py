@@ -1,4 +1,7 @@
-"""Window sampling: batches of (o_{t-k}, ..., o_t, o_{t+1}) that never cross an episode boundary."""
+"""Batch sampling: windows (o_{t-k}, ..., o_t, o_{t+1}) that never cross an episode boundary
+(WindowSampler), or single rows with their targets (RowSampler); both exactly uniform, with
+replacement, from a seeded stream, over frames of any kind (a decoded array or memmap,
+CompressedFrames)."""
 
 from __future__ import annotations
 
@@ -24,11 +27,11 @@ class WindowSampler:
     """Uniform batches of windows over valid positions (with replacement), seeded.
 
     context k: windows hold k + 2 frames, o_{t-k} .. o_t, o_{t+1} (LAPO's IDM: k = 1).
-    Returns frames (B, k+2, H, W, C) uint8 gathered from `frames` (a memmap or array), and
-    optionally the per-frame metadata windows (e.g. true actions for probes).
+    Returns frames (B, k+2, H, W, C) uint8 gathered from `frames`, and optionally the per-frame
+    metadata windows (e.g. true actions for probes).
     """
 
-    def __init__(self, frames: np.ndarray, episodes: np.ndarray, *, context: int = 1,
+    def __init__(self, frames, episodes: np.ndarray, *, context: int = 1,
                  batch_size: int = 128, seed: int = 0, meta: dict[str, np.ndarray] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -45,21 +48,47 @@ class WindowSampler:
     def __len__(self) -> int:
         return len(self.starts)
 
+    @property
+    def draw_size(self) -> int:
+        """Frames per batch."""
+        return self.batch_size * self.window
+
     def sample_indices(self) -> np.ndarray:
         """(B, window) frame indices of one batch."""
         pick = self.rng.integers(0, len(self.starts), self.batch_size)
         return self.starts[pick][:, None] + self._offsets
 
-    def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        # One fancy-index gather (measured faster than np.take(out=) or sorted reads, memmap or RAM).
-        batch = {"obs": np.asarray(self.frames[idx])}
-        for k, v in self.meta.items():
-            batch[k] = np.asarray(v[idx])
-        return batch
+    def draw(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One batch's frame indices and metadata windows (what the loaders gather)."""
+        idx = self.sample_indices()
+        return idx, {k: np.asarray(v[idx]) for k, v in self.meta.items()}
 
     def sample(self) -> dict[str, np.ndarray]:
-        return self.gather(self.sample_indices())
+        idx, extras = self.draw()
+        return {"obs": np.asarray(self.frames[idx]), **extras}
 
     def __iter__(self):
         while True:
             yield self.sample()
+
+
+class RowSampler:
+    """Uniform batches of rows (with replacement), seeded: row r is frame frame_of[r] with
+    targets[k][r] (stage 2: o_t and its IDM label)."""
+
+    def __init__(self, frames, frame_of: np.ndarray, targets: dict[str, np.ndarray], *, batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.frames = frames
+        self.frame_of = np.asarray(frame_of)
+        self.targets = targets
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def draw_size(self) -> int:
+        return self.batch_size
+
+    def draw(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        pick = self.rng.integers(0, len(self.frame_of), self.batch_size)
+        return self.frame_of[pick], {k: v[pick] for k, v in self.targets.items()}

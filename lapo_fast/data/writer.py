@@ -10,7 +10,7 @@ from lapo_fast.envs.games import OBS_SHAPE
 from lapo_fast.runtime.files import atomic_write
 
 from .format import (
-    CODECS, MANIFEST, DatasetError, Manifest, ShardInfo,
+    CHUNK_FRAMES, CODECS, MANIFEST, DatasetError, Manifest, ShardInfo,
     compress, crc32,
 )
 
@@ -26,7 +26,7 @@ class DatasetWriter:
     discarded.
     """
 
-    def __init__(self, directory, *, frame_shape=OBS_SHAPE, codec: str = "lz4", chunk_frames: int = 256,
+    def __init__(self, directory, *, frame_shape=OBS_SHAPE, codec: str = "lz4", chunk_frames: int = CHUNK_FRAMES,
                  shard_frames: int = 16384, source: dict | None = None, resume: bool = False,
                  level: int | None = None):
         if codec not in CODECS:

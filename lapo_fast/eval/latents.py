@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lapo_fast.data import WindowSampler, normalize
+from lapo_fast.data import WindowSampler, frames_at, normalize
 
 from .decoders import probe
 
 
 @torch.no_grad()
-def idm_latents(idm, frames: np.ndarray, starts: np.ndarray, context: int, *, batch: int = 512, device="cpu",
+def idm_latents(idm, frames, starts: np.ndarray, context: int, *, batch: int = 512, device="cpu",
                 progress: bool = False) -> np.ndarray:
     """The IDM's pre-quantisation latent (float32) of the window beginning at each of `starts`
     (o_{t-k}..o_t, o_{t+1} with t = start + context), in eval mode."""
@@ -24,7 +24,7 @@ def idm_latents(idm, frames: np.ndarray, starts: np.ndarray, context: int, *, ba
     out = np.empty((len(starts), idm.head.out_features), np.float32)
     for i in tqdm(range(0, len(starts), batch), disable=not progress, desc="idm latents", unit="batch"):
         idx = np.asarray(starts[i:i + batch])[:, None] + offsets
-        window = normalize(torch.from_numpy(np.asarray(frames[idx])).to(device))
+        window = normalize(frames_at(frames, idx, device))
         out[i:i + len(idx)] = idm(window).latent.float().cpu().numpy()
     idm.train(was_training)
     return out

@@ -14,13 +14,13 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from lapo_fast import __version__
 from lapo_fast.config import BCConfig
-from lapo_fast.data import prepare_obs
+from lapo_fast.data import RowSampler, prepare_obs
+from lapo_fast.data.planner import frames_for, make_loader
 from lapo_fast.models import LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
@@ -37,13 +37,13 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     out = run.stage("bc")
     rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
     ds = run.training_data("bc", cfg, data_dir, rank=rank)
+    plan, frames = frames_for("bc", ds, cfg.loader, device, world=world, rank=rank)
     # Every rank labels its share of the windows; the shares are gathered (rank 0 saves them).
-    starts, latents, context = run.load_labels(ds, batch=cfg.label_batch, device=device,
+    starts, latents, context = run.load_labels(ds, frames, batch=cfg.label_batch, device=device,
                                                progress=progress and rank == 0, rank=rank, world=world)
-    frames = ds.cache()
-    obs_index = starts + context                     # o_t of each window
-    targets = torch.from_numpy(latents)
-    rng = np.random.default_rng(cfg.seed + 1_000 * rank)
+    # A batch: o_t of uniformly drawn windows, and their labels.
+    sampler = RowSampler(frames, starts + context, {"target": latents}, batch_size=cfg.batch_size,
+                         seed=cfg.seed + 1_000 * rank)
 
     policy = LatentPolicy(impala_scale=cfg.impala_scale, latent_dim=latents.shape[1]).to(device)
     policy = policy.to(memory_format=torch.channels_last)
@@ -54,8 +54,9 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
                                              warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
 
     log = RunLog(out, "bc", enabled=rank == 0)
-    state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0, rng=rng, rank=rank)
+    state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
     step = state.get("step", 0)
+    loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on
     if rank == 0:
         run.save_config("bc", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
              data=str(data_dir), device=str(device), world_size=world)
@@ -68,11 +69,10 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     means = StepMeans("loss")
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
     while step < end:
-        pick = rng.integers(0, len(starts), cfg.batch_size)
-        obs = torch.from_numpy(np.asarray(frames[obs_index[pick]])).to(device)
+        batch = next(loader)  # uint8 frames and float32 labels, on the device
         with distributed.autocast(device):
-            pred = model(prepare_obs(obs))
-        loss = F.mse_loss(pred.float(), targets[pick].to(device))
+            pred = model(prepare_obs(batch["obs"]))
+        loss = F.mse_loss(pred.float(), batch["target"])
         optimizer_step(loss, policy.parameters(), optimizer, schedule, cfg.grad_clip)
         means.add(loss)
         step += 1
@@ -87,8 +87,9 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             if not means.finite():  # never save weights a NaN step has touched
                 raise divergence_error("stage 2 (bc)", step, cfg, out)
-            save_checkpoint_all_ranks(out, step, policy, optimizer, schedule, rng)
+            save_checkpoint_all_ranks(out, step, policy, optimizer, schedule, loader.rng)
             distributed.barrier()
     bar.close()
+    loader.close()
     log.close()
     return latest_checkpoint(out)

@@ -15,6 +15,7 @@ import numpy as np
 
 from lapo_fast.config import DecodeConfig, labelled_sizes
 from lapo_fast.data import FrameDataset
+from lapo_fast.data.planner import frames_for
 from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHAPE
 from lapo_fast.eval import evaluate
 from lapo_fast.eval.actors import decoded_actor
@@ -42,7 +43,9 @@ def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None
     game, mode = dataset_env(ds, env_name)
     run.claim("decode", cfg, game=game)
     device = distributed.device(cfg.device)
-    starts, latents, context = run.load_labels(ds, device=device, progress=progress)
+    # Frames are read only to label the windows, once (stage 2 has usually done it already).
+    frames = None if run.labels.exists() else frames_for("decode", ds, cfg.loader, device)[1]
+    starts, latents, context = run.load_labels(ds, frames, device=device, progress=progress)
     actions = np.asarray(ds.meta("action"))[starts + context]
     sizes = labelled_sizes(cfg)
     if len(starts) < cfg.held_out + max(sizes):

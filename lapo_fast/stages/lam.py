@@ -23,7 +23,8 @@ import torch
 
 from lapo_fast import __version__
 from lapo_fast.config import LAMConfig
-from lapo_fast.data import FrameDataset, WindowSampler, normalize
+from lapo_fast.data import FrameDataset, WindowSampler, frames_at, normalize
+from lapo_fast.data.planner import frames_for, make_loader
 from lapo_fast.eval.latents import latent_probe
 from lapo_fast.envs.games import OBS_SHAPE
 from lapo_fast.models import LatentActionModel, build_lam, stack_frames
@@ -47,15 +48,18 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     out = run.stage("lam")
     rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
 
-    # Data: decoded once into a memmap, windows that never cross episodes.
+    # Data: frames as the planner reads them (resident, decoded cache or compressed), windows
+    # drawn uniformly from those that never cross an episode.
     ds = run.training_data("lam", cfg, data_dir, rank=rank)
+    plan, frames = frames_for("lam", ds, cfg.loader, device, world=world, rank=rank)
     true_action = cfg.fdm_action == "true"
-    sampler = WindowSampler(ds.cache(), ds.episodes, context=cfg.context, batch_size=cfg.batch_size,
+    sampler = WindowSampler(frames, ds.episodes, context=cfg.context, batch_size=cfg.batch_size,
                             seed=cfg.seed + 1_000 * rank, meta=_actions(ds, true_action))
     test = None
     if test_data is not None and rank == 0:
         tds = FrameDataset(test_data, frame_shape=OBS_SHAPE)
-        test = WindowSampler(tds.cache(), tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed,
+        _, test_frames = frames_for("lam (held-out data)", tds, cfg.loader, device)
+        test = WindowSampler(test_frames, tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed,
                              meta=_actions(tds, true_action))
 
     # Model and optimiser: AdamW, the reference's warm-up from warmup_from x lr, then linear to final_lr x lr.
@@ -68,6 +72,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     log = RunLog(out, "lam", enabled=rank == 0)
     state = resume(out, model, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
     step = state.get("step", 0)
+    loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on
     if rank == 0:
         run.save_config("lam", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
              data=str(data_dir), test_data=str(test_data) if test_data else None, device=str(device),
@@ -83,8 +88,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     probe_actions = "action" in ds.manifest.meta_keys and not true_action  # the ablation's latent is the action
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
     while step < end:
-        batch = sampler.sample()
-        window = normalize(torch.from_numpy(batch["obs"]).to(device))  # (B, T, C, H, W) in [-0.5, 0.5]
+        batch = next(loader)  # uint8 on the device
+        window = normalize(batch["obs"])  # (B, T, C, H, W) in [-0.5, 0.5]
         try:
             with distributed.autocast(device):
                 loss, recon, idm, _ = ddp(window, _action_t(batch, cfg.context, device))
@@ -113,11 +118,12 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             if not means.finite():  # never save weights a NaN step has touched (a NaN VQ input on CUDA)
                 raise divergence_error("stage 1 (lam)", step, cfg, out)
-            saved = save_checkpoint_all_ranks(out, step, model, optimizer, schedule, sampler.rng)
+            saved = save_checkpoint_all_ranks(out, step, model, optimizer, schedule, loader.rng)
             if saved is not None and probe_actions:  # rank 0
                 _probe(model, sampler, ds, device, cfg, log, run, step)
             distributed.barrier()
     bar.close()
+    loader.close()
     log.close()
     return latest_checkpoint(out)
 
@@ -135,7 +141,7 @@ def _action_t(batch: dict, context: int, device) -> torch.Tensor | None:
     """a_t of each window (o_{t-k}..o_t, o_{t+1}), or None when the batch carries no actions."""
     if "action" not in batch:
         return None
-    return torch.from_numpy(batch["action"][:, context]).long().to(device)
+    return torch.as_tensor(batch["action"][:, context]).long().to(device)
 
 
 def _probe(model, sampler, ds, device, cfg: LAMConfig, log: RunLog, run: RunDir, step: int) -> None:
@@ -159,8 +165,8 @@ def _test_losses(model: LatentActionModel, test: WindowSampler, device, batches:
     model.eval()
     own, shuffled = [], []
     for _ in range(batches):
-        batch = test.sample()
-        window = normalize(torch.from_numpy(batch["obs"]).to(device))
+        idx, batch = test.draw()
+        window = normalize(frames_at(test.frames, idx, device))
         _, recon, idm, _ = model(window, _action_t(batch, test.window - 2, device))
         pred = model.fdm(stack_frames(window[:, :-1]), idm.quantized.roll(1, 0))  # window i gets i-1's
         own.append(recon.item())

@@ -1,7 +1,7 @@
 """The latent action space of a trained IDM, projected to 2-D with UMAP and coloured by the true
 action (NOOP omitted), as in the LAPO paper's Figure 5.
 
-    lapo-fast umap --data DATASET --out RUN [--points 5000]
+    lapo-fast umap --data DATASET --out RUN [--points 5000] [--loader auto|resident|cache|compressed]
 
 Writes RUN/umap/umap.png and umap.npz (the 2-D points and their true actions).
 """
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lapo_fast.config import UmapConfig
 from lapo_fast.data import FrameDataset, valid_starts
+from lapo_fast.data.planner import frames_for
 from lapo_fast.envs.games import ACTION_NAMES, NOOP, OBS_SHAPE
 from lapo_fast.eval.latents import idm_latents
 from lapo_fast.rundir import RunDir
@@ -20,11 +22,13 @@ from lapo_fast.runtime import distributed
 from lapo_fast.runtime.files import atomic_write
 
 
-def project_latents(data_dir, run_dir, *, points: int = 5_000, seed: int = 0, device: str = "") -> Path:
+def project_latents(data_dir, run_dir, cfg: UmapConfig | None = None) -> Path:
+    cfg = cfg or UmapConfig()
+    points, seed = cfg.points, cfg.seed
     ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
     if "action" not in ds.manifest.meta_keys:
         raise ValueError(f"{data_dir} has no true actions to colour the latent space by")
-    device = distributed.device(device)
+    device = distributed.device(cfg.device)
     run = RunDir(run_dir)
     run.claim(game=ds.manifest.source.get("env"))
     lam_cfg = run.config("lam")
@@ -37,7 +41,8 @@ def project_latents(data_dir, run_dir, *, points: int = 5_000, seed: int = 0, de
     pick = np.sort(rng.choice(len(starts), min(points, len(starts)), replace=False))
     starts = starts[pick]
     actions = np.asarray(ds.meta("action"))[starts + context]
-    latents = idm_latents(idm, ds.cache(), starts, context, device=device)
+    _, frames = frames_for("umap", ds, cfg.loader, device)
+    latents = idm_latents(idm, frames, starts, context, device=device)
 
     import umap  # umap-learn
 

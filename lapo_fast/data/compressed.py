@@ -1,0 +1,261 @@
+"""Frames read straight from the compressed shards, with no decoded copy anywhere.
+
+The shards are memory-mapped (so every process on a node shares one page cache of them). A read
+of any set of frame indices is planned first (`plan_decode`: which chunks, how many of their
+frames, where each requested frame lands in the decoded buffer), then executed by a decoder: CPU
+threads here, or DALI's GPU inflate (loader.DaliDecodeLoader) on the very same plan. On the CPU,
+LZ4 chunks are decoded only as far as the last frame a read needs (liblz4's partial decode, when
+the system has liblz4 >= 1.9; else python-lz4's whole-chunk decode); each chunk's checksum is
+verified the first time this process reads it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .format import DatasetError, crc32, decompress
+from .reader import FrameDataset
+
+
+@dataclass
+class ChunkTable:
+    """Every chunk of a dataset in frame order (the per-shard .idx.npy files, concatenated)."""
+
+    shard: np.ndarray    # int32: which shard
+    number: np.ndarray   # int32: its position in that shard
+    offset: np.ndarray   # int64: byte offset in the shard file
+    nbytes: np.ndarray   # int64: compressed size
+    first: np.ndarray    # int64: dataset-wide index of its first frame
+    frames: np.ndarray   # int64: frames it holds
+    crc32: np.ndarray    # int64
+
+    @staticmethod
+    def of(ds: FrameDataset) -> "ChunkTable":
+        rows = [np.asarray(ix, np.int64).reshape(-1, 5) for ix in ds.index]
+        rows = np.concatenate(rows) if rows else np.zeros((0, 5), np.int64)
+        shard = np.concatenate([np.full(len(ix), i, np.int32) for i, ix in enumerate(ds.index)] or [np.zeros(0, np.int32)])
+        number = np.concatenate([np.arange(len(ix), dtype=np.int32) for ix in ds.index] or [np.zeros(0, np.int32)])
+        return ChunkTable(shard, number, rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4])
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def chunk_of(self, frames: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.first, frames, side="right") - 1
+
+
+@dataclass
+class DecodePlan:
+    """How to produce the frames `idx` (any shape) from compressed chunks.
+
+    Decoded frames go to one flat buffer of `rows` frames: chunk chunks[j]'s first need[j] frames
+    at rows base[j] .. base[j] + need[j]; requested frame i (idx flattened) is then row gather[i]."""
+
+    chunks: np.ndarray   # unique chunk ids, ascending
+    need: np.ndarray     # frames to decode from each (a prefix of the chunk)
+    base: np.ndarray     # first row of each in the decoded buffer
+    gather: np.ndarray   # row of every requested frame
+    rows: int            # decoded buffer size, in frames
+    shape: tuple         # idx.shape
+
+
+def plan_decode(table: ChunkTable, idx, *, whole_chunks: bool = False, stride: int | None = None) -> DecodePlan:
+    """The plan for frames `idx`. whole_chunks: decode every touched chunk entirely (decoders that
+    cannot stop early: python-lz4, zstd, DALI). stride: chunk j starts at row j * stride (a padded
+    layout of equal slots, as DALI's batched output has) instead of packed one after another."""
+    idx = np.asarray(idx, np.int64)
+    flat = idx.reshape(-1)
+    chunk = table.chunk_of(flat)
+    chunks, slot = np.unique(chunk, return_inverse=True)
+    within = flat - table.first[chunk]
+    if whole_chunks or stride is not None:
+        need = table.frames[chunks].copy()
+    else:  # a prefix: up to the furthest frame asked of each chunk
+        need = np.zeros(len(chunks), np.int64)
+        np.maximum.at(need, slot, within + 1)
+    if stride is not None:
+        if len(need) and need.max() > stride:
+            raise ValueError(f"stride {stride} is smaller than a chunk ({int(need.max())} frames)")
+        base = np.arange(len(chunks), dtype=np.int64) * stride
+        rows = len(chunks) * stride
+    else:
+        base = np.cumsum(need) - need
+        rows = int(need.sum())
+    return DecodePlan(chunks, need, base, base[slot] + within, rows, idx.shape)
+
+
+@functools.cache
+def _lz4_partial():
+    """liblz4's LZ4_decompress_safe_partial through ctypes (which releases the GIL), or None."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("lz4") or "liblz4.so.1")
+        if lib.LZ4_versionNumber() < 10900:  # partial decoding is exact from 1.9 on
+            return None
+        f = lib.LZ4_decompress_safe_partial
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    f.restype = ctypes.c_int
+    return f
+
+
+def default_threads(world: int = 1) -> int:
+    """Decode threads per process: this machine's cores shared by the ranks on it."""
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, world)))
+
+
+class CompressedFrames:
+    """A dataset's frames, indexable like its decoded cache (`frames[idx]` for an integer array,
+    an int or a slice) but decoded on the fly from the memory-mapped shards. Thread-safe."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, ds: FrameDataset, *, threads: int | None = None, partial: bool = True):
+        self.ds = ds
+        m = ds.manifest
+        self.shape = (m.num_frames, *m.frame_shape)
+        self.frame_bytes = m.frame_bytes
+        self.table = ChunkTable.of(ds)
+        self.stored_bytes = sum(s.nbytes for s in m.shards)
+        self._maps = []
+        for shard in m.shards:
+            path = ds.dir / shard.file
+            if not path.exists():
+                raise DatasetError(f"{path}: shard missing")
+            if path.stat().st_size != shard.nbytes:
+                raise DatasetError(f"{path}: truncated or resized shard ({path.stat().st_size} bytes, expected "
+                                   f"{shard.nbytes}); run `lapo-fast data verify {ds.dir}`")
+            self._maps.append(np.memmap(path, np.uint8, "r") if shard.nbytes else np.zeros(0, np.uint8))
+        self._partial = _lz4_partial() if partial and m.codec == "lz4" else None
+        self._checked = np.zeros(len(self.table), bool)  # chunks whose checksum this process verified
+        self.threads = threads or default_threads()
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the frames decoded (what a decoded copy would take), as for an array."""
+        return self.shape[0] * self.frame_bytes
+
+    @property
+    def chunk_slot(self) -> int:
+        """Frames of the largest chunk: the slot each chunk takes in a padded decoded batch."""
+        return int(self.table.frames.max()) if len(self.table) else 1
+
+    def chunk_bytes(self, k: int) -> np.ndarray:
+        """Chunk k's compressed bytes (a view of the mapped shard), its checksum verified the first
+        time this process reads it."""
+        t = self.table
+        blob = self._maps[t.shard[k]][t.offset[k]:t.offset[k] + t.nbytes[k]]
+        if not self._checked[k]:
+            if crc32(blob) != t.crc32[k]:
+                raise self._corrupt(k, "checksum mismatch")
+            self._checked[k] = True
+        return blob
+
+    def plan(self, idx) -> DecodePlan:
+        return plan_decode(self.table, idx, whole_chunks=self._partial is None)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"frames are indexed by integers, got {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"frame index out of [0, {len(self)})")
+        out = np.empty((*idx.shape, *self.shape[1:]), np.uint8)
+        self.read_into(idx, out)
+        return out
+
+    def read_into(self, idx, out) -> None:
+        """Frames idx into `out` (a uint8 numpy array or CPU torch tensor of idx.shape + frame shape)."""
+        import torch
+
+        plan = self.plan(idx)
+        flat = self.decode(plan)
+        rows = torch.from_numpy(flat.reshape(plan.rows, self.frame_bytes))
+        target = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+        torch.index_select(rows, 0, torch.from_numpy(plan.gather), out=target.view(-1, self.frame_bytes))
+
+    def decode(self, plan: DecodePlan) -> np.ndarray:
+        """The plan's decoded buffer, (rows * frame_bytes,) uint8; reused by this thread's next call."""
+        nbytes = plan.rows * self.frame_bytes
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._local.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+        jobs = np.array_split(np.arange(len(plan.chunks)), min(self.threads, max(1, len(plan.chunks))))
+        pending = [self._pool.submit(self._decode_some, plan, part, buf) for part in jobs[1:]] if self._pool else []
+        if not self._pool:
+            for part in jobs[1:]:
+                self._decode_some(plan, part, buf)
+        self._decode_some(plan, jobs[0], buf)
+        for p in pending:
+            p.result()
+        return buf[:nbytes]
+
+    def _decode_some(self, plan: DecodePlan, part: np.ndarray, buf: np.ndarray) -> None:
+        fb, t = self.frame_bytes, self.table
+        for j in part:
+            k = int(plan.chunks[j])
+            blob = self.chunk_bytes(k)
+            lo, n = int(plan.base[j]) * fb, int(plan.need[j]) * fb
+            if self._partial is not None:
+                got = self._partial(blob.ctypes.data, buf.ctypes.data + lo, len(blob), n, n)
+                if got != n:
+                    raise self._corrupt(k, f"it does not decode (liblz4 returned {got}, expected {n} bytes)")
+                continue
+            try:
+                raw = decompress(self.ds.manifest.codec, blob, int(t.frames[k]) * fb)
+            except Exception as e:  # the codec's own error for bad data
+                raise self._corrupt(k, f"it does not decode ({e})") from e
+            if len(raw) != int(t.frames[k]) * fb:
+                raise self._corrupt(k, f"it decodes to {len(raw)} bytes, expected {int(t.frames[k]) * fb}")
+            buf[lo:lo + n] = np.frombuffer(raw, np.uint8, n)
+
+    def _corrupt(self, k: int, why: str) -> DatasetError:
+        t = self.table
+        path = self.ds.dir / self.ds.manifest.shards[t.shard[k]].file
+        first = int(t.first[k])
+        return DatasetError(f"{path}: chunk {int(t.number[k])} (frames {first}-{first + int(t.frames[k]) - 1}, "
+                            f"byte {int(t.offset[k])}) is corrupt: {why}; run `lapo-fast data verify {self.ds.dir}`"
+                            " and re-collect or re-import the dataset")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def decode_all(ds: FrameDataset, out, *, threads: int | None = None, progress=None) -> None:
+    """Every frame of `ds` into `out` ((N, H, W, C) uint8: a numpy array, or a torch tensor on any
+    device), shard by shard on `threads` threads; nothing is written to disk."""
+    import torch
+
+    shards = ds.manifest.shards
+    on_torch = isinstance(out, torch.Tensor)
+    cuda = on_torch and out.device.type == "cuda"
+
+    def fill(i: int) -> None:
+        s = shards[i]
+        if not on_torch:
+            ds.decode_shard(i, out[s.first_frame:s.first_frame + s.frames])
+            return
+        host = torch.empty((s.frames, *ds.manifest.frame_shape), dtype=torch.uint8, pin_memory=cuda)
+        ds.decode_shard(i, host.numpy())
+        out[s.first_frame:s.first_frame + s.frames].copy_(host)
+
+    with ThreadPoolExecutor(threads or default_threads()) as pool:
+        for _ in pool.map(fill, range(len(shards))):
+            if progress is not None:
+                progress()
