@@ -52,12 +52,13 @@ def test_compressed_windows_equal_the_decoded_cache(tmp_path, codec, chunk_frame
         frames[np.array([len(cache)])]
 
 
-def test_prefetch_loader_from_compressed_frames_is_the_samplers_stream(tmp_path):
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_prefetch_loader_from_compressed_frames_is_the_samplers_stream(tmp_path, prefetch):
     ds = _dataset(tmp_path / "ds")
     cache = np.asarray(ds.cache())
     ref = WindowSampler(cache, ds.episodes, batch_size=16, seed=5, meta={"action": ds.meta("action")})
     loader = PrefetchLoader(WindowSampler(CompressedFrames(ds), ds.episodes, batch_size=16, seed=5,
-                                          meta={"action": ds.meta("action")}), prefetch=3)
+                                          meta={"action": ds.meta("action")}), prefetch=prefetch)
     for _ in range(6):
         want, got = ref.sample(), next(loader)
         assert got["obs"].dtype == torch.uint8
@@ -86,7 +87,6 @@ def test_gpu_decode_plan_with_the_cpu_decoder_standing_in_for_dali(tmp_path):
     frames = CompressedFrames(ds)
     assert frames.chunk_slot == 8 and (frames.table.frames < 8).any()  # shard tails are short chunks
     sampler = WindowSampler(frames, ds.episodes, context=2, batch_size=32, seed=3)
-    fb = int(np.prod(frames.shape[1:]))
     for _ in range(5):
         idx, _ = sampler.draw()
         blobs, shapes, plan = chunk_inputs(frames, idx)
@@ -97,9 +97,10 @@ def test_gpu_decode_plan_with_the_cpu_decoder_standing_in_for_dali(tmp_path):
             slots[i, :shape[0]] = np.frombuffer(raw, np.uint8).reshape(shape)
         got = assemble(torch.from_numpy(slots), plan, frames.shape[1:])
         np.testing.assert_array_equal(got.numpy(), cache[idx])
-    # The CPU plan decodes prefixes only, packed: never more rows than whole chunks would take.
-    packed = plan_decode(frames.table, idx)
-    assert packed.rows <= int(frames.table.frames[packed.chunks].sum()) and fb > 0
+    # The CPU plan decodes prefixes only: up to the furthest frame a batch needs of each chunk.
+    prefix = plan_decode(frames.table, idx)
+    assert (prefix.need <= frames.table.frames[prefix.chunks]).all() and (prefix.need == plan.need).sum() < len(plan.need)
+    np.testing.assert_array_equal(prefix.need, [prefix.within[prefix.slot == j].max() + 1 for j in range(len(prefix.need))])
 
 
 def test_corrupt_chunk_found_at_decode_time_names_shard_and_chunk(tmp_path):

@@ -54,42 +54,41 @@ class ChunkTable:
 
 @dataclass
 class DecodePlan:
-    """How to produce the frames `idx` (any shape) from compressed chunks.
-
-    Decoded frames go to one flat buffer of `rows` frames: chunk chunks[j]'s first need[j] frames
-    at rows base[j] .. base[j] + need[j]; requested frame i (idx flattened) is then row gather[i]."""
+    """How to produce the frames `idx` (any shape) from compressed chunks: decode the first need[j]
+    frames of each chunk chunks[j]; requested frame i (idx flattened) is then frame within[i] of
+    chunk chunks[slot[i]]."""
 
     chunks: np.ndarray   # unique chunk ids, ascending
-    need: np.ndarray     # frames to decode from each (a prefix of the chunk)
-    base: np.ndarray     # first row of each in the decoded buffer
-    gather: np.ndarray   # row of every requested frame
-    rows: int            # decoded buffer size, in frames
+    need: np.ndarray     # frames to decode from each (a prefix of the chunk, or all of it)
+    slot: np.ndarray     # per requested frame: its chunk's position in `chunks`
+    within: np.ndarray   # per requested frame: its index inside that chunk
     shape: tuple         # idx.shape
 
+    def gather(self, stride: int) -> np.ndarray:
+        """Row of every requested frame when chunk j is decoded to rows j * stride ... (a padded
+        layout of equal slots, as a batched GPU decoder's output)."""
+        return self.slot * stride + self.within
 
-def plan_decode(table: ChunkTable, idx, *, whole_chunks: bool = False, stride: int | None = None) -> DecodePlan:
+    def by_chunk(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bounds): requested frames order[bounds[j]:bounds[j + 1]] lie in chunk j."""
+        order = np.argsort(self.slot, kind="stable")
+        return order, np.searchsorted(self.slot[order], np.arange(len(self.chunks) + 1))
+
+
+def plan_decode(table: ChunkTable, idx, *, whole_chunks: bool = False) -> DecodePlan:
     """The plan for frames `idx`. whole_chunks: decode every touched chunk entirely (decoders that
-    cannot stop early: python-lz4, zstd, DALI). stride: chunk j starts at row j * stride (a padded
-    layout of equal slots, as DALI's batched output has) instead of packed one after another."""
+    cannot stop early: python-lz4, zstd, DALI); else up to the furthest frame asked of each."""
     idx = np.asarray(idx, np.int64)
     flat = idx.reshape(-1)
     chunk = table.chunk_of(flat)
     chunks, slot = np.unique(chunk, return_inverse=True)
     within = flat - table.first[chunk]
-    if whole_chunks or stride is not None:
+    if whole_chunks:
         need = table.frames[chunks].copy()
-    else:  # a prefix: up to the furthest frame asked of each chunk
+    else:
         need = np.zeros(len(chunks), np.int64)
         np.maximum.at(need, slot, within + 1)
-    if stride is not None:
-        if len(need) and need.max() > stride:
-            raise ValueError(f"stride {stride} is smaller than a chunk ({int(need.max())} frames)")
-        base = np.arange(len(chunks), dtype=np.int64) * stride
-        rows = len(chunks) * stride
-    else:
-        base = np.cumsum(need) - need
-        rows = int(need.sum())
-    return DecodePlan(chunks, need, base, base[slot] + within, rows, idx.shape)
+    return DecodePlan(chunks, need, slot.reshape(-1), within, idx.shape)
 
 
 @functools.cache
@@ -133,7 +132,12 @@ class CompressedFrames:
             if path.stat().st_size != shard.nbytes:
                 raise DatasetError(f"{path}: truncated or resized shard ({path.stat().st_size} bytes, expected "
                                    f"{shard.nbytes}); run `lapo-fast data verify {ds.dir}`")
-            self._maps.append(np.memmap(path, np.uint8, "r") if shard.nbytes else np.zeros(0, np.uint8))
+            # A plain ndarray view of the map: slicing a np.memmap costs microseconds per chunk.
+            self._maps.append(np.asarray(np.memmap(path, np.uint8, "r")) if shard.nbytes else np.zeros(1, np.uint8))
+        # Each chunk's address in memory (for liblz4) and its size, as Python ints.
+        shard_at = np.array([m.ctypes.data for m in self._maps], np.int64)
+        self._src = (shard_at[self.table.shard] + self.table.offset).tolist() if len(self.table) else []
+        self._size = self.table.nbytes.tolist()
         self._partial = _lz4_partial() if partial and m.codec == "lz4" else None
         self._checked = np.zeros(len(self.table), bool)  # chunks whose checksum this process verified
         self.threads = threads or default_threads()
@@ -180,49 +184,58 @@ class CompressedFrames:
         return out
 
     def read_into(self, idx, out) -> None:
-        """Frames idx into `out` (a uint8 numpy array or CPU torch tensor of idx.shape + frame shape)."""
-        import torch
+        """Frames idx into `out` (a uint8 numpy array or CPU torch tensor of idx.shape + frame shape).
 
+        Each chunk is decoded into a small per-thread buffer (it stays in the core's cache) and its
+        requested frames copied out at once: measured 1.5x faster than decoding all of a batch's
+        chunks into one buffer and gathering from it."""
         plan = self.plan(idx)
-        flat = self.decode(plan)
-        rows = torch.from_numpy(flat.reshape(plan.rows, self.frame_bytes))
-        target = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
-        torch.index_select(rows, 0, torch.from_numpy(plan.gather), out=target.view(-1, self.frame_bytes))
-
-    def decode(self, plan: DecodePlan) -> np.ndarray:
-        """The plan's decoded buffer, (rows * frame_bytes,) uint8; reused by this thread's next call."""
-        nbytes = plan.rows * self.frame_bytes
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            buf = self._local.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+        target = out.numpy() if hasattr(out, "numpy") else out
+        flat = target.reshape(-1, self.frame_bytes)
+        order, bounds = plan.by_chunk()
         jobs = np.array_split(np.arange(len(plan.chunks)), min(self.threads, max(1, len(plan.chunks))))
-        pending = [self._pool.submit(self._decode_some, plan, part, buf) for part in jobs[1:]] if self._pool else []
+        pending = [self._pool.submit(self._decode_some, plan, part, order, bounds, flat)
+                   for part in jobs[1:]] if self._pool else []
         if not self._pool:
             for part in jobs[1:]:
-                self._decode_some(plan, part, buf)
-        self._decode_some(plan, jobs[0], buf)
+                self._decode_some(plan, part, order, bounds, flat)
+        self._decode_some(plan, jobs[0], order, bounds, flat)
         for p in pending:
             p.result()
-        return buf[:nbytes]
 
-    def _decode_some(self, plan: DecodePlan, part: np.ndarray, buf: np.ndarray) -> None:
-        fb, t = self.frame_bytes, self.table
-        for j in part:
-            k = int(plan.chunks[j])
-            blob = self.chunk_bytes(k)
-            lo, n = int(plan.base[j]) * fb, int(plan.need[j]) * fb
+    def _decode_some(self, plan: DecodePlan, part: np.ndarray, order, bounds, flat: np.ndarray) -> None:
+        fb = self.frame_bytes
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or len(scratch) < self.chunk_slot:
+            scratch = self._local.scratch = np.empty((self.chunk_slot, fb), np.uint8)
+        at = scratch.ctypes.data
+        chunks, need, cuts = plan.chunks.tolist(), plan.need.tolist(), bounds.tolist()
+        dest, src = order.tolist(), plan.within[order].tolist()
+        for j in part.tolist():
+            k = chunks[j]
+            if not self._checked[k]:
+                self.chunk_bytes(k)
+            n = need[j] * fb
             if self._partial is not None:
-                got = self._partial(blob.ctypes.data, buf.ctypes.data + lo, len(blob), n, n)
+                got = self._partial(self._src[k], at, self._size[k], n, n)
                 if got != n:
                     raise self._corrupt(k, f"it does not decode (liblz4 returned {got}, expected {n} bytes)")
-                continue
-            try:
-                raw = decompress(self.ds.manifest.codec, blob, int(t.frames[k]) * fb)
-            except Exception as e:  # the codec's own error for bad data
-                raise self._corrupt(k, f"it does not decode ({e})") from e
-            if len(raw) != int(t.frames[k]) * fb:
-                raise self._corrupt(k, f"it decodes to {len(raw)} bytes, expected {int(t.frames[k]) * fb}")
-            buf[lo:lo + n] = np.frombuffer(raw, np.uint8, n)
+                frames = scratch
+            else:
+                frames = self._whole(k)
+            for i in range(cuts[j], cuts[j + 1]):  # row copies: cheaper than a fancy-index round trip
+                flat[dest[i]] = frames[src[i]]
+
+    def _whole(self, k: int) -> np.ndarray:
+        """Chunk k decoded entirely by the dataset's codec (python-lz4 or zstd), (frames, frame_bytes)."""
+        size = int(self.table.frames[k]) * self.frame_bytes
+        try:
+            raw = decompress(self.ds.manifest.codec, self.chunk_bytes(k), size)
+        except Exception as e:  # the codec's own error for bad data
+            raise self._corrupt(k, f"it does not decode ({e})") from e
+        if len(raw) != size:
+            raise self._corrupt(k, f"it decodes to {len(raw)} bytes, expected {size}")
+        return np.frombuffer(raw, np.uint8).reshape(-1, self.frame_bytes)
 
     def _corrupt(self, k: int, why: str) -> DatasetError:
         t = self.table

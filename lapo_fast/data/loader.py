@@ -38,17 +38,25 @@ def prepare_obs(obs: torch.Tensor) -> torch.Tensor:
     return normalize(obs).contiguous(memory_format=torch.channels_last)
 
 
-def gather_frames(frames, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-    """frames[idx] into `out` (a CPU uint8 tensor of idx.shape + frame shape), from a numpy array or
-    memmap (one torch index_select over whole frames: measured faster than numpy's fancy
-    indexing) or from CompressedFrames (decoded)."""
+def frame_rows(frames):
+    """What gather_frames reads: CompressedFrames as they are; an array or memmap as a (N, frame
+    bytes) CPU tensor over the same memory (made once: it costs microseconds per call)."""
     if isinstance(frames, CompressedFrames):
-        frames.read_into(idx, out)
-        return out
+        return frames
     with warnings.catch_warnings():  # a read-only memmap: torch warns, and we never write to it
         warnings.simplefilter("ignore", UserWarning)
-        rows = torch.from_numpy(np.asarray(frames)).view(len(frames), -1)
-    torch.index_select(rows, 0, torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)), out=out.view(-1, rows.shape[1]))
+        return torch.from_numpy(np.asarray(frames)).view(len(frames), -1)
+
+
+def gather_frames(rows, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """frames[idx] into `out` (a CPU uint8 tensor of idx.shape + frame shape), from frame_rows(frames):
+    one torch index_select over whole frames (measured faster than numpy's fancy indexing), or
+    decoded by CompressedFrames."""
+    if isinstance(rows, CompressedFrames):
+        rows.read_into(idx, out)
+    else:
+        torch.index_select(rows, 0, torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)),
+                           out=out.view(-1, rows.shape[1]))
     return out
 
 
@@ -60,7 +68,7 @@ def frames_at(frames, idx, device) -> torch.Tensor:
         at = torch.from_numpy(idx.reshape(-1)).to(frames.device)
         return frames.view(len(frames), -1).index_select(0, at).view(*idx.shape, *frames.shape[1:]).to(device)
     out = torch.empty((*idx.shape, *frames.shape[1:]), dtype=torch.uint8)
-    return gather_frames(frames, idx, out).to(device)
+    return gather_frames(frame_rows(frames), idx, out).to(device)
 
 
 class _ConsumedStream:
@@ -83,13 +91,16 @@ class _ConsumedStream:
 
 class PrefetchLoader:
     """Batches gathered on a background thread `prefetch` ahead, pinned when the device is CUDA and
-    copied to it non-blocking. The thread starts with the first batch (after any resume)."""
+    copied to it non-blocking. The thread starts with the first batch (after any resume).
+    prefetch=0 gathers in the caller's thread instead: on a CPU-only machine training already
+    keeps every core busy, and there the hand-over between threads measured slower."""
 
     def __init__(self, sampler, *, device="cpu", prefetch: int = 4, pin_memory=None):
         self.sampler = sampler
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(0, prefetch))
+        self._rows = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -99,18 +110,23 @@ class PrefetchLoader:
     def rng(self) -> np.random.Generator:
         return self._stream.rng
 
+    def _make(self, rows) -> tuple[dict, dict]:
+        """The next batch on the host (pinned for CUDA), and the rng state after drawing it."""
+        idx, extras = self.sampler.draw()
+        state = self.sampler.rng.bit_generator.state
+        out = torch.empty((*idx.shape, *self.sampler.frames.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
+        batch = {"obs": gather_frames(rows, idx, out)}
+        for k, v in extras.items():
+            batch[k] = torch.from_numpy(np.ascontiguousarray(v))
+            if self.pin:
+                batch[k] = batch[k].pin_memory()
+        return batch, state
+
     def _work(self) -> None:
-        frames = self.sampler.frames
+        rows = frame_rows(self.sampler.frames)
         try:
             while not self._stop.is_set():
-                idx, extras = self.sampler.draw()
-                state = self.sampler.rng.bit_generator.state
-                obs = torch.empty((*idx.shape, *frames.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-                batch = {"obs": gather_frames(frames, idx, obs)}
-                for k, v in extras.items():
-                    batch[k] = torch.from_numpy(np.ascontiguousarray(v))
-                    if self.pin:
-                        batch[k] = batch[k].pin_memory()
+                batch, state = self._make(rows)
                 while not self._stop.is_set():
                     try:
                         self._queue.put((batch, state), timeout=0.1)
@@ -125,6 +141,12 @@ class PrefetchLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self._queue.maxsize == 0:  # prefetch=0: in the caller's thread
+            if self._rows is None:
+                self._rows = frame_rows(self.sampler.frames)
+            batch, state = self._make(self._rows)
+            self._stream.consumed(state)
+            return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, daemon=True)
             self._thread.start()
@@ -206,7 +228,7 @@ def chunk_inputs(frames: CompressedFrames, idx: np.ndarray) -> tuple[list, list,
     """What a GPU decoder is fed for frames[idx]: one sample per chunk the batch touches (its
     compressed bytes, checksum-verified on first use, and its decoded shape), and the plan whose
     `gather` picks the frames out of the decoded chunks padded to equal slots."""
-    plan = plan_decode(frames.table, idx, stride=frames.chunk_slot)
+    plan = plan_decode(frames.table, idx, whole_chunks=True)
     blobs = [frames.chunk_bytes(int(k)) for k in plan.chunks]
     shapes = [np.array([int(frames.table.frames[k]), *frames.shape[1:]], np.int32) for k in plan.chunks]
     return blobs, shapes, plan
@@ -215,7 +237,7 @@ def chunk_inputs(frames: CompressedFrames, idx: np.ndarray) -> tuple[list, list,
 def assemble(decoded: torch.Tensor, plan: DecodePlan, frame_shape) -> torch.Tensor:
     """The batch's frames from the decoded chunks ((n, slot, H, W, C), on any device)."""
     rows = decoded.reshape(-1, int(np.prod(frame_shape)))
-    at = torch.from_numpy(plan.gather).to(decoded.device, non_blocking=True)
+    at = torch.from_numpy(plan.gather(decoded.shape[1])).to(decoded.device, non_blocking=True)
     return rows.index_select(0, at).view(*plan.shape, *frame_shape)
 
 

@@ -142,8 +142,9 @@ def open_frames(ds: FrameDataset, plan: LoaderPlan, device, *, world: int = 1):
     return CompressedFrames(ds, threads=default_threads(world))
 
 
-def make_loader(sampler, plan: LoaderPlan, device, *, prefetch: int = 4):
-    """The loader of `sampler`'s batches for `plan` (the sampler's frames came from open_frames)."""
+def make_loader(sampler, plan: LoaderPlan, device, *, prefetch: int | None = None):
+    """The loader of `sampler`'s batches for `plan` (the sampler's frames came from open_frames);
+    prefetch: batches made ahead on a thread (default: 4 for a GPU, none for the CPU)."""
     from .loader import DaliDecodeLoader, DeviceResidentLoader, PrefetchLoader
 
     device = torch.device(device)
@@ -152,6 +153,8 @@ def make_loader(sampler, plan: LoaderPlan, device, *, prefetch: int = 4):
     if plan.kind == "compressed" and plan.decoder == "dali" and device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DaliDecodeLoader(sampler, sampler.frames, device_id=index)
+    if prefetch is None:
+        prefetch = 4 if device.type == "cuda" else 0
     return PrefetchLoader(sampler, device=device, prefetch=prefetch)
 
 
