@@ -244,9 +244,13 @@ def assemble(decoded: torch.Tensor, plan: DecodePlan, frame_shape) -> torch.Tens
 class DaliDecodeLoader:
     """The compressed shards decoded on GPU `device_id` by DALI: each batch's chunks (read from the
     memory-mapped shards on the host) go through fn.decoders.inflate (nvCOMP LZ4), are padded to
-    equal slots, and the windows are gathered on the GPU; DALI runs `prefetch` batches ahead."""
+    equal slots, and the windows are gathered on the GPU; DALI runs `prefetch` batches ahead.
 
-    def __init__(self, sampler, frames: CompressedFrames, *, device_id: int, prefetch: int = 2, num_threads: int = 2):
+    inflate=False with device_id=None is the same pipeline on DALI's CPU backend with the chunks
+    decoded by python-lz4 before DALI sees them (inflate runs on GPUs only): the tests' stand-in."""
+
+    def __init__(self, sampler, frames: CompressedFrames, *, device_id: int | None, prefetch: int = 2,
+                 num_threads: int = 2, inflate: bool = True):
         from nvidia.dali import fn, pipeline_def, types
 
         if frames.ds.manifest.codec != "lz4":
@@ -255,21 +259,27 @@ class DaliDecodeLoader:
         self._stream = _ConsumedStream(sampler)
         self._fed: collections.deque = collections.deque()  # per batch fed to DALI: (plan, extras, rng state)
         self._copied = None  # a CUDA event after the last batch's copy out of DALI's buffers
-        max_chunks = sampler.draw_size  # at most one chunk per frame of a batch
 
         def source():
             idx, extras = sampler.draw()
             state = sampler.rng.bit_generator.state
             blobs, shapes, plan = chunk_inputs(frames, idx)
+            if not inflate:
+                import lz4.block
+
+                blobs = [np.frombuffer(lz4.block.decompress(b, uncompressed_size=int(np.prod(s))), np.uint8)
+                         for b, s in zip(blobs, shapes)]
             self._fed.append((plan, extras, state))
             return blobs, shapes
 
-        @pipeline_def(batch_size=max_chunks, num_threads=num_threads, device_id=device_id,
+        # At most one chunk per frame of a batch: the pipeline's (largest) batch size.
+        @pipeline_def(batch_size=sampler.draw_size, num_threads=num_threads, device_id=device_id,
                       prefetch_queue_depth=prefetch, exec_dynamic=True)
         def pipe():
             data, shape = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
-            chunks = fn.decoders.inflate(data.gpu(), shape=shape, algorithm="LZ4")
-            return fn.pad(chunks, axes=[0], shape=[frames.chunk_slot])
+            chunks = (fn.decoders.inflate(data.gpu(), shape=shape, algorithm="LZ4") if inflate
+                      else fn.reshape(data, shape=shape))
+            return fn.pad(chunks, axes=[0], shape=[frames.chunk_slot])  # short chunks (shard tails) padded
 
         self.pipe = pipe()
         self.pipe.build()
@@ -282,18 +292,21 @@ class DaliDecodeLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
         if self._copied is not None:  # the last batch's copy read DALI buffers that run() recycles
             self._copied.synchronize()
         (out,) = self.pipe.run()
         plan, extras, state = self._fed.popleft()
         dense = out.as_tensor()
-        decoded = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-        stream = torch.cuda.current_stream(self.device_id)
-        feed_ndarray(dense, decoded, cuda_stream=stream)
-        self._copied = torch.cuda.Event()
-        self._copied.record(stream)
+        if self.device_id is None:
+            decoded = torch.from_numpy(np.array(dense))
+        else:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            decoded = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+            stream = torch.cuda.current_stream(self.device_id)
+            feed_ndarray(dense, decoded, cuda_stream=stream)
+            self._copied = torch.cuda.Event()
+            self._copied.record(stream)
         self._stream.consumed(state)
         batch = {"obs": assemble(decoded, plan, self.frames.shape[1:])}
         for k, v in extras.items():
