@@ -15,11 +15,13 @@ prefetched), so a checkpoint saves it and resuming continues with the next batch
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import queue
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -89,6 +91,17 @@ class _ConsumedStream:
         self._copy.bit_generator.state = state
 
 
+_RUNNING: "weakref.WeakSet[PrefetchLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_threads() -> None:
+    """A sampling thread still inside torch when the interpreter exits aborts the process (a
+    stage that raised never closed its loader): stop them first."""
+    for loader in list(_RUNNING):
+        loader.close()
+
+
 class PrefetchLoader:
     """Batches gathered on a background thread `prefetch` ahead, pinned when the device is CUDA and
     copied to it non-blocking. The thread starts with the first batch (after any resume).
@@ -150,6 +163,7 @@ class PrefetchLoader:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
         item = self._queue.get()
         if item is None:
             if self._error is not None and type(self._error).__name__ == "DatasetError":
