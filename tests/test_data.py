@@ -159,6 +159,10 @@ def test_version_1_datasets_still_read_and_resuming_upgrades_them(tmp_path):
     _as_version_1(tmp_path / "ds")
     old = FrameDataset(tmp_path / "ds")
     assert old.manifest.version == 1 and old.verify()["episodes"] == 4
+    from lapo_fast.data import CompressedFrames
+
+    every = np.arange(old.num_frames)[::-1]  # the compressed path reads it too
+    np.testing.assert_array_equal(CompressedFrames(old)[every], np.concatenate([e[0] for e in eps[:4]])[every])
     np.testing.assert_array_equal(old.meta("action"), np.concatenate([e[1] for e in eps[:4]]))
     with DatasetWriter(tmp_path / "ds", resume=True, shard_frames=250) as w:
         frames, actions, rewards = eps[4]

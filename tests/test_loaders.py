@@ -192,6 +192,16 @@ def test_resident_frames_are_decoded_without_a_disk_copy(tmp_path, monkeypatch):
     np.testing.assert_array_equal(gpu_like.numpy(), frames)
 
 
+def test_data_cache_command_builds_the_decoded_cache(tmp_path, monkeypatch, capsys):
+    from lapo_fast.cli import main
+
+    monkeypatch.setenv("LAPO_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    ds = _dataset(tmp_path / "ds")
+    assert main(["data", "cache", str(tmp_path / "ds")]) == 0
+    assert "decoded cache at" in capsys.readouterr().out
+    assert plan_loader(ds, "cache", _facts(world=2)).kind == "cache"  # now usable by several processes
+
+
 def test_loader_is_a_setting_of_every_frame_reading_stage():
     from lapo_fast.cli import build_parser
     from lapo_fast.config import overrides_from

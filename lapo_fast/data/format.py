@@ -17,9 +17,10 @@ dataset converts it first.
 
 Frames are raw (H, W, C) uint8, compressed losslessly chunk by chunk (the world model must
 reconstruct 1-2 px sprites; lossy video codecs smear them). The default codec is LZ4 in its
-high-compression mode as raw blocks: ~10x smaller than raw on Procgen frames, hundreds of
-thousands of frames/s per core to decode, and the format NVIDIA DALI's fn.decoders.inflate
-decompresses on the GPU. zstd is the alternative (a little smaller, slower to decode, CPU only).
+high-compression mode as raw blocks of CHUNK_FRAMES frames (~6x smaller than raw on Procgen
+frames; chunks are independent, so training decodes only those a batch needs), the format NVIDIA
+DALI's fn.decoders.inflate decompresses on the GPU. zstd is the alternative (smaller, slower to
+decode, CPU only).
 Every shard is written to a temporary name and renamed when complete, and the manifest is
 rewritten atomically after each shard, so an interrupted writer leaves a valid dataset.
 """
