@@ -69,6 +69,19 @@ def test_prefetch_loader_from_compressed_frames_is_the_samplers_stream(tmp_path,
     loader.close()
 
 
+def test_a_pass_in_order_through_the_prefetching_loader_ends_cleanly(tmp_path):
+    from lapo_fast.data.windows import InOrder
+
+    ds = _dataset(tmp_path / "ds")
+    cache = np.asarray(ds.cache())
+    batches = [np.arange(i, min(i + 7, len(cache))) for i in range(0, len(cache), 7)]
+    loader = PrefetchLoader(InOrder(CompressedFrames(ds), batches), prefetch=2)
+    got = np.concatenate([next(loader)["obs"].numpy() for _ in batches])
+    np.testing.assert_array_equal(got, cache)
+    loader._thread.join(timeout=5)
+    assert not loader._thread.is_alive() and loader._error is None  # it stopped when the batches ran out
+
+
 def test_row_sampler_draws_frames_and_targets_of_the_same_rows(tmp_path):
     ds = _dataset(tmp_path / "ds")
     cache = np.asarray(ds.cache())

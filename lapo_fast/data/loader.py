@@ -62,6 +62,18 @@ def gather_frames(rows, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def in_order(frames, batches: list[np.ndarray], device):
+    """A loader over InOrder(frames, batches), as the stages' loaders are made for `device`: frames
+    in GPU memory gathered there, else prefetched (pinned, non-blocking) when the device is CUDA."""
+    from .windows import InOrder
+
+    sampler = InOrder(frames, batches)
+    if isinstance(frames, torch.Tensor):
+        return DeviceResidentLoader(sampler, frames)
+    cuda = torch.device(device).type == "cuda"
+    return PrefetchLoader(sampler, device=device, prefetch=4 if cuda else 0)
+
+
 def frames_at(frames, idx, device) -> torch.Tensor:
     """frames[idx] as a uint8 tensor on `device`, from any frames a planner opens (an array or
     memmap, CompressedFrames, or a tensor already on a device)."""
@@ -85,7 +97,9 @@ class _ConsumedStream:
     def rng(self) -> np.random.Generator:
         return self.sampler.rng if self._copy is None else self._copy
 
-    def consumed(self, state: dict) -> None:
+    def consumed(self, state: dict | None) -> None:
+        if state is None:  # a sampler without a stream (InOrder)
+            return
         if self._copy is None:
             self._copy = np.random.Generator(type(self.sampler.rng.bit_generator)())
         self._copy.bit_generator.state = state
@@ -123,10 +137,10 @@ class PrefetchLoader:
     def rng(self) -> np.random.Generator:
         return self._stream.rng
 
-    def _make(self, rows) -> tuple[dict, dict]:
+    def _make(self, rows) -> tuple[dict, dict | None]:
         """The next batch on the host (pinned for CUDA), and the rng state after drawing it."""
         idx, extras = self.sampler.draw()
-        state = self.sampler.rng.bit_generator.state
+        state = self.sampler.rng.bit_generator.state if hasattr(self.sampler, "rng") else None
         out = torch.empty((*idx.shape, *self.sampler.frames.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
         batch = {"obs": gather_frames(rows, idx, out)}
         for k, v in extras.items():
@@ -146,6 +160,8 @@ class PrefetchLoader:
                         break
                     except queue.Full:
                         continue
+        except StopIteration:  # an InOrder pass is over: nothing more to make
+            pass
         except BaseException as e:  # surfaced to the consumer on its next batch
             self._error = e
             self._queue.put(None)

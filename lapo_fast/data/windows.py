@@ -92,3 +92,20 @@ class RowSampler:
     def draw(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         pick = self.rng.integers(0, len(self.frame_of), self.batch_size)
         return self.frame_of[pick], {k: v[pick] for k, v in self.targets.items()}
+
+
+class InOrder:
+    """Given batches of frame indices, in order, once (a pass over a dataset: labelling windows,
+    projecting latents); the loaders take it as they take a sampler."""
+
+    def __init__(self, frames, batches: list[np.ndarray]):
+        self.frames = frames
+        self.batches = batches
+        self.draw_size = max((b.size for b in batches), default=1)
+        self._next = iter(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def draw(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return next(self._next), {}

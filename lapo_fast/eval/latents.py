@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lapo_fast.data import WindowSampler, frames_at, normalize
+from lapo_fast.data import WindowSampler, normalize
+from lapo_fast.data.loader import in_order
 
 from .decoders import probe
 
@@ -22,10 +23,14 @@ def idm_latents(idm, frames, starts: np.ndarray, context: int, *, batch: int = 5
     was_training = idm.training
     idm.eval()
     out = np.empty((len(starts), idm.head.out_features), np.float32)
-    for i in tqdm(range(0, len(starts), batch), disable=not progress, desc="idm latents", unit="batch"):
-        idx = np.asarray(starts[i:i + batch])[:, None] + offsets
-        window = normalize(frames_at(frames, idx, device))
-        out[i:i + len(idx)] = idm(window).latent.float().cpu().numpy()
+    batches = [np.asarray(starts[i:i + batch])[:, None] + offsets for i in range(0, len(starts), batch)]
+    loader = in_order(frames, batches, device)  # uint8 windows, prefetched on a GPU
+    at = 0
+    for idx in tqdm(batches, disable=not progress, desc="idm latents", unit="batch"):
+        window = normalize(next(loader)["obs"])
+        out[at:at + len(idx)] = idm(window).latent.float().cpu().numpy()
+        at += len(idx)
+    loader.close()
     idm.train(was_training)
     return out
 
