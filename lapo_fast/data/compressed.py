@@ -191,6 +191,8 @@ class CompressedFrames:
         chunks into one buffer and gathering from it."""
         plan = self.plan(idx)
         target = out.numpy() if hasattr(out, "numpy") else out
+        if not target.flags.c_contiguous:  # (a reshape would copy, and the frames land in the copy)
+            raise ValueError("read_into needs a contiguous output")
         flat = target.reshape(-1, self.frame_bytes)
         order, bounds = plan.by_chunk()
         jobs = np.array_split(np.arange(len(plan.chunks)), min(self.threads, max(1, len(plan.chunks))))
