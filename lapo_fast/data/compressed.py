@@ -69,10 +69,17 @@ class DecodePlan:
         layout of equal slots, as a batched GPU decoder's output)."""
         return self.slot * stride + self.within
 
-    def by_chunk(self) -> tuple[np.ndarray, np.ndarray]:
-        """(order, bounds): requested frames order[bounds[j]:bounds[j + 1]] lie in chunk j."""
-        order = np.argsort(self.slot, kind="stable")
-        return order, np.searchsorted(self.slot[order], np.arange(len(self.chunks) + 1))
+    def copies(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The copies out of the decoded chunks, as runs of consecutive frames (a window's frames
+        in one chunk are one run): (dest, src, length, cuts); chunk j's runs are cuts[j]:cuts[j + 1],
+        run r copies its frames src[r]... to requested positions dest[r]..."""
+        order = np.argsort(self.slot, kind="stable")  # by chunk; in request order within one
+        dest, src, chunk = order, self.within[order], self.slot[order]
+        new = np.ones(len(dest), bool)
+        new[1:] = (np.diff(dest) != 1) | (np.diff(src) != 1) | (np.diff(chunk) != 0)
+        first = np.flatnonzero(new)
+        length = np.diff(np.append(first, len(dest)))
+        return dest[first], src[first], length, np.searchsorted(chunk[first], np.arange(len(self.chunks) + 1))
 
 
 def plan_decode(table: ChunkTable, idx, *, whole_chunks: bool = False) -> DecodePlan:
@@ -194,25 +201,25 @@ class CompressedFrames:
         if not target.flags.c_contiguous:  # (a reshape would copy, and the frames land in the copy)
             raise ValueError("read_into needs a contiguous output")
         flat = target.reshape(-1, self.frame_bytes)
-        order, bounds = plan.by_chunk()
+        runs = [a.tolist() for a in plan.copies()]
         jobs = np.array_split(np.arange(len(plan.chunks)), min(self.threads, max(1, len(plan.chunks))))
-        pending = [self._pool.submit(self._decode_some, plan, part, order, bounds, flat)
+        pending = [self._pool.submit(self._decode_some, plan, part, runs, flat)
                    for part in jobs[1:]] if self._pool else []
         if not self._pool:
             for part in jobs[1:]:
-                self._decode_some(plan, part, order, bounds, flat)
-        self._decode_some(plan, jobs[0], order, bounds, flat)
+                self._decode_some(plan, part, runs, flat)
+        self._decode_some(plan, jobs[0], runs, flat)
         for p in pending:
             p.result()
 
-    def _decode_some(self, plan: DecodePlan, part: np.ndarray, order, bounds, flat: np.ndarray) -> None:
+    def _decode_some(self, plan: DecodePlan, part: np.ndarray, runs: list, flat: np.ndarray) -> None:
         fb = self.frame_bytes
         scratch = getattr(self._local, "scratch", None)
         if scratch is None or len(scratch) < self.chunk_slot:
             scratch = self._local.scratch = np.empty((self.chunk_slot, fb), np.uint8)
         at = scratch.ctypes.data
-        chunks, need, cuts = plan.chunks.tolist(), plan.need.tolist(), bounds.tolist()
-        dest, src = order.tolist(), plan.within[order].tolist()
+        chunks, need = plan.chunks.tolist(), plan.need.tolist()
+        dest, src, length, cuts = runs
         for j in part.tolist():
             k = chunks[j]
             if not self._checked[k]:
@@ -225,8 +232,8 @@ class CompressedFrames:
                 frames = scratch
             else:
                 frames = self._whole(k)
-            for i in range(cuts[j], cuts[j + 1]):  # row copies: cheaper than a fancy-index round trip
-                flat[dest[i]] = frames[src[i]]
+            for r in range(cuts[j], cuts[j + 1]):  # slice copies (numpy drops the GIL for them)
+                flat[dest[r]:dest[r] + length[r]] = frames[src[r]:src[r] + length[r]]
 
     def _whole(self, k: int) -> np.ndarray:
         """Chunk k decoded entirely by the dataset's codec (python-lz4 or zstd), (frames, frame_bytes)."""
