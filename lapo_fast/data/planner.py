@@ -50,6 +50,10 @@ class LoaderPlan:
     decoder: str = "cpu"   # compressed: "cpu" threads or "dali"
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.0f} MiB"
+
+
 def machine(ds: FrameDataset, device, world: int = 1) -> Machine:
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -81,7 +85,7 @@ def plan_loader(ds: FrameDataset, setting: str, facts: Machine) -> LoaderPlan:
         raise ValueError(f"loader={setting!r}: choose one of {', '.join(LOADERS)}")
     decoded = ds.num_frames * ds.manifest.frame_bytes
     stored = sum(s.nbytes for s in ds.manifest.shards)
-    size = f"{decoded / GiB:.2f} GiB decoded, {stored / GiB:.2f} GiB compressed"
+    size = f"{_size(decoded)} decoded, {_size(stored)} compressed"
     where = "GPU memory" if facts.cuda else "RAM"
     room = facts.gpu_free if facts.cuda else facts.ram_available // max(1, facts.world)
     resident_fits = 2 * decoded <= room  # the rest is the model's, and the other ranks'
@@ -93,8 +97,8 @@ def plan_loader(ds: FrameDataset, setting: str, facts: Machine) -> LoaderPlan:
 
     if setting == "resident":
         if not resident_fits:
-            raise ValueError(f"loader=resident: the frames take {decoded / GiB:.2f} GiB decoded, more than half of "
-                             f"the {room / GiB:.2f} GiB free {where}: use loader=compressed (or auto)")
+            raise ValueError(f"loader=resident: the frames take {_size(decoded)} decoded, more than half of "
+                             f"the {_size(room)} free {where}: use loader=compressed (or auto)")
         return LoaderPlan("resident", f"asked for; {size}")
     if setting == "cache":
         if not cache_ready and facts.world > 1:
@@ -106,18 +110,18 @@ def plan_loader(ds: FrameDataset, setting: str, facts: Machine) -> LoaderPlan:
         return LoaderPlan("compressed", f"asked for; {size}; {compressed_why}", decoder)
 
     if facts.cuda and resident_fits:
-        return LoaderPlan("resident", f"{size}: fits twice in the {room / GiB:.1f} GiB free {where}")
+        return LoaderPlan("resident", f"{size}: fits twice in the {_size(room)} free {where}")
     if cache_ready:
         return LoaderPlan("cache", f"{size}: a decoded cache is already at {ds.cache_path()}")
     if cache_fits and facts.world == 1:
-        return LoaderPlan("cache", f"{size}: the disk has {facts.disk_free / GiB:.1f} GiB free and RAM "
-                                   f"{facts.ram_available / GiB:.1f} GiB available for a decoded cache")
+        return LoaderPlan("cache", f"{size}: the disk has {_size(facts.disk_free)} free and RAM "
+                                   f"{_size(facts.ram_available)} available for a decoded cache")
     if not facts.cuda and facts.world > 1 and resident_fits:
         return LoaderPlan("resident", f"{size}; {facts.world} processes: each decodes its own copy into RAM "
                                       "(no rank waits on another's decode)")
     reason = ("a decoded cache would be built by one rank while the others wait" if facts.world > 1 and cache_fits
-              else f"no room for a decoded copy ({facts.disk_free / GiB:.1f} GiB disk free, "
-                   f"{facts.ram_available / GiB:.1f} GiB RAM available)")
+              else f"no room for a decoded copy ({_size(facts.disk_free)} disk free, "
+                   f"{_size(facts.ram_available)} RAM available)")
     return LoaderPlan("compressed", f"{size}; {reason}; {compressed_why}", decoder)
 
 
