@@ -259,25 +259,21 @@ class CompressedFrames:
             self._pool.shutdown(wait=False)
 
 
-def decode_all(ds: FrameDataset, out, *, threads: int | None = None, progress=None) -> None:
+def decode_all(ds: FrameDataset, out, *, threads: int | None = None) -> None:
     """Every frame of `ds` into `out` ((N, H, W, C) uint8: a numpy array, or a torch tensor on any
     device), shard by shard on `threads` threads; nothing is written to disk."""
     import torch
 
     shards = ds.manifest.shards
     on_torch = isinstance(out, torch.Tensor)
-    cuda = on_torch and out.device.type == "cuda"
 
     def fill(i: int) -> None:
         s = shards[i]
         if not on_torch:
             ds.decode_shard(i, out[s.first_frame:s.first_frame + s.frames])
             return
-        host = torch.empty((s.frames, *ds.manifest.frame_shape), dtype=torch.uint8, pin_memory=cuda)
-        ds.decode_shard(i, host.numpy())
-        out[s.first_frame:s.first_frame + s.frames].copy_(host)
+        # Pageable, not pinned: a shard is up to ~200 MB, once per run, on every decode thread.
+        out[s.first_frame:s.first_frame + s.frames].copy_(torch.from_numpy(ds.decode_shard(i)))
 
     with ThreadPoolExecutor(threads or default_threads()) as pool:
-        for _ in pool.map(fill, range(len(shards))):
-            if progress is not None:
-                progress()
+        list(pool.map(fill, range(len(shards))))
