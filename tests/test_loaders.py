@@ -192,6 +192,26 @@ def test_planner_picks_from_what_the_machine_has(tmp_path, monkeypatch):
     assert plan_loader(ds, "cache", _facts(world=2)).kind == "cache"
 
 
+def test_make_loader_gives_each_plan_its_loader(tmp_path, monkeypatch):
+    """cuda without an index means the current device, not GPU 0; frames in GPU memory are gathered there."""
+    from lapo_fast.data import DeviceResidentLoader, loader, make_loader
+
+    ds = _dataset(tmp_path / "ds")
+    sampler = WindowSampler(CompressedFrames(ds), ds.episodes, batch_size=4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(loader, "DaliDecodeLoader", lambda s, frames, device_id: ("dali", device_id))
+    dali = LoaderPlan("compressed", "", "dali")
+    assert make_loader(sampler, dali, "cuda") == ("dali", 3)
+    assert make_loader(sampler, dali, "cuda:1") == ("dali", 1)
+    cpu = make_loader(sampler, LoaderPlan("compressed", ""), "cpu")
+    assert isinstance(cpu, PrefetchLoader) and cpu._queue.maxsize == 0  # gathered in the training thread
+    on_device = WindowSampler(torch.from_numpy(np.asarray(ds.cache())), ds.episodes, batch_size=4, seed=1)
+    resident = make_loader(on_device, LoaderPlan("resident", ""), "cpu")
+    ref = WindowSampler(np.asarray(ds.cache()), ds.episodes, batch_size=4, seed=1)
+    assert isinstance(resident, DeviceResidentLoader)
+    np.testing.assert_array_equal(next(resident)["obs"].numpy(), ref.sample()["obs"])
+
+
 def test_resident_frames_are_decoded_without_a_disk_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("LAPO_FAST_CACHE_DIR", str(tmp_path / "cache"))
     ds = _dataset(tmp_path / "ds")
