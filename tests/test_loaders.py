@@ -204,7 +204,7 @@ def test_make_loader_gives_each_plan_its_loader(tmp_path, monkeypatch):
     assert make_loader(sampler, dali, "cuda") == ("dali", 3)
     assert make_loader(sampler, dali, "cuda:1") == ("dali", 1)
     cpu = make_loader(sampler, LoaderPlan("compressed", ""), "cpu")
-    assert isinstance(cpu, PrefetchLoader) and cpu._queue.maxsize == 0  # gathered in the training thread
+    assert isinstance(cpu, PrefetchLoader) and cpu.prefetch == 0  # gathered in the training thread
     on_device = WindowSampler(torch.from_numpy(np.array(ds.cache())), ds.episodes, batch_size=4, seed=1)
     resident = make_loader(on_device, LoaderPlan("resident", ""), "cpu")
     ref = WindowSampler(np.asarray(ds.cache()), ds.episodes, batch_size=4, seed=1)

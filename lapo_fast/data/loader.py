@@ -3,8 +3,9 @@ RowSampler: an rng, the frames, and `draw()` -> frame indices plus per-row extra
 dicts of tensors on the training device, frames as uint8 (normalised there, by `normalize`):
 
 - PrefetchLoader: a background thread gathers (or decodes) batches `prefetch` ahead into pinned
-  memory and they are copied non-blocking; for frames in host memory (the decoded cache, a RAM
-  copy, or the compressed shards through data.compressed.CompressedFrames).
+  memory and they are copied non-blocking (on a CPU-only machine: in the training thread); for
+  frames in host memory (the decoded cache, a RAM copy, or the compressed shards through
+  data.compressed.CompressedFrames).
 - DeviceResidentLoader: every frame already in GPU memory; batches are gathered there.
 - DaliDecodeLoader: the compressed shards decoded on the GPU by DALI's LZ4 inflate.
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from .compressed import CompressedFrames, DecodePlan, plan_decode
+from .format import DatasetError
 
 
 def normalize(obs: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,8 @@ class PrefetchLoader:
         self.sampler = sampler
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self._queue: queue.Queue = queue.Queue(maxsize=max(0, prefetch))
+        self.prefetch = max(0, prefetch)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._rows = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -170,7 +173,7 @@ class PrefetchLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._queue.maxsize == 0:  # prefetch=0: in the caller's thread
+        if self.prefetch == 0:  # in the caller's thread
             if self._rows is None:
                 self._rows = frame_rows(self.sampler.frames)
             batch, state = self._make(self._rows)
@@ -182,7 +185,7 @@ class PrefetchLoader:
             _RUNNING.add(self)
         item = self._queue.get()
         if item is None:
-            if self._error is not None and type(self._error).__name__ == "DatasetError":
+            if isinstance(self._error, DatasetError):  # a damaged dataset: its own message
                 raise self._error
             raise RuntimeError("the loader's sampling thread failed") from self._error
         batch, state = item
