@@ -22,6 +22,11 @@ from lapo_fast.runtime.files import read_json, write_json
 PRESETS = ("paper", "cpu", "smoke")
 
 
+# Every stage that reads frames has this setting (data.planner decides what auto means).
+LOADER_HELP = ("how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded memmap on disk) "
+               "or compressed (no decoded copy)")
+
+
 def setting(default, help: str):
     """A config field with its one-line help text (printed by `lapo-fast <stage> --help`)."""
     return field(default=default, metadata={"help": help})
@@ -58,8 +63,7 @@ class LAMConfig:
     probe_labels: int = setting(65_536, "labelled transitions the latent probe fits (the reference's 65,536)")
     probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)")
     seed: int = setting(0, "seed of weights and window sampling")
-    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
-                                  "memmap on disk) or compressed (no decoded copy)")
+    loader: str = setting("auto", LOADER_HELP)
     device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)")
 
 
@@ -80,8 +84,7 @@ class BCConfig:
     log_every: int = setting(100, "steps between metric lines")
     checkpoint_every: int = setting(2_000, "steps between checkpoints")
     seed: int = setting(0, "seed of weights and batch sampling")
-    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
-                                  "memmap on disk) or compressed (no decoded copy)")
+    loader: str = setting("auto", LOADER_HELP)
     device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)")
 
 
@@ -98,8 +101,7 @@ class DecodeConfig:
     held_out: int = setting(2_000, "labelled transitions kept apart to score the decoders")
     eval_episodes: int = setting(64, "episodes of the online evaluation of each decoder")
     seed: int = setting(0, "seed of the labelled subsets, decoders and evaluation")
-    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
-                                  "memmap on disk) or compressed (no decoded copy)")
+    loader: str = setting("auto", LOADER_HELP)
     device: str = setting("", "torch device ('' = cuda if available, else cpu)")
 
 
@@ -109,8 +111,7 @@ class UmapConfig:
 
     points: int = setting(5_000, "windows projected (no-op actions left out)")
     seed: int = setting(0, "seed of the windows picked and of UMAP")
-    loader: str = setting("auto", "how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded "
-                                  "memmap on disk) or compressed (no decoded copy)")
+    loader: str = setting("auto", LOADER_HELP)
     device: str = setting("", "torch device of the IDM ('' = cuda if available, else cpu)")
 
 
