@@ -89,6 +89,7 @@ def one(kind: str, ds_dir: str, npz_dir: str, batches: int, repeats: int) -> dic
     ds = FrameDataset(ds_dir)
     base = _rss("VmRSS")
     disk, note = sum(s.nbytes for s in ds.manifest.shards), ""
+    loader, sync = None, torch.cuda.synchronize if device == "cuda" else None  # ours end on the device
     if kind in ("compressed", "compressed-1", "dali"):
         frames = CompressedFrames(ds, threads=1 if kind == "compressed-1" else 2)
         sampler = WindowSampler(frames, ds.episodes, context=1, batch_size=BATCH, seed=0)
@@ -96,23 +97,15 @@ def one(kind: str, ds_dir: str, npz_dir: str, batches: int, repeats: int) -> dic
             from lapo_fast.data import DaliDecodeLoader
 
             loader = DaliDecodeLoader(sampler, frames, device_id=0)
-            sync = torch.cuda.synchronize
         else:
-            loader, sync = make_loader(sampler, LoaderPlan("compressed", ""), device), None
+            loader = make_loader(sampler, LoaderPlan("compressed", ""), device)
     elif kind == "cache":
         mm = ds.cache()
         disk = mm.nbytes
         for i in range(0, len(mm), 4096):  # every contender starts from a warm page cache
             np.asarray(mm[i:i + 4096]).max()
-        loader, sync = make_loader(WindowSampler(mm, ds.episodes, context=1, batch_size=BATCH, seed=0),
-                                   LoaderPlan("cache", ""), device), None
-    if kind in ("compressed", "compressed-1", "dali", "cache"):
-        if device == "cuda":
-            sync = torch.cuda.synchronize
-
-        def pull():
-            for _ in range(batches):
-                next(loader)
+        loader = make_loader(WindowSampler(mm, ds.episodes, context=1, batch_size=BATCH, seed=0),
+                             LoaderPlan("cache", ""), device)
     elif kind == "dataloader":
         mm = ds.cache()
         disk, sync = mm.nbytes, None
@@ -152,8 +145,12 @@ def one(kind: str, ds_dir: str, npz_dir: str, batches: int, repeats: int) -> dic
         note = f" (load {time.perf_counter() - t0:.1f}s)"
     else:
         raise ValueError(kind)
+    if loader is not None:
+        def pull():
+            for _ in range(batches):
+                next(loader)
     t = median_time(pull, repeats, sync=sync)
-    if kind in ("compressed", "compressed-1", "dali", "cache"):
+    if loader is not None:
         loader.close()
     return {"batches_per_s": batches / t, "ram_mb": (_rss() - base) / 2**20, "disk_mb": disk / 2**20,
             "frames": ds.num_frames, "note": note}

@@ -2,6 +2,7 @@
 decoder's plan checked with a CPU decoder in DALI's place; corrupt chunks named; the planner's
 choices; and stage 1 trained from the compressed path with no decoded copy left anywhere."""
 
+import json
 import os
 
 import lz4.block
@@ -190,6 +191,9 @@ def test_planner_picks_from_what_the_machine_has(tmp_path, monkeypatch):
     ds.cache()  # once it exists, it is used, also by several processes
     assert plan_loader(ds, "auto", _facts(disk_free=0)).kind == "cache"
     assert plan_loader(ds, "cache", _facts(world=2)).kind == "cache"
+    record = ds.cache_path().with_name("cache.u8.done")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "manifest": "{}"}))  # made from another manifest
+    assert not ds.cache_ready() and plan_loader(ds, "auto", _facts(disk_free=0)).kind == "compressed"
 
 
 def test_make_loader_gives_each_plan_its_loader(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 The shards are memory-mapped (so every process on a node shares one page cache of them). A read
 of any set of frame indices is planned first (`plan_decode`: which chunks, how many of their
-frames, where each requested frame lands in the decoded buffer), then executed by a decoder: CPU
+frames, which decoded frame each requested one is), then executed by a decoder: CPU
 threads here, or DALI's GPU inflate (loader.DaliDecodeLoader) on the very same plan. On the CPU,
 LZ4 chunks are decoded only as far as the last frame a read needs (liblz4's partial decode, when
 the system has liblz4 >= 1.9; else python-lz4's whole-chunk decode); each chunk's checksum is
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .format import DatasetError, crc32, decompress
+from .format import DatasetError, crc32, decompress_exact
 from .reader import FrameDataset
 
 
@@ -132,13 +132,8 @@ class CompressedFrames:
         self.table = ChunkTable.of(ds)
         self.stored_bytes = sum(s.nbytes for s in m.shards)
         self._maps = []
-        for shard in m.shards:
-            path = ds.dir / shard.file
-            if not path.exists():
-                raise DatasetError(f"{path}: shard missing")
-            if path.stat().st_size != shard.nbytes:
-                raise DatasetError(f"{path}: truncated or resized shard ({path.stat().st_size} bytes, expected "
-                                   f"{shard.nbytes}); run `lapo-fast data verify {ds.dir}`")
+        for i, shard in enumerate(m.shards):
+            path = ds.shard_path(i)
             # A plain ndarray view of the map: slicing a np.memmap costs microseconds per chunk.
             self._maps.append(np.asarray(np.memmap(path, np.uint8, "r")) if shard.nbytes else np.zeros(1, np.uint8))
         # Each chunk's address in memory (for liblz4) and its size, as Python ints.
@@ -203,11 +198,7 @@ class CompressedFrames:
         flat = target.reshape(-1, self.frame_bytes)
         runs = [a.tolist() for a in plan.copies()]
         jobs = np.array_split(np.arange(len(plan.chunks)), min(self.threads, max(1, len(plan.chunks))))
-        pending = [self._pool.submit(self._decode_some, plan, part, runs, flat)
-                   for part in jobs[1:]] if self._pool else []
-        if not self._pool:
-            for part in jobs[1:]:
-                self._decode_some(plan, part, runs, flat)
+        pending = [self._pool.submit(self._decode_some, plan, part, runs, flat) for part in jobs[1:]]
         self._decode_some(plan, jobs[0], runs, flat)
         for p in pending:
             p.result()
@@ -228,7 +219,7 @@ class CompressedFrames:
             if self._partial is not None:
                 got = self._partial(self._src[k], at, self._size[k], n, n)
                 if got != n:
-                    raise self._corrupt(k, f"it does not decode (liblz4 returned {got}, expected {n} bytes)")
+                    raise self._corrupt(k, f"does not decode (liblz4 returned {got}, expected {n} bytes)")
                 frames = scratch
             else:
                 frames = self._whole(k)
@@ -239,11 +230,9 @@ class CompressedFrames:
         """Chunk k decoded entirely by the dataset's codec (python-lz4 or zstd), (frames, frame_bytes)."""
         size = int(self.table.frames[k]) * self.frame_bytes
         try:
-            raw = decompress(self.ds.manifest.codec, self.chunk_bytes(k), size)
-        except Exception as e:  # the codec's own error for bad data
-            raise self._corrupt(k, f"it does not decode ({e})") from e
-        if len(raw) != size:
-            raise self._corrupt(k, f"it decodes to {len(raw)} bytes, expected {size}")
+            raw = decompress_exact(self.ds.manifest.codec, self.chunk_bytes(k), size)
+        except ValueError as e:
+            raise self._corrupt(k, str(e)) from e
         return np.frombuffer(raw, np.uint8).reshape(-1, self.frame_bytes)
 
     def _corrupt(self, k: int, why: str) -> DatasetError:

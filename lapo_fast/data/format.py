@@ -150,3 +150,15 @@ def decompress(codec: str, data: bytes, raw_size: int) -> bytes:
     import zstandard
 
     return zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_size)
+
+
+def decompress_exact(codec: str, data, raw_size: int) -> bytes:
+    """decompress(), and ValueError saying what is wrong when `data` does not decode to exactly
+    raw_size bytes (the codecs' own errors for bad data vary)."""
+    try:
+        raw = decompress(codec, data, raw_size)
+    except Exception as e:
+        raise ValueError(f"does not decode ({e})") from e
+    if len(raw) != raw_size:
+        raise ValueError(f"decodes to {len(raw)} bytes, expected {raw_size}")
+    return raw

@@ -65,15 +65,21 @@ def gather_frames(rows, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
 
 
 def in_order(frames, batches: list[np.ndarray], device):
-    """A loader over InOrder(frames, batches), as the stages' loaders are made for `device`: frames
-    in GPU memory gathered there, else prefetched (pinned, non-blocking) when the device is CUDA."""
+    """A loader over InOrder(frames, batches): frames in GPU memory gathered there, else
+    prefetched (pinned, non-blocking) when the device is CUDA."""
     from .windows import InOrder
 
-    sampler = InOrder(frames, batches)
-    if isinstance(frames, torch.Tensor):
-        return DeviceResidentLoader(sampler, frames)
-    cuda = torch.device(device).type == "cuda"
-    return PrefetchLoader(sampler, device=device, prefetch=4 if cuda else 0)
+    return host_or_device_loader(InOrder(frames, batches), device)
+
+
+def host_or_device_loader(sampler, device, prefetch: int | None = None):
+    """DeviceResidentLoader when the sampler's frames are a tensor (in GPU memory), else a
+    PrefetchLoader: `prefetch` batches ahead (default 4 on CUDA, none on the CPU)."""
+    if isinstance(sampler.frames, torch.Tensor):
+        return DeviceResidentLoader(sampler, sampler.frames)
+    if prefetch is None:
+        prefetch = 4 if torch.device(device).type == "cuda" else 0
+    return PrefetchLoader(sampler, device=device, prefetch=prefetch)
 
 
 def frames_at(frames, idx, device) -> torch.Tensor:
@@ -208,7 +214,6 @@ class DeviceResidentLoader:
     def __init__(self, sampler, frames: torch.Tensor):
         self.sampler = sampler
         self.frames = frames
-        self.rows = frames.view(len(frames), -1)
 
     @property
     def rng(self) -> np.random.Generator:
@@ -219,8 +224,7 @@ class DeviceResidentLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         idx, extras = self.sampler.draw()
-        at = torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)).to(self.frames.device)
-        batch = {"obs": self.rows.index_select(0, at).view(*idx.shape, *self.frames.shape[1:])}
+        batch = {"obs": frames_at(self.frames, idx, self.frames.device)}
         for k, v in extras.items():
             batch[k] = torch.from_numpy(np.ascontiguousarray(v)).to(self.frames.device)
         return batch

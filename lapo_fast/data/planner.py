@@ -89,7 +89,7 @@ def plan_loader(ds: FrameDataset, setting: str, facts: Machine) -> LoaderPlan:
     where = "GPU memory" if facts.cuda else "RAM"
     room = facts.gpu_free if facts.cuda else facts.ram_available // max(1, facts.world)
     resident_fits = 2 * decoded <= room  # the rest is the model's, and the other ranks'
-    cache_ready = _cache_ready(ds)
+    cache_ready = ds.cache_ready()
     cache_fits = decoded + GiB <= facts.disk_free and 2 * decoded <= facts.ram_available
     decoder = "dali" if facts.cuda and facts.dali else "cpu"
     compressed_why = ("decoding each batch's chunks on the GPU (DALI)" if decoder == "dali"
@@ -125,12 +125,6 @@ def plan_loader(ds: FrameDataset, setting: str, facts: Machine) -> LoaderPlan:
     return LoaderPlan("compressed", f"{size}; {reason}; {compressed_why}", decoder)
 
 
-def _cache_ready(ds: FrameDataset) -> bool:
-    path = ds.cache_path()
-    done = path.with_name(path.name + ".done")
-    return done.exists() and path.exists() and path.stat().st_size == ds.num_frames * ds.manifest.frame_bytes
-
-
 def open_frames(ds: FrameDataset, plan: LoaderPlan, device, *, world: int = 1):
     """The frames the plan reads from: the decoded memmap (cache), a numpy array in RAM or a torch
     tensor in GPU memory (resident), or CompressedFrames."""
@@ -149,17 +143,14 @@ def open_frames(ds: FrameDataset, plan: LoaderPlan, device, *, world: int = 1):
 def make_loader(sampler, plan: LoaderPlan, device, *, prefetch: int | None = None):
     """The loader of `sampler`'s batches for `plan` (the sampler's frames came from open_frames);
     prefetch: batches made ahead on a thread (default: 4 for a GPU, none for the CPU)."""
-    from .loader import DaliDecodeLoader, DeviceResidentLoader, PrefetchLoader
+    from .loader import DaliDecodeLoader, host_or_device_loader
 
     device = torch.device(device)
-    if isinstance(sampler.frames, torch.Tensor):
-        return DeviceResidentLoader(sampler, sampler.frames)
-    if plan.kind == "compressed" and plan.decoder == "dali" and device.type == "cuda":
+    if plan.kind == "compressed" and plan.decoder == "dali" and device.type == "cuda" \
+            and not isinstance(sampler.frames, torch.Tensor):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DaliDecodeLoader(sampler, sampler.frames, device_id=index)
-    if prefetch is None:
-        prefetch = 4 if device.type == "cuda" else 0
-    return PrefetchLoader(sampler, device=device, prefetch=prefetch)
+    return host_or_device_loader(sampler, device, prefetch)
 
 
 def window_loader(ds: FrameDataset, device="cpu", *, loader: str = "auto", context: int = 1, batch_size: int = 128,

@@ -13,7 +13,7 @@ import numpy as np
 
 from lapo_fast.runtime.files import atomic_write
 
-from .format import MANIFEST, DatasetError, Manifest, crc32, decompress, load_npy
+from .format import MANIFEST, DatasetError, Manifest, crc32, decompress_exact, load_npy
 
 
 class FrameDataset:
@@ -106,21 +106,8 @@ class FrameDataset:
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def _read_shard(self, i: int) -> bytes:
-        shard = self.manifest.shards[i]
-        path = self.dir / shard.file
-        if not path.exists():
-            raise DatasetError(f"{path}: shard missing")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot read this shard ({e.strerror})") from e
-        if len(data) != shard.nbytes:
-            raise DatasetError(f"{path}: truncated or resized shard ({len(data)} bytes, expected {shard.nbytes})")
-        return data
-
-    def _read_chunk(self, i: int, row) -> bytes:
-        """One chunk's bytes, read with a seek (not the whole shard); the shard's size is still checked."""
+    def shard_path(self, i: int) -> Path:
+        """Shard i's file, checked to be there with the size the manifest records."""
         shard = self.manifest.shards[i]
         path = self.dir / shard.file
         if not path.exists():
@@ -128,6 +115,22 @@ class FrameDataset:
         size = path.stat().st_size
         if size != shard.nbytes:
             raise DatasetError(f"{path}: truncated or resized shard ({size} bytes, expected {shard.nbytes})")
+        return path
+
+    def _read_shard(self, i: int) -> bytes:
+        path = self.shard_path(i)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot read this shard ({e.strerror})") from e
+        if len(data) != self.manifest.shards[i].nbytes:  # (changed since it was checked)
+            raise DatasetError(f"{path}: truncated or resized shard ({len(data)} bytes, expected "
+                               f"{self.manifest.shards[i].nbytes})")
+        return data
+
+    def _read_chunk(self, i: int, row) -> bytes:
+        """One chunk's bytes, read with a seek (not the whole shard); the shard's size is still checked."""
+        path = self.shard_path(i)
         offset, nbytes = int(row[0]), int(row[1])
         try:
             with open(path, "rb") as f:
@@ -144,13 +147,10 @@ class FrameDataset:
         path = self.dir / self.manifest.shards[i].file
         if len(blob) != nbytes or crc32(blob) != checksum:
             raise DatasetError(f"{path}: chunk at byte {offset} is corrupt (checksum mismatch)")
-        fb = self.manifest.frame_bytes
         try:
-            raw = decompress(self.manifest.codec, blob, frames * fb)
-        except Exception as e:  # the codec's own error for bad data
-            raise DatasetError(f"{path}: chunk at byte {offset} does not decode ({e})") from e
-        if len(raw) != frames * fb:
-            raise DatasetError(f"{path}: chunk at byte {offset} decodes to {len(raw)} bytes, expected {frames * fb}")
+            raw = decompress_exact(self.manifest.codec, blob, frames * self.manifest.frame_bytes)
+        except ValueError as e:
+            raise DatasetError(f"{path}: chunk at byte {offset} {e}") from e
         out.reshape(-1)[:] = np.frombuffer(raw, np.uint8)
 
     def decode_shard(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -221,19 +221,31 @@ class FrameDataset:
             self._cached[path] = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
         return self._cached[path]
 
-    def _cache_problem(self, path: Path, threads: int | None = None) -> str | None:
-        """None when the cache at `path` holds exactly this dataset's frames, else what is wrong."""
+    def cache_ready(self) -> bool:
+        """A decoded cache made from this manifest, of the right size, is at cache_path() (its
+        checksums are checked when it is opened)."""
+        return self._cache_record(self.cache_path())[0] is None
+
+    def _cache_record(self, path: Path) -> tuple[str | None, dict]:
+        """(what is wrong with the cache at `path` short of its checksums, or None; its record)."""
         done = path.with_name(path.name + ".done")
         if not path.exists() or not done.exists():
-            return "absent"
+            return "absent", {}
         try:
             record = json.loads(done.read_text())
         except (json.JSONDecodeError, OSError):
-            return "its record is damaged"
+            return "its record is damaged", {}
         if not isinstance(record, dict) or record.get("manifest") != self.manifest.to_json():
-            return "it was made from another version of the dataset"
+            return "it was made from another version of the dataset", {}
         if path.stat().st_size != self.num_frames * self.manifest.frame_bytes:
-            return "it has the wrong size"
+            return "it has the wrong size", {}
+        return None, record
+
+    def _cache_problem(self, path: Path, threads: int | None = None) -> str | None:
+        """None when the cache at `path` holds exactly this dataset's frames, else what is wrong."""
+        problem, record = self._cache_record(path)
+        if problem is not None:
+            return problem
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         sums = self._shard_sums(mm, threads)
         bad = [i for i, (a, b) in enumerate(zip(sums, record.get("crc32", []))) if a != b]
