@@ -365,6 +365,7 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
     float* __restrict sm = sums ? part_sums.data() + static_cast<size_t>(t) * code_floats : nullptr;
     if (lapo_blocks) scatter_lapo(codes, best, x_off, n, out);
     double err = 0.0;
+    int64_t overflow = 0;  // rows whose distance to their code is not finite (|x| near 1e19 and up)
     for (int r = 0; r < n; ++r) {
       const int k = best[r];
       indices[i_off[r]] = k;
@@ -377,6 +378,7 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
         row_err += diff * diff;
       }
       err += row_err;
+      overflow += !std::isfinite(row_err);
       if (!lapo_blocks) {
         float* __restrict o = out + x_off[r];
         for (int j = 0; j < d; ++j) o[j * sk] = c[j];
@@ -388,7 +390,8 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
       }
     }
     sq_err[t] = err;
-    nonfinite[t] = bad;
+    // NaN/inf in x always makes its row's distance non-finite, so overflow counts those rows too.
+    nonfinite[t] = std::max(bad, overflow);
   });
 
   ForwardResult result;

@@ -19,7 +19,7 @@ struct Problem {
 
 struct ForwardResult {
   double sq_err = 0.0;      // sum over all elements of (x - q)^2
-  int64_t nonfinite = 0;    // > 0: some value is NaN or inf (then counts/sums are left unwritten)
+  int64_t nonfinite = 0;    // > 0: some value, or a row's distance to its code, is NaN or inf (then counts/sums are left unwritten)
   double perplexity = 0.0;  // summed over groups
 };
 

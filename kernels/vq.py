@@ -19,13 +19,14 @@ reloaded from L1/L2 per code tile); counts and sums are added per row tile, only
 the row tile used: relaxed atomics, or load-add-store into the program's own partial.
 
 Both write, per program, the squared error of its rows (err, a (G, P) partial), add the rows
-holding NaN/inf to stats[2] (an integer count: exact in any order), and program 0 of each group
-writes the sum of the group's old EMA counts (the update needs it, and the finalize overwrites
-them).
+holding NaN/inf, or whose squared distance to their code overflows, to stats[2] (an integer count:
+exact in any order), and program 0 of each group writes the sum of the group's old EMA counts (the
+update needs it, and the finalize overwrites them).
 
 vq_finalize_kernel: one program per (group, block of codes): the group's loss, perplexity and, for
-its codes, the EMA update. With GUARD, a batch holding NaN/inf anywhere leaves the state as it was
-and makes the loss NaN: the caller's next read of the loss sees it, and no host read is needed here.
+its codes, the EMA update. With GUARD, a batch holding NaN/inf anywhere (or an overflowing distance)
+leaves the state as it was and makes the loss NaN: the caller's next read of the loss sees it, and
+no host read is needed here.
 
 All offsets that can pass 2^31 are int64.
 """
@@ -115,7 +116,9 @@ def vq_search_resident_kernel(
         else:
             tl.store(out_ptr + x_off, q.to(out_ptr.dtype.element_ty), mask=mask)
         diff = tl.where(mask, x - q, 0.0)
-        err += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        row_err = tl.sum(diff * diff, axis=1)
+        err += tl.sum(row_err, axis=0)
+        bad_row = bad_row | (row_err == float("inf"))  # |x| so large its distance overflows: non-finite too
         bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
 
         onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(tl.float32)  # (codes, rows)
@@ -203,6 +206,7 @@ def vq_search_kernel(
 
         tl.store(idx_ptr + (b * G + g) * L + l, best.to(tl.int64), mask=row_mask)
         bad_row = tl.zeros((BLOCK_N,), tl.int1)  # rows holding NaN/inf (they counted as zeros above)
+        row_err = tl.zeros((BLOCK_N,), tl.float32)
         for d0 in range(0, d, BLOCK_D):
             dm = (d0 + dims) < d
             m = row_mask[:, None] & dm[None, :]
@@ -212,7 +216,9 @@ def vq_search_kernel(
             q = tl.load(cb_base + best[:, None] * d + (d0 + dims)[None, :], mask=m, other=0.0)
             tl.store(out_ptr + off, q.to(out_ptr.dtype.element_ty), mask=m)
             diff = tl.where(m, xc - q, 0.0)
-            err += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+            row_err += tl.sum(diff * diff, axis=1)
+        err += tl.sum(row_err, axis=0)
+        bad_row = bad_row | (row_err == float("inf"))  # |x| so large its distance overflows: non-finite too
         bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
 
         for k0 in range(0, K, BLOCK_K):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
 
@@ -48,10 +49,11 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     check_game(args.env)
     policy = (random_policy(seed=args.seed) if args.policy == "random"
               else checkpoint_policy(args.policy, seed=args.seed))
-    out = collect(args.out, args.env, policy, frames=args.frames,
-                  num_envs=args.num_envs, seed=args.seed, start_level=args.start_level,
-                  num_levels=args.num_levels, distribution_mode=args.distribution_mode,
-                  policy_name=args.policy, codec=args.codec)
+    with _holding(args.out):
+        out = collect(args.out, args.env, policy, frames=args.frames,
+                      num_envs=args.num_envs, seed=args.seed, start_level=args.start_level,
+                      num_levels=args.num_levels, distribution_mode=args.distribution_mode,
+                      policy_name=args.policy, codec=args.codec)
     print(f"wrote {out}")
     return 0
 
@@ -154,14 +156,24 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    """A stage subcommand: its config resolved from preset and flags, then the stage."""
+    """A stage subcommand: its config resolved from preset and flags, then the stage, holding the
+    run directory (report only reads the stages' files: it may run beside them)."""
     cfg = None
     if args.config_cls is not None:
         from .config import overrides_from, resolve
 
         cfg = resolve(args.config_cls, _preset(args, args.command), overrides_from(args, args.config_cls))
-    print(f"{args.command}: {args.stage(args, cfg)}")
+    with _holding(args.out) if args.command != "report" else contextlib.nullcontext():
+        print(f"{args.command}: {args.stage(args, cfg)}")
     return 0
+
+
+def _holding(folder):
+    """The folder's lock (runtime/lock.py), taken by one process of a torchrun job (rank 0)."""
+    from .runtime.distributed import launched_rank
+    from .runtime.lock import folder_lock
+
+    return folder_lock(folder) if launched_rank() == 0 else contextlib.nullcontext()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints and datasets are written atomically, so nothing is lost
+        parser.exit(130, "\nlapo-fast: stopped; rerun the same command to resume\n")
     except (ValueError, DatasetError, FileNotFoundError) as e:
         parser.exit(2, f"lapo-fast: error: {e}\n")
     except OSError as e:  # a full disk, a read-only folder, a permission: one line, naming the file

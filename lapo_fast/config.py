@@ -27,120 +27,139 @@ LOADER_HELP = ("how frames are read: auto, resident (decoded in GPU memory/RAM),
                "or compressed (no decoded copy)")
 
 
-def setting(default, help: str):
-    """A config field with its one-line help text (printed by `lapo-fast <stage> --help`)."""
-    return field(default=default, metadata={"help": help})
+def setting(default, help: str, low: float | None = None, resumable: bool = False):
+    """A config field with its one-line help text (printed by `lapo-fast <stage> --help`); `low` is
+    the smallest value it takes (numbers default to >= 0); `resumable`: a stage that has made
+    progress may continue with another value (how long it runs, how often it logs, where)."""
+    meta = {"help": help, "resumable": resumable, **({"low": low} if low is not None else {})}
+    return field(default=default, metadata=meta)
+
+
+def resumable(cls) -> frozenset[str]:
+    """The settings of `cls` a resumed stage may change."""
+    return frozenset(f.name for f in fields(cls) if f.metadata.get("resumable"))
+
+
+class Checked:
+    """Configs check themselves when built (resolve, load, dataclasses.replace): a bad setting is
+    refused before any work, naming the setting and the rule."""
+
+    def __post_init__(self) -> None:
+        _check(self)
 
 
 @dataclass
-class LAMConfig:
+class LAMConfig(Checked):
     """Stage 1: latent IDM + FDM with the VQ bottleneck."""
 
-    steps: int = setting(50_000, "optimiser steps (the reference code's; the paper's table says 70k)")
-    batch_size: int = setting(128, "windows per step (per rank under torchrun)")
+    steps: int = setting(50_000, "optimiser steps (the reference code's; the paper's table says 70k)", low=1,
+                         resumable=True)
+    batch_size: int = setting(128, "windows per step (per rank under torchrun)", low=1)
     lr: float = setting(3e-4, "peak AdamW learning rate (the reference code's; the paper's table says 2e-4)")
     warmup_steps: int = setting(50, "steps of linear warm-up to the peak lr")
     warmup_from: float = setting(0.1, "lr at step 0, as a fraction of the peak")
     final_lr: float = setting(0.01, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
-    grad_clip: float = setting(2.0, "gradient-norm clip")
-    impala_scale: int = setting(4, "IDM width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)")
+    grad_clip: float = setting(2.0, "gradient-norm clip (0: none)")
+    impala_scale: int = setting(4, "IDM width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1)
     fdm_arch: str = setting("lapo", "FDM: 'lapo' (the reference code's U-Net, 7.8M params at width 24) or 'unet' "
                                     "(ours: the latent after the first norm and at the bottleneck)")
-    fdm_width: int = setting(24, "FDM base width (the reference's wm_scale)")
+    fdm_width: int = setting(24, "FDM base width (the reference's wm_scale)", low=1)
     fdm_norm: str = setting("batch", "the 'unet' FDM's normalisation: 'batch' (BatchNorm) or 'group' (GroupNorm)")
     fdm_action: str = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the dataset's action)")
     context: int = setting(1, "frames before o_t; windows are context + 2 frames")
-    num_codebooks: int = setting(2, "VQ codebooks (groups)")
-    codebook_size: int = setting(64, "codes per codebook")
-    code_dim: int = setting(16, "dimensions per code")
-    num_latents: int = setting(4, "codes per codebook per latent action (latent dim = codebooks*code_dim*latents)")
+    num_codebooks: int = setting(2, "VQ codebooks (groups)", low=1)
+    codebook_size: int = setting(64, "codes per codebook", low=1)
+    code_dim: int = setting(16, "dimensions per code", low=1)
+    num_latents: int = setting(4, "codes per codebook per latent action (latent dim = codebooks*code_dim*latents)",
+                               low=1)
     vq_decay: float = setting(0.999, "EMA decay of the codebook statistics")
     commitment: float = setting(0.05, "weight of the VQ commitment loss")
     dead_code_threshold: float = setting(0.0, "> 0: refill codes whose EMA count falls below it (0: LAPO)")
-    log_every: int = setting(100, "steps between metric lines (and held-out losses)")
-    checkpoint_every: int = setting(2_000, "steps between checkpoints (and latent probes)")
-    probe_labels: int = setting(65_536, "labelled transitions the latent probe fits (the reference's 65,536)")
-    probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)")
+    log_every: int = setting(100, "steps between metric lines (and held-out losses)", low=1, resumable=True)
+    checkpoint_every: int = setting(2_000, "steps between checkpoints (and latent probes)", low=1, resumable=True)
+    probe_labels: int = setting(65_536, "labelled transitions the latent probe fits (the reference's 65,536)", low=1)
+    probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)", low=1)
     seed: int = setting(0, "seed of weights and window sampling")
-    loader: str = setting("auto", LOADER_HELP)
-    device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)")
+    loader: str = setting("auto", LOADER_HELP, resumable=True)
+    device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)",
+                          resumable=True)
 
 
 @dataclass
-class BCConfig:
+class BCConfig(Checked):
     """Stage 2: latent behaviour cloning, policy(o_t) -> the frozen IDM's pre-quantisation latent."""
 
-    steps: int = setting(60_000, "optimiser steps")
-    batch_size: int = setting(128, "observations per step (per rank under torchrun)")
+    steps: int = setting(60_000, "optimiser steps", low=1, resumable=True)
+    batch_size: int = setting(128, "observations per step (per rank under torchrun)", low=1)
     lr: float = setting(2e-4, "peak AdamW learning rate")
     warmup_steps: int = setting(1_000, "steps of linear warm-up to the peak lr")
     warmup_from: float = setting(0.01, "lr at step 0, as a fraction of the peak")
     final_lr: float = setting(0.0, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
     grad_clip: float = setting(0.0, "gradient-norm clip (0: none, as the reference code's stage 2)")
-    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)")
-    label_batch: int = setting(512, "windows per IDM forward when computing the cached labels")
-    log_every: int = setting(100, "steps between metric lines")
-    checkpoint_every: int = setting(2_000, "steps between checkpoints")
+    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1)
+    label_batch: int = setting(512, "windows per IDM forward when computing the cached labels", low=1, resumable=True)
+    log_every: int = setting(100, "steps between metric lines", low=1, resumable=True)
+    checkpoint_every: int = setting(2_000, "steps between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights and batch sampling")
-    loader: str = setting("auto", LOADER_HELP)
-    device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)")
+    loader: str = setting("auto", LOADER_HELP, resumable=True)
+    device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)", resumable=True)
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Checked):
     """Stage 3a: latent -> true-action decoder from a few labelled transitions, composed with the
     latent policy and evaluated online."""
 
-    labelled: str = setting("16,64,256,1024,4096", "sizes of the labelled sets swept (comma-separated)")
-    deploy: int = setting(256, "the size whose decoder is the run's 'decoded policy'")
-    steps: int = setting(2_000, "decoder training steps (full batch)")
+    labelled: str = setting("16,64,256,1024,4096", "sizes of the labelled sets swept (comma-separated)", resumable=True)
+    deploy: int = setting(256, "the size whose decoder is the run's 'decoded policy'", low=1, resumable=True)
+    steps: int = setting(2_000, "decoder training steps (full batch)", low=1)
     lr: float = setting(1e-3, "decoder Adam learning rate")
     weight_decay: float = setting(1e-4, "decoder Adam weight decay")
-    held_out: int = setting(2_000, "labelled transitions kept apart to score the decoders")
-    eval_episodes: int = setting(64, "episodes of the online evaluation of each decoder")
+    held_out: int = setting(2_000, "labelled transitions kept apart to score the decoders", low=1)
+    eval_episodes: int = setting(64, "episodes of the online evaluation of each decoder", low=1)
     seed: int = setting(0, "seed of the labelled subsets, decoders and evaluation")
-    loader: str = setting("auto", LOADER_HELP)
-    device: str = setting("", "torch device ('' = cuda if available, else cpu)")
+    loader: str = setting("auto", LOADER_HELP, resumable=True)
+    device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
 
 
 @dataclass
-class UmapConfig:
+class UmapConfig(Checked):
     """The 2-D UMAP of the IDM's latent actions, coloured by true action."""
 
-    points: int = setting(5_000, "windows projected (no-op actions left out)")
+    points: int = setting(5_000, "windows projected (no-op actions left out; UMAP needs 16 or more)", low=16)
     seed: int = setting(0, "seed of the windows picked and of UMAP")
     loader: str = setting("auto", LOADER_HELP)
     device: str = setting("", "torch device of the IDM ('' = cuda if available, else cpu)")
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Checked):
     """PPO from scratch (demonstrators, the baseline) with Cobbe et al. (2020)'s Procgen settings;
     stage 3b's fine-tuning uses FinetuneConfig."""
 
-    env_steps: int = setting(4_000_000, "environment steps in all")
-    num_envs: int = setting(64, "parallel environments")
-    rollout: int = setting(256, "steps per environment per update")
+    env_steps: int = setting(4_000_000, "environment steps in all", low=1, resumable=True)
+    num_envs: int = setting(64, "parallel environments", low=1)
+    rollout: int = setting(256, "steps per environment per update", low=1)
     gamma: float = setting(0.999, "discount")
     gae_lambda: float = setting(0.95, "GAE lambda")
     clip: float = setting(0.2, "PPO ratio clip")
-    epochs: int = setting(3, "passes over each rollout")
-    minibatches: int = setting(8, "minibatches per pass")
+    epochs: int = setting(3, "passes over each rollout", low=1)
+    minibatches: int = setting(8, "minibatches per pass", low=1)
     entropy: float = setting(0.01, "entropy bonus coefficient (Cobbe et al.'s)")
     value_coef: float = setting(0.5, "value loss coefficient")
     lr: float = setting(5e-4, "Adam learning rate of full PPO (scratch, demonstrators)")
     head_lr: float = setting(1e-2, "fine-tuning: the lr its layers' schedules are fractions of (the reference's 1e-2)")
     adam_eps: float = setting(1e-5, "Adam epsilon")
     clip_value: bool = setting(False, "clip the value loss around the rollout's values")
-    grad_clip: float = setting(0.5, "gradient-norm clip")
-    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels")
+    grad_clip: float = setting(0.5, "gradient-norm clip (0: none)")
+    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels", low=1)
     normalize_rewards: bool = setting(True, "divide rewards by a running std of the return, clip at 10")
     distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
-    checkpoint_every: int = setting(10, "updates between checkpoints")
+    checkpoint_every: int = setting(10, "updates between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights, envs and sampling")
-    device: str = setting("", "torch device ('' = cuda if available, else cpu)")
+    device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
 
 
 @dataclass
@@ -150,7 +169,7 @@ class FinetuneConfig(PPOConfig):
     transitions. Each trained layer's lr is 0 until its ramp starts, rises linearly to its
     fraction of head_lr at the ramp's end, then falls linearly to 0 at env_steps."""
 
-    rollout: int = setting(64, "steps per environment per update (the reference's 64)")
+    rollout: int = setting(64, "steps per environment per update (the reference's 64)", low=1)
     entropy: float = setting(0.0025, "entropy bonus coefficient (the reference's)")
     adam_eps: float = setting(1e-8, "Adam epsilon (torch's default, the reference's)")
     clip_value: bool = setting(True, "clip the value loss around the rollout's values (the reference's)")
@@ -160,9 +179,9 @@ class FinetuneConfig(PPOConfig):
     decoder_from: int = setting(10_000, "env steps after which the decoder is trained online")
     decoder_until: int = setting(400_000, "env steps after which it is no longer trained")
     decoder_dense_until: int = setting(50_000, "until here it is retrained after every update, then every decoder_every")
-    decoder_every: int = setting(20, "updates between decoder retrainings after decoder_dense_until")
-    decoder_epochs: int = setting(3, "epochs over all labelled transitions per retraining")
-    decoder_batch: int = setting(512, "decoder minibatch size")
+    decoder_every: int = setting(20, "updates between decoder retrainings after decoder_dense_until", low=1)
+    decoder_epochs: int = setting(3, "epochs over all labelled transitions per retraining", low=1)
+    decoder_batch: int = setting(512, "decoder minibatch size", low=1)
     decoder_lr: float = setting(1e-3, "decoder Adam lr (torch's default, the reference's)")
     label_smoothing: float = setting(0.05, "label smoothing of the decoder's cross-entropy")
 
@@ -179,11 +198,11 @@ def ramp(text: str, name: str) -> tuple[int, int]:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Returns over many levels (all of them: num_levels=0), normalised per game."""
 
-    episodes: int = setting(256, "episodes per policy")
-    num_envs: int = setting(64, "parallel environments")
+    episodes: int = setting(256, "episodes per policy", low=1)
+    num_envs: int = setting(64, "parallel environments", low=1)
     distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
     greedy: bool = setting(False, "act by argmax instead of sampling")
     seed: int = setting(12345, "seed of the levels and of action sampling")
@@ -191,12 +210,12 @@ class EvalConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where the observation-only dataset comes from when `train` has to make it."""
 
-    frames: int = setting(8_000_000, "training frames to record (whole episodes)")
-    test_frames: int = setting(200_000, "held-out frames to record (other levels' seeds)")
-    num_envs: int = setting(64, "parallel environments while recording")
+    frames: int = setting(8_000_000, "training frames to record (whole episodes)", low=1)
+    test_frames: int = setting(200_000, "held-out frames to record (other levels' seeds)", low=1)
+    num_envs: int = setting(64, "parallel environments while recording", low=1)
     distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
     seed: int = setting(0, "seed of the recording")
 
@@ -290,14 +309,15 @@ def resolve(cls, preset: str | None = None, overrides: dict | None = None):
 
 
 def _check(cfg) -> None:
+    name = type(cfg).__name__
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        if f.type in ("int", "float") and isinstance(v, (int, float)) and v < 0:
-            raise ValueError(f"{type(cfg).__name__}.{f.name} must be >= 0, got {v}")
-    name = type(cfg).__name__
-    if isinstance(cfg, (LAMConfig, BCConfig)):
-        if cfg.steps < 1 or cfg.batch_size < 1:
-            raise ValueError(f"{name}: steps and batch_size must be >= 1")
+        if f.type in ("int", "float"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (f.type == "int" and not isinstance(v, int)):
+                raise ValueError(f"{name}.{f.name} must be {'an int' if f.type == 'int' else 'a number'}, got {v!r}")
+            low = f.metadata.get("low", 0)
+            if not v >= low:  # (a NaN fails too)
+                raise ValueError(f"{name}.{f.name} must be >= {low}, got {v}")
     if isinstance(cfg, LAMConfig):
         from lapo_fast.models.fdm import ARCHS, NORMS
         from lapo_fast.models.lam import FDM_ACTIONS
@@ -414,13 +434,19 @@ def load(cls, path: Path):
     payload = read_json(path)
     if payload is None:
         raise FileNotFoundError(f"{path}: no saved config")
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        raise ValueError(f"{path}: not a lapo-fast config (a JSON object with 'type' and 'config' expected); "
+                         "restore it, or delete the stage's folder to start that stage again")
     saved = next((c for c in _config_types(cls) if c.__name__ == payload.get("type")), None)
     if saved is None:
         raise ValueError(f"{path}: holds a {payload.get('type')}, expected a {cls.__name__}")
     cls = saved
     known = {f.name for f in fields(cls)}
     values = {**_ADDED_LATER.get(cls, {}), **payload["config"]}
-    return cls(**{k: v for k, v in values.items() if k in known})
+    try:
+        return cls(**{k: v for k, v in values.items() if k in known})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _config_types(cls) -> list[type]:

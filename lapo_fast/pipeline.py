@@ -16,6 +16,7 @@ from lapo_fast.config import save
 from lapo_fast.envs.games import check_game
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.files import read_json, write_json
+from lapo_fast.runtime.lock import folder_lock
 
 SHIPPED = Path(__file__).resolve().parent / "demonstrators"  # <game>.pt2, torch.export policies
 
@@ -44,6 +45,15 @@ class _Timer:
 def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, data=None, test_data=None,
             progress: bool = True) -> Path:
     """Runs (or continues) every stage; returns the report's path. `cfgs` is resolve_run's output."""
+    check_game(game)
+    run = RunDir(run_dir)
+    with folder_lock(run.path):  # one process per run: a second `train` here is refused
+        return _run_all(run, game, cfgs, preset=preset, demonstrator=demonstrator, data=data, test_data=test_data,
+                        progress=progress)
+
+
+def _run_all(run: RunDir, game: str, cfgs: dict, *, preset: str, demonstrator, data, test_data,
+             progress: bool) -> Path:
     from lapo_fast.data import FrameDataset, checkpoint_policy, collect
     from lapo_fast.eval.actors import policy_actor
     from lapo_fast.models import DecodedPolicy
@@ -55,8 +65,6 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
     from lapo_fast.stages.report import write_report
     from lapo_fast.stages.umap import project_latents
 
-    check_game(game)
-    run = RunDir(run_dir)
     run.claim(game=game, data=None if data is None else FrameDataset(data))
     for stage, cfg in cfgs.items():
         save(cfg, run.run_config_path(stage), preset=preset, game=game)

@@ -18,12 +18,14 @@ are and load what earlier stages made; no other module spells a run-directory fi
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig
 from lapo_fast.config import load as load_config
+from lapo_fast.config import resumable
 from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
 from lapo_fast.runtime.files import atomic_write, read_json, write_json
@@ -123,10 +125,39 @@ class RunDir:
                 if getattr(saved, name) != getattr(cfg, name):
                     raise ValueError(f"{self.stage(stage)} was trained with {name}={getattr(saved, name)!r}, this "
                                      f"run asks for {getattr(cfg, name)!r}: use a new --out (or the same setting)")
+            self._check_resume(stage, saved, cfg)
         new_facts = {k: v for k, v in asked.items() if v is not None and known.get(k) is None}
         if write and new_facts:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.identity, {**known, **new_facts})
+
+    def _check_resume(self, stage: str, saved, cfg) -> None:
+        """A stage that has made progress (a checkpoint, or decode's results) continues only with
+        the settings it was trained with, except those a resume can honour (config.resumable); and never
+        asks for fewer steps than it has done. So its config.json always says what was run."""
+        step = self.checkpoint_step(stage)
+        if step < 0 and not self.results(stage).exists():
+            return  # nothing trained yet: any settings start afresh
+        if type(saved) is not type(cfg):
+            raise ValueError(f"{self.stage(stage)} holds a {type(saved).__name__} run, this run asks for a "
+                             f"{type(cfg).__name__}: use a new --out")
+        old, new = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+        may_change = resumable(type(cfg))
+        changed = [k for k in new if k not in may_change and old.get(k) != new[k]]
+        if changed:
+            was = ", ".join(f"{k}={old.get(k)!r}" for k in changed)
+            asks = ", ".join(f"{k}={new[k]!r}" for k in changed)
+            raise ValueError(f"{self.stage(stage)} was trained with {was}; this run asks for {asks}. A stage resumes "
+                             f"only with its own settings (those that may change: {', '.join(sorted(may_change))}): "
+                             "rerun with the same settings, or use a new --out")
+        if hasattr(cfg, "env_steps"):  # PPO: checkpoints count updates of num_envs x rollout steps
+            batch = cfg.num_envs * cfg.rollout
+            if step > -(-cfg.env_steps // batch):
+                raise ValueError(f"{self.stage(stage)} has already run {step * batch:,} env steps, more than "
+                                 f"env_steps={cfg.env_steps:,}: ask for at least that many, or use a new --out")
+        elif step > cfg.steps:
+            raise ValueError(f"{self.stage(stage)} has already trained {step:,} steps, more than steps={cfg.steps:,}: "
+                             "ask for at least that many, or use a new --out")
 
     def training_data(self, stage: str, cfg, data_dir, *, rank: int = 0):
         """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim): under

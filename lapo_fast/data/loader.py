@@ -4,8 +4,8 @@ dicts of tensors on the training device, frames as uint8 (normalised there, by `
 
 - PrefetchLoader: a background thread gathers (or decodes) batches `prefetch` ahead into pinned
   memory and they are copied non-blocking (on a CPU-only machine: in the training thread); for
-  frames in host memory (the decoded cache, a RAM copy, or the compressed shards through
-  data.compressed.CompressedFrames).
+  frames in host memory (the decoded cache through data.cached.CachedFrames, a RAM copy, or the
+  compressed shards through data.compressed.CompressedFrames).
 - DeviceResidentLoader: every frame already in GPU memory; batches are gathered there.
 - DaliDecodeLoader: the compressed shards decoded on the GPU by DALI's LZ4 inflate.
 
@@ -27,6 +27,7 @@ import weakref
 import numpy as np
 import torch
 
+from .cached import CachedFrames
 from .compressed import CompressedFrames, DecodePlan, plan_decode
 from .format import DatasetError
 
@@ -42,10 +43,14 @@ def prepare_obs(obs: torch.Tensor) -> torch.Tensor:
     return normalize(obs).contiguous(memory_format=torch.channels_last)
 
 
+# Frames that fill a batch themselves (read_into) rather than being an array in memory.
+_READERS = (CompressedFrames, CachedFrames)
+
+
 def frame_rows(frames):
-    """What gather_frames reads: CompressedFrames as they are; an array or memmap as a (N, frame
-    bytes) CPU tensor over the same memory (made once: it costs microseconds per call)."""
-    if isinstance(frames, CompressedFrames):
+    """What gather_frames reads: CompressedFrames and CachedFrames as they are; an array or memmap
+    as a (N, frame bytes) CPU tensor over the same memory (made once: it costs microseconds per call)."""
+    if isinstance(frames, _READERS):
         return frames
     with warnings.catch_warnings():  # a read-only memmap: torch warns, and we never write to it
         warnings.simplefilter("ignore", UserWarning)
@@ -55,8 +60,8 @@ def frame_rows(frames):
 def gather_frames(rows, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     """frames[idx] into `out` (a CPU uint8 tensor of idx.shape + frame shape), from frame_rows(frames):
     one torch index_select over whole frames (measured faster than numpy's fancy indexing), or
-    decoded by CompressedFrames."""
-    if isinstance(rows, CompressedFrames):
+    read by CompressedFrames (decoded) or CachedFrames (pread)."""
+    if isinstance(rows, _READERS):
         rows.read_into(idx, out)
     else:
         torch.index_select(rows, 0, torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)),

@@ -4,8 +4,8 @@
 
 - resident: every frame decoded once into the training device's memory (GPU memory on CUDA,
   process RAM on the CPU), straight from the compressed shards; batches are gathered in place.
-- cache: the decoded uint8 memmap on disk (FrameDataset.cache()), shared by every process and
-  stage through the page cache; decoded once, kept for the next stage.
+- cache: the decoded uint8 file on disk (FrameDataset.cache(), read with pread: data.cached),
+  shared by every process and stage through the page cache; decoded once, kept for the next stage.
 - compressed: no decoded copy anywhere; the memory-mapped shards are decoded batch by batch (CPU
   threads, or DALI on the GPU when it runs there).
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cached import CachedFrames
 from .compressed import CompressedFrames, decode_all, default_threads
 from .reader import FrameDataset
 
@@ -126,11 +127,12 @@ def plan_loader(ds: FrameDataset, setting: str, facts: Machine) -> LoaderPlan:
 
 
 def open_frames(ds: FrameDataset, plan: LoaderPlan, device, *, world: int = 1):
-    """The frames the plan reads from: the decoded memmap (cache), a numpy array in RAM or a torch
-    tensor in GPU memory (resident), or CompressedFrames."""
+    """The frames the plan reads from: the decoded cache file (CachedFrames), a numpy array in RAM or
+    a torch tensor in GPU memory (resident), or CompressedFrames."""
     device = torch.device(device)
     if plan.kind == "cache":
-        return ds.cache()
+        ds.cache()  # checked against the dataset (rebuilt if damaged), then read with pread
+        return CachedFrames(ds.cache_path(), (ds.num_frames, *ds.manifest.frame_shape))
     if plan.kind == "resident":
         shape = (ds.num_frames, *ds.manifest.frame_shape)
         out = (torch.empty(shape, dtype=torch.uint8, device=device) if device.type == "cuda"

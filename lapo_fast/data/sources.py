@@ -73,6 +73,8 @@ def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int
     """
     from lapo_fast.envs import ProcgenVecEnv
 
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise ValueError(f"collect: frames must be a positive number of frames to store, got {frames!r}")
     out_dir = Path(out_dir)
     source = {"kind": "collect", "env": env_name, "policy": policy_name, "seed": seed,
               "num_envs": num_envs, "start_level": start_level, "num_levels": num_levels,

@@ -12,7 +12,8 @@ update, straight-through gradient, commitment loss, EMA counts with Laplace smoo
 accumulation is fp32 whatever the input dtype (bf16/fp16 accepted, e.g. under autocast); the
 codebook state is always fp32.
 
-NaN policy: NaN or inf anywhere in x leaves the codebook state untouched, and a step never reads
+NaN policy: NaN or inf anywhere in x, or finite x so large that a row's squared distance to its
+code overflows float32 (|x| from ~1e19), leaves the codebook state untouched, and a step never reads
 the device back to find out. On CPU tensors (the C++ kernel, the reference, the Triton
 interpreter) it is found for free and raises NonFiniteError at once (under DDP after the ranks
 have agreed, so every rank raises at the same step). On CUDA the EMA update is skipped on the
@@ -111,7 +112,8 @@ def vq_ema(
     return VQOutput(q, idx, loss, perp)
 
 
-_NONFINITE = "vq_ema: input latents contain NaN or inf; the codebook was not updated"
+_NONFINITE = ("vq_ema: input latents contain NaN or inf (or values so large their distances overflow float32); "
+              "the codebook was not updated")
 
 
 class NonFiniteError(ValueError):
@@ -201,11 +203,19 @@ def _reference_forward(x, state, lay, reduce, check_finite, raise_nonfinite, **k
     with torch.autocast(x.device.type, enabled=False):
         q, idx, loss, perp = vq_ema_reference(x, *state, lay, all_reduce=reduce, **kw)
     if bad is not None:
-        ok = bad[0] == 0
+        # Finite x so large that a row's squared distance to its code (or the loss's fp32 mean)
+        # overflows: non-finite input too, as the kernels see it (every rank learns of it).
+        row_err = lay.to_groups(x.detach().float() - q.detach().float()).pow(2).sum(-1)
+        overflow = ((~torch.isfinite(row_err)).sum() + (~torch.isfinite(loss))).float().reshape(1)
+        if reduce is not None:
+            reduce(overflow)
+        ok = (bad[0] == 0) & (overflow[0] == 0)
         if saved is not None:
             for t, old in zip(state, saved):
                 t.copy_(torch.where(ok, t, old))
         loss = torch.where(ok, loss, torch.full_like(loss, float("nan")))
+        if raise_nonfinite and overflow.item() > 0:
+            raise NonFiniteError(_NONFINITE)
     return VQOutput(q, idx, loss, perp)
 
 

@@ -3,6 +3,8 @@ JSON of the step and RNG states, written to a temporary folder then renamed."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -20,11 +22,12 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optim.pt")
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        with _write_errors(tmp, sum(v.nbytes for v in weights.values())):
+            save_file(weights, str(tmp / "model.safetensors"))
+            if optimizer is not None:
+                torch.save({"optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
 
     final = atomic_write(directory / f"step-{step:08d}", write)
@@ -36,6 +39,21 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
     for trash in directory.glob(".trash-step-*"):
         shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _write_errors(folder: Path, nbytes: int):
+    """safetensors and torch.save report a full disk in their own words (SafetensorError "os error
+    28", RuntimeError "unexpected pos"): raised here as the OSError every other write gives, so the
+    CLI's one-line disk-full message applies."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        full = "os error 28" in str(e) or "No space left" in str(e) or shutil.disk_usage(folder).free < 2 * nbytes
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                      f"could not write a checkpoint ({type(e).__name__}: {e})", str(folder)) from e
 
 
 def save_checkpoint_all_ranks(directory: Path, step: int, model, optimizer, scheduler, rng) -> Path | None:
@@ -124,6 +142,7 @@ def resume(directory: Path, model, optimizer, scheduler, log, *, key: str = "ste
     saved one (state["rng"][rank]), and returns its state ({} when there is none: a fresh start)."""
     last, state = load_latest(directory, model, optimizer, scheduler)
     if last is None:
+        log.truncate(0, key=key)  # a start from scratch: lines an earlier attempt logged would repeat
         return {}
     log.truncate(state[key], key=key)
     if rng is not None and rank < len(state.get("rng", [])):

@@ -39,6 +39,11 @@ def init() -> None:
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
 
+def launched_rank() -> int:
+    """This process's global rank as torchrun set it (0 without torchrun), before any group exists."""
+    return int(os.environ.get("RANK", "0")) if _wanted() else 0
+
+
 def rank_and_world() -> tuple[int, int]:
     init()
     if dist.is_initialized():

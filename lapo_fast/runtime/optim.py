@@ -25,10 +25,16 @@ def optimizer_step(loss, params, optimizer, schedule, grad_clip: float) -> torch
     schedule step. Returns the gradient norm before clipping (None without clipping)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+    norm = clip_gradients(params, grad_clip)
     optimizer.step()
     schedule.step()
     return norm
+
+
+def clip_gradients(params, grad_clip: float) -> torch.Tensor | None:
+    """Clips the gradient norm to grad_clip, every stage's meaning of the setting: 0 is no clipping
+    (torch's clip to 0 would zero every gradient). Returns the norm before clipping, or None."""
+    return torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
 
 
 def divergence_error(stage: str, step: int, cfg, directory) -> ValueError:

@@ -28,10 +28,11 @@ class RunLog:
                 self.writer = SummaryWriter(str(Path(directory) / "tb"))
 
     def truncate(self, step: int, key: str = "step") -> None:
+        """Keeps the lines up to `step` (and drops a torn last line)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get(key, 0) <= step]
-        atomic_write(self.path, "".join(line + "\n" for line in kept))
+        kept = [row for row in _rows(self.path) if row.get(key, 0) <= step]
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, metrics: dict, step_key: str = "step") -> None:
         if not self.enabled:
@@ -53,5 +54,26 @@ def read_metrics(directory: Path) -> list[dict]:
     path = Path(directory) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return _rows(path)
+
+
+def _rows(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl. A torn last line is what a crash mid-write leaves: dropped,
+    with a warning; a damaged line elsewhere is an error naming the file and line."""
+    lines = path.read_text().split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if all(not rest for rest in lines[n:]):
+                print(f"warning: {path}: dropped its torn last line {n} (a crash mid-write)")
+                continue
+            raise ValueError(f"{path}: line {n} is damaged ({e}); delete that line and rerun") from None
+        rows.append(row)
+    return rows
 

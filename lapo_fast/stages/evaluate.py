@@ -44,7 +44,8 @@ def evaluate_run(run_dir, game: str, cfg: EvalConfig, *, progress: bool = True) 
         actors[f"decoded ({deploy} labels)"] = lambda: decoded_actor(
             run.load_policy("bc"), run.load_decoder(deploy), device=device, seed=cfg.seed, greedy=cfg.greedy)
     if not actors:
-        raise FileNotFoundError(f"{run}: no policies to evaluate (train a stage first)")
+        raise FileNotFoundError(f"{run}: no policy to evaluate yet: run stage 2 (`lapo-fast bc`) and stage 3a "
+                                "(`lapo-fast decode`) for the decoded latent policy, or `lapo-fast ppo`")
 
     for name, make in actors.items():
         if name in results["policies"]:

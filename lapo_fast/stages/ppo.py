@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from lapo_fast import __version__
@@ -44,6 +43,7 @@ from lapo_fast.runtime.acting import sample_actions
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint
 from lapo_fast.runtime.distributed import autocast
 from lapo_fast.runtime.metrics import StepMeans
+from lapo_fast.runtime.optim import clip_gradients
 from lapo_fast.runtime.runlog import RunLog
 
 
@@ -297,7 +297,7 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
             loss = pg + cfg.value_coef * v_loss - cfg.entropy * entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            clip_gradients(params, cfg.grad_clip)
             optimizer.step()
             means.add(pg, v_loss, entropy, ((ratio - 1).abs() > cfg.clip).float().mean())
     return means.read()

@@ -156,7 +156,11 @@ def _markdown(r: dict) -> str:
             lines += [f"Held-out FDM loss with each window given another window's action: "
                       f"{_fmt(s['test_fdm_loss_shuffled'], 5)} (vs {_fmt(s['test_fdm_loss'], 5)} with its own): "
                       "the gap is what the action tells the world model.", ""]
-        if s.get("probe"):
+        if s.get("probe") is None:
+            lines += ["Latent probe: missing (rerun `lapo-fast lam` on this run to make it).", ""]
+        elif "skipped" in s["probe"]:
+            lines += [f"Latent probe: not run ({s['probe']['skipped']}).", ""]
+        else:
             p = s["probe"]
             linear = f", linear {p['linear_accuracy']:.3f}" if "linear_accuracy" in p else ""
             lines += [f"Latent probe: decoders from {p['labelled']} labelled transitions predict the true action of "

@@ -37,6 +37,9 @@ def project_latents(data_dir, run_dir, cfg: UmapConfig | None = None) -> Path:
     starts = valid_starts(ds.episodes, context + 2)
     actions = np.asarray(ds.meta("action"))[starts + context]
     starts = starts[actions != NOOP]
+    if len(starts) < 16:  # UMAP's spectral start fails on a handful of points
+        raise ValueError(f"{data_dir}: {len(starts)} windows with an action other than NOOP; the UMAP needs 16 or "
+                         "more (record more frames)")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(starts), min(points, len(starts)), replace=False))
     starts = starts[pick]
