@@ -49,11 +49,10 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     check_game(args.env)
     policy = (random_policy(seed=args.seed) if args.policy == "random"
               else checkpoint_policy(args.policy, seed=args.seed))
-    with _holding(args.out):
-        out = collect(args.out, args.env, policy, frames=args.frames,
-                      num_envs=args.num_envs, seed=args.seed, start_level=args.start_level,
-                      num_levels=args.num_levels, distribution_mode=args.distribution_mode,
-                      policy_name=args.policy, codec=args.codec)
+    out = collect(args.out, args.env, policy, frames=args.frames,
+                  num_envs=args.num_envs, seed=args.seed, start_level=args.start_level,
+                  num_levels=args.num_levels, distribution_mode=args.distribution_mode,
+                  policy_name=args.policy, codec=args.codec)
     print(f"wrote {out}")
     return 0
 
@@ -278,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Ends the lines of progress bars a stage left open, so the last line printed is ours."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints and datasets are written atomically, so nothing is lost
+        _close_progress_bars()
         parser.exit(130, "\nlapo-fast: stopped; rerun the same command to resume\n")
     except (ValueError, DatasetError, FileNotFoundError) as e:
         parser.exit(2, f"lapo-fast: error: {e}\n")

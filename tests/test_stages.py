@@ -228,8 +228,12 @@ def test_decode_stage_sweeps_sizes_and_skips_done_ones(bc_run, capsys):
     assert sorted(results) == ["4", "8"] and all("mean_return" in r for r in results.values())
     assert RunDir(run).load_decoder(8).net[-1].out_features == 15
     assert train_decoders(data, run, cfg, progress=False) == results  # nothing redone
+    too_many = resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10_000})
+    with pytest.raises(ValueError, match="decode was trained with held_out=10; this run asks for held_out=10000"):
+        train_decoders(data, run, too_many)  # results of other settings are there: refused, not mixed
+    RunDir(run).results("decode").unlink()
     with pytest.raises(ValueError, match="fewer than held_out"):
-        train_decoders(data, run, resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10_000}))
+        train_decoders(data, run, too_many)
 
 
 # -- evaluation ---------------------------------------------------------------------------------

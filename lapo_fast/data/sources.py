@@ -11,6 +11,7 @@ import numpy as np
 
 from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHAPE
 from lapo_fast.runtime.acting import Actor, sample_actions
+from lapo_fast.runtime.lock import folder_lock
 
 from .format import MANIFEST, DatasetError
 from .writer import DatasetWriter
@@ -71,11 +72,20 @@ def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int
     shards as it goes: an interrupted run leaves a readable dataset, and running again with the
     same arguments resumes (with new seeds) until `frames` are stored.
     """
-    from lapo_fast.envs import ProcgenVecEnv
-
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
         raise ValueError(f"collect: frames must be a positive number of frames to store, got {frames!r}")
-    out_dir = Path(out_dir)
+    with folder_lock(out_dir):  # one process per dataset folder
+        return _collect(Path(out_dir), env_name, policy, frames=frames, num_envs=num_envs, seed=seed,
+                        start_level=start_level, num_levels=num_levels, distribution_mode=distribution_mode,
+                        policy_name=policy_name, progress=progress, codec=codec, shard_frames=shard_frames,
+                        resume=resume)
+
+
+def _collect(out_dir: Path, env_name: str, policy: Actor, *, frames: int, num_envs: int, seed: int,
+             start_level: int, num_levels: int, distribution_mode: str, policy_name: str, progress: bool,
+             codec: str, shard_frames: int, resume: bool) -> Path:
+    from lapo_fast.envs import ProcgenVecEnv
+
     source = {"kind": "collect", "env": env_name, "policy": policy_name, "seed": seed,
               "num_envs": num_envs, "start_level": start_level, "num_levels": num_levels,
               "distribution_mode": distribution_mode}
