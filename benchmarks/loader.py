@@ -82,7 +82,7 @@ def one(kind: str, ds_dir: str, npz_dir: str, batches: int, repeats: int) -> dic
     import torch
 
     from lapo_fast.data import CompressedFrames, FrameDataset, WindowSampler, make_loader
-    from lapo_fast.data.planner import LoaderPlan
+    from lapo_fast.data.planner import LoaderPlan, open_frames
 
     torch.set_num_threads(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # ours: the loaders the stages use there
@@ -99,13 +99,14 @@ def one(kind: str, ds_dir: str, npz_dir: str, batches: int, repeats: int) -> dic
             loader = DaliDecodeLoader(sampler, frames, device_id=0)
         else:
             loader = make_loader(sampler, LoaderPlan("compressed", ""), device)
-    elif kind == "cache":
+    elif kind in ("cache", "cache-mmap"):
         mm = ds.cache()
         disk = mm.nbytes
         for i in range(0, len(mm), 4096):  # every contender starts from a warm page cache
             np.asarray(mm[i:i + 4096]).max()
-        loader = make_loader(WindowSampler(mm, ds.episodes, context=1, batch_size=BATCH, seed=0),
-                             LoaderPlan("cache", ""), device)
+        plan = LoaderPlan("cache", "")
+        frames = open_frames(ds, plan, device) if kind == "cache" else mm  # pread (the stages') or the memmap
+        loader = make_loader(WindowSampler(frames, ds.episodes, context=1, batch_size=BATCH, seed=0), plan, device)
     elif kind == "dataloader":
         mm = ds.cache()
         disk, sync = mm.nbytes, None
@@ -159,7 +160,8 @@ def one(kind: str, ds_dir: str, npz_dir: str, batches: int, repeats: int) -> dic
 NAMES = {"compressed": "ours: compressed shards, 2 CPU threads -> loader",
          "compressed-1": "ours: compressed shards, 1 CPU thread -> loader",
          "dali": "ours: compressed shards, DALI GPU inflate -> loader",
-         "cache": "ours: decoded memmap -> loader",
+         "cache": "ours: decoded cache, pread -> loader",
+         "cache-mmap": "ours before: decoded memmap -> loader (SIGBUS if truncated)",
          "dataloader": "anchor: torch DataLoader (2 workers), decoded memmap",
          "lapo": "anchor: LAPO npz chunks in RAM"}
 
@@ -196,7 +198,7 @@ def main() -> None:
                            ("ratio", "x smaller", ".1f"), ("batches_per_s", "batches/s decoded (1 thread)", ",.0f"),
                            ("paper_gib", "8M frames, GiB", ".1f")])
         kinds = ["compressed", "compressed-1"] + (["dali"] if torch.cuda.is_available() else []) + \
-                ["cache", "dataloader", "lapo"]
+                ["cache", "cache-mmap", "dataloader", "lapo"]
         env = {**os.environ, "LAPO_FAST_CACHE_DIR": str(tmp / "decoded")}
         lrow = []
         for kind in kinds:

@@ -22,7 +22,6 @@ from lapo_fast.data import DatasetError, DatasetWriter, FrameDataset
 from lapo_fast.ops import NonFiniteError, vq_ema
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.checkpoint import checkpoints, save_checkpoint
-from lapo_fast.runtime.lock import FolderInUse, folder_lock
 from lapo_fast.runtime.runlog import RunLog, read_metrics
 
 
@@ -145,6 +144,8 @@ HOLD = textwrap.dedent("""
 
 
 def test_a_second_process_on_a_run_is_refused_naming_the_holder(data, tmp_path, capsys):
+    from lapo_fast.runtime.lock import FolderInUse, folder_lock
+
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -340,7 +341,10 @@ def test_ctrl_c_in_collect_and_train_is_one_line(tmp_path, capsys, monkeypatch, 
     argv = {"collect": ["collect", "--env", "starpilot", "--frames", "10", "--out", str(tmp_path / "d")],
             "train": ["train", "--env", "starpilot", "--preset", "smoke", "--out", str(tmp_path / "r")]}[command]
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        try:
+            main(argv)
+        except KeyboardInterrupt:  # (raised on, it would stop pytest itself)
+            pytest.fail("KeyboardInterrupt escaped main")
     assert e.value.code == 130
     assert capsys.readouterr().err.strip() == "lapo-fast: stopped; rerun the same command to resume"
 
