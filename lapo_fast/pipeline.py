@@ -66,6 +66,8 @@ def _run_all(run: RunDir, game: str, cfgs: dict, *, preset: str, demonstrator, d
     from lapo_fast.stages.umap import project_latents
 
     run.claim(game=game, data=None if data is None else FrameDataset(data))
+    for stage, cfg in cfgs.items():  # every stage's settings checked against what it ran with, then recorded
+        run.claim(stage, cfg, write=False)
     for stage, cfg in cfgs.items():
         save(cfg, run.run_config_path(stage), preset=preset, game=game)
     timer = _Timer(run)

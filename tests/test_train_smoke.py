@@ -46,3 +46,13 @@ def test_rerun_resumes_instead_of_redoing(smoke_run, capsys):
     after = {stage: latest_checkpoint(smoke_run / stage).stat().st_mtime_ns for stage in before}
     assert before == after  # nothing retrained
     assert json.loads((smoke_run / "eval" / "results.json").read_text()) == json.loads(evals)
+
+
+def test_rerun_with_other_settings_is_refused_before_anything_is_recorded(smoke_run, capsys):
+    recorded = (smoke_run / "config.lam.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(smoke_run),
+              "--set", "decode.labelled=4,8", "--set", "decode.deploy=8", "--set", "lam.lr=0.05"])
+    assert e.value.code == 2
+    assert "lam was trained with lr=0.0003; this run asks for lr=0.05" in capsys.readouterr().err
+    assert (smoke_run / "config.lam.json").read_text() == recorded  # what ran is still what is recorded
