@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -42,10 +42,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=[
-        "lapo_fast", "lapo_fast.data", "lapo_fast.envs", "lapo_fast.models", "lapo_fast.ops", "lapo_fast.stages",
-        "lapo_fast.eval", "lapo_fast.kernels",
-    ],
+    # Every package under lapo_fast/ (a hand list once left lapo_fast.runtime out of the wheel),
+    # and the Triton kernels, which live in kernels/ but install as lapo_fast.kernels.
+    packages=find_packages(include=["lapo_fast", "lapo_fast.*"]) + ["lapo_fast.kernels"],
     package_data={"lapo_fast": ["demonstrators/*"]},
     package_dir={"lapo_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("lapo_fast._C")],
