@@ -34,8 +34,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     check_game(args.env)
     preset = _preset(args, "train")
-    cfgs = resolve_run(preset, args.set)
-    out = args.out or f"runs/{args.env}-{preset}"
+    cfgs = resolve_run(preset, args.set, seed=args.seed)
+    out = args.out or f"runs/{args.env}-{preset}" + (f"-seed{args.seed}" if args.seed else "")
     print(f"train: run directory {out}")
     run_all(args.env, out, cfgs, preset=preset, demonstrator=args.demonstrator, data=args.data,
             test_data=args.test_data)
@@ -154,6 +154,55 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _needs(*modules: str, extra: str) -> None:
+    """A command's optional dependencies, or a one-line error naming the extra to install."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"this command needs {', '.join(missing)}: pip install 'lapo-fast[{extra}]'")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    _needs("submitit", extra="sweep")
+    from .config import default_preset, resolve_run
+    from .sweep.launch import SweepSpec, launch, load_spec, parse_envs, status, status_table
+
+    if args.action:
+        if len(args.action) != 2 or args.action[0] != "status":
+            raise ValueError(f"sweep {' '.join(args.action)}: expected `lapo-fast sweep status DIR` (or options only)")
+        print(status_table(status(args.action[1])))
+        return 0
+    if not args.out:
+        raise ValueError("sweep: --out DIR is required (the folder of the sweep's runs)")
+    if args.envs is None:  # continue the sweep recorded there
+        spec = load_spec(args.out)
+        print(f"sweep: continuing {args.out}/sweep.json ({len(spec.envs)} game(s) x {spec.seeds} seed(s))")
+    else:
+        import torch
+
+        preset = args.preset or ("paper" if args.executor == "slurm" else default_preset()[0])
+        gpus = args.gpus_per_run if args.gpus_per_run is not None else \
+            int(args.executor == "slurm" or torch.cuda.is_available())
+        spec = SweepSpec(envs=parse_envs(args.envs), seeds=args.seeds, preset=preset, sets=tuple(args.set),
+                         executor=args.executor, max_parallel=args.max_parallel, gpus_per_run=gpus,
+                         cpus_per_run=args.cpus_per_run, mem_gb=args.mem_gb, time_min=args.time_min,
+                         partition=args.partition, setup=tuple(args.setup), slurm_args=tuple(args.slurm_arg))
+    resolve_run(spec.preset, list(spec.sets))  # every run's settings checked before anything is launched
+    rows = launch(args.out, spec, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(status_table(rows))
+    return 1 if any(r["state"] in ("failed", "died") for r in rows) else 0
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    _needs("rliable", extra="sweep")
+    from .sweep.aggregate import aggregate
+
+    print(f"aggregate: wrote {aggregate(args.dir, args.out, reps=args.reps)}")
+    return 0
+
+
 def _run_stage(args: argparse.Namespace) -> int:
     """A stage subcommand: its config resolved from preset and flags, then the stage, holding the
     run directory (report only reads the stages' files: it may run beside them)."""
@@ -270,10 +319,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override one setting, e.g. --set lam.steps=500 (stages: demo, data, lam, bc, decode, "
                         "finetune, eval, umap)")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed, added to every stage's own (demonstrator, "
+                                                       "recording, models, PPO, evaluation)")
     p.add_argument("--demonstrator", default=None, help="torch.export policy (.pt2) that records the dataset")
     p.add_argument("--data", default=None, help="use this dataset instead of recording one")
     p.add_argument("--test-data", default=None, help="held-out dataset for the test FDM loss")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="one `train` run per (game, seed), on this machine or as a SLURM job array "
+                                     "(resumable); `sweep status DIR`: how each run stands")
+    p.add_argument("action", nargs="*", metavar="status DIR", help="`status DIR`: done / running / failed per run")
+    p.add_argument("--envs", default=None, help="all (the 16 games) or GAME,GAME (default: the sweep recorded in --out)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per game: seeds 0..N-1 (train --seed)")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="every run's preset (default: paper for slurm, else this machine's)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE", help="every run's overrides")
+    p.add_argument("--out", default=None, help="the sweep's folder: <game>/seed<k>/ run directories, sweep.json")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: submitit's local executor on this machine; slurm: one job array")
+    p.add_argument("--max-parallel", type=int, default=1, help="runs at once (local) or the array's parallelism")
+    p.add_argument("--gpus-per-run", type=int, default=None, help="GPUs per run (default: 1 on slurm or with CUDA)")
+    p.add_argument("--cpus-per-run", type=int, default=16, help="slurm: CPUs per run")
+    p.add_argument("--mem-gb", type=int, default=120, help="slurm: memory per run, GB")
+    p.add_argument("--time-min", type=int, default=24 * 60, help="time limit per run, minutes (slurm requeues and "
+                                                                 "the run resumes)")
+    p.add_argument("--partition", default="", help="slurm partition")
+    p.add_argument("--setup", action="append", default=[], help="slurm: a shell line before each run, e.g. "
+                                                                "'source ~/venv/bin/activate' (repeatable)")
+    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="another sbatch option, e.g. account=myproj or constraint=h100 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs (and for slurm the sbatch script); launch nothing")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("aggregate", help="a sweep's runs as the paper's table: per-game normalised returns, IQM/mean/"
+                                         "median with 95%% bootstrap CIs (rliable), curves (markdown, JSON, plots)")
+    p.add_argument("dir", help="the sweep's folder (<game>/seed<k>/ runs)")
+    p.add_argument("--out", default=None, help="report folder (default DIR/aggregate)")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
+    p.set_defaults(func=_cmd_aggregate)
     return parser
 
 

@@ -370,9 +370,16 @@ def labelled_sizes(cfg: DecodeConfig) -> list[int]:
 _RUN_PRESETS: dict[str, dict[str, dict]] = {"demo": {"paper": {"env_steps": 25_000_000}}}
 
 
-def resolve_run(preset: str, sets: list[str] | None = None) -> dict[str, object]:
-    """Every stage's config for `train`, from one preset and `stage.field=value` overrides."""
+def resolve_run(preset: str, sets: list[str] | None = None, seed: int = 0) -> dict[str, object]:
+    """Every stage's config for `train`, from one preset and `stage.field=value` overrides. `seed`
+    (the run's seed, `train --seed`) is added to every stage's own seed (demonstrator, recording,
+    model init and sampling, PPO, evaluation), so runs of different seeds differ everywhere; a
+    `--set STAGE.seed=...` still wins."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"the run's seed must be an int >= 0, got {seed!r}")
     overrides: dict[str, dict] = {k: dict(_RUN_PRESETS.get(k, {}).get(preset, {})) for k in STAGE_CONFIGS}
+    for stage, cls in STAGE_CONFIGS.items():
+        overrides[stage]["seed"] = _preset_value(cls, preset, "seed") + seed
     for item in sets or []:
         key, eq, value = item.partition("=")
         stage, dot, name = key.partition(".")
@@ -401,9 +408,15 @@ def _parse(value: str, kind: str, item: str):
         raise ValueError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
 
 
+def _preset_value(cls, preset: str, name: str):
+    """A setting's value in a preset (its default where the preset says nothing)."""
+    default = next(f.default for f in fields(cls) if f.name == name)
+    return _PRESETS.get(cls, {}).get(preset, {}).get(name, default)
+
+
 def field_help(cls, f: dataclasses.Field) -> str:
     """A field's help text with its value in each preset."""
-    values = [_PRESETS.get(cls, {}).get(p, {}).get(f.name, f.default) for p in PRESETS]
+    values = [_preset_value(cls, p, f.name) for p in PRESETS]
     if len(set(map(repr, values))) == 1:
         return f"{f.metadata['help']} (default {f.default!r})"
     return f"{f.metadata['help']} (" + "; ".join(f"{p} {v!r}" for p, v in zip(PRESETS, values)) + ")"

@@ -50,3 +50,15 @@ def test_collect_then_info_and_verify(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "verify", str(tmp_path / "nothing")])
     assert e.value.code == 2 and "no dataset manifest" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    from lapo_fast.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"train", "sweep", "aggregate", "lam", "bc", "collect"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert "usage: lapo-fast " + name in capsys.readouterr().out

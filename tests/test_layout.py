@@ -1,5 +1,5 @@
-"""The package's import graph reads top-down: cli -> pipeline -> stages -> (models, data, eval,
-rundir, runtime, config) -> (ops, envs, kernels); no stage imports another."""
+"""The package's import graph reads top-down: cli -> (sweep, which launches whole runs) -> pipeline ->
+stages -> (models, data, eval, rundir, runtime, config) -> (ops, envs, kernels); no stage imports another."""
 
 import ast
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lapo_fast"
-LAYERS = {"cli": 4, "pipeline": 3, "stages": 2, "models": 1, "data": 1, "eval": 1, "rundir": 1, "runtime": 1,
+LAYERS = {"cli": 4, "sweep": 3, "pipeline": 3, "stages": 2, "models": 1, "data": 1, "eval": 1, "rundir": 1, "runtime": 1,
           "config": 1, "ops": 0, "envs": 0, "kernels": 0, "_C": 0, "demonstrators": 0}
 
 

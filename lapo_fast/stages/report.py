@@ -128,6 +128,7 @@ def write_report(run_dir) -> Path:
     if run.umap_plot.exists():
         plots["umap"] = str(run.umap_plot.relative_to(run.path))
     report["plots"] = plots
+    report["seeds"] = _seeds(run)
 
     write_json(run.report("json"), report)
     return atomic_write(run.report("md"), _markdown(report))
@@ -141,8 +142,22 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
+def _seeds(run: RunDir) -> dict:
+    """Each stage's seed, as it ran (the stage's own config.json) or as `train` resolved it."""
+    seeds = {}
+    for path in sorted(run.path.glob("config.*.json")) + sorted(run.path.glob("*/config.json")):
+        stage = path.parent.name if path.name == "config.json" else path.name.split(".")[1]
+        payload = read_json(path)
+        config = payload.get("config") if isinstance(payload, dict) else None
+        if isinstance(config, dict) and "seed" in config:
+            seeds[stage] = config["seed"]
+    return seeds
+
+
 def _markdown(r: dict) -> str:
     lines = [f"# LAPO run report: {r['run']}", ""]
+    if r.get("seeds"):
+        lines += ["Seeds: " + ", ".join(f"{k} {v}" for k, v in r["seeds"].items()) + ".", ""]
     if r.get("timings_s"):
         lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items()]
