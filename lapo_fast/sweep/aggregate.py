@@ -227,7 +227,7 @@ def _plots(report: dict, out: Path) -> dict:
         x = np.array(online["env_steps"])
         for i, policy in enumerate(p for p in ("finetuned", "scratch") if p in online):
             c = online[policy]
-            ax.plot(x, c["iqm"], c=f"C{i}", label=POLICIES[policy])
+            ax.plot(x, c["iqm"], ".-", c=f"C{i}", label=POLICIES[policy])  # (a lone point shows too)
             ax.fill_between(x, c["ci95_low"], c["ci95_high"], color=f"C{i}", alpha=0.2)
         ax.axhline(1.0, ls=":", c="gray", label="expert")
         ax.set(xlabel="env steps", ylabel="normalised return (IQM, 95% CI)",
@@ -241,6 +241,8 @@ def _plots(report: dict, out: Path) -> dict:
         ax.fill_between(dec["labelled"], dec["ci95_low"], dec["ci95_high"], alpha=0.2)
         ax.set(xscale="log", xlabel="labelled transitions", ylabel="normalised return (IQM, 95% CI)",
                title="Offline decoding")
+        ax.set_xticks(dec["labelled"], [str(n) for n in dec["labelled"]])
+        ax.minorticks_off()
         ax.legend(fontsize=8)
         plots["decoding"] = _save(fig, out / "decoding.png")
     if report["aggregate"]:
