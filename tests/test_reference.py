@@ -52,3 +52,21 @@ def test_an_unreadable_fixture_folder_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not (SHARED / "stage3_policy_small.npz").exists(), reason="shared fixtures not here")
 def test_the_shared_fixture_folder_passes(capsys):
     assert main(["check-reference", str(SHARED)]) == 0
+
+
+GRAD = "output/step0/grad_pre_clip/idm.conv_stack.1.res_block0.conv0.weight"
+
+
+@pytest.mark.parametrize("tamper", [lambda g: g * 1.05, lambda g: -g], ids=["scaled by 1.05", "sign flipped"])
+def test_one_tampered_gradient_fails_the_check(tmp_path, capsys, tamper):
+    """The check reads the stored gradients: 5% off in one IDM conv's gradient, or its sign flipped,
+    is a mismatch (the parameters after Adam's first step, within 2 x lr, cannot see either)."""
+    import numpy as np
+
+    folder = _subset(tmp_path, "idm_small.npz", "fdm_small.npz")
+    d = dict(np.load(FIXTURES / "stage1_2steps_small.npz"))
+    d[GRAD] = tamper(d[GRAD])
+    np.savez(folder / "stage1_2steps_small.npz", **d)
+    assert main(["check-reference", str(folder)]) == 1
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.endswith("FAIL")]
+    assert failed and all("step0/grad_pre_clip/idm.conv_stack.1.res_block0.conv0.weight" in f for f in failed)

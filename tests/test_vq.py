@@ -475,3 +475,39 @@ def test_general_kernel_finds_nonfinite_rows_in_any_d_chunk():
     assert torch.isnan(out.loss) and all(torch.equal(a, b) for a, b in zip(state, before))
     with pytest.raises(ValueError, match="NaN or inf"):
         vq_ema(x, *state, backend="triton", raise_nonfinite=True)
+
+
+def test_a_skipped_nan_batch_refills_no_code_under_the_cuda_policy(monkeypatch):
+    """On CUDA a NaN batch does not raise: the update is skipped, the loss is NaN. The dead-code
+    refill after it must leave the codebook as it was (it used to copy NaN rows into every code)."""
+    import functools
+
+    import lapo_fast.ops.vq_module as vq_module
+
+    monkeypatch.setattr(vq_module, "vq_ema", functools.partial(vq_module.vq_ema, raise_nonfinite=False))
+    vq = VectorQuantizerEMA(2, 64, 16, 4, dead_code_threshold=0.01, backend="reference")
+    vq(torch.randn(32, 128))  # a normal step first: every code then has a finite state
+    before = [t.clone() for t in (vq.codebook, vq.ema_count, vq.ema_weight)]
+    for bad in (torch.full((32, 128), float("nan")), torch.full((32, 128), 1e25)):
+        out = vq(bad)
+        assert torch.isnan(out.loss)
+        for t, old in zip((vq.codebook, vq.ema_count, vq.ema_weight), before):
+            assert torch.equal(t, old)
+    assert torch.isfinite(vq(torch.randn(32, 128)).loss)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_float64_latents_are_quantised_in_fp32_and_returned_in_fp64(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 128, generator=g, dtype=torch.float64, requires_grad=True)
+    cb = torch.randn(2, 64, 16, generator=g)
+    a = (cb.clone(), torch.ones(2, 64), cb.clone())
+    b = (cb.clone(), torch.ones(2, 64), cb.clone())
+    out = vq_ema(x, *a, layout="lapo", num_latents=4, backend=backend)
+    ref = vq_ema(x.detach().float(), *b, layout="lapo", num_latents=4, backend="reference")
+    assert out.quantized.dtype == torch.float64 and torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.quantized.float(), ref.quantized)
+    for s, r in zip(a, b):
+        torch.testing.assert_close(s, r, rtol=1e-6, atol=1e-6)
+    (out.quantized.sum() + out.loss).backward()
+    assert x.grad.dtype == torch.float64 and torch.isfinite(x.grad).all()

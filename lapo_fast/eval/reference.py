@@ -6,7 +6,9 @@ which call made each file), run our models and training steps on them, and compa
 
 Tolerances are the fixtures README's: forward outputs and losses rtol 1e-4 / atol 1e-5, VQ indices
 exact, parameters after an optimiser step within 2 x lr (Adam's first steps move each element by
-about lr x sign(grad), so a near-zero gradient can land anywhere in +-lr).
+about lr x sign(grad), so a near-zero gradient can land anywhere in +-lr: that bound cannot see a
+wrong gradient, so) every gradient the reference stored, before and after its clip, per tensor:
+||ours - theirs|| <= 1e-2 ||theirs|| + 1e-6 x the step's gradient norm (see GRAD_RTOL).
 
 Key maps: the reference's parameter names -> ours. The FDM (LapoFDM) uses the reference's names.
 Our LatentPolicy has a true-action head the reference's stage-2 policy lacks (stage 3 adds it), and
@@ -28,6 +30,11 @@ from lapo_fast.models import DecodedPolicy, LapoFDM, LatentActionModel, LatentID
 from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
 
 RTOL, ATOL = 1e-4, 1e-5
+# Gradients, per tensor: the norm of the difference within 1% of the reference's (fp32 round-off,
+# amplified by the FDM's BatchNorms on a 4-window batch, measures up to ~0.3%; a 5% error in one
+# tensor must fail), plus a floor of 1e-6 x the step's whole gradient norm for tensors the maths
+# makes zero (a conv bias before a BatchNorm: its gradient is pure round-off on both sides).
+GRAD_RTOL, GRAD_FLOOR = 1e-2, 1e-6
 _IMPALA = [(r"conv_stack\.(\d)\.conv\.", r"stages.\1.conv."),
            (r"conv_stack\.(\d)\.res_block(\d)\.", r"stages.\1.res.\2.")]
 _IDM_MAP = [(a, "encoder." + b) for a, b in _IMPALA] + [
@@ -51,6 +58,21 @@ class Report:
         bound = atol + rtol * np.abs(theirs.astype(np.float64))
         worst = float(diff.max()) if diff.size else 0.0
         self.rows.append((fixture, name, worst, float(bound.max()) if bound.size else atol, bool((diff <= bound).all())))
+
+    def relative(self, fixture: str, name: str, ours, theirs, *, scale: float, rtol: float = GRAD_RTOL,
+                 floor: float = GRAD_FLOOR) -> None:
+        """A whole tensor at once: ||ours - theirs|| <= rtol ||theirs|| + floor x scale (the row's
+        'max |diff|' is then the norm of the difference). For gradients, where elementwise bounds
+        either pass a scaled tensor or fail on round-off in its smallest elements; `scale` is the
+        whole step's gradient norm."""
+        if ours is None:
+            self.rows.append((fixture, name, float("inf"), 0.0, False))
+            return
+        ours = (ours.detach().cpu().numpy() if torch.is_tensor(ours) else np.asarray(ours)).astype(np.float64)
+        theirs = np.asarray(theirs, np.float64)
+        diff = float(np.linalg.norm(ours.reshape(theirs.shape) - theirs))
+        bound = rtol * float(np.linalg.norm(theirs)) + floor * scale
+        self.rows.append((fixture, name, diff, bound, diff <= bound))
 
     def exact(self, fixture: str, name: str, ours, theirs) -> None:
         self.close(fixture, name, ours, theirs, rtol=0.0, atol=0.0)
@@ -166,22 +188,28 @@ def check_stage1(d, name: str, report: Report, idm_d, fdm_d) -> None:
     model.train()
     first_in = []  # the FDM's first conv input, for the bound on its BatchNorm statistics below
     model.fdm.down[0].conv.register_forward_pre_hook(lambda m, args: first_in.append(args[0].detach()))
+    names, params = zip(*model.named_parameters())
     for step in steps:
         o = f"output/{step}/" if step else "output/"
         lr = schedule.get_last_lr()[0]
         loss, recon, idm, _ = model(obs)
-        norm = optimizer_step(loss, model.parameters(), optimizer, schedule, cfg.grad_clip)
+        grads: dict = {}
+        norm = optimizer_step(loss, list(params), optimizer, schedule, cfg.grad_clip, record=grads)
         for key, ours in (("loss", loss), ("wm_loss", recon), ("vq_loss", idm.vq_loss), ("vq_perp", idm.perplexity),
                           ("grad_norm", norm), ("lr", lr)):
             report.close(name, f"{step or 'step'}/{key}", ours, d[o + key])
+        for when in ("pre_clip", "post_clip"):
+            mine = dict(zip(names, grads[when]))
+            for key in (k for k in d.files if k.startswith(f"{o}grad_{when}/")):
+                theirs = key.rsplit("/", 1)[1]  # idm.<reference name> or wm.<reference name>
+                report.relative(name, f"{step or 'step'}/grad_{when}/{theirs}", mine[_ours_stage1(theirs)], d[key],
+                                scale=float(d[o + "grad_norm"]))
     lr_bound = 2 * max(float(d[f"output/{s}/lr" if s else "output/lr"]) for s in steps)
     mine = dict(model.named_parameters())
     for key in d.files:
         if key.startswith("output/param_after/"):
             theirs = key.split("/", 2)[2]  # idm.<reference name> or wm.<reference name>
-            module, _, param = theirs.partition(".")
-            ours = f"idm.{_mapped(param, _IDM_MAP)}" if module == "idm" else f"fdm.{param}"
-            report.close(name, f"param_after/{theirs}", mine[ours], d[key], rtol=0.0, atol=lr_bound)
+            report.close(name, f"param_after/{theirs}", mine[_ours_stage1(theirs)], d[key], rtol=0.0, atol=lr_bound)
     # After a second step, the first BatchNorm's running mean inherits the +-lr freedom of the
     # first step's weights: each channel's batch mean can move by up to lr_bound x sum |mean input|
     # over the conv's fan-in (momentum 0.1 of it lands in the running mean).
@@ -196,6 +224,12 @@ def check_stage1(d, name: str, report: Report, idm_d, fdm_d) -> None:
         if key in d.files:
             atol = first_bn if theirs == "wm.down.0.norm.running_mean" else ATOL
             report.close(name, f"buffer_after/{theirs}", ours, d[key], atol=atol)
+
+
+def _ours_stage1(theirs: str) -> str:
+    """Our stage-1 parameter name of the reference's idm.<name> or wm.<name>."""
+    module, _, param = theirs.partition(".")
+    return f"idm.{_mapped(param, _IDM_MAP)}" if module == "idm" else f"fdm.{param}"
 
 
 def _mapped(name: str, mapping) -> str:
@@ -221,7 +255,15 @@ def check_stage2(d, name: str, report: Report, idm_d, policy_d) -> None:
     policy.train()
     preds = policy(obs[:, -2])
     loss = F.mse_loss(preds, target)
-    optimizer_step(loss, policy.parameters(), optimizer, schedule, cfg.grad_clip)
+    names, params = zip(*policy.named_parameters())
+    grads: dict = {}
+    optimizer_step(loss, list(params), optimizer, schedule, cfg.grad_clip, record=grads)
+    mine_grad = dict(zip(names, grads["pre_clip"]))  # stage 2 does not clip (grad_clip 0, as the reference)
+    stored = [k for k in d.files if k.startswith("output/grad/")]
+    scale = float(np.sqrt(sum(np.square(d[k].astype(np.float64)).sum() for k in stored)))
+    for key in stored:
+        theirs = key.split("/", 2)[2]
+        report.relative(name, f"grad/{theirs}", mine_grad[_mapped(theirs, _POLICY_MAP)], d[key], scale=scale)
     report.close(name, "preds", preds, d["output/preds"])
     report.close(name, "loss", loss, d["output/loss"])
     report.close(name, "lr", lr, d["output/lr"])

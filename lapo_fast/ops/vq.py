@@ -9,8 +9,8 @@ specification: lapo_fast/ops/vq_reference.py). "auto" picks triton on CUDA, cpu 
 
 Semantics are the reference LAPO code's (see vq_reference.py): argmin on the codebook before the
 update, straight-through gradient, commitment loss, EMA counts with Laplace smoothing. All
-accumulation is fp32 whatever the input dtype (bf16/fp16 accepted, e.g. under autocast); the
-codebook state is always fp32.
+accumulation is fp32 whatever the input dtype (bf16/fp16 accepted, e.g. under autocast; fp64 is
+searched as fp32 and q returned in fp64); the codebook state is always fp32.
 
 NaN policy: NaN or inf anywhere in x, or finite x so large that a row's squared distance to its
 code overflows float32 (|x| from ~1e19), leaves the codebook state untouched, and a step never reads
@@ -93,6 +93,12 @@ def vq_ema(
     lay = Layout.for_shape(tuple(x.shape), G, d, layout, num_latents)
     if x.numel() == 0:
         raise ValueError(f"vq_ema: x of shape {tuple(x.shape)} holds no latents; pass at least one row")
+    if x.dtype == torch.float64:  # searched and accumulated in fp32 like every input; q returned in fp64
+        out = vq_ema(x.float(), codebook, ema_count, ema_weight, layout=layout, num_latents=num_latents,
+                     training=training, decay=decay, eps=eps, commitment=commitment, backend=backend,
+                     deterministic=deterministic, check_finite=check_finite, raise_nonfinite=raise_nonfinite,
+                     num_threads=num_threads)
+        return out._replace(quantized=out.quantized.double())
     backend = _resolve_backend(backend, x)
     reduce = _all_reduce_fn() if training else None
 

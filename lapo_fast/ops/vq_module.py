@@ -76,7 +76,7 @@ class VectorQuantizerEMA(nn.Module):
             commitment=self.commitment, backend=self.backend, deterministic=self.deterministic,
         )
         if self.training and self.dead_code_threshold > 0:
-            self._replace_dead_codes(x)
+            self._replace_dead_codes(x, torch.isfinite(out.loss))
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -133,16 +133,19 @@ class VectorQuantizerEMA(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _replace_dead_codes(self, x: torch.Tensor) -> None:
-        """Every dead code takes a row of the batch, all on the device: no host read per step."""
+    def _replace_dead_codes(self, x: torch.Tensor, batch_ok: torch.Tensor) -> None:
+        """Every dead code takes a row of the batch, all on the device: no host read per step. A
+        batch the update skipped (non-finite: its loss is NaN on CUDA) refills nothing, and no code
+        takes a non-finite row (check_finite=False)."""
         rows = self._rows(x)  # (G, N, d)
         G, N, _ = rows.shape
         if N == 0:
             return
-        dead = (self.ema_count < self.dead_code_threshold)[..., None]  # (G, K, 1)
         pick = _mix(self.seed * 1_000_003 + self.refills * (G * self.codebook_size)
                     + torch.arange(G * self.codebook_size, device=rows.device)).remainder(N).view(G, -1)
         chosen = torch.gather(rows, 1, pick[..., None].expand(-1, -1, rows.shape[2]))  # (G, K, d)
+        dead = (self.ema_count < self.dead_code_threshold)[..., None] & batch_ok \
+            & torch.isfinite(chosen).all(-1, keepdim=True)  # (G, K, 1)
         self.refills += 1
         self.codebook.copy_(torch.where(dead, chosen, self.codebook))
         self.ema_count.copy_(torch.where(dead[..., 0], torch.full_like(self.ema_count, self.dead_code_threshold),

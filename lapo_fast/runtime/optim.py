@@ -20,12 +20,20 @@ def adamw_warmup_decay(params, *, lr: float, weight_decay: float, warmup_steps: 
     return optimizer, schedule
 
 
-def optimizer_step(loss, params, optimizer, schedule, grad_clip: float) -> torch.Tensor | None:
+def optimizer_step(loss, params, optimizer, schedule, grad_clip: float, record: dict | None = None
+                   ) -> torch.Tensor | None:
     """One update: backward, gradient-norm clip (none when grad_clip is 0), optimiser step,
-    schedule step. Returns the gradient norm before clipping (None without clipping)."""
+    schedule step. Returns the gradient norm before clipping (None without clipping). `record`
+    (with `params` a list) receives copies of the gradients before and after the clip, in params'
+    order: what check-reference compares with the reference code's."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grads = lambda: [None if p.grad is None else p.grad.detach().clone() for p in params]  # noqa: E731
+    if record is not None:
+        record["pre_clip"] = grads()
     norm = clip_gradients(params, grad_clip)
+    if record is not None:
+        record["post_clip"] = grads()
     optimizer.step()
     schedule.step()
     return norm
