@@ -101,7 +101,7 @@ struct VQCall {
   int G = 0, K = 0, d = 0, L = 0;
   int64_t stride_b = 0, stride_g = 0, stride_k = 0, stride_l = 0;
   int num_threads = 1;
-  float decay = 0.f, eps = 0.f;
+  float decay = 0.f, rate = 0.f, eps = 0.f;  // rate: 1 - decay computed in double by the caller
 };
 
 py::tuple vq_forward(const VQCall& c) {
@@ -113,7 +113,7 @@ py::tuple vq_forward(const VQCall& c) {
                             ptr<int64_t>(c.indices, "indices"), ptr<const float>(c.codebook, "codebook"),
                             c.batch, c.G, c.K, c.d, c.L, c.stride_b, c.stride_g, c.stride_k, c.stride_l};
   const lapo::vq::EmaUpdate update{reinterpret_cast<float*>(c.ema_count), reinterpret_cast<float*>(c.ema_weight),
-                                   ptr<float>(c.codebook, "codebook"), c.decay, c.eps};
+                                   ptr<float>(c.codebook, "codebook"), c.decay, c.rate, c.eps};
   lapo::vq::ForwardResult r;
   {
     py::gil_scoped_release release;
@@ -163,6 +163,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("stride_l", &VQCall::stride_l)
       .def_readwrite("num_threads", &VQCall::num_threads)
       .def_readwrite("decay", &VQCall::decay)
+      .def_readwrite("rate", &VQCall::rate)
       .def_readwrite("eps", &VQCall::eps);
   m.def("vq_forward", &vq_forward, py::arg("call"),
         "Nearest-code search, quantised output, indices, per-code counts and sums (into the given "
@@ -181,9 +182,9 @@ PYBIND11_MODULE(_C, m) {
         auto ema_weight = ptr<float>(c.ema_weight, "ema_weight");
         auto codebook = ptr<float>(c.codebook, "codebook");
         py::gil_scoped_release release;
-        lapo::vq::ema_update(c.G, c.K, c.d, counts, sums, ema_count, ema_weight, codebook, c.decay, c.eps);
+        lapo::vq::ema_update(c.G, c.K, c.d, counts, sums, ema_count, ema_weight, codebook, c.decay, c.rate, c.eps);
       },
       py::arg("call"),
       "EMA codebook update with LAPO's semantics, in place, from a VQCall's counts, sums, ema_count, "
-      "ema_weight, codebook, G, K, d, decay and eps.");
+      "ema_weight, codebook, G, K, d, decay, rate (1 - decay) and eps.");
 }

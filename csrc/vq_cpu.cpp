@@ -431,18 +431,18 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
   }
   if (update)
     ema_update(p.G, p.K, p.d, counts, sums, update->ema_count, update->ema_weight, update->codebook,
-               update->decay, update->eps);
+               update->decay, update->rate, update->eps);
   return result;
 }
 
 void ema_update(int G, int K, int d, const float* counts, const float* sums, float* ema_count,
-                float* ema_weight, float* codebook, float decay, float eps) {
+                float* ema_weight, float* codebook, float decay, float rate, float eps) {
   for (int g = 0; g < G; ++g) {
     float* cnt = ema_count + static_cast<size_t>(g) * K;
     const float* batch_cnt = counts + static_cast<size_t>(g) * K;
     float total = 0.f;
     for (int k = 0; k < K; ++k) {
-      cnt[k] = decay * cnt[k] + (1.f - decay) * batch_cnt[k];
+      cnt[k] = decay * cnt[k] + rate * batch_cnt[k];
       total += cnt[k];
     }
     for (int k = 0; k < K; ++k) cnt[k] = (cnt[k] + eps) / (total + K * eps) * total;
@@ -450,7 +450,7 @@ void ema_update(int G, int K, int d, const float* counts, const float* sums, flo
     for (int k = 0; k < K; ++k) {
       for (int j = 0; j < d; ++j) {
         const size_t i = base + static_cast<size_t>(k) * d + j;
-        ema_weight[i] = decay * ema_weight[i] + (1.f - decay) * sums[i];
+        ema_weight[i] = decay * ema_weight[i] + rate * sums[i];
         codebook[i] = ema_weight[i] / cnt[k];
       }
     }

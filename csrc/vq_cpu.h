@@ -29,7 +29,7 @@ struct EmaUpdate {
   float* ema_count;   // (G, K)
   float* ema_weight;  // (G, K, d)
   float* codebook;    // (G, K, d): Problem::codebook, rewritten once the search is done
-  float decay, eps;
+  float decay, rate, eps;  // rate: 1 - decay, rounded once from the host's double (as torch does)
 };
 
 // Nearest code per row (ties to the lowest index), quantised output and indices, and the batch's
@@ -46,6 +46,6 @@ bool has_avx2();
 
 // The EMA update with LAPO's semantics (decayed counts, Laplace smoothing, codes = weight/count).
 void ema_update(int G, int K, int d, const float* counts, const float* sums, float* ema_count,
-                float* ema_weight, float* codebook, float decay, float eps);
+                float* ema_weight, float* codebook, float decay, float rate, float eps);
 
 }  // namespace lapo::vq

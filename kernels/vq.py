@@ -257,7 +257,7 @@ def vq_search_kernel(
 def vq_finalize_kernel(
     counts_ptr, sums_ptr, ema_count_ptr, ema_weight_ptr, codebook_ptr,
     stats_ptr, err_ptr, old_total_ptr,
-    K, d, G, P, numel, decay, eps, commitment,
+    K, d, G, P, numel, decay, rate, eps, commitment,
     UPDATE: tl.constexpr, GUARD: tl.constexpr, PER_GROUP: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -299,11 +299,11 @@ def vq_finalize_kernel(
         apply = bad > -1.0
     if UPDATE:
         if apply:
-            total = decay * tl.load(old_total_ptr + g) + (1.0 - decay) * rows  # sum of decayed counts
+            total = decay * tl.load(old_total_ptr + g) + rate * rows  # sum of decayed counts
             codes = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             code_mask = codes < K
             cnt = tl.load(counts_ptr + g * K + codes, mask=code_mask, other=0.0)
-            c = decay * tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0) + (1.0 - decay) * cnt
+            c = decay * tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0) + rate * cnt
             c = (c + eps) / (total + K * eps) * total  # Laplace smoothing
             tl.store(ema_count_ptr + g * K + codes, c, mask=code_mask)
             dims = tl.arange(0, BLOCK_D)
@@ -311,7 +311,7 @@ def vq_finalize_kernel(
                 m = code_mask[:, None] & ((d0 + dims) < d)[None, :]
                 off = (g * K + codes).to(tl.int64)[:, None] * d + (d0 + dims)[None, :]
                 w = decay * tl.load(ema_weight_ptr + off, mask=m, other=0.0) \
-                    + (1.0 - decay) * tl.load(sums_ptr + off, mask=m, other=0.0)
+                    + rate * tl.load(sums_ptr + off, mask=m, other=0.0)
                 tl.store(ema_weight_ptr + off, w, mask=m)
                 tl.store(codebook_ptr + off, w / c[:, None], mask=m)
 

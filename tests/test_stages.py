@@ -303,3 +303,8 @@ def test_online_decoder_labels_windows_inside_episodes_only():
         expected = idm(normalize(frames[n, t - 1:t + 2][None])).latent
     i = labels.actions[0].tolist().index(int(actions[t, n]))
     torch.testing.assert_close(labels.latents[0][i], expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_paper_presets_demonstrator_is_the_papers_50m_step_expert():
+    assert resolve_run("paper")["demo"].env_steps == 50_000_000
+    assert resolve_run("paper")["finetune"].env_steps == 4_000_000

@@ -286,7 +286,7 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
         call.counts, call.sums, call.codebook = counts.data_ptr(), sums.data_ptr(), codebook.data_ptr()
         call.ema_count, call.ema_weight = ema_count.data_ptr(), ema_weight.data_ptr()
         call.G, call.K, call.d = codebook.shape
-        call.decay, call.eps = spec.decay, spec.eps
+        call.decay, call.rate, call.eps = spec.decay, 1.0 - spec.decay, spec.eps
         _C.vq_ema_update(call)
     return q, idx, loss, perplexity
 
@@ -315,7 +315,9 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
         call.ema_count, call.ema_weight = ema[0].data_ptr(), ema[1].data_ptr()
     call.batch, call.G, call.K, call.d, call.L = lay.batch, G, K, d, lay.L
     call.stride_b, call.stride_g, call.stride_k, call.stride_l = lay.strides()
-    call.num_threads, call.decay, call.eps = spec.num_threads, spec.decay, spec.eps
+    # 1 - decay in double, rounded once to fp32: the reference's (torch's) numbers; in fp32 it is
+    # 0.0009999871 for decay 0.999, 1.3e-5 relative off in every EMA update.
+    call.num_threads, call.decay, call.rate, call.eps = spec.num_threads, spec.decay, 1.0 - spec.decay, spec.eps
     sq_err, nonfinite, perplexity = _C.vq_forward(call)
     if nonfinite:  # free to detect on the CPU, so always enforced there (check_finite is a CUDA knob)
         if keep_stats:
@@ -451,7 +453,7 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
         kernels.vq_finalize_kernel[(G, plan.finalize_blocks if update else 1)](
             counts, sums if update else unused, ema_count if update else unused,
             ema_weight if update else unused, codebook, stats, err, old_total,
-            K, d, G, P, max(x.numel(), 1), spec.decay, spec.eps, spec.commitment,
+            K, d, G, P, max(x.numel(), 1), spec.decay, 1.0 - spec.decay, spec.eps, spec.commitment,
             UPDATE=update, GUARD=spec.check_finite, PER_GROUP=spec.deterministic,
             BLOCK_K=plan.finalize_block_k, BLOCK_D=plan.finalize_block_d, BLOCK_T=1024)
     if spec.raise_nonfinite and spec.check_finite and stats[2].item() > 0:
