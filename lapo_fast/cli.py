@@ -151,7 +151,7 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
     ties = len(report.near_ties)
     print(f"check-reference: {len(report.rows) - failed} of {len(report.rows)} outputs match the reference code"
           + (f" ({ties} of them near-ties: off in our channels_last layout, matching in the reference's contiguous "
-             "one, where round-off flips a value at a ReLU's or a code's boundary)" if ties else "")
+             "one: round-off flips a value at a boundary)" if ties else "")
           + (f", {failed} do not" if failed else "")
           + (f"; {len(report.skipped)} fixture(s) not checked yet" if report.skipped else ""))
     return 0 if report.ok else 1
