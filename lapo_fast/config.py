@@ -22,6 +22,10 @@ from lapo_fast.runtime.files import read_json, write_json
 PRESETS = ("paper", "cpu", "smoke")
 
 
+# Every training stage has this setting (runtime.distributed.autocast).
+PRECISION_HELP = ("fp32 (the reference code's numerics: PyTorch's defaults), tf32 (TF32 matmuls too, CUDA) or bf16 "
+                  "(autocast: faster on GPUs, drifts from fp32; docs/experiments.md)")
+
 # Every stage that reads frames has this setting (data.planner decides what auto means).
 LOADER_HELP = ("how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded memmap on disk) "
                "or compressed (no decoded copy)")
@@ -81,6 +85,7 @@ class LAMConfig(Checked):
     probe_labels: int = setting(65_536, "labelled transitions the latent probe fits (the reference's 65,536)", low=1)
     probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)", low=1)
     seed: int = setting(0, "seed of weights and window sampling")
+    precision: str = setting("fp32", PRECISION_HELP)
     loader: str = setting("auto", LOADER_HELP, resumable=True)
     device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)",
                           resumable=True)
@@ -103,6 +108,7 @@ class BCConfig(Checked):
     log_every: int = setting(100, "steps between metric lines", low=1, resumable=True)
     checkpoint_every: int = setting(2_000, "steps between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights and batch sampling")
+    precision: str = setting("fp32", PRECISION_HELP)
     loader: str = setting("auto", LOADER_HELP, resumable=True)
     device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)", resumable=True)
 
@@ -159,6 +165,7 @@ class PPOConfig(Checked):
     distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
     checkpoint_every: int = setting(10, "updates between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights, envs and sampling")
+    precision: str = setting("fp32", PRECISION_HELP)
     device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
 
 
@@ -330,6 +337,11 @@ def _check(cfg) -> None:
             raise ValueError(f"LAMConfig.fdm_norm={cfg.fdm_norm!r}; choose one of {NORMS}")
         if cfg.fdm_action not in FDM_ACTIONS:
             raise ValueError(f"LAMConfig.fdm_action={cfg.fdm_action!r}; choose one of {FDM_ACTIONS}")
+    if hasattr(cfg, "precision"):
+        from lapo_fast.runtime.distributed import PRECISIONS
+
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"{name}.precision={cfg.precision!r}; choose one of {list(PRECISIONS)}")
     if hasattr(cfg, "loader"):
         from lapo_fast.data.planner import LOADERS
 

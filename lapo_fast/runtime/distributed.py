@@ -80,9 +80,16 @@ def setup(out: Path, requested_device: str = "", seed: int = 0) -> tuple[int, in
     return rank, world, device(requested_device)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the VQ op accumulates in fp32 whatever comes in); off on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """A training step's precision: fp32 (PyTorch's defaults, the reference code's numerics: fp32
+    matmuls, cuDNN free to use TF32 convolutions), tf32 (matmuls in TF32 too, on CUDA) or bf16
+    (autocast, on CUDA or the CPU; the VQ op accumulates in fp32 whatever comes in)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def wrap(model: torch.nn.Module) -> torch.nn.Module:

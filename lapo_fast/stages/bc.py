@@ -70,7 +70,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
     while step < end:
         batch = next(loader)  # uint8 frames and float32 labels, on the device
-        with distributed.autocast(device):
+        with distributed.autocast(device, cfg.precision):
             pred = model(prepare_obs(batch["obs"]))
         loss = F.mse_loss(pred.float(), batch["target"])
         optimizer_step(loss, policy.parameters(), optimizer, schedule, cfg.grad_clip)

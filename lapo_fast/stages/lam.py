@@ -91,7 +91,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
         batch = next(loader)  # uint8 on the device
         window = normalize(batch["obs"])  # (B, T, C, H, W) in [-0.5, 0.5]
         try:
-            with distributed.autocast(device):
+            with distributed.autocast(device, cfg.precision):
                 loss, recon, idm, _ = ddp(window, _action_t(batch, cfg.context, device))
         except NonFiniteError:  # the IDM's latents went NaN/inf: the model diverged
             raise divergence_error("stage 1 (lam)", step + 1, cfg, out) from None

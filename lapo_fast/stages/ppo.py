@@ -221,7 +221,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         with torch.no_grad():
             for t in range(T):
                 obs = torch.from_numpy(obs_np).to(device)
-                with autocast(device):
+                with autocast(device, cfg.precision):
                     feats = policy.features(prepare_obs(obs))
                     logits, value = policy.act_value(feats)
                 a = sample_actions(logits, gen)
@@ -279,7 +279,7 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
         order = torch.randperm(size, generator=gen, device=gen.device).to(store.device)
         for i in range(cfg.minibatches):
             idx = order[i * mb:(i + 1) * mb]
-            with autocast(store.device):
+            with autocast(store.device, cfg.precision):
                 feats = store[idx] if frozen else policy.features(prepare_obs(store[idx]))
                 logits, value = policy.act_value(feats)
             logp_all = F.log_softmax(logits.float(), -1)
