@@ -291,6 +291,11 @@ def check_stage3(d, name: str, report: Report) -> None:
     agent.decoder.load_state_dict({k.replace("decoder.", "net."): v for k, v in _state(d).items()
                                    if k.startswith("decoder.")})
     report.exact(name, "policy_head_rl (zero at start)", agent.action_head.weight, d["param/policy_head_rl.weight"])
+    # The value head a new policy starts with: the reference's layer_init (orthogonal, norm sqrt(2),
+    # zero bias), compared by its norm (the weights themselves are random).
+    fresh = LatentPolicy(impala_scale=1).value_head
+    report.close(name, "value_head init (weight norm)", fresh.weight.norm(), np.linalg.norm(d["param/value_head.weight"]))
+    report.exact(name, "value_head init (bias)", fresh.bias, np.zeros_like(d["param/value_head.bias"]))
     obs, action = torch.from_numpy(d["input/obs"]), torch.from_numpy(d["input/action"])
     with torch.no_grad():
         feats = agent.conv_features(obs)

@@ -4,6 +4,7 @@ small offline decoder from latent to true actions."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -23,6 +24,10 @@ class LatentPolicy(nn.Module):
         self.latent_head = nn.Linear(f, latent_dim)
         self.action_head = nn.Linear(f, num_actions)
         self.value_head = nn.Linear(f, 1)
+        # The reference's layer_init(std=1): any std it is given becomes sqrt(2), so an orthogonal
+        # weight of norm sqrt(2) and a zero bias (nn.Linear's default would be ~0.58).
+        nn.init.orthogonal_(self.value_head.weight, gain=math.sqrt(2))
+        nn.init.zeros_(self.value_head.bias)
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         return self.trunk(obs)
