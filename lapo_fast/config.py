@@ -77,6 +77,8 @@ class LAMConfig(Checked):
     code_dim: int = setting(16, "dimensions per code", low=1)
     num_latents: int = setting(4, "codes per codebook per latent action (latent dim = codebooks*code_dim*latents)",
                                low=1)
+    quantize: bool = setting(True, "vector-quantise the IDM's latent (LAPO); false: the paper's no-VQ ablation, the "
+                                   "continuous latent of the same shape")
     vq_decay: float = setting(0.999, "EMA decay of the codebook statistics")
     commitment: float = setting(0.05, "weight of the VQ commitment loss")
     dead_code_threshold: float = setting(0.0, "> 0: refill codes whose EMA count falls below it (0: LAPO)")

@@ -36,7 +36,7 @@ _STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": De
 # Settings that fix a stage's model shapes: a rerun may not change them and resume.
 _SHAPES: dict[type, tuple[str, ...]] = {
     LAMConfig: ("impala_scale", "fdm_arch", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks", "codebook_size",
-                "code_dim", "num_latents"),
+                "code_dim", "num_latents", "quantize"),
     BCConfig: ("impala_scale",), PPOConfig: ("impala_scale",), FinetuneConfig: ("impala_scale",)}
 
 

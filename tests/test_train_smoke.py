@@ -56,3 +56,20 @@ def test_rerun_with_other_settings_is_refused_before_anything_is_recorded(smoke_
     assert e.value.code == 2
     assert "lam was trained with lr=0.0003; this run asks for lr=0.05" in capsys.readouterr().err
     assert (smoke_run / "config.lam.json").read_text() == recorded  # what ran is still what is recorded
+
+
+def test_the_no_vq_ablation_runs_end_to_end(tmp_path):
+    """lam.quantize=false (the paper's Figure 3 ablation): the IDM's continuous latent feeds the FDM,
+    and stages 2 and 3 follow on it."""
+    from lapo_fast.rundir import RunDir
+
+    run = tmp_path / "novq"
+    assert main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(run), "--set", "lam.quantize=false",
+                 "--set", "decode.labelled=4,8", "--set", "decode.deploy=8"]) == 0
+    idm = RunDir(run).load_lam().idm
+    assert idm.vq is None and not any(k.startswith("vq.") for k in idm.state_dict())
+    for stage in ("lam", "bc", "finetune"):
+        assert latest_checkpoint(run / stage) is not None, stage
+    report = json.loads((run / "report.json").read_text())
+    assert report["stage1"]["quantize"] is False and set(report["eval"]) >= {"finetuned", "decoded (8 labels)"}
+    assert "no vector quantisation (the ablation" in (run / "report.md").read_text()

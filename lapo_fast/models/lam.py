@@ -52,19 +52,24 @@ class LatentIDM(nn.Module):
 
     def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
                  num_codebooks: int = 2, codebook_size: int = 64, code_dim: int = 16, num_latents: int = 4,
-                 **vq_kwargs):
+                 quantize: bool = True, **vq_kwargs):
         super().__init__()
         if num_codebooks * code_dim * num_latents != latent_dim:
             raise ValueError(f"latent_dim={latent_dim} must equal codebooks*code_dim*latents = "
                              f"{num_codebooks}*{code_dim}*{num_latents}")
         self.encoder = ImpalaEncoder(frames * channels, impala_scale)
         self.head = nn.Linear(self.encoder.out_features, latent_dim)
+        # quantize=False: the paper's no-VQ ablation (Figure 3), the continuous latent passed on as is.
         self.vq = VectorQuantizerEMA(num_codebooks, codebook_size, code_dim, num_latents, layout="lapo",
-                                     **vq_kwargs)
+                                     **vq_kwargs) if quantize else None
+        self._groups = (num_codebooks, num_latents)
 
     def forward(self, window: torch.Tensor) -> IDMOutput:
         """window: (B, T, C, H, W) normalised frames, the last one o_{t+1}."""
         z = self.head(self.encoder(stack_frames(window)))
+        if self.vq is None:  # no codes: indices all 0, no VQ loss, perplexity 0
+            zero = z.new_zeros(())
+            return IDMOutput(z, z, torch.zeros(len(z), *self._groups, dtype=torch.long, device=z.device), zero, zero)
         vq = self.vq(z)
         return IDMOutput(z, vq.quantized, vq.indices, vq.loss, vq.perplexity)
 
@@ -129,5 +134,5 @@ def build_lam(cfg) -> LatentActionModel:
         fdm_norm=cfg.fdm_norm, fdm_action=cfg.fdm_action,
         latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
-        decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
+        quantize=cfg.quantize, decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
     ).to(memory_format=_LAYOUT[-1])

@@ -60,6 +60,7 @@ def write_report(run_dir) -> Path:
         report["stage1"] = {k: last.get(k) for k in ("step", "fdm_loss", "test_fdm_loss", "test_fdm_loss_shuffled",
                                                      "perplexity", "codebook0_codes_used", "steps_per_s")}
         report["stage1"]["probe"] = read_json(run.probe)
+        report["stage1"]["quantize"] = run.config("lam").quantize if run.has("lam") else True
         rows = lam
         fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
         ax.plot([r["step"] for r in rows], [r["fdm_loss"] for r in rows], label="train")
@@ -164,9 +165,11 @@ def _markdown(r: dict) -> str:
         lines.append("")
     if "stage1" in r:
         s = r["stage1"]
+        codes = (f"perplexity {_fmt(s['perplexity'], 1)}, codebook-0 codes used per batch {s['codebook0_codes_used']}"
+                 if s.get("quantize", True) else "no vector quantisation (the ablation: a continuous latent)")
         lines += ["## Stage 1: latent action model", "",
                   f"step {s['step']}: FDM loss {_fmt(s['fdm_loss'], 5)} (held-out {_fmt(s['test_fdm_loss'], 5)}), "
-                  f"perplexity {_fmt(s['perplexity'], 1)}, codebook-0 codes used per batch {s['codebook0_codes_used']}.", ""]
+                  f"{codes}.", ""]
         if s.get("test_fdm_loss_shuffled") is not None:
             lines += [f"Held-out FDM loss with each window given another window's action: "
                       f"{_fmt(s['test_fdm_loss_shuffled'], 5)} (vs {_fmt(s['test_fdm_loss'], 5)} with its own): "
