@@ -94,3 +94,19 @@ def test_a_near_tie_is_reported_as_such_and_never_hides_a_real_error(tmp_path):
     report = reference.check_reference(tmp_path)
     failed = [r[1] for r in report.rows if not r[4]]
     assert failed == ["step0/grad_pre_clip/idm.conv_stack.1.res_block0.conv0.weight"]
+
+
+def test_stage_3b_clips_as_the_reference_and_a_heads_only_clip_is_caught(tmp_path, monkeypatch):
+    """Two PPO updates against the reference's: the norm its clip sees counts the trunk's and the
+    decoder's gradients (outside the optimiser, never cleared). Clipping over the trained layers
+    only (what stage 3b did before) gives another norm, and the check says so."""
+    folder = _subset(tmp_path, "stage3_policy_small.npz")
+    report = reference.check_reference(folder)
+    rows = {r[1]: r for r in report.rows}
+    assert report.ok and rows["ppo/update1/clip_total_norm"][2] <= 1e-5
+    assert any(name.startswith("ppo/grad_after/conv_stack.") for name in rows)
+    real = reference.ppo_step
+    monkeypatch.setattr(reference, "ppo_step", lambda policy, optimizer, clip_params, *a: real(
+        policy, optimizer, [p for g in optimizer.param_groups for p in g["params"]], *a))
+    failed = {r[1] for r in reference.check_reference(folder).rows if not r[4]}
+    assert {"ppo/update0/clip_total_norm", "ppo/update1/clip_total_norm"} <= failed

@@ -3,6 +3,7 @@ and its feature reuse exact, bc's cached labels, decoders and probes, evaluation
 normalisation, the report, and config resolution for `train`."""
 
 import copy
+from dataclasses import replace
 import json
 
 import numpy as np
@@ -142,6 +143,13 @@ def test_finetuning_is_lapos_stage_3b(bc_run, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert [r["env_steps"] for r in rows] == [64, 128] and all(r["lr"] >= 0 for r in rows)
     assert all(r["decoder_loss"] > 0 for r in rows)  # retrained after every update (smoke schedule)
+    # The reference's clip (the default): the trunk took PPO's gradients (for the clipped norm), and
+    # kept them, though it is not trained; without it the trunk runs on cached features, no gradient.
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.conv.parameters())
+    plain = DecodedPolicy(RunDir(run).load_policy("bc"))
+    train_ppo(tmp_path, "starpilot", replace(cfg, reference_clip=False), name="plain", init=plain,
+              idm=RunDir(run).load_lam().idm, progress=False)
+    assert all(p.grad is None for p in plain.conv.parameters())
     with pytest.raises(ValueError, match="needs a FinetuneConfig and the stage-1 IDM"):
         train_ppo(tmp_path, "starpilot", cfg, name="x", init=agent, progress=False)
 

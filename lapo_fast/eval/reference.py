@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from lapo_fast.config import BCConfig, LAMConfig, resolve
+from lapo_fast.config import BCConfig, FinetuneConfig, LAMConfig, resolve
 from lapo_fast.models import DecodedPolicy, LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, build_lam, stack_frames
 from lapo_fast.models.lam import reference_layout
 from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
+from lapo_fast.runtime.ppo import ppo_step
 
 RTOL, ATOL = 1e-4, 1e-5
 # Gradients, per tensor: the norm of the difference within 1% of the reference's (fp32 round-off,
@@ -315,6 +316,46 @@ def check_stage3(d, name: str, report: Report) -> None:
     for key, value in agent.decoder.state_dict().items():
         report.close(name, f"decoder_sl/param_after/{key}", value,
                      d[f"output/decoder_sl/param_after/decoder.{key.removeprefix('net.')}"], rtol=0.0, atol=2e-3)
+    if "output/ppo/clip_total_norm" in d.files:
+        _check_stage3_ppo(d, name, report, agent, obs, action)
+
+
+def _check_stage3_ppo(d, name: str, report: Report, agent: DecodedPolicy, obs, action) -> None:
+    """Two of our PPO updates against two of the reference's (ppo.batch_update, after the decoder
+    step above), with the reference's clip: the norm it clips counts the trunk's and the decoder's
+    gradients, which sit outside the optimiser and are never cleared (FinetuneConfig.reference_clip)."""
+    cfg = resolve(FinetuneConfig, "paper")
+    agent.conv.requires_grad_(True)  # as train_ppo does under reference_clip
+    agent.decoder.requires_grad_(True)
+    heads = {"policy_head_rl": agent.action_head, "value_head": agent.value_head, "fc_rl": agent.fc_rl}
+    lrs = {k: float(d[f"output/ppo/lr/{g}"]) for k, g in
+           zip(heads, ("policy_head", "value_head", "linear_layer"))}
+    optimizer = torch.optim.Adam([{"params": m.parameters(), "lr": lrs[k]} for k, m in heads.items()],
+                                 eps=cfg.adam_eps)
+    inputs = [torch.from_numpy(d[f"input/ppo/{k}"]) for k in ("logprobs", "adv", "returns", "values")]
+    norms = d["output/ppo/clip_total_norm"]
+    for u in range(len(norms)):
+        feats = agent.conv_features(obs)  # the trunk runs, with its gradient, in every minibatch
+        *_, norm = ppo_step(agent, optimizer, list(agent.parameters()), cfg, feats, action.long(), *inputs)
+        report.close(name, f"ppo/update{u}/clip_total_norm", norm, norms[u])
+        for mod, module in heads.items():
+            for key, value in module.named_parameters():
+                report.close(name, f"ppo/update{u}/param_after/{mod}.{key}", value,
+                             d[f"output/ppo/update{u}/param_after/{mod}.{key}"], rtol=0.0, atol=2 * (u + 1) * lrs[mod])
+    scale = float(norms[-1])
+    for key, param in agent.conv.named_parameters():
+        theirs = _conv_name(key)
+        report.relative(name, f"ppo/grad_after/{theirs}", param.grad, d[f"output/ppo/grad_after/{theirs}"], scale=scale)
+    for key, param in agent.decoder.named_parameters():
+        report.relative(name, f"ppo/grad_after/decoder.{key.removeprefix('net.')}", param.grad,
+                        d[f"output/ppo/grad_after/decoder.{key.removeprefix('net.')}"], scale=scale)
+
+
+def _conv_name(ours: str) -> str:
+    """The reference's conv_stack name of our trunk-stage parameter ('1.res.0.conv0.weight')."""
+    stage, rest = ours.split(".", 1)
+    rest = re.sub(r"^res\.(\d)\.", r"res_block\1.", rest)
+    return f"conv_stack.{stage}.{rest}"
 
 
 def check_reference(directory) -> Report:

@@ -43,7 +43,7 @@ from lapo_fast.runtime.acting import sample_actions
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint
 from lapo_fast.runtime.distributed import autocast
 from lapo_fast.runtime.metrics import StepMeans
-from lapo_fast.runtime.optim import clip_gradients
+from lapo_fast.runtime.ppo import ppo_step
 from lapo_fast.runtime.runlog import RunLog
 
 
@@ -155,7 +155,8 @@ class OnlineDecoder:
                 idx = order[i:i + c.decoder_batch]
                 _, loss = decoder_step(policy.decoder, optimizer, latents[idx], actions[idx],
                                        label_smoothing=c.label_smoothing)
-        policy.decoder.requires_grad_(False)
+        # Under the reference's clip the decoder keeps its gradients for PPO's norm (see train_ppo).
+        policy.decoder.requires_grad_(bool(getattr(c, "reference_clip", False)))
         return loss.item()
 
 
@@ -180,6 +181,14 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
     batch = cfg.num_envs * cfg.rollout
     updates = max(1, -(-cfg.env_steps // batch))
     optimizer, schedule, params = _optimizer(policy, cfg, batch, updates, finetune)
+    # The reference clips over all of policy.parameters(): its trunk and decoder are outside the
+    # optimiser but take PPO's gradients, which nothing clears (the decoder's, at each of its own
+    # training steps), and their norm counts (a resumed run restarts those sums from zero).
+    reference_clip = finetune and cfg.reference_clip
+    if reference_clip:
+        policy.conv.requires_grad_(True)
+        policy.decoder.requires_grad_(True)
+    clip_params = list(policy.parameters()) if reference_clip else params
     decoder = OnlineDecoder(idm, cfg, device) if finetune else None
     normalizer = RewardNormalizer(cfg.num_envs, cfg.gamma)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -243,8 +252,10 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         t_rollout = time.perf_counter() - t0
 
         policy.train()
-        stats = _update(policy, optimizer, params, cfg, store.flatten(0, 1), actions.flatten(), logps.flatten(),
-                        adv.flatten(), ret.flatten(), values[:-1].flatten(), finetune, gen)
+        # Under the reference's clip the update runs the trunk again, on the frames (t-major, as the rest).
+        obs = frames[:, :T].transpose(0, 1).flatten(0, 1) if reference_clip else None
+        stats = _update(policy, optimizer, clip_params, cfg, store.flatten(0, 1), actions.flatten(), logps.flatten(),
+                        adv.flatten(), ret.flatten(), values[:-1].flatten(), finetune, gen, obs=obs)
         schedule.step()
         update += 1
         if finetune and decoder.due(update * batch, update):
@@ -271,7 +282,9 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
 
 
 def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp, adv, ret, old_value, frozen: bool,
-            gen) -> dict:
+            gen, obs=None) -> dict:
+    """PPO's epochs over a rollout. `params`: those whose gradient norm is clipped; `obs` (uint8
+    frames, fine-tuning under the reference's clip): the trunk runs on them in every minibatch."""
     size = len(actions)
     mb = size // cfg.minibatches
     means = StepMeans("policy_loss", "value_loss", "entropy", "clip_frac")
@@ -280,25 +293,12 @@ def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp,
         for i in range(cfg.minibatches):
             idx = order[i * mb:(i + 1) * mb]
             with autocast(store.device, cfg.precision):
-                feats = store[idx] if frozen else policy.features(prepare_obs(store[idx]))
-                logits, value = policy.act_value(feats)
-            logp_all = F.log_softmax(logits.float(), -1)
-            logp = logp_all.gather(1, actions[idx, None])[:, 0]
-            ratio = (logp - old_logp[idx]).exp()
-            a = adv[idx]
-            a = (a - a.mean()) / (a.std() + 1e-8)
-            pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
-            v_err = (value.float() - ret[idx]).pow(2)
-            if cfg.clip_value:  # the new value may not gain from moving further than `clip` from the old
-                clipped = old_value[idx] + (value.float() - old_value[idx]).clamp(-cfg.clip, cfg.clip)
-                v_err = torch.max(v_err, (clipped - ret[idx]).pow(2))
-            v_loss = 0.5 * v_err.mean()
-            entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
-            loss = pg + cfg.value_coef * v_loss - cfg.entropy * entropy
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(params, cfg.grad_clip)
-            optimizer.step()
-            means.add(pg, v_loss, entropy, ((ratio - 1).abs() > cfg.clip).float().mean())
+                if obs is not None:
+                    feats = policy.conv_features(prepare_obs(obs[idx.cpu()].to(store.device)))
+                else:
+                    feats = store[idx] if frozen else policy.features(prepare_obs(store[idx]))
+            *stats, _ = ppo_step(policy, optimizer, params, cfg, feats, actions[idx], old_logp[idx], adv[idx],
+                                 ret[idx], old_value[idx])
+            means.add(*stats)
     return means.read()
 

@@ -577,6 +577,60 @@ def build_stage3_policy(cfg, policy0, idm0):
     return ns, picked
 
 
+def run_stage3_ppo_updates(ns, obs, actions, la, updates: int = 2, at_step: int = 60_000) -> dict:
+    """Two of the reference's own PPO updates (ppo.batch_update, one minibatch each) of the stage-3
+    policy, after one online-decoder step on the live decoder, as stage3_decoding.py runs them: its
+    optimiser (lr schedule at env step `at_step`, where every ramp is open), its action-selection
+    hook, its clip over all of policy.parameters() (the trunk's and decoder's gradients, outside the
+    optimiser, are never cleared). Records the norm each clip saw, the trained layers after each
+    update, and the trunk's and decoder's gradients at the end."""
+    import ppo  # reference
+
+    policy, opt = ns["policy"], ns["opt"]
+    ns["lr_sched"].step(at_step)
+    out = OrderedDict()
+    for g, name in zip(opt.param_groups, ("policy_head", "value_head", "linear_layer")):
+        out[f"output/ppo/lr/{name}"] = np.array(g["lr"], np.float64)
+    # post_update_hook's decoder step, on the live decoder (its gradients stay for PPO's clip)
+    dec_opt = torch.optim.Adam(policy.decoder.parameters())
+    dec_opt.zero_grad()
+    F.cross_entropy(policy.decoder(la), actions.long(), label_smoothing=0.05).backward()
+    dec_opt.step()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        _, logprobs, _, values = ns["action_selection_hook"](obs, action=actions)
+    batch = TensorDict(dict(obs=obs, actions=actions, logprobs=logprobs, values=values.flatten(),
+                            adv=torch.randn(len(obs), generator=gen),
+                            returns=values.flatten() + torch.randn(len(obs), generator=gen)), batch_size=[len(obs)])
+    for k in ("adv", "returns", "logprobs", "values"):
+        out[f"input/ppo/{k}"] = to_np(batch[k])
+    raw = torch.round((obs + 0.5) * 255).to(torch.uint8)  # ppo.batch_update normalises the frames itself
+    assert torch.equal(data_loader.normalize_obs(raw), obs)
+    out["input/ppo/obs_u8"] = to_np(raw)
+    norms = []
+    real_clip = nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *a, **k):
+        norm = real_clip(params, max_norm, *a, **k)
+        norms.append(norm.detach().clone())
+        return norm
+
+    nn.utils.clip_grad_norm_ = recording_clip
+    try:
+        for u in range(updates):
+            ppo.batch_update(policy, opt, batch.clone().set("obs", raw), ns["cfg"].stage3, ns["action_selection_hook"])
+            for mod in ("policy_head_rl", "value_head", "fc_rl"):
+                for k, v in getattr(policy, mod).named_parameters():
+                    out[f"output/ppo/update{u}/param_after/{mod}.{k}"] = to_np(v)
+    finally:
+        nn.utils.clip_grad_norm_ = real_clip
+    out["output/ppo/clip_total_norm"] = to_np(torch.stack(norms))
+    for mod in ("conv_stack", "decoder"):
+        for k, v in getattr(policy, mod).named_parameters():
+            out[f"output/ppo/grad_after/{mod}.{k}"] = to_np(v.grad)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -859,6 +913,7 @@ def main():
         arrays["output/decoder_sl/loss"] = to_np(dec_loss)
         for k, p in dec.named_parameters():
             arrays[f"output/decoder_sl/param_after/decoder.{k}"] = to_np(p)
+        arrays.update(run_stage3_ppo_updates(ns, obs_policy, ta, la))
         fname = f"stage3_policy_{size}.npz"
         sizes[fname] = save_npz(out_dir / fname, arrays, manifest)
         rl_opt = ns["opt"]
