@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="one `train` run per (game, seed), on this machine or as a SLURM job array "
                                      "(resumable); `sweep status DIR`: how each run stands")
     p.add_argument("action", nargs="*", metavar="status DIR", help="`status DIR`: done / running / failed per run")
-    p.add_argument("--envs", default=None, help="all (the 16 games) or GAME,GAME (default: the sweep recorded in --out)")
+    p.add_argument("--envs", default=None,
+                   help="all (the 16 games) or GAME,GAME (default: the sweep recorded in --out)")
     p.add_argument("--seeds", type=int, default=1, help="runs per game: seeds 0..N-1 (train --seed)")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help="every run's preset (default: paper for slurm, else this machine's)")
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "'source ~/venv/bin/activate' (repeatable)")
     p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="another sbatch option, e.g. account=myproj or constraint=h100 (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the runs (and for slurm the sbatch script); launch nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs (and for slurm the sbatch script); launch nothing")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("aggregate", help="a sweep's runs as the paper's table: per-game normalised returns, IQM/mean/"

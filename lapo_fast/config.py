@@ -194,9 +194,9 @@ class FinetuneConfig(PPOConfig):
     decoder_lr: float = setting(1e-3, "decoder Adam lr (torch's default, the reference's)")
     label_smoothing: float = setting(0.05, "label smoothing of the decoder's cross-entropy")
     reference_clip: bool = setting(True, "clip the gradient norm as the reference's code does: over all of the "
-                                         "policy's parameters, counting the frozen trunk's and the decoder's gradients, "
-                                         "which it never clears (the trunk's backward then runs in every minibatch); "
-                                         "false: over the trained layers only, on the trunk's cached features")
+                                         "policy's parameters, counting the frozen trunk's and the decoder's "
+                                         "gradients, which it never clears (the trunk's backward then runs in every "
+                                         "minibatch); false: over the trained layers only, on cached trunk features")
 
 
 def ramp(text: str, name: str) -> tuple[int, int]:

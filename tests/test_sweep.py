@@ -124,8 +124,8 @@ def test_aggregate_without_runs_is_a_clear_error(tmp_path, capsys):
 
 def _slurm_argv(out):
     return ["sweep", "--envs", "starpilot,coinrun", "--seeds", "2", "--executor", "slurm", "--out", str(out),
-            "--max-parallel", "3", "--partition", "gpu", "--time-min", "600", "--setup", "source /opt/venv/bin/activate",
-            "--slurm-arg", "account=lapo", "--set", "lam.steps=1000"]
+            "--max-parallel", "3", "--partition", "gpu", "--time-min", "600",
+            "--setup", "source /opt/venv/bin/activate", "--slurm-arg", "account=lapo", "--set", "lam.steps=1000"]
 
 
 def test_the_slurm_dry_run_prints_a_job_array_script(tmp_path, capsys):

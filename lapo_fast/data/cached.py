@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import DatasetError
+from .format import DatasetError, FrameReader
 
 
-class CachedFrames:
+class CachedFrames(FrameReader):
     """A dataset's decoded cache file, indexable like the cache array (`frames[idx]`) and read
     into batches with `read_into` (one pread per run of consecutive frames). Thread-safe."""
-
-    dtype = np.dtype(np.uint8)
 
     def __init__(self, path, shape: tuple):
         self.path = Path(path)
@@ -30,22 +28,9 @@ class CachedFrames:
             self.close()
             raise error
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     @property
     def nbytes(self) -> int:
         return self.shape[0] * self.frame_bytes
-
-    def __getitem__(self, idx) -> np.ndarray:
-        if isinstance(idx, slice):
-            idx = np.arange(*idx.indices(len(self)))
-        idx = np.asarray(idx)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"frames are indexed by integers, got {idx.dtype}")
-        out = np.empty((*idx.shape, *self.shape[1:]), np.uint8)
-        self.read_into(idx, out)
-        return out
 
     def read_into(self, idx, out) -> None:
         """Frames idx into `out` (a contiguous uint8 numpy array or CPU tensor of idx.shape + frame

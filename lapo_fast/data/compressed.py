@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .format import DatasetError, crc32, decompress_exact
+from .format import DatasetError, FrameReader, crc32, decompress_exact
 from .reader import FrameDataset
 
 
@@ -118,11 +118,9 @@ def default_threads(world: int = 1) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // max(1, world)))
 
 
-class CompressedFrames:
+class CompressedFrames(FrameReader):
     """A dataset's frames, indexable like its decoded cache (`frames[idx]` for an integer array,
     an int or a slice) but decoded on the fly from the memory-mapped shards. Thread-safe."""
-
-    dtype = np.dtype(np.uint8)
 
     def __init__(self, ds: FrameDataset, *, threads: int | None = None, partial: bool = True):
         self.ds = ds
@@ -145,9 +143,6 @@ class CompressedFrames:
         self.threads = threads or default_threads()
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self._local = threading.local()
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -172,18 +167,6 @@ class CompressedFrames:
 
     def plan(self, idx) -> DecodePlan:
         return plan_decode(self.table, idx, whole_chunks=self._partial is None)
-
-    def __getitem__(self, idx) -> np.ndarray:
-        if isinstance(idx, slice):
-            idx = np.arange(*idx.indices(len(self)))
-        idx = np.asarray(idx)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"frames are indexed by integers, got {idx.dtype}")
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"frame index out of [0, {len(self)})")
-        out = np.empty((*idx.shape, *self.shape[1:]), np.uint8)
-        self.read_into(idx, out)
-        return out
 
     def read_into(self, idx, out) -> None:
         """Frames idx into `out` (a uint8 numpy array or CPU torch tensor of idx.shape + frame shape).

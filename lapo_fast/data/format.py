@@ -162,3 +162,35 @@ def decompress_exact(codec: str, data, raw_size: int) -> bytes:
     if len(raw) != raw_size:
         raise ValueError(f"decodes to {len(raw)} bytes, expected {raw_size}")
     return raw
+
+
+class FrameReader:
+    """Frames that are not an array in memory (compressed shards, the decoded cache read with
+    pread): they fill a batch's buffer themselves (`read_into`) and index like an array."""
+
+    dtype = np.dtype(np.uint8)
+    shape: tuple
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = frame_indices(idx, len(self))
+        out = np.empty((*idx.shape, *self.shape[1:]), np.uint8)
+        self.read_into(idx, out)
+        return out
+
+    def read_into(self, idx, out) -> None:
+        raise NotImplementedError
+
+
+def frame_indices(idx, length: int) -> np.ndarray:
+    """An int, slice or integer array of frame indices as an array, checked against `length`."""
+    if isinstance(idx, slice):
+        idx = np.arange(*idx.indices(length))
+    idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"frames are indexed by integers, got {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= length):
+        raise IndexError(f"frame index out of [0, {length})")
+    return idx

@@ -27,8 +27,8 @@ import weakref
 import numpy as np
 import torch
 
-from .cached import CachedFrames
 from .compressed import CompressedFrames, DecodePlan, plan_decode
+from .format import FrameReader
 from .format import DatasetError
 
 
@@ -43,14 +43,10 @@ def prepare_obs(obs: torch.Tensor) -> torch.Tensor:
     return normalize(obs).contiguous(memory_format=torch.channels_last)
 
 
-# Frames that fill a batch themselves (read_into) rather than being an array in memory.
-_READERS = (CompressedFrames, CachedFrames)
-
-
 def frame_rows(frames):
     """What gather_frames reads: CompressedFrames and CachedFrames as they are; an array or memmap
     as a (N, frame bytes) CPU tensor over the same memory (made once: it costs microseconds per call)."""
-    if isinstance(frames, _READERS):
+    if isinstance(frames, FrameReader):
         return frames
     with warnings.catch_warnings():  # a read-only memmap: torch warns, and we never write to it
         warnings.simplefilter("ignore", UserWarning)
@@ -61,7 +57,7 @@ def gather_frames(rows, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     """frames[idx] into `out` (a CPU uint8 tensor of idx.shape + frame shape), from frame_rows(frames):
     one torch index_select over whole frames (measured faster than numpy's fancy indexing), or
     read by CompressedFrames (decoded) or CachedFrames (pread)."""
-    if isinstance(rows, _READERS):
+    if isinstance(rows, FrameReader):
         rows.read_into(idx, out)
     else:
         torch.index_select(rows, 0, torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)),

@@ -295,7 +295,8 @@ def check_stage3(d, name: str, report: Report) -> None:
     # The value head a new policy starts with: the reference's layer_init (orthogonal, norm sqrt(2),
     # zero bias), compared by its norm (the weights themselves are random).
     fresh = LatentPolicy(impala_scale=1).value_head
-    report.close(name, "value_head init (weight norm)", fresh.weight.norm(), np.linalg.norm(d["param/value_head.weight"]))
+    report.close(name, "value_head init (weight norm)", fresh.weight.norm(),
+                 np.linalg.norm(d["param/value_head.weight"]))
     report.exact(name, "value_head init (bias)", fresh.bias, np.zeros_like(d["param/value_head.bias"]))
     obs, action = torch.from_numpy(d["input/obs"]), torch.from_numpy(d["input/action"])
     with torch.no_grad():
@@ -316,6 +317,11 @@ def check_stage3(d, name: str, report: Report) -> None:
     for key, value in agent.decoder.state_dict().items():
         report.close(name, f"decoder_sl/param_after/{key}", value,
                      d[f"output/decoder_sl/param_after/decoder.{key.removeprefix('net.')}"], rtol=0.0, atol=2e-3)
+    stored = [f"output/decoder_sl/grad/decoder.{k.removeprefix('net.')}" for k, _ in agent.decoder.named_parameters()]
+    if all(k in d.files for k in stored):  # the step's gradients (fixtures made since they are stored)
+        scale = float(np.sqrt(sum(np.square(d[k].astype(np.float64)).sum() for k in stored)))
+        for (key, param), theirs in zip(agent.decoder.named_parameters(), stored):
+            report.relative(name, f"decoder_sl/grad/{key}", param.grad, d[theirs], scale=scale)
     if "output/ppo/clip_total_norm" in d.files:
         _check_stage3_ppo(d, name, report, agent, obs, action)
 

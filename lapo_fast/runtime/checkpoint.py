@@ -51,7 +51,8 @@ def _write_errors(folder: Path, nbytes: int):
     except OSError:
         raise
     except Exception as e:
-        full = "os error 28" in str(e) or "No space left" in str(e) or shutil.disk_usage(folder).free < 3 * nbytes + (1 << 20)
+        full = ("os error 28" in str(e) or "No space left" in str(e)
+                or shutil.disk_usage(folder).free < 3 * nbytes + (1 << 20))
         raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
                       f"could not write a checkpoint ({type(e).__name__}: {e})", str(folder)) from e
 

@@ -298,8 +298,8 @@ def _markdown(r: dict) -> str:
                   "| env steps | " + " | ".join(POLICIES[p] for p in ("finetuned", "scratch") if p in online) + " |",
                   "|---" * (1 + sum(p in online for p in ("finetuned", "scratch"))) + "|"]
         for i in np.unique(np.linspace(0, len(online["env_steps"]) - 1, 5).astype(int)):
-            cells = [f"{_fmt(online[p]['iqm'][i])} [{_fmt(online[p]['ci95_low'][i])}, {_fmt(online[p]['ci95_high'][i])}]"
-                     for p in ("finetuned", "scratch") if p in online]
+            cells = [f"{_fmt(c['iqm'][i])} [{_fmt(c['ci95_low'][i])}, {_fmt(c['ci95_high'][i])}]"
+                     for c in (online[p] for p in ("finetuned", "scratch") if p in online)]
             lines.append(f"| {online['env_steps'][i]:,.0f} | " + " | ".join(cells) + " |")
         lines.append("")
     dec = r["curves"].get("decoding")

@@ -77,7 +77,8 @@ def run_dir(out: Path, game: str, seed: int) -> Path:
 
 def train_argv(spec: SweepSpec, out: Path, game: str, seed: int) -> list[str]:
     """The `lapo-fast` command line of one run."""
-    argv = ["train", "--env", game, "--seed", str(seed), "--preset", spec.preset, "--out", str(run_dir(out, game, seed))]
+    argv = ["train", "--env", game, "--seed", str(seed), "--preset", spec.preset,
+            "--out", str(run_dir(out, game, seed))]
     for item in spec.sets:
         argv += ["--set", item]
     return argv
@@ -178,7 +179,8 @@ def run_state(directory: Path) -> tuple[str, str]:
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("started", 0)))
         if record.get("host") == socket.gethostname() and not _alive(record.get("pid")):
             return "died", f"its process {record.get('pid')} on {record.get('host')} is gone (started {since})"
-        return "running", f"on {record.get('host')} since {since}" + (f", job {record['job_id']}" if record.get("job_id") else "")
+        job = f", job {record['job_id']}" if record.get("job_id") else ""
+        return "running", f"on {record.get('host')} since {since}{job}"
     if state == "submitted":
         return "submitted", f"job {record.get('job_id')}"
     return ("pending", "") if not (directory / "run.json").exists() else ("stopped", "started, not finished")

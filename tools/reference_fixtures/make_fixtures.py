@@ -913,6 +913,7 @@ def main():
         arrays["output/decoder_sl/loss"] = to_np(dec_loss)
         for k, p in dec.named_parameters():
             arrays[f"output/decoder_sl/param_after/decoder.{k}"] = to_np(p)
+            arrays[f"output/decoder_sl/grad/decoder.{k}"] = to_np(p.grad)
         arrays.update(run_stage3_ppo_updates(ns, obs_policy, ta, la))
         fname = f"stage3_policy_{size}.npz"
         sizes[fname] = save_npz(out_dir / fname, arrays, manifest)
