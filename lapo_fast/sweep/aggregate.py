@@ -43,17 +43,20 @@ def find_runs(directory: Path) -> list[dict]:
     return runs
 
 
-def _eval_scores(run: dict) -> dict[str, float]:
-    """policy -> normalised return, from the run's evaluation."""
+def _eval_scores(run: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """policy -> return normalised by the paper's table, and by the run's own demonstrator (where
+    it beats the random policy), from the run's evaluation."""
     results = read_json(run["dir"] / "eval" / "results.json")
     if not isinstance(results, dict) or not isinstance(results.get("policies"), dict):
-        return {}
-    scores = {}
+        return {}, {}
+    scores, to_demo = {}, {}
     for name, r in results["policies"].items():
         key = "decoded" if name.startswith("decoded") else name
         if key in POLICIES and r.get("mean_return") is not None:
             scores[key] = float(normalized_return(r["mean_return"], run["game"]))
-    return scores
+            if r.get("normalized_to_demonstrator") is not None and key != "demonstrator":
+                to_demo[key] = float(r["normalized_to_demonstrator"])
+    return scores, to_demo
 
 
 def _curve(run: dict, stage: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -99,11 +102,14 @@ def aggregate(directory, out=None, *, reps: int = 2000, seed: int = 0, points: i
     if not runs:
         raise ValueError(f"{directory}: no runs (<game>/seed<k>/ folders); launch them with `lapo-fast sweep`")
 
-    missing, scores, curves, decoding = [], {p: {} for p in POLICIES}, {"finetuned": {}, "scratch": {}}, {}
+    missing, curves, decoding = [], {"finetuned": {}, "scratch": {}}, {}
+    scores, to_demo = {p: {} for p in POLICIES}, {p: {} for p in POLICIES}
     for run in runs:
         state, detail = run_state(run["dir"])
         key, lacks = (run["game"], run["seed"]), []
-        got = _eval_scores(run)
+        got, got_demo = _eval_scores(run)
+        for policy, value in got_demo.items():
+            to_demo[policy][key] = value
         for policy in POLICIES:
             if policy in got:
                 scores[policy][key] = got[policy]
@@ -128,15 +134,8 @@ def aggregate(directory, out=None, *, reps: int = 2000, seed: int = 0, points: i
 
     games = sorted({r["game"] for r in runs})
     report: dict = {"sweep": str(directory), "games": games, "runs": len(runs), "reps": reps, "missing": missing,
-                    "per_game": {}, "aggregate": {}, "curves": {}, "plots": {}}
-    for game in games:
-        row = {}
-        for policy in POLICIES:
-            vals = [v for (g, _), v in sorted(scores[policy].items()) if g == game]
-            if vals:
-                row[policy] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
-                               "seeds": len(vals)}
-        report["per_game"][game] = row
+                    "per_game": _per_game(scores, games), "per_game_vs_demonstrator": _per_game(to_demo, games),
+                    "aggregate": {}, "curves": {}, "plots": {}}
 
     # Across games: IQM, mean, median, each with its 95% CI (rliable's stratified bootstrap).
     func = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x), metrics.aggregate_median(x)])  # noqa: E731
@@ -160,6 +159,20 @@ def aggregate(directory, out=None, *, reps: int = 2000, seed: int = 0, points: i
     report["plots"] = _plots(report, out)
     write_json(out / "aggregate.json", report)
     return atomic_write(out / "aggregate.md", _markdown(report))
+
+
+def _per_game(scores: dict, games: list[str]) -> dict:
+    """game -> policy -> mean, min and max over seeds, and how many."""
+    table = {}
+    for game in games:
+        row = {}
+        for policy, values in scores.items():
+            vals = [v for (g, _), v in sorted(values.items()) if g == game]
+            if vals:
+                row[policy] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
+                               "seeds": len(vals)}
+        table[game] = row
+    return table
 
 
 def _iqm_by_column(x: np.ndarray) -> np.ndarray:
@@ -278,13 +291,17 @@ def _markdown(r: dict) -> str:
              f"{r['runs']} run(s) over {len(r['games'])} game(s). Normalised return: (R - R_random) / "
              "(R_expert - R_random), the paper's table. Aggregates: rliable's IQM, mean and median with 95% "
              f"stratified-bootstrap confidence intervals ({r['reps']} resamples).", ""]
-    lines += ["## Per game (mean over seeds [min, max])", "",
-              "| game | " + " | ".join(POLICIES.values()) + " |", "|---" * (len(POLICIES) + 1) + "|"]
-    for game, row in r["per_game"].items():
-        cells = [f"{_fmt(row[p]['mean'])} [{_fmt(row[p]['min'])}, {_fmt(row[p]['max'])}] ({row[p]['seeds']})"
-                 if p in row else "-" for p in POLICIES]
-        lines.append(f"| {game} | " + " | ".join(cells) + " |")
-    lines.append("")
+    for key, title in (("per_game", "Per game (mean over seeds [min, max] (seeds))"),
+                       ("per_game_vs_demonstrator", "Per game, normalised to each run's own demonstrator "
+                                                    "(R - R_random) / (R_demo - R_random)")):
+        names = [p for p in POLICIES if key == "per_game" or p != "demonstrator"]
+        lines += [f"## {title}", "", "| game | " + " | ".join(POLICIES[p] for p in names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for game, row in r[key].items():
+            cells = [f"{_fmt(row[p]['mean'])} [{_fmt(row[p]['min'])}, {_fmt(row[p]['max'])}] ({row[p]['seeds']})"
+                     if p in row else "-" for p in names]
+            lines.append(f"| {game} | " + " | ".join(cells) + " |")
+        lines.append("")
     if r["aggregate"]:
         lines += ["## Across games", "", "| policy | seeds | " + " | ".join(f"{m} [95% CI]" for m in METRICS) + " |",
                   "|---" * (len(METRICS) + 2) + "|"]
