@@ -13,6 +13,7 @@ import datetime
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -123,11 +124,9 @@ def gather_object(obj) -> list:
     return out
 
 
-def all_gather_rows(rows, device) -> "np.ndarray":
+def all_gather_rows(rows, device) -> np.ndarray:
     """Every rank's array of rows (same trailing shape and dtype; any number of rows), joined in
     rank order; `rows` itself when not distributed. Moves through `device` (NCCL needs CUDA)."""
-    import numpy as np
-
     if not dist.is_initialized():
         return rows
     world = dist.get_world_size()
