@@ -26,8 +26,11 @@ PRESETS = ("paper", "cpu", "smoke")
 PRECISION_HELP = ("fp32 (the reference code's numerics: PyTorch's defaults), tf32 (TF32 matmuls too, CUDA) or bf16 "
                   "(autocast: faster on GPUs, drifts from fp32; docs/experiments.md)")
 
+# The fewest points UMAP projects (its spectral start fails on a handful).
+UMAP_FEWEST = 16
+
 # Every stage that reads frames has this setting (data.planner decides what auto means).
-LOADER_HELP = ("how frames are read: auto, resident (decoded in GPU memory/RAM), cache (decoded memmap on disk) "
+LOADER_HELP = ("how frames are read: auto, resident (decoded in GPU memory/RAM), cache (a decoded file on disk) "
                "or compressed (no decoded copy)")
 
 
@@ -136,7 +139,8 @@ class DecodeConfig(Checked):
 class UmapConfig(Checked):
     """The 2-D UMAP of the IDM's latent actions, coloured by true action."""
 
-    points: int = setting(5_000, "windows projected (no-op actions left out; UMAP needs 16 or more)", low=16)
+    points: int = setting(5_000, f"windows projected (no-op actions left out; UMAP needs {UMAP_FEWEST} or more)",
+                          low=UMAP_FEWEST)
     seed: int = setting(0, "seed of the windows picked and of UMAP")
     loader: str = setting("auto", LOADER_HELP)
     device: str = setting("", "torch device of the IDM ('' = cuda if available, else cpu)")

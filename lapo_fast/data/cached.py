@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import DatasetError, FrameReader
+from .format import DatasetError, FrameReader, frame_indices
 
 
 class CachedFrames(FrameReader):
@@ -35,11 +35,9 @@ class CachedFrames(FrameReader):
     def read_into(self, idx, out) -> None:
         """Frames idx into `out` (a contiguous uint8 numpy array or CPU tensor of idx.shape + frame
         shape); a window's frames, consecutive in the file, are one read."""
-        flat = np.asarray(idx, np.int64).reshape(-1)
+        flat = frame_indices(idx, len(self)).reshape(-1)  # (a short read must mean a truncated file)
         if not flat.size:
             return
-        if flat.min() < 0 or flat.max() >= len(self):
-            raise IndexError(f"frame index out of [0, {len(self)})")
         target = out.numpy() if hasattr(out, "numpy") else out
         if not target.flags.c_contiguous:
             raise ValueError("read_into needs a contiguous output")

@@ -87,8 +87,8 @@ class Report:
 
     def table(self) -> str:
         lines = [f"{'fixture':<22} {'output':<44} {'max |diff|':>11} {'bound':>10}  result"]
-        lines += [f"{f:<22} {n:<44} {d:>11.3g} {b:>10.3g}  {'near-tie' if i in self.near_ties else 'ok' if ok else 'FAIL'}"
-                  for i, (f, n, d, b, ok) in enumerate(self.rows)]
+        result = lambda i, ok: "near-tie" if i in self.near_ties else "ok" if ok else "FAIL"  # noqa: E731
+        lines += [f"{f:<22} {n:<44} {d:>11.3g} {b:>10.3g}  {result(i, ok)}" for i, (f, n, d, b, ok) in enumerate(self.rows)]
         lines += [f"{f:<22} {'(not checked)':<44} {'':>11} {'':>10}  {why}" for f, why in self.skipped]
         return "\n".join(lines)
 
@@ -265,7 +265,7 @@ def check_stage2(d, name: str, report: Report, idm_d, policy_d) -> None:
     optimizer_step(loss, list(params), optimizer, schedule, cfg.grad_clip, record=grads)
     mine_grad = dict(zip(names, grads["pre_clip"]))  # stage 2 does not clip (grad_clip 0, as the reference)
     stored = [k for k in d.files if k.startswith("output/grad/")]
-    scale = float(np.sqrt(sum(np.square(d[k].astype(np.float64)).sum() for k in stored)))
+    scale = _joint_norm(d, stored)
     for key in stored:
         theirs = key.split("/", 2)[2]
         report.relative(name, f"grad/{theirs}", mine_grad[_mapped(theirs, _POLICY_MAP)], d[key], scale=scale)
@@ -316,10 +316,10 @@ def check_stage3(d, name: str, report: Report) -> None:
     report.close(name, "decoder_sl/loss", loss, d["output/decoder_sl/loss"])
     for key, value in agent.decoder.state_dict().items():
         report.close(name, f"decoder_sl/param_after/{key}", value,
-                     d[f"output/decoder_sl/param_after/decoder.{key.removeprefix('net.')}"], rtol=0.0, atol=2e-3)
-    stored = [f"output/decoder_sl/grad/decoder.{k.removeprefix('net.')}" for k, _ in agent.decoder.named_parameters()]
+                     d[f"output/decoder_sl/param_after/{_decoder_name(key)}"], rtol=0.0, atol=2e-3)
+    stored = [f"output/decoder_sl/grad/{_decoder_name(k)}" for k, _ in agent.decoder.named_parameters()]
     if all(k in d.files for k in stored):  # the step's gradients (fixtures made since they are stored)
-        scale = float(np.sqrt(sum(np.square(d[k].astype(np.float64)).sum() for k in stored)))
+        scale = _joint_norm(d, stored)
         for (key, param), theirs in zip(agent.decoder.named_parameters(), stored):
             report.relative(name, f"decoder_sl/grad/{key}", param.grad, d[theirs], scale=scale)
     if "output/ppo/clip_total_norm" in d.files:
@@ -353,8 +353,18 @@ def _check_stage3_ppo(d, name: str, report: Report, agent: DecodedPolicy, obs, a
         theirs = _conv_name(key)
         report.relative(name, f"ppo/grad_after/{theirs}", param.grad, d[f"output/ppo/grad_after/{theirs}"], scale=scale)
     for key, param in agent.decoder.named_parameters():
-        report.relative(name, f"ppo/grad_after/decoder.{key.removeprefix('net.')}", param.grad,
-                        d[f"output/ppo/grad_after/decoder.{key.removeprefix('net.')}"], scale=scale)
+        theirs = _decoder_name(key)
+        report.relative(name, f"ppo/grad_after/{theirs}", param.grad, d[f"output/ppo/grad_after/{theirs}"], scale=scale)
+
+
+def _joint_norm(d, keys) -> float:
+    """The norm of the stored tensors `keys` taken together (a step's whole gradient)."""
+    return float(np.sqrt(sum(np.square(d[k].astype(np.float64)).sum() for k in keys)))
+
+
+def _decoder_name(ours: str) -> str:
+    """The reference's name of our decoder parameter ('net.0.weight' -> 'decoder.0.weight')."""
+    return "decoder." + ours.removeprefix("net.")
 
 
 def _conv_name(ours: str) -> str:

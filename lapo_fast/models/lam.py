@@ -134,5 +134,6 @@ def build_lam(cfg) -> LatentActionModel:
         fdm_norm=cfg.fdm_norm, fdm_action=cfg.fdm_action,
         latent_dim=cfg.num_codebooks * cfg.code_dim * cfg.num_latents, num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
-        quantize=cfg.quantize, decay=cfg.vq_decay, commitment=cfg.commitment, dead_code_threshold=cfg.dead_code_threshold,
+        quantize=cfg.quantize, decay=cfg.vq_decay, commitment=cfg.commitment,
+        dead_code_threshold=cfg.dead_code_threshold,
     ).to(memory_format=_LAYOUT[-1])

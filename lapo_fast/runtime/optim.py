@@ -25,7 +25,8 @@ def optimizer_step(loss, params, optimizer, schedule, grad_clip: float, record: 
     """One update: backward, gradient-norm clip (none when grad_clip is 0), optimiser step,
     schedule step. Returns the gradient norm before clipping (None without clipping). `record`
     (with `params` a list) receives copies of the gradients before and after the clip, in params'
-    order: what check-reference compares with the reference code's."""
+    order: what check-reference compares with the reference code's. `schedule` may be None (PPO
+    steps its schedule once per update, not per minibatch)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = lambda: [None if p.grad is None else p.grad.detach().clone() for p in params]  # noqa: E731
@@ -35,7 +36,8 @@ def optimizer_step(loss, params, optimizer, schedule, grad_clip: float, record: 
     if record is not None:
         record["post_clip"] = grads()
     optimizer.step()
-    schedule.step()
+    if schedule is not None:
+        schedule.step()
     return norm
 
 

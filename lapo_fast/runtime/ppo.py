@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from .distributed import autocast
-from .optim import clip_gradients
+from .optim import optimizer_step
 
 
 def ppo_step(policy, optimizer, clip_params, cfg, feats, actions, old_logp, adv, ret, old_value) -> tuple:
@@ -30,8 +30,5 @@ def ppo_step(policy, optimizer, clip_params, cfg, feats, actions, old_logp, adv,
     v_loss = 0.5 * v_err.mean()
     entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
     loss = pg + cfg.value_coef * v_loss - cfg.entropy * entropy
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = clip_gradients(clip_params, cfg.grad_clip)
-    optimizer.step()
+    norm = optimizer_step(loss, clip_params, optimizer, None, cfg.grad_clip)
     return pg, v_loss, entropy, ((ratio - 1).abs() > cfg.clip).float().mean(), norm

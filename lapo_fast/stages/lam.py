@@ -85,7 +85,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc="lam", unit="step")
-    probe_actions = _no_probe(ds, sampler, true_action) is None
+    no_probe = _no_probe(ds, sampler, true_action)  # why the latent probe cannot run, or None
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
     while step < end:
         batch = next(loader)  # uint8 on the device
@@ -119,7 +119,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
             if not means.finite():  # never save weights a NaN step has touched (a NaN VQ input on CUDA)
                 raise divergence_error("stage 1 (lam)", step, cfg, out)
             saved = save_checkpoint_all_ranks(out, step, model, optimizer, schedule, loader.rng)
-            if saved is not None and probe_actions and step < cfg.steps:  # rank 0; the last one below
+            if saved is not None and no_probe is None and step < cfg.steps:  # rank 0; the last one below
                 _probe(model, sampler, ds, device, cfg, log, run, step)
             distributed.barrier()
     bar.close()
@@ -127,12 +127,11 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     # The stage is done only with its final probe written: a run killed during it (or a rerun of a
     # finished run that lacks it) makes it now, from the final weights.
     if step == cfg.steps and rank == 0 and not run.probe.exists():
-        why = _no_probe(ds, sampler, true_action)
-        if why is None:
+        if no_probe is None:
             _probe(model, sampler, ds, device, cfg, log, run, step)
         else:
-            write_json(run.probe, {"skipped": why})
-            print(f"lam: no latent probe: {why}")
+            write_json(run.probe, {"skipped": no_probe})
+            print(f"lam: no latent probe: {no_probe}")
     distributed.barrier()
     log.close()
     return latest_checkpoint(out)

@@ -18,7 +18,8 @@ from lapo_fast.runtime.runlog import read_metrics
 SCRATCH_RUNS = ("ppo", "demo")  # a PPO-from-scratch curve: a dedicated run, else the demonstrator's own
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,10 +28,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> str:
+def save_plot(fig, path: Path) -> str:
+    """Writes a figure atomically and closes it; returns its file name (what reports link)."""
     fig.tight_layout()
     atomic_write(path, fig.savefig)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
@@ -40,7 +42,8 @@ def _smooth(y: np.ndarray, k: int = 5) -> np.ndarray:
     return np.convolve(np.pad(y, (k // 2, k - 1 - k // 2), mode="edge"), np.ones(k) / k, mode="valid")
 
 
-def _curve(run: RunDir, stage: str):
+def training_curve(run: RunDir, stage: str):
+    """(env steps, mean return of the episodes that ended) of a PPO-style stage, None without any."""
     rows = [r for r in read_metrics(run.stage(stage)) if r.get("episode_return") is not None]
     return (np.array([r["env_steps"] for r in rows]), np.array([r["episode_return"] for r in rows])) if rows else None
 
@@ -49,7 +52,7 @@ def write_report(run_dir) -> Path:
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise FileNotFoundError(f"{run}: no such run directory")
-    plt = _plt()
+    plt = pyplot()
     report: dict = {"run": str(run), "timings_s": read_json(run.timings, {})}
     plots: dict[str, str] = {}
 
@@ -76,7 +79,7 @@ def write_report(run_dir) -> Path:
                      label="probe accuracy")
             ax2.axhline(probes[-1]["probe_chance"], ls=":", c="C2")
             ax2.set(ylabel="latent probe accuracy (dotted: chance)", ylim=(0, 1))
-        plots["stage1"] = _save(fig, run.plot("stage1"))
+        plots["stage1"] = save_plot(fig, run.plot("stage1"))
 
     bc = read_metrics(run.stage("bc"))
     if bc:
@@ -95,14 +98,14 @@ def write_report(run_dir) -> Path:
             ax2.plot(sizes, [e["mean_return"] for e in decode.values()], "s--", c="C1", label="return")
             ax2.set_ylabel("mean return of decoder(policy)")
         ax.legend(loc="upper left")
-        plots["decode"] = _save(fig, run.plot("decoder_sweep"))
+        plots["decode"] = save_plot(fig, run.plot("decoder_sweep"))
 
     curves = {}
-    finetune = _curve(run, "finetune")
+    finetune = training_curve(run, "finetune")
     if finetune is not None:
         curves["LAPO fine-tuned (frozen trunk)"] = finetune
     for sub in SCRATCH_RUNS:
-        scratch = _curve(run, sub)
+        scratch = training_curve(run, sub)
         if scratch is not None:
             curves[f"PPO from scratch ({sub})"] = scratch
             break
@@ -112,7 +115,7 @@ def write_report(run_dir) -> Path:
             ax.plot(x, _smooth(y), label=label)
         ax.set(xlabel="env steps", ylabel="episode return", title="Online: fine-tuning vs scratch")
         ax.legend(fontsize=8)
-        plots["online"] = _save(fig, run.plot("online"))
+        plots["online"] = save_plot(fig, run.plot("online"))
         report["online"] = {label: {"env_steps": int(x[-1]), "final_return": float(np.mean(y[-5:]))}
                             for label, (x, y) in curves.items()}
         shortest = min(x[-1] for x, _ in curves.values())  # equal env steps: read each curve there

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lapo_fast.config import UmapConfig
+from lapo_fast.config import UMAP_FEWEST, UmapConfig
 from lapo_fast.data import FrameDataset, valid_starts
 from lapo_fast.data.planner import frames_for
 from lapo_fast.envs.games import ACTION_NAMES, NOOP, OBS_SHAPE
@@ -37,9 +37,9 @@ def project_latents(data_dir, run_dir, cfg: UmapConfig | None = None) -> Path:
     starts = valid_starts(ds.episodes, context + 2)
     actions = np.asarray(ds.meta("action"))[starts + context]
     starts = starts[actions != NOOP]
-    if len(starts) < 16:  # UMAP's spectral start fails on a handful of points
-        raise ValueError(f"{data_dir}: {len(starts)} windows with an action other than NOOP; the UMAP needs 16 or "
-                         "more (record more frames)")
+    if len(starts) < UMAP_FEWEST:
+        raise ValueError(f"{data_dir}: {len(starts)} windows with an action other than NOOP; the UMAP needs "
+                         f"{UMAP_FEWEST} or more (record more frames)")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(starts), min(points, len(starts)), replace=False))
     starts = starts[pick]

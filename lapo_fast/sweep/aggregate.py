@@ -19,7 +19,8 @@ import numpy as np
 from lapo_fast.envs.games import GAMES
 from lapo_fast.eval.returns import normalized_return
 from lapo_fast.runtime.files import atomic_write, read_json, write_json
-from lapo_fast.runtime.runlog import read_metrics
+from lapo_fast.rundir import RunDir
+from lapo_fast.stages.report import SCRATCH_RUNS, pyplot, save_plot, training_curve
 
 from .launch import run_state
 
@@ -27,7 +28,6 @@ from .launch import run_state
 POLICIES = {"decoded": "decoded latent policy (stage 3a)", "finetuned": "LAPO fine-tuned (stage 3b)",
             "scratch": "PPO from scratch", "demonstrator": "demonstrator"}
 METRICS = ("IQM", "mean", "median")
-SCRATCH_RUNS = ("ppo", "demo")  # a from-scratch curve: a dedicated run, else the demonstrator's own
 
 
 def find_runs(directory: Path) -> list[dict]:
@@ -60,11 +60,9 @@ def _eval_scores(run: dict) -> tuple[dict[str, float], dict[str, float]]:
 
 
 def _curve(run: dict, stage: str) -> tuple[np.ndarray, np.ndarray] | None:
-    rows = [r for r in read_metrics(run["dir"] / stage) if r.get("episode_return") is not None]
-    if not rows:
-        return None
-    x = np.array([r["env_steps"] for r in rows], np.float64)
-    return x, normalized_return(np.array([r["episode_return"] for r in rows]), run["game"])
+    """A stage's training curve (the run report's), its returns normalised."""
+    curve = training_curve(RunDir(run["dir"]), stage)
+    return None if curve is None else (curve[0].astype(np.float64), normalized_return(curve[1], run["game"]))
 
 
 def _decode_curve(run: dict) -> dict[int, float]:
@@ -228,11 +226,7 @@ def _decoding_curve(decoding: dict, games: list[str], reps: int, seed: int) -> d
 
 
 def _plots(report: dict, out: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plots = {}
     online = report["curves"].get("online")
     if online:
@@ -246,7 +240,7 @@ def _plots(report: dict, out: Path) -> dict:
         ax.set(xlabel="env steps", ylabel="normalised return (IQM, 95% CI)",
                title=f"Fine-tuning vs scratch, {len(report['games'])} game(s)")
         ax.legend(fontsize=8)
-        plots["online"] = _save(fig, out / "online.png")
+        plots["online"] = save_plot(fig, out / "online.png")
     dec = report["curves"].get("decoding")
     if dec:
         fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
@@ -257,7 +251,7 @@ def _plots(report: dict, out: Path) -> dict:
         ax.set_xticks(dec["labelled"], [str(n) for n in dec["labelled"]])
         ax.minorticks_off()
         ax.legend(fontsize=8)
-        plots["decoding"] = _save(fig, out / "decoding.png")
+        plots["decoding"] = save_plot(fig, out / "decoding.png")
     if report["aggregate"]:
         fig, axes = plt.subplots(1, len(METRICS), figsize=(9, 2.2 + 0.35 * len(report["aggregate"])), dpi=110,
                                  sharey=True)
@@ -269,17 +263,8 @@ def _plots(report: dict, out: Path) -> dict:
                 ax.plot([m["estimate"]], [j], "|", c="k", ms=14)
             ax.set(title=metric, xlabel="normalised return")
         axes[0].set_yticks(range(len(names)), [POLICIES[p] for p in names], fontsize=8)
-        plots["aggregate"] = _save(fig, out / "aggregate.png")
+        plots["aggregate"] = save_plot(fig, out / "aggregate.png")
     return plots
-
-
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    atomic_write(path, fig.savefig)
-    plt.close(fig)
-    return path.name
 
 
 def _fmt(v, digits: int = 3) -> str:
