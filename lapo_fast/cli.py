@@ -157,6 +157,13 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from .selftest import run
+
+    rows = run(args.device, quick=args.quick, compile=args.compile, json_out=args.json)
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
 def _needs(*modules: str, extra: str) -> None:
     """A command's optional dependencies, or a one-line error naming the extra to install."""
     import importlib.util
@@ -314,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                "compare every output (exit 1 on a mismatch or an unchecked fixture)")
     p.add_argument("dir", help="a folder of reference fixtures (shared/fixtures/lapo_reference)")
     p.set_defaults(func=_cmd_check_reference)
+
+    p = sub.add_parser("selftest", help="check every path this device has (VQ kernels, CUDA graphs, the stages' steps "
+                                        "at paper size, loaders, engine, process group) against a reference; exit 1 "
+                                        "on a FAIL. Run it first on a new GPU machine")
+    p.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write every check and the machine's facts here")
+    p.add_argument("--quick", action="store_true", help="the small cases only (seconds on a GPU)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile a stage-1 step on the CPU (~80 s on "
+                                                          "2 cores; always tried on CUDA without --quick)")
+    p.set_defaults(func=_cmd_selftest)
 
     p = sub.add_parser("train", help="the whole method on one game, in one run directory (resumable)")
     p.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")

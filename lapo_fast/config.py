@@ -26,6 +26,12 @@ PRESETS = ("paper", "cpu", "smoke")
 PRECISION_HELP = ("fp32 (the reference code's numerics: PyTorch's defaults), tf32 (TF32 matmuls too, CUDA) or bf16 "
                   "(autocast: faster on GPUs, drifts from fp32; docs/experiments.md)")
 
+# Every supervised stage and fine-tuning have this setting (runtime.step).
+CUDA_GRAPHS_HELP = ("capture the training step (forward, backward, clip, optimiser) once as a CUDA graph and replay "
+                    "it: the host's launches stop bounding small batches (CUDA only; falls back to eager with a line "
+                    "if capture fails; check it with `lapo-fast selftest --device cuda`)")
+COMPILE_HELP = "torch.compile the convolutional networks (minutes of compilation at the start; CUDA or CPU)"
+
 # The fewest points UMAP projects (its spectral start fails on a handful).
 UMAP_FEWEST = 16
 
@@ -91,6 +97,8 @@ class LAMConfig(Checked):
     probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)", low=1)
     seed: int = setting(0, "seed of weights and window sampling")
     precision: str = setting("fp32", PRECISION_HELP)
+    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, resumable=True)
+    compile: bool = setting(False, COMPILE_HELP + ": the IDM's encoder and the FDM", resumable=True)
     loader: str = setting("auto", LOADER_HELP, resumable=True)
     device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)",
                           resumable=True)
@@ -114,6 +122,8 @@ class BCConfig(Checked):
     checkpoint_every: int = setting(2_000, "steps between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights and batch sampling")
     precision: str = setting("fp32", PRECISION_HELP)
+    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, resumable=True)
+    compile: bool = setting(False, COMPILE_HELP + ": the policy's trunk", resumable=True)
     loader: str = setting("auto", LOADER_HELP, resumable=True)
     device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)", resumable=True)
 
@@ -172,6 +182,7 @@ class PPOConfig(Checked):
     checkpoint_every: int = setting(10, "updates between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights, envs and sampling")
     precision: str = setting("fp32", PRECISION_HELP)
+    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP + "; PPO's minibatch step", resumable=True)
     device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
 
 

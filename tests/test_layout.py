@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lapo_fast"
-LAYERS = {"cli": 4, "sweep": 3, "pipeline": 3, "stages": 2, "models": 1, "data": 1, "eval": 1, "rundir": 1, "runtime": 1,
+LAYERS = {"cli": 4, "sweep": 3, "pipeline": 3, "selftest": 3, "stages": 2, "models": 1, "data": 1, "eval": 1, "rundir": 1, "runtime": 1,
           "config": 1, "ops": 0, "envs": 0, "kernels": 0, "_C": 0, "demonstrators": 0}
 
 

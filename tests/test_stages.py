@@ -21,7 +21,7 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.checkpoint import load_checkpoint
 from lapo_fast.stages.bc import train_bc
 from lapo_fast.stages.lam import train_lam
-from lapo_fast.stages.ppo import RewardNormalizer, _update, gae, train_ppo
+from lapo_fast.stages.ppo import _ppo_step, RewardNormalizer, _update, gae, train_ppo
 
 
 # -- PPO ----------------------------------------------------------------------------------------
@@ -96,7 +96,8 @@ def test_frozen_trunk_update_on_stored_features_equals_recomputing_them(agent):
     for model, store, frozen in ((policy, feats, True), (twin, obs, False)):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=1e-2)
-        stats = _update(model, opt, params, cfg, store, actions, old_logp, adv, ret, old_value, frozen, torch.Generator().manual_seed(3))
+        step = _ppo_step(model, opt, params, cfg, torch.device("cpu"), "ppo", finetune=frozen, reference_clip=False)
+        stats = _update(step, cfg, store, actions, old_logp, adv, ret, old_value, torch.Generator().manual_seed(3))
         outs.append((stats, model.state_dict()))
     (s1, w1), (s2, w2) = outs
     for k in w1:

@@ -84,13 +84,14 @@ def setup(out: Path, requested_device: str = "", seed: int = 0) -> tuple[int, in
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def autocast(device: torch.device, precision: str = "fp32"):
+def autocast(device: torch.device, precision: str = "fp32", cache: bool = True):
     """A training step's precision: fp32 (PyTorch's defaults, the reference code's numerics: fp32
     matmuls, cuDNN free to use TF32 convolutions), tf32 (matmuls in TF32 too, on CUDA) or bf16
-    (autocast, on CUDA or the CPU; the VQ op accumulates in fp32 whatever comes in)."""
+    (autocast, on CUDA or the CPU; the VQ op accumulates in fp32 whatever comes in). cache=False
+    inside a CUDA graph capture (autocast's weight-cast cache would outlive the graph)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache)
 
 
 def wrap(model: torch.nn.Module) -> torch.nn.Module:

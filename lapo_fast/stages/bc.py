@@ -26,8 +26,9 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.metrics import StepMeans
-from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error, optimizer_step
+from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error
 from lapo_fast.runtime.runlog import RunLog
+from lapo_fast.runtime.step import TrainStep, graph_mode
 
 
 def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None, progress: bool = True) -> Path:
@@ -61,6 +62,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
         run.save_config("bc", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
              data=str(data_dir), device=str(device), world_size=world)
     model = distributed.wrap(policy)
+    train_step = make_step(policy, model, optimizer, schedule, cfg, device, graph_mode(cfg.cuda_graphs, device, "bc"))
 
     from tqdm import tqdm
 
@@ -70,18 +72,14 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
     while step < end:
         batch = next(loader)  # uint8 frames and float32 labels, on the device
-        with distributed.autocast(device, cfg.precision):
-            pred = model(prepare_obs(batch["obs"]))
-        loss = F.mse_loss(pred.float(), batch["target"])
-        optimizer_step(loss, policy.parameters(), optimizer, schedule, cfg.grad_clip)
-        means.add(loss)
+        means.add(train_step({"obs": batch["obs"], "target": batch["target"]})["loss"])
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             metrics = means.read()  # the mean since the last log: the one host read of the losses
             if not math.isfinite(metrics["loss"]):
                 raise divergence_error("stage 2 (bc)", step, cfg, out)
-            log.log({"step": step, **metrics, "lr": schedule.get_last_lr()[0],
+            log.log({"step": step, **metrics, "lr": float(schedule.get_last_lr()[0]),
                      "samples_per_s": (step - start) * cfg.batch_size * world / (time.perf_counter() - t0)})
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -93,3 +91,18 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     loader.close()
     log.close()
     return latest_checkpoint(out)
+
+
+def make_step(policy: LatentPolicy, model, optimizer, schedule, cfg: BCConfig, device, mode: str = "eager"
+              ) -> TrainStep:
+    """Stage 2's training step (MSE to the IDM's latent, AdamW, the schedule), eager or as a CUDA
+    graph (runtime.step); `model` is `policy`, or DDP around it. With cfg.compile the policy's
+    trunk is compiled in place."""
+    if cfg.compile:
+        policy.trunk.compile()
+
+    def loss_fn(inputs: dict) -> dict:
+        return {"loss": F.mse_loss(model(prepare_obs(inputs["obs"])).float(), inputs["target"])}
+
+    return TrainStep(loss_fn, policy.parameters(), optimizer, schedule, grad_clip=cfg.grad_clip, device=device,
+                     precision=cfg.precision, mode=mode, name="bc")

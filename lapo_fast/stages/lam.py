@@ -34,8 +34,9 @@ from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.files import write_json
 from lapo_fast.runtime.metrics import StepMeans
-from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error, optimizer_step
+from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error
 from lapo_fast.runtime.runlog import RunLog
+from lapo_fast.runtime.step import TrainStep, graph_mode
 
 
 def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: int | None = None,
@@ -78,6 +79,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
              data=str(data_dir), test_data=str(test_data) if test_data else None, device=str(device),
              world_size=world)
     ddp = distributed.wrap(model)
+    train_step = make_step(model, ddp, optimizer, schedule, cfg, device, graph_mode(cfg.cuda_graphs, device, "lam"))
 
     model.train()
     t0, start = time.perf_counter(), step
@@ -89,21 +91,18 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
     while step < end:
         batch = next(loader)  # uint8 on the device
-        window = normalize(batch["obs"])  # (B, T, C, H, W) in [-0.5, 0.5]
         try:
-            with distributed.autocast(device, cfg.precision):
-                loss, recon, idm, _ = ddp(window, _action_t(batch, cfg.context, device))
+            res = train_step(step_inputs(batch, cfg.context, device))
         except NonFiniteError:  # the IDM's latents went NaN/inf: the model diverged
             raise divergence_error("stage 1 (lam)", step + 1, cfg, out) from None
-        optimizer_step(loss, model.parameters(), optimizer, schedule, cfg.grad_clip)
-        means.add(loss, recon, idm.vq_loss, idm.perplexity)  # on the device: no host read per step
+        means.add(res["loss"], res["fdm_loss"], res["vq_loss"], res["perplexity"])  # no host read per step
         step += 1
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # codes in use from the start
-            used = torch.unique(idm.indices[:, 0]).numel()  # distinct codes of codebook 0 in this batch
+            used = torch.unique(res["indices"][:, 0]).numel()  # distinct codes of codebook 0 in this batch
             metrics = {"step": step, **means.read(), "codebook0_codes_used": used,
-                       "lr": schedule.get_last_lr()[0],
+                       "lr": float(schedule.get_last_lr()[0]),
                        "steps_per_s": (step - start) / max(time.perf_counter() - t0, 1e-9)}
             if not math.isfinite(metrics["loss"]):
                 raise divergence_error("stage 1 (lam)", step, cfg, out)
@@ -135,6 +134,32 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     distributed.barrier()
     log.close()
     return latest_checkpoint(out)
+
+
+def make_step(model: LatentActionModel, ddp, optimizer, schedule, cfg: LAMConfig, device, mode: str = "eager"
+              ) -> TrainStep:
+    """Stage 1's training step (the FDM's loss plus the VQ's commitment loss, AdamW, the schedule),
+    eager or as a CUDA graph (runtime.step); `ddp` is `model`, or DDP around it. With cfg.compile
+    the IDM's encoder and the FDM are compiled in place (the state dict's names stay)."""
+    if cfg.compile:
+        for net in (getattr(model.idm, "encoder", None), model.fdm):
+            if net is not None:
+                net.compile()
+
+    def loss_fn(inputs: dict) -> dict:
+        window = normalize(inputs["obs"])  # (B, T, C, H, W) in [-0.5, 0.5]
+        loss, recon, idm, _ = ddp(window, inputs.get("action"))
+        return {"loss": loss, "fdm_loss": recon, "vq_loss": idm.vq_loss, "perplexity": idm.perplexity,
+                "indices": idm.indices}
+
+    return TrainStep(loss_fn, model.parameters(), optimizer, schedule, grad_clip=cfg.grad_clip, device=device,
+                     precision=cfg.precision, mode=mode, name="lam")
+
+
+def step_inputs(batch: dict, context: int, device) -> dict:
+    """A loader batch as the step's inputs: the uint8 windows, and a_t when the batch carries actions."""
+    action = _action_t(batch, context, device)
+    return {"obs": batch["obs"]} if action is None else {"obs": batch["obs"], "action": action}
 
 
 def _no_probe(ds: FrameDataset, sampler: WindowSampler, true_action: bool) -> str | None:

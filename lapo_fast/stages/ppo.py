@@ -43,8 +43,9 @@ from lapo_fast.runtime.acting import sample_actions
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint
 from lapo_fast.runtime.distributed import autocast
 from lapo_fast.runtime.metrics import StepMeans
-from lapo_fast.runtime.ppo import ppo_step
+from lapo_fast.runtime.ppo import STATS, make_ppo_step
 from lapo_fast.runtime.runlog import RunLog
+from lapo_fast.runtime.step import graph_mode
 
 
 class RewardNormalizer:
@@ -200,6 +201,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         normalizer.load_state_dict(state["normalizer"])
         gen.manual_seed(cfg.seed + update)
     last = latest_checkpoint(out)
+    minibatch_step = _ppo_step(policy, optimizer, clip_params, cfg, device, name, finetune, reference_clip)
     run.save_config(name, cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
          env=env_name, device=str(device))
 
@@ -254,8 +256,8 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         policy.train()
         # Under the reference's clip the update runs the trunk again, on the frames (t-major, as the rest).
         obs = frames[:, :T].transpose(0, 1).flatten(0, 1) if reference_clip else None
-        stats = _update(policy, optimizer, clip_params, cfg, store.flatten(0, 1), actions.flatten(), logps.flatten(),
-                        adv.flatten(), ret.flatten(), values[:-1].flatten(), finetune, gen, obs=obs)
+        stats = _update(minibatch_step, cfg, store.flatten(0, 1), actions.flatten(), logps.flatten(),
+                        adv.flatten(), ret.flatten(), values[:-1].flatten(), gen, obs=obs)
         schedule.step()
         update += 1
         if finetune and decoder.due(update * batch, update):
@@ -264,7 +266,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         elapsed = time.perf_counter() - t0
         metrics = {"update": update, "env_steps": update * batch,
                    "episode_return": float(np.mean(finished)) if finished else None,
-                   "episodes": len(finished), **stats, "lr": schedule.get_last_lr()[0],
+                   "episodes": len(finished), **stats, "lr": float(schedule.get_last_lr()[0]),
                    "fps": batch / elapsed, "rollout_fps": batch / t_rollout}
         log.log(metrics, step_key="update")
         if finished:
@@ -281,24 +283,37 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
     return last
 
 
-def _update(policy, optimizer, params, cfg: PPOConfig, store, actions, old_logp, adv, ret, old_value, frozen: bool,
-            gen, obs=None) -> dict:
-    """PPO's epochs over a rollout. `params`: those whose gradient norm is clipped; `obs` (uint8
-    frames, fine-tuning under the reference's clip): the trunk runs on them in every minibatch."""
+def _ppo_step(policy, optimizer, clip_params, cfg: PPOConfig, device, name: str, finetune: bool,
+              reference_clip: bool):
+    """PPO's minibatch step for this run: on frames (from scratch; fine-tuning under the reference's
+    clip, where the frozen trunk runs again) or on the trunk features stored in the rollout."""
+    mode = graph_mode(cfg.cuda_graphs, device, name)
+    if mode == "graph" and reference_clip:
+        print(f"{name}: no CUDA graph with reference_clip (the trunk's and decoder's gradients it counts live "
+              "outside the optimiser, and the decoder's training replaces them); running eagerly. "
+              "--reference-clip false allows the graph")
+        mode = "eager"
+    if reference_clip:
+        features = lambda obs: policy.conv_features(prepare_obs(obs))  # noqa: E731
+    elif finetune:
+        features = lambda feats: feats  # noqa: E731 -- computed once per env step in the rollout
+    else:
+        features = lambda obs: policy.features(prepare_obs(obs))  # noqa: E731
+    return make_ppo_step(policy, optimizer, clip_params, cfg, device, features, mode)
+
+
+def _update(step, cfg: PPOConfig, store, actions, old_logp, adv, ret, old_value, gen, obs=None) -> dict:
+    """PPO's epochs over a rollout, one `step` (_ppo_step) per minibatch. `obs` (uint8 frames on the
+    CPU, fine-tuning under the reference's clip): the step's input instead of `store`."""
     size = len(actions)
     mb = size // cfg.minibatches
-    means = StepMeans("policy_loss", "value_loss", "entropy", "clip_frac")
+    means = StepMeans(*STATS)
     for _ in range(cfg.epochs):
         order = torch.randperm(size, generator=gen, device=gen.device).to(store.device)
         for i in range(cfg.minibatches):
             idx = order[i * mb:(i + 1) * mb]
-            with autocast(store.device, cfg.precision):
-                if obs is not None:
-                    feats = policy.conv_features(prepare_obs(obs[idx.cpu()].to(store.device)))
-                else:
-                    feats = store[idx] if frozen else policy.features(prepare_obs(store[idx]))
-            *stats, _ = ppo_step(policy, optimizer, params, cfg, feats, actions[idx], old_logp[idx], adv[idx],
-                                 ret[idx], old_value[idx])
-            means.add(*stats)
+            x = obs[idx.cpu()].to(store.device) if obs is not None else store[idx]
+            out = step({"obs": x, "actions": actions[idx], "old_logp": old_logp[idx], "adv": adv[idx],
+                        "ret": ret[idx], "old_value": old_value[idx]})
+            means.add(*(out[k] for k in STATS))
     return means.read()
-
