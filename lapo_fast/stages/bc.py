@@ -37,6 +37,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     run = RunDir(run_dir)
     out = run.stage("bc")
     rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
+    mode = graph_mode(cfg.cuda_graphs, device, "bc")  # refused on the CPU before any work
     ds = run.training_data("bc", cfg, data_dir, rank=rank)
     plan, frames = frames_for("bc", ds, cfg.loader, device, world=world, rank=rank)
     # Every rank labels its share of the windows; the shares are gathered (rank 0 saves them).
@@ -62,7 +63,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
         run.save_config("bc", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
              data=str(data_dir), device=str(device), world_size=world)
     model = distributed.wrap(policy)
-    train_step = make_step(policy, model, optimizer, schedule, cfg, device, graph_mode(cfg.cuda_graphs, device, "bc"))
+    train_step = make_step(policy, model, optimizer, schedule, cfg, device, mode)
 
     from tqdm import tqdm
 

@@ -48,6 +48,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
     run = RunDir(run_dir)
     out = run.stage("lam")
     rank, world, device = distributed.setup(out, cfg.device, cfg.seed)
+    mode = graph_mode(cfg.cuda_graphs, device, "lam")  # refused on the CPU before any work
 
     # Data: frames as the planner reads them (resident, decoded cache or compressed), windows
     # drawn uniformly from those that never cross an episode.
@@ -79,7 +80,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
              data=str(data_dir), test_data=str(test_data) if test_data else None, device=str(device),
              world_size=world)
     ddp = distributed.wrap(model)
-    train_step = make_step(model, ddp, optimizer, schedule, cfg, device, graph_mode(cfg.cuda_graphs, device, "lam"))
+    train_step = make_step(model, ddp, optimizer, schedule, cfg, device, mode)
 
     model.train()
     t0, start = time.perf_counter(), step

@@ -175,6 +175,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
     out = run.stage(name)
     out.mkdir(parents=True, exist_ok=True)
     device = distributed.device(cfg.device)
+    mode = graph_mode(cfg.cuda_graphs, device, name)  # refused on the CPU before any work
     torch.manual_seed(cfg.seed)
 
     policy = init if init is not None else LatentPolicy(impala_scale=cfg.impala_scale)
@@ -201,7 +202,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         normalizer.load_state_dict(state["normalizer"])
         gen.manual_seed(cfg.seed + update)
     last = latest_checkpoint(out)
-    minibatch_step = _ppo_step(policy, optimizer, clip_params, cfg, device, name, finetune, reference_clip)
+    minibatch_step = _ppo_step(policy, optimizer, clip_params, cfg, device, name, finetune, reference_clip, mode)
     run.save_config(name, cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
          env=env_name, device=str(device))
 
@@ -284,10 +285,9 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
 
 
 def _ppo_step(policy, optimizer, clip_params, cfg: PPOConfig, device, name: str, finetune: bool,
-              reference_clip: bool):
+              reference_clip: bool, mode: str = "eager"):
     """PPO's minibatch step for this run: on frames (from scratch; fine-tuning under the reference's
     clip, where the frozen trunk runs again) or on the trunk features stored in the rollout."""
-    mode = graph_mode(cfg.cuda_graphs, device, name)
     if mode == "graph" and reference_clip:
         print(f"{name}: no CUDA graph with reference_clip (the trunk's and decoder's gradients it counts live "
               "outside the optimiser, and the decoder's training replaces them); running eagerly. "
