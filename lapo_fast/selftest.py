@@ -260,21 +260,26 @@ def check_graphs(ctx: Context):
         yield skipped("graphs capture", "stage-1 step captured and replayed vs eager", "CUDA graphs need a CUDA device")
         return
     eager, t_eager, _ = _vq_step_losses(ctx.device, steps + 14)
+    again, *_ = _vq_step_losses(ctx.device, steps + 14)
     graph, t_graph, step = _vq_step_losses(ctx.device, steps + 14, mode="graph")
-    yield _graph_row("graphs VQ step", "linear -> VQ (LAPO shape, B=128) -> loss, AdamW", eager, graph, t_eager,
-                     t_graph, step)
+    yield _graph_row("graphs VQ step", "linear -> VQ (LAPO shape, B=128) -> loss, AdamW", eager, again, graph,
+                     t_eager, t_graph, step)
     eager, _, t_eager, _ = _lam_losses("paper", ctx.device, 128, steps + 14)
+    again, *_ = _lam_losses("paper", ctx.device, 128, steps + 14)
     graph, _, t_graph, step = _lam_losses("paper", ctx.device, 128, steps + 14, mode="graph")
-    yield _graph_row("graphs stage-1 step", "paper LAM (IDM + FDM + VQ + AdamW), B=128", eager, graph, t_eager,
+    yield _graph_row("graphs stage-1 step", "paper LAM (IDM + FDM + VQ + AdamW), B=128", eager, again, graph, t_eager,
                      t_graph, step)
 
 
-def _graph_row(name, what, eager, graph, t_eager, t_graph, step) -> Check:
+def _graph_row(name, what, eager, again, graph, t_eager, t_graph, step) -> Check:
+    """Replayed losses vs eager ones, within 1e-4 or 10x what two eager runs differ by (the VQ's
+    float atomics and cuDNN's backward sum in any order: round-off, not bits)."""
     if step.mode != "graph":
         return Check(name, f"{what}: captured vs eager", status="FAIL", note="capture failed (the line above says why)")
-    # The VQ's float atomics sum in any order: losses agree to round-off, not to the bit.
-    return judged(name, f"{what}, {len(eager)} steps, replayed vs eager: losses", rel_err(graph, eager), 1e-4,
-                  f"eager {t_eager * 1e3:.3f} ms/step, graph {t_graph * 1e3:.3f} ms/step ({t_eager / t_graph:.2f}x)")
+    noise = rel_err(again, eager)
+    return judged(name, f"{what}, {len(eager)} steps, replayed vs eager: losses", rel_err(graph, eager),
+                  max(1e-4, 10 * noise), f"eager vs eager {noise:.2g}; eager {t_eager * 1e3:.3f} ms/step, "
+                  f"graph {t_graph * 1e3:.3f} ms/step ({t_eager / t_graph:.2f}x)")
 
 
 def _vq_step_losses(device, steps: int, mode: str = "eager"):
@@ -455,7 +460,7 @@ def check_data(ctx: Context):
     if not ctx.cuda or why:
         yield skipped("data DALI inflate", "windows inflated by DALI (nvCOMP LZ4) vs the CPU decoder",
                       why or "DALI inflates on GPUs (its CPU backend runs in the tests)")
-        yield skipped("data NVDEC ingest", "a generated H.264 video decoded by NVDEC vs PyAV",
+        yield skipped("data NVDEC ingest", "a generated VP9 video decoded by NVDEC vs PyAV",
                       why or "NVDEC is a GPU's")
         return
     from lapo_fast.data import DaliDecodeLoader
@@ -480,23 +485,24 @@ def _nvdec_check(ctx: Context) -> Check:
 
     from lapo_fast.data import FrameDataset, ingest_videos
 
-    video = ctx.tmp / "clip.mp4"
+    video = ctx.tmp / "clip.webm"  # VP9: NVDEC's, and DALI's CPU backend's too (which the tests run)
     with av.open(str(video), "w") as out:
-        stream = out.add_stream("h264", rate=15)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        for i in range(24):  # smooth gradients moving: what a codec keeps within a level or two
-            y, x = np.mgrid[0:64, 0:64]
-            img = np.stack([(x * 4 + i * 3) % 256, (y * 4) % 256, ((x + y) * 2 + i) % 256], -1).astype(np.uint8)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(stream.encode())
+        stream = out.add_stream("libvpx-vp9", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for i in range(24):  # a white bar growing: flat colours a codec keeps within a level or two
+            img = np.zeros((96, 128, 3), np.uint8)
+            img[:, : 5 * (i + 1)] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
     a = FrameDataset(ingest_videos([video], ctx.tmp / "nvdec", decoder="dali", progress=False))
     b = FrameDataset(ingest_videos([video], ctx.tmp / "pyav", decoder="pyav", progress=False))
     fa, fb = np.asarray(a.cache()).astype(int), np.asarray(b.cache()).astype(int)
     if fa.shape != fb.shape:
         return Check("data NVDEC ingest", "NVDEC vs PyAV frames", status="FAIL",
                      note=f"{fa.shape[0]} frames from NVDEC, {fb.shape[0]} from PyAV")
-    return judged("data NVDEC ingest", "a generated H.264 video decoded by NVDEC vs PyAV: max level difference",
+    return judged("data NVDEC ingest", "a generated VP9 video decoded by NVDEC vs PyAV: max level difference",
                   np.abs(fa - fb).max(), 2)
 
 
@@ -633,6 +639,8 @@ def run(device: str = "", *, quick: bool = False, compile: bool = False, json_ou
     from lapo_fast.runtime.distributed import device as pick_device
 
     dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     info = facts(dev)
     echo("selftest: " + ", ".join(f"{k} {v}" for k, v in info.items() if v is not None))
     rows: list[Check] = []

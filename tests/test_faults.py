@@ -57,7 +57,7 @@ def _lam(data, out, *extra):
 
 def test_ppo_grad_clip_0_is_no_clipping_not_zero_gradients():
     from lapo_fast.models import LatentPolicy
-    from lapo_fast.stages.ppo import _update
+    from lapo_fast.stages.ppo import _ppo_step, _update
 
     torch.manual_seed(0)
     start = LatentPolicy(impala_scale=1)
@@ -69,8 +69,9 @@ def test_ppo_grad_clip_0_is_no_clipping_not_zero_gradients():
         policy.load_state_dict(start.state_dict())
         params = list(policy.parameters())
         cfg = resolve(PPOConfig, "smoke", {"grad_clip": clip, "minibatches": 2, "epochs": 1})
-        _update(policy, torch.optim.Adam(params, lr=1e-3), params, cfg, obs, *batch, False,
-                torch.Generator().manual_seed(1))
+        step = _ppo_step(policy, torch.optim.Adam(params, lr=1e-3), params, cfg, torch.device("cpu"), "ppo",
+                         finetune=False, reference_clip=False)
+        _update(step, cfg, obs, *batch, torch.Generator().manual_seed(1))
         weights[clip] = policy.state_dict()
     moved = [k for k in weights[0.0] if not torch.equal(weights[0.0][k], start.state_dict()[k])]
     assert moved, "grad_clip=0 left every weight untouched (gradients zeroed)"
