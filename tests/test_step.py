@@ -2,6 +2,7 @@
 and PPO's update; stage 1 in the selftest), its optimiser state round-trips through a checkpoint
 between modes, and --cuda-graphs is refused on the CPU before any work."""
 
+import contextlib
 import copy
 
 import numpy as np
@@ -137,3 +138,49 @@ def test_stage1_with_cuda_graphs_on_the_cpu_stops_before_reading_data(tmp_path, 
         main(["bc", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--preset", "smoke",
               "--device", "cpu", "--cuda-graphs"])
     assert e.value.code == 2 and "bc: --cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+def test_a_failed_capture_says_so_in_one_line_and_the_step_goes_on_eagerly(monkeypatch, capsys):
+    """The graph mode's sequence on the CPU, CUDA's stream calls faked: three warm-up steps, then a
+    capture that fails (as one with a host sync would), one line, and eager steps with eager's numbers."""
+    from lapo_fast.runtime import step as step_mod
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: calls.append("side stream") or contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+
+    def capture(graph, capture_error_mode):
+        calls.append(f"capture ({capture_error_mode})")
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(step_mod, "_optimizer_for", lambda *a, **k: None)  # capturable Adam needs a GPU
+
+    def run(mode):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 1)
+        opt = torch.optim.AdamW(lin.parameters(), lr=1e-2)
+        step = TrainStep(lambda i: {"loss": lin(i["x"]).pow(2).mean()}, lin.parameters(), opt, grad_clip=1.0,
+                         device="cpu", name="lam")
+        step.mode = mode  # as on a CUDA device
+        gen = torch.Generator().manual_seed(0)
+        return [float(step({"x": torch.randn(8, 4, generator=gen)})["loss"].detach()) for _ in range(6)], step
+
+    eager, _ = run("eager")
+    graph, step = run("graph")
+    assert graph == eager and step.mode == "eager" and step.graph is None
+    assert calls == ["side stream"] * 3 + ["capture (thread_local)"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["lam: CUDA graph capture failed (RuntimeError: CUDA error: operation not permitted when stream is "
+                   "capturing); running eagerly"]

@@ -123,7 +123,8 @@ class TrainStep:
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(self.device)
-            with torch.cuda.graph(graph):
+            # thread_local: the loaders' threads (prefetch copies, DALI) keep working during the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = self._step(self._inputs)
         except Exception as e:  # noqa: BLE001 -- any failure to capture falls back to the eager step
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
