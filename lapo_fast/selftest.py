@@ -40,7 +40,7 @@ class Check:
     def line(self) -> str:
         value = "" if self.value is None else \
             f"{self.value:.3g}" + ("" if self.bound is None else f" <= {self.bound:.3g}")
-        return f"{self.status:<7} {self.name:<30} {self.compared}" + (f": {value}" if value else "") + \
+        return f"{self.status:<7} {self.name:<40} {self.compared}" + (f": {value}" if value else "") + \
             (f" ({self.note})" if self.note else "")
 
 
