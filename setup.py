@@ -42,11 +42,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    # Every package under lapo_fast/ (a hand list once left lapo_fast.runtime out of the wheel),
-    # and the Triton kernels, which live in kernels/ but install as lapo_fast.kernels.
-    packages=find_packages(include=["lapo_fast", "lapo_fast.*"]) + ["lapo_fast.kernels"],
+    # Every package under lapo_fast/, found (a hand list once left lapo_fast.runtime out of the wheel).
+    packages=find_packages(include=["lapo_fast", "lapo_fast.*"]),
     package_data={"lapo_fast": ["demonstrators/*"]},
-    package_dir={"lapo_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("lapo_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

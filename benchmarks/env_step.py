@@ -3,7 +3,7 @@
 All contenders step the same game in the same (hard) mode with the same uniform-random actions,
 in this run, on this machine. Prints median env steps/s per contender and ours/theirs ratios.
 
-    python benchmarks/env_step.py [--games starpilot ninja] [--envs 16 64 256] [--json out.json]
+    python -m benchmarks.env_step [--games starpilot ninja] [--envs 16 64 256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import dump_json, median_time, print_table  # noqa: E402
+from benchmarks.common import dump_json, median_time, print_table
 
 warnings.filterwarnings("ignore")
 

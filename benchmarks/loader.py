@@ -9,7 +9,7 @@
    (2 workers) over the decoded memmap, and the reference LAPO way (all npz chunks in RAM, indexed).
 3. The arithmetic for the paper's 8M frames from the measured bytes per frame.
 
-    python benchmarks/loader.py [--frames 20000] [--batches 200] [--json out.json]
+    python -m benchmarks.loader [--frames 20000] [--batches 200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import dump_json, median_time, print_table  # noqa: E402
+from benchmarks.common import dump_json, median_time, print_table
 
 PAPER_FRAMES = 8_000_000
 BATCH, WINDOW = 128, 3
@@ -202,11 +201,13 @@ def main() -> None:
         env = {**os.environ, "LAPO_FAST_CACHE_DIR": str(tmp / "decoded")}
         lrow = []
         for kind in kinds:
-            out = subprocess.run([sys.executable, __file__, "--one", kind, str(tmp / "ds"), str(tmp / "npz"),
-                                  "--batches", str(args.batches), "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, env=env)
+            # Each loader in its own process: its RSS and page cache use are its own.
+            out = subprocess.run([sys.executable, "-m", "benchmarks.loader", "--one", kind, str(tmp / "ds"),
+                                  str(tmp / "npz"), "--batches", str(args.batches), "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
             if out.returncode:
-                print(f"{kind}: failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+                why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+                print(f"{kind}: failed: {why}")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["what"] = NAMES[kind] + r["note"]

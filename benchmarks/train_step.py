@@ -9,7 +9,7 @@
 
 At the cpu and paper model sizes. On a CPU the paper sizes use small batches (noted in the table).
 
-    python benchmarks/train_step.py [--sizes cpu,paper] [--repeats 3] [--json out.json]
+    python -m benchmarks.train_step [--sizes cpu,paper] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import warnings
 
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import dump_json, median_time, print_table  # noqa: E402
+from benchmarks.common import dump_json, median_time, print_table
 
 warnings.filterwarnings("ignore")
 
@@ -93,7 +91,8 @@ def bench_stage2(s, device, repeats) -> list[dict]:
         loss.backward()
         opt.step()
 
-    t_ours, t_ref = median_time(cached, repeats, sync=_sync(device)), median_time(recomputed, repeats, sync=_sync(device))
+    t_ours = median_time(cached, repeats, sync=_sync(device))
+    t_ref = median_time(recomputed, repeats, sync=_sync(device))
     return [{"what": "stage 2 step (latent BC)", "batch": B, "ours": B / t_ours, "anchor": B / t_ref,
              "anchor_name": "labels recomputed per batch"}]
 

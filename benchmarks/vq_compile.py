@@ -8,7 +8,7 @@ multiprocessors) standing in, so it makes the launches a CUDA run makes. Triton'
 then specialises each launch for a CUDA target (dtypes, divisibility by 16, ints equal to 1) and
 triton.compile goes to cubin with the ptxas that ships in the Triton wheel.
 
-Used by `python benchmarks/vq_kernel.py --compile-only [--json OUT]` and by tests/test_vq_compile.py.
+Used by `python -m benchmarks.vq_kernel --compile-only [--json OUT]` and by tests/test_vq_compile.py.
 Must run without TRITON_INTERPRET (the kernels must be JITFunctions): it clears it at import.
 """
 
@@ -34,7 +34,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import lapo_fast.kernels.vq as KV  # noqa: E402
 from lapo_fast.ops import vq as vq_op  # noqa: E402
-from vq_kernel import CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
+from benchmarks.common import VQ_CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
 
 KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_finalize_kernel", "vq_backward_kernel")
 
@@ -176,7 +176,8 @@ def compile_variant(job) -> dict:
     r["warps_per_sm"] = warps_per_sm(GPUS[arch], r["registers"], r["shared_bytes"], r["warps"])
     gpu = GPUS[arch]
     if r["shared_bytes"] > gpu.smem_block:
-        r.update(ok=False, error=f"{r['shared_bytes']} B of shared memory per program > {gpu.smem_block} B on sm_{arch}")
+        r.update(ok=False,
+                 error=f"{r['shared_bytes']} B of shared memory per program > {gpu.smem_block} B on sm_{arch}")
     return r
 
 
@@ -259,7 +260,8 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None) -> dict:
             for launch in launches_of(case, arch):
                 fn, grid, args, kwargs = launch
                 target, options, sig, cx, attrs = specialise(fn, args, kwargs, arch)
-                key = (fn.__name__, arch, repr(sorted(sig.items())), repr(sorted(cx.items())), repr(sorted(attrs.items())))
+                key = (fn.__name__, arch, repr(sorted(sig.items())), repr(sorted(cx.items())),
+                       repr(sorted(attrs.items())))
                 variants.setdefault(key, (fn.__name__, arch, options, sig, cx, attrs))
                 per_case.append((case, arch, launch, key))
     keys = list(variants)

@@ -1,11 +1,11 @@
 """VQ-EMA forward + EMA update: lapo_fast.ops (fused) vs the PyTorch reference vs
 vector-quantize-pytorch, same inputs, same run. CPU always; CUDA too when present.
 
-    python benchmarks/vq_kernel.py [--threads N] [--repeats R] [--json out.json]
-    python benchmarks/vq_kernel.py --compile-only [--arch 80 90] [--json out.json]
+    python -m benchmarks.vq_kernel [--threads N] [--repeats R] [--json out.json]
+    python -m benchmarks.vq_kernel --compile-only [--arch 80 90] [--json out.json]
 
 --compile-only needs no GPU: it compiles every Triton variant the dispatcher launches to cubin
-(benchmarks/vq_compile.py) and prints registers, spills, shared memory, warps per SM and a
+(benchmarks.vq_compile) and prints registers, spills, shared memory, warps per SM and a
 roofline prediction against the bandwidth floor; exit 1 on a compile error, shared memory over a
 target's limit, or a spill or fewer than 16 warps/SM at the LAPO shape.
 """
@@ -19,20 +19,11 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import dump_json, median_time, print_table  # noqa: E402
+from benchmarks.common import VQ_CASES as CASES
+from benchmarks.common import dump_json, median_time, print_table
 
 warnings.filterwarnings("ignore")
 
-# (name, layout, rows B, groups G, codes K, dim d, latents L)
-CASES = [
-    ("LAPO B=128", "lapo", 128, 2, 64, 16, 4),
-    ("LAPO B=4096", "lapo", 4096, 2, 64, 16, 4),
-    ("LAPO B=65536", "lapo", 65536, 2, 64, 16, 4),
-    ("K64 d16 N=65536", "grouped", 65536, 1, 64, 16, 1),
-    ("K1024 d64 N=8192", "grouped", 8192, 1, 1024, 64, 1),
-    ("K8192 d256 N=1024", "grouped", 1024, 1, 8192, 256, 1),
-]
 
 
 def fresh_state(G, K, d, device):
@@ -126,7 +117,7 @@ def main() -> None:
 
 
 def compile_only(args) -> int:
-    import vq_compile
+    from benchmarks import vq_compile
 
     result = vq_compile.run(tuple(args.arch), quick=args.quick)
     step_rows = [r for r in result["rows"] if r["kernel"] == "step"]

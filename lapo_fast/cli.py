@@ -164,17 +164,28 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAIL" for r in rows) else 0
 
 
-def _needs(*modules: str, extra: str) -> None:
-    """A command's optional dependencies, or a one-line error naming the extra to install."""
-    import importlib.util
+# What each command imports beyond the core (lapo_fast.extras names the extra that brings each).
+_LOOP = ("safetensors", "lz4", "zstandard", "tqdm")
+_NEEDS = {"collect": _LOOP + ("procgen", "gym3"), "data": ("lz4", "zstandard"), "lam": _LOOP, "bc": _LOOP,
+          "decode": _LOOP + ("procgen", "gym3"), "finetune": _LOOP + ("procgen", "gym3"),
+          "ppo": _LOOP + ("procgen", "gym3"), "eval": _LOOP + ("procgen", "gym3"),
+          "umap": _LOOP + ("umap", "matplotlib"), "report": ("matplotlib",), "sweep": ("submitit",),
+          "aggregate": ("rliable", "matplotlib")}
 
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ValueError(f"this command needs {', '.join(missing)}: pip install 'lapo-fast[{extra}]'")
+
+def _check_needs(args: argparse.Namespace) -> None:
+    """A command whose optional dependencies are missing stops before any work, naming the extra."""
+    from .extras import TRAIN, missing_message
+
+    needs = TRAIN if args.command == "train" else _NEEDS.get(args.command, ())
+    if args.command == "data" and getattr(args, "data_command", "") == "ingest":
+        needs = needs + ("av", "PIL")
+    message = missing_message(needs, f"lapo-fast {args.command}")
+    if message:
+        raise ValueError(message)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    _needs("submitit", extra="sweep")
     from .config import default_preset, resolve_run
     from .sweep.launch import SweepSpec, launch, load_spec, parse_envs, status, status_table
 
@@ -206,7 +217,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    _needs("rliable", extra="sweep")
     from .sweep.aggregate import aggregate
 
     print(f"aggregate: wrote {aggregate(args.dir, args.out, reps=args.reps)}")
@@ -397,12 +407,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .data.format import DatasetError
+    from .extras import extra_of
 
     try:
+        _check_needs(args)
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints and datasets are written atomically, so nothing is lost
         _close_progress_bars()
         parser.exit(130, "\nlapo-fast: stopped; rerun the same command to resume\n")
+    except ModuleNotFoundError as e:  # an optional dependency deeper down: name the extra that brings it
+        if extra_of(e) is None:
+            raise
+        parser.exit(2, f"lapo-fast: error: {e.name} is not installed: pip install 'lapo-fast[{extra_of(e)}]'\n")
     except (ValueError, DatasetError, FileNotFoundError) as e:
         parser.exit(2, f"lapo-fast: error: {e}\n")
     except OSError as e:  # a full disk, a read-only folder, a permission: one line, naming the file

@@ -79,7 +79,8 @@ class LAMConfig(Checked):
                                     "(ours: the latent after the first norm and at the bottleneck)")
     fdm_width: int = setting(24, "FDM base width (the reference's wm_scale)", low=1)
     fdm_norm: str = setting("batch", "the 'unet' FDM's normalisation: 'batch' (BatchNorm) or 'group' (GroupNorm)")
-    fdm_action: str = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the dataset's action)")
+    fdm_action: str = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the dataset's "
+                                        "action)")
     context: int = setting(1, "frames before o_t; windows are context + 2 frames")
     num_codebooks: int = setting(2, "VQ codebooks (groups)", low=1)
     codebook_size: int = setting(64, "codes per codebook", low=1)
@@ -202,7 +203,8 @@ class FinetuneConfig(PPOConfig):
     fc_ramp: str = setting("50000,200000", "env steps: the trainable fc's lr ramp (start,end) to head_lr/10")
     decoder_from: int = setting(10_000, "env steps after which the decoder is trained online")
     decoder_until: int = setting(400_000, "env steps after which it is no longer trained")
-    decoder_dense_until: int = setting(50_000, "until here it is retrained after every update, then every decoder_every")
+    decoder_dense_until: int = setting(50_000, "until here it is retrained after every update, then every "
+                                               "decoder_every")
     decoder_every: int = setting(20, "updates between decoder retrainings after decoder_dense_until", low=1)
     decoder_epochs: int = setting(3, "epochs over all labelled transitions per retraining", low=1)
     decoder_batch: int = setting(512, "decoder minibatch size", low=1)
@@ -385,7 +387,8 @@ def _check(cfg) -> None:
         from lapo_fast.envs.games import DISTRIBUTION_MODES
 
         if cfg.distribution_mode not in DISTRIBUTION_MODES:
-            raise ValueError(f"{name}.distribution_mode={cfg.distribution_mode!r}; choose one of {list(DISTRIBUTION_MODES)}")
+            raise ValueError(f"{name}.distribution_mode={cfg.distribution_mode!r}; "
+                             f"choose one of {list(DISTRIBUTION_MODES)}")
 
 
 def labelled_sizes(cfg: DecodeConfig) -> list[int]:

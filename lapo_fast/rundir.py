@@ -35,7 +35,8 @@ from lapo_fast.runtime.files import atomic_write, read_json, write_json
 _STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
 # Settings that fix a stage's model shapes: a rerun may not change them and resume.
 _SHAPES: dict[type, tuple[str, ...]] = {
-    LAMConfig: ("impala_scale", "fdm_arch", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks", "codebook_size",
+    LAMConfig: ("impala_scale", "fdm_arch", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks",
+                "codebook_size",
                 "code_dim", "num_latents", "quantize"),
     BCConfig: ("impala_scale",), PPOConfig: ("impala_scale",), FinetuneConfig: ("impala_scale",)}
 
@@ -118,7 +119,8 @@ class RunDir:
                 what = (f"the dataset {known[key]['path']} (manifest {had})", f"{value['path']} (manifest {new})") \
                     if key == "data" else (had, new)
                 raise ValueError(f"{self.path} is a run of {what[0]}, not {what[1]}: "
-                                 f"use a new --out for that (or pass this run's own --{'env' if key == 'game' else 'data'})")
+                                 "use a new --out for that (or pass this run's own "
+                                 f"--{'env' if key == 'game' else 'data'})")
         if stage is not None and cfg is not None and self.has(stage):
             saved = self.config(stage)
             for name in _SHAPES.get(type(cfg), ()):

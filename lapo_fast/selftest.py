@@ -636,6 +636,7 @@ def _driver_version() -> str | None:
 def run(device: str = "", *, quick: bool = False, compile: bool = False, json_out: str | None = None,
         checks=None, echo=print) -> list[Check]:
     """Runs the checks, printing each line as it is known; writes the JSON if asked."""
+    from lapo_fast.extras import extra_of
     from lapo_fast.runtime.distributed import device as pick_device
 
     dev = pick_device(device)
@@ -655,6 +656,13 @@ def run(device: str = "", *, quick: bool = False, compile: bool = False, json_ou
                     rows.append(row)
                     echo(row.line())
                     t0 = time.perf_counter()
+            except ModuleNotFoundError as e:
+                if extra_of(e) is None:
+                    raise
+                row = skipped(check.__name__.removeprefix("check_"), "the rest of this check",
+                              f"{e.name} is not installed: pip install 'lapo-fast[{extra_of(e)}]'")
+                rows.append(row)
+                echo(row.line())
             except Exception as e:  # noqa: BLE001 -- a check that crashes is a FAIL, and the others still run
                 row = Check(check.__name__.removeprefix("check_"), "ran to the end", status="FAIL",
                             note=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")

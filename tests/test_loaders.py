@@ -113,8 +113,10 @@ def test_gpu_decode_plan_with_the_cpu_decoder_standing_in_for_dali(tmp_path):
         np.testing.assert_array_equal(got.numpy(), cache[idx])
     # The CPU plan decodes prefixes only: up to the furthest frame a batch needs of each chunk.
     prefix = plan_decode(frames.table, idx)
-    assert (prefix.need <= frames.table.frames[prefix.chunks]).all() and (prefix.need == plan.need).sum() < len(plan.need)
-    np.testing.assert_array_equal(prefix.need, [prefix.within[prefix.slot == j].max() + 1 for j in range(len(prefix.need))])
+    assert (prefix.need <= frames.table.frames[prefix.chunks]).all()
+    assert (prefix.need == plan.need).sum() < len(plan.need)
+    np.testing.assert_array_equal(prefix.need,
+                                  [prefix.within[prefix.slot == j].max() + 1 for j in range(len(prefix.need))])
 
 
 def test_dali_decode_loader_on_dalis_cpu_backend_gives_the_samplers_batches(tmp_path):
@@ -148,7 +150,8 @@ def test_corrupt_chunk_found_at_decode_time_names_shard_and_chunk(tmp_path):
     shard.write_bytes(bytes(data))
     frames = CompressedFrames(FrameDataset(tmp_path / "ds"))
     first = int(table.first[k])
-    with pytest.raises(DatasetError, match=r"shards/00001.bin: chunk 2 \(frames \d+-\d+, byte \d+\) is corrupt: checksum"):
+    with pytest.raises(DatasetError,
+                       match=r"shards/00001.bin: chunk 2 \(frames \d+-\d+, byte \d+\) is corrupt: checksum"):
         frames[np.array([first])]
     np.testing.assert_array_equal(frames[np.array([0, 1])].shape, (2, 6, 6, 3))  # other chunks still read
     with pytest.raises(DatasetError, match="00001.bin: chunk 2"):
@@ -247,7 +250,8 @@ def test_loader_is_a_setting_of_every_frame_reading_stage():
     assert resolve(LAMConfig, "smoke", overrides_from(args, LAMConfig)).loader == "compressed"
     cfgs = resolve_run("smoke", ["lam.loader=compressed", "bc.loader=resident", "decode.loader=cache",
                                  "umap.loader=compressed"])
-    assert [cfgs[s].loader for s in ("lam", "bc", "decode", "umap")] == ["compressed", "resident", "cache", "compressed"]
+    loaders = [cfgs[s].loader for s in ("lam", "bc", "decode", "umap")]
+    assert loaders == ["compressed", "resident", "cache", "compressed"]
     assert UmapConfig().loader == "auto"
     with pytest.raises(ValueError, match="LAMConfig.loader='disk'; choose one of"):
         resolve(LAMConfig, "smoke", {"loader": "disk"})

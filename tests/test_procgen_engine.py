@@ -299,7 +299,8 @@ def test_an_async_copy_of_the_obs_is_waited_for_before_the_buffer_is_overwritten
                 return getattr(self.engine, name)
 
         env._engine = Engine(env._engine)
-        for call in (lambda: env.step(np.zeros(4, np.int32)), lambda: env.rollout(2, actions=np.zeros((2, 4), np.int32))):
+        for call in (lambda: env.step(np.zeros(4, np.int32)),
+                     lambda: env.rollout(2, actions=np.zeros((2, 4), np.int32))):
             order.clear()
             env._pending_copy = Copy()
             call()

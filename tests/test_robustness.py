@@ -394,7 +394,8 @@ def test_small_ingest_then_a_stage_is_refused_clearly(tmp_path, capsys):
     for i in range(6):
         Image.fromarray(np.full((64, 64, 3), i, np.uint8)).save(folder / f"{i}.png")
     assert main(["data", "ingest", str(folder), "--out", str(tmp_path / "ds"), "--size", "32"]) == 0
-    err = _cli_error(["lam", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--preset", "smoke"], capsys)
+    err = _cli_error(["lam", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--preset", "smoke"],
+                     capsys)
     assert "frames are 32x32x3, the stages take 64x64x3 (ingest again with --size 64)" in err
 
 

@@ -305,7 +305,8 @@ def test_online_decoder_labels_windows_inside_episodes_only():
     idm = LatentIDM(impala_scale=1).eval()
     labels = OnlineDecoder(idm, resolve(FinetuneConfig, "smoke"), "cpu")
     labels.add(frames, actions, dones)
-    pairs = sorted(zip(*[x.tolist() for x in torch.nonzero(actions[:, :, None] == labels.actions[0], as_tuple=True)[:2]]))
+    hits = torch.nonzero(actions[:, :, None] == labels.actions[0], as_tuple=True)[:2]
+    pairs = sorted(zip(*[x.tolist() for x in hits]))
     assert pairs == [(1, 0), (1, 1), (2, 0), (3, 0), (4, 0), (4, 1)]
     with torch.no_grad():
         t, n = 3, 0

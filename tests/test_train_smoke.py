@@ -39,7 +39,8 @@ def test_every_stage_wrote_its_results(smoke_run):
 
 
 def test_rerun_resumes_instead_of_redoing(smoke_run, capsys):
-    before = {stage: latest_checkpoint(smoke_run / stage).stat().st_mtime_ns for stage in ("demo", "lam", "bc", "finetune")}
+    before = {stage: latest_checkpoint(smoke_run / stage).stat().st_mtime_ns
+              for stage in ("demo", "lam", "bc", "finetune")}
     evals = (smoke_run / "eval" / "results.json").read_text()
     assert main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(smoke_run),
                  "--set", "decode.labelled=4,8", "--set", "decode.deploy=8"]) == 0

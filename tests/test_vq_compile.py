@@ -1,5 +1,5 @@
 """The GPU path checked without a GPU: every Triton VQ kernel variant the dispatcher launches
-compiles to cubin for sm_80 and sm_90 (benchmarks/vq_kernel.py --compile-only), with no spill and
+compiles to cubin for sm_80 and sm_90 (benchmarks.vq_kernel --compile-only), with no spill and
 at least 16 resident warps per SM at the LAPO shape, shared memory within each target's limit,
 and a roofline prediction of the LAPO step within 2x of its bandwidth floor."""
 
@@ -18,7 +18,8 @@ def test_every_triton_variant_compiles_for_sm80_and_sm90(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions
-    run = subprocess.run([sys.executable, "benchmarks/vq_kernel.py", "--compile-only", "--json", str(out)],
+    # Its own process: the tests' Triton runs interpreted (conftest), and that is decided at import.
+    run = subprocess.run([sys.executable, "-m", "benchmarks.vq_kernel", "--compile-only", "--json", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads(out.read_text())

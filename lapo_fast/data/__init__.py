@@ -14,7 +14,8 @@ from .windows import RowSampler, WindowSampler, valid_starts
 from .writer import DatasetWriter
 
 __all__ = [
-    "CODECS", "CachedFrames", "CompressedFrames", "DaliDecodeLoader", "DatasetError", "DatasetWriter", "DeviceResidentLoader",
+    "CODECS", "CachedFrames", "CompressedFrames", "DaliDecodeLoader", "DatasetError", "DatasetWriter",
+    "DeviceResidentLoader",
     "FrameDataset", "LOADERS", "Manifest", "PrefetchLoader", "RowSampler", "WindowSampler", "checkpoint_policy",
     "collect", "dali_available", "frames_at", "frames_for", "import_lapo", "ingest_videos", "make_loader",
     "normalize", "plan_loader", "prepare_obs", "random_policy", "valid_starts", "window_loader",

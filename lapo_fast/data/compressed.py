@@ -41,7 +41,8 @@ class ChunkTable:
     def of(ds: FrameDataset) -> "ChunkTable":
         rows = [np.asarray(ix, np.int64).reshape(-1, 5) for ix in ds.index]
         rows = np.concatenate(rows) if rows else np.zeros((0, 5), np.int64)
-        shard = np.concatenate([np.full(len(ix), i, np.int32) for i, ix in enumerate(ds.index)] or [np.zeros(0, np.int32)])
+        shard = np.concatenate([np.full(len(ix), i, np.int32) for i, ix in enumerate(ds.index)]
+                               or [np.zeros(0, np.int32)])
         number = np.concatenate([np.arange(len(ix), dtype=np.int32) for ix in ds.index] or [np.zeros(0, np.int32)])
         return ChunkTable(shard, number, rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4])
 

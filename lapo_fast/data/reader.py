@@ -90,7 +90,8 @@ class FrameDataset:
             ends[ep[:, 0] + ep[:, 1] - 1] = True
             if len(done) != m.num_frames or (done != ends).any():
                 raise DatasetError(f"{self.dir}: the episode index disagrees with the `done` flags "
-                                   f"(first at frame {int(np.argmax(done != ends)) if len(done) == len(ends) else 0}) {fix}")
+                                   f"(first at frame {int(np.argmax(done != ends)) if len(done) == len(ends) else 0}) "
+                                   f"{fix}")
 
     def meta(self, key: str) -> np.ndarray:
         """Per-frame metadata (per-episode for episode_return), read-only."""

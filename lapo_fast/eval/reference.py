@@ -61,7 +61,8 @@ class Report:
         diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
         bound = atol + rtol * np.abs(theirs.astype(np.float64))
         worst = float(diff.max()) if diff.size else 0.0
-        self.rows.append((fixture, name, worst, float(bound.max()) if bound.size else atol, bool((diff <= bound).all())))
+        self.rows.append((fixture, name, worst, float(bound.max()) if bound.size else atol,
+                          bool((diff <= bound).all())))
 
     def relative(self, fixture: str, name: str, ours, theirs, *, scale: float, rtol: float = GRAD_RTOL,
                  floor: float = GRAD_FLOOR) -> None:
@@ -88,7 +89,8 @@ class Report:
     def table(self) -> str:
         lines = [f"{'fixture':<22} {'output':<44} {'max |diff|':>11} {'bound':>10}  result"]
         result = lambda i, ok: "near-tie" if i in self.near_ties else "ok" if ok else "FAIL"  # noqa: E731
-        lines += [f"{f:<22} {n:<44} {d:>11.3g} {b:>10.3g}  {result(i, ok)}" for i, (f, n, d, b, ok) in enumerate(self.rows)]
+        lines += [f"{f:<22} {n:<44} {d:>11.3g} {b:>10.3g}  {result(i, ok)}"
+                  for i, (f, n, d, b, ok) in enumerate(self.rows)]
         lines += [f"{f:<22} {'(not checked)':<44} {'':>11} {'':>10}  {why}" for f, why in self.skipped]
         return "\n".join(lines)
 
@@ -142,7 +144,8 @@ def check_idm(d, name: str, report: Report) -> None:
         report.close(name, f"{mode}/vq_loss", out.vq_loss, d[o + "vq_loss"])
         report.close(name, f"{mode}/vq_perp", out.perplexity, d[o + "vq_perp"])
         for ours, theirs in (("codebook", "embedding"), ("ema_count", "ema_count"), ("ema_weight", "ema_weight")):
-            report.close(name, f"{mode}/buffer_after/vq.{theirs}", getattr(idm.vq, ours), d[o + f"buffer_after/vq.{theirs}"])
+            report.close(name, f"{mode}/buffer_after/vq.{theirs}", getattr(idm.vq, ours),
+                         d[o + f"buffer_after/vq.{theirs}"])
 
 
 def check_fdm(d, name: str, report: Report) -> None:
@@ -286,7 +289,8 @@ def check_stage3(d, name: str, report: Report) -> None:
     from lapo_fast.eval.decoders import decoder_step
 
     latent = _load(LatentPolicy(impala_scale=_scale(d, "param/conv_stack.0.conv.weight", 16)),
-                   {k: v for k, v in _state(d, _POLICY_MAP).items() if not k.startswith(("decoder.", "fc_", "policy_head_"))},
+                   {k: v for k, v in _state(d, _POLICY_MAP).items()
+                    if not k.startswith(("decoder.", "fc_", "policy_head_"))},
                    ("action_head.",))
     agent = DecodedPolicy(latent)
     agent.decoder.load_state_dict({k.replace("decoder.", "net."): v for k, v in _state(d).items()
@@ -304,7 +308,8 @@ def check_stage3(d, name: str, report: Report) -> None:
         latent_action = agent.latent(feats)
         logits, value = agent.logits_value(feats)
         dist = torch.distributions.Categorical(logits=logits)
-    for key, ours in (("act/conv_stack", feats), ("act/fc_rl", agent.fc_rl(feats)), ("act/fc_sl", torch.relu(agent.fc_sl(feats))),
+    for key, ours in (("act/conv_stack", feats), ("act/fc_rl", agent.fc_rl(feats)),
+                      ("act/fc_sl", torch.relu(agent.fc_sl(feats))),
                       ("latent_action", latent_action), ("logits_sl", agent.decoder(latent_action)), ("logits", logits),
                       ("log_softmax", dist.logits), ("logprob", dist.log_prob(action)), ("entropy", dist.entropy()),
                       ("value", value)):

@@ -5,5 +5,6 @@ from .impala import ImpalaEncoder
 from .lam import IDMOutput, LatentActionModel, LatentIDM, build_lam, stack_frames
 from .policy import ActionDecoder, DecodedPolicy, LatentPolicy
 
-__all__ = ["ActionDecoder", "DecodedPolicy", "IDMOutput", "ImpalaEncoder", "LatentActionModel", "LatentIDM", "LatentPolicy", "LapoFDM",
+__all__ = ["ActionDecoder", "DecodedPolicy", "IDMOutput", "ImpalaEncoder", "LatentActionModel", "LatentIDM",
+           "LatentPolicy", "LapoFDM",
            "UNetFDM", "build_lam", "stack_frames"]

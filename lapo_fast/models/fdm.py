@@ -106,7 +106,8 @@ class _Down(nn.Module):
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv, self.norm, self.res = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), _Residual(cout, cout // 2)
+        self.conv, self.norm = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        self.res = _Residual(cout, cout // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(F.max_pool2d(self.res(self.norm(self.conv(x))), 2))

@@ -103,7 +103,8 @@ class LatentActionModel(nn.Module):
     TrueActionEmbedding, and forward needs the actions)."""
 
     def __init__(self, frames: int = 3, channels: int = 3, impala_scale: int = 4, latent_dim: int = 128,
-                 fdm_width: int = 24, fdm_norm: str = "batch", fdm_action: str = "latent", num_actions: int = NUM_ACTIONS,
+                 fdm_width: int = 24, fdm_norm: str = "batch", fdm_action: str = "latent",
+                 num_actions: int = NUM_ACTIONS,
                  fdm_arch: str = "lapo", **idm_kwargs):
         super().__init__()
         if fdm_action not in FDM_ACTIONS:

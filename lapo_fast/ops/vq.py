@@ -271,7 +271,8 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
         return _triton_forward(x, spec, reduce, codebook, ema_count, ema_weight)
 
     if reduce is None:  # counts, sums and the EMA update stay inside the one C++ call
-        q, idx, loss, perplexity, _, _ = _cpu_forward(x, spec, codebook, (ema_count, ema_weight) if spec.training else None)
+        ema = (ema_count, ema_weight) if spec.training else None
+        q, idx, loss, perplexity, _, _ = _cpu_forward(x, spec, codebook, ema)
         return q, idx, loss, perplexity
     from lapo_fast import _C
 

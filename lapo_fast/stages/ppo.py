@@ -101,7 +101,8 @@ def _optimizer(policy, cfg: PPOConfig, batch: int, updates: int, finetune: bool)
         optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1 - u / updates), params
     groups = ((policy.action_head, cfg.action_head_ramp, "action_head_ramp", 0.25),
-              (policy.value_head, cfg.value_head_ramp, "value_head_ramp", 0.25), (policy.fc_rl, cfg.fc_ramp, "fc_ramp", 0.1))
+              (policy.value_head, cfg.value_head_ramp, "value_head_ramp", 0.25),
+              (policy.fc_rl, cfg.fc_ramp, "fc_ramp", 0.1))
     optimizer = torch.optim.Adam([{"params": list(m.parameters())} for m, *_ in groups], lr=cfg.head_lr,
                                  eps=cfg.adam_eps)
 

@@ -83,7 +83,8 @@ def write_report(run_dir) -> Path:
 
     bc = read_metrics(run.stage("bc"))
     if bc:
-        report["stage2"] = {"step": bc[-1]["step"], "loss": bc[-1]["loss"], "samples_per_s": bc[-1].get("samples_per_s")}
+        report["stage2"] = {"step": bc[-1]["step"], "loss": bc[-1]["loss"],
+                            "samples_per_s": bc[-1].get("samples_per_s")}
 
     decode = read_json(run.results("decode"))
     if decode:
@@ -191,7 +192,8 @@ def _markdown(r: dict) -> str:
         lines += ["## Stage 2: latent behaviour cloning", "",
                   f"step {r['stage2']['step']}: MSE to the IDM's latents {r['stage2']['loss']:.3g}.", ""]
     if "decode" in r:
-        lines += ["## Stage 3a: offline decoder sweep", "", "| labelled | accuracy | chance | majority | return | normalised |",
+        lines += ["## Stage 3a: offline decoder sweep", "",
+                  "| labelled | accuracy | chance | majority | return | normalised |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {e['labelled']} | {_fmt(e['accuracy'])} | {_fmt(e['chance'])} | {_fmt(e['majority'])} | "
                   f"{_fmt(e.get('mean_return'), 2)} | {_fmt(e.get('normalized'))} |" for e in r["decode"]]
@@ -204,8 +206,10 @@ def _markdown(r: dict) -> str:
         lines.append("")
     if "eval" in r:
         s = r["eval_settings"]
-        lines += [f"## Evaluation ({s['game']}, {s['distribution_mode']}, {s['episodes']} episodes on unseen levels)", "",
-                  "| policy | mean return | stderr | normalised (paper: random 0, expert 1) | normalised to demonstrator |",
+        lines += [f"## Evaluation ({s['game']}, {s['distribution_mode']}, {s['episodes']} episodes on unseen "
+                  "levels)", "",
+                  "| policy | mean return | stderr | normalised (paper: random 0, expert 1) "
+                  "| normalised to demonstrator |",
                   "|---|---|---|---|---|"]
         lines += [f"| {k} | {_fmt(v['mean_return'], 2)} | {_fmt(v['stderr'], 2)} | {_fmt(v['normalized'])} | "
                   f"{_fmt(v['normalized_to_demonstrator'])} |" for k, v in r["eval"].items()]

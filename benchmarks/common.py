@@ -1,4 +1,5 @@
-"""Shared timing and table printing for the benchmark scripts."""
+"""What the benchmark scripts share: timing, tables, JSON, and the VQ cases (vq_kernel runs them,
+vq_compile compiles them)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 from collections.abc import Callable
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                sync: Callable[[], None] | None = None) -> float:
     """Median wall time of fn() in seconds over `repeats` runs, after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
@@ -42,3 +44,14 @@ def dump_json(path: str, payload: dict) -> None:
     else:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
+
+
+# (name, layout, rows B, groups G, codes K, dim d, latents L)
+VQ_CASES = [
+    ("LAPO B=128", "lapo", 128, 2, 64, 16, 4),
+    ("LAPO B=4096", "lapo", 4096, 2, 64, 16, 4),
+    ("LAPO B=65536", "lapo", 65536, 2, 64, 16, 4),
+    ("K64 d16 N=65536", "grouped", 65536, 1, 64, 16, 1),
+    ("K1024 d64 N=8192", "grouped", 8192, 1, 1024, 64, 1),
+    ("K8192 d256 N=1024", "grouped", 1024, 1, 8192, 256, 1),
+]
