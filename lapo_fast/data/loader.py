@@ -119,8 +119,8 @@ _RUNNING: "weakref.WeakSet[PrefetchLoader]" = weakref.WeakSet()
 
 @atexit.register
 def _stop_threads() -> None:
-    """A sampling thread still inside torch when the interpreter exits aborts the process (a
-    stage that raised never closed its loader): stop them first."""
+    """A sampling thread still inside torch when the interpreter exits aborts the process: stop
+    them first. A backstop for loaders used outside the stages (runtime.loop closes the stages')."""
     for loader in list(_RUNNING):
         loader.close()
 

@@ -10,8 +10,6 @@ RUN/bc/: config.json, labels.npz, metrics.jsonl, TensorBoard events, checkpoints
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +23,8 @@ from lapo_fast.models import LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
-from lapo_fast.runtime.metrics import StepMeans
-from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error
+from lapo_fast.runtime.loop import supervised_loop
+from lapo_fast.runtime.optim import adamw_warmup_decay
 from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import TrainStep, graph_mode
 
@@ -55,42 +53,23 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
                                              warmup_steps=cfg.warmup_steps, steps=cfg.steps,
                                              warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
 
-    log = RunLog(out, "bc", enabled=rank == 0)
-    state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
-    step = state.get("step", 0)
-    loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on
-    if rank == 0:
-        run.save_config("bc", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
-             data=str(data_dir), device=str(device), world_size=world)
-    model = distributed.wrap(policy)
-    train_step = make_step(policy, model, optimizer, schedule, cfg, device, mode)
+    with RunLog(out, "bc", enabled=rank == 0) as log:  # closed however the stage ends
+        state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
+        step = state.get("step", 0)
+        loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on
+        if rank == 0:
+            run.save_config("bc", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
+                 data=str(data_dir), device=str(device), world_size=world)
+        model = distributed.wrap(policy)
+        train_step = make_step(policy, model, optimizer, schedule, cfg, device, mode)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc="bc", unit="step")
-    t0, start = time.perf_counter(), step
-    means = StepMeans("loss")
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
-    while step < end:
-        batch = next(loader)  # uint8 frames and float32 labels, on the device
-        means.add(train_step({"obs": batch["obs"], "target": batch["target"]})["loss"])
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = means.read()  # the mean since the last log: the one host read of the losses
-            if not math.isfinite(metrics["loss"]):
-                raise divergence_error("stage 2 (bc)", step, cfg, out)
-            log.log({"step": step, **metrics, "lr": float(schedule.get_last_lr()[0]),
-                     "samples_per_s": (step - start) * cfg.batch_size * world / (time.perf_counter() - t0)})
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            if not means.finite():  # never save weights a NaN step has touched
-                raise divergence_error("stage 2 (bc)", step, cfg, out)
-            save_checkpoint_all_ranks(out, step, policy, optimizer, schedule, loader.rng)
-            distributed.barrier()
-    bar.close()
-    loader.close()
-    log.close()
+        # A batch: uint8 frames and float32 labels, on the device.
+        supervised_loop("stage 2 (bc)", cfg, step=step,
+                        train_step=lambda b: train_step({"obs": b["obs"], "target": b["target"]}), loader=loader,
+                        names=("loss",), schedule=schedule, log=log,
+                        save=lambda at: save_checkpoint_all_ranks(out, at, policy, optimizer, schedule, loader.rng),
+                        out=out, batch_size=cfg.batch_size, world=world, rank=rank, stop_after=stop_after,
+                        progress=progress)
     return latest_checkpoint(out)
 
 

@@ -14,8 +14,6 @@ Writes RUN/lam/: config.json, metrics.jsonl, TensorBoard events, step-XXXXXXXX c
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.files import write_json
-from lapo_fast.runtime.metrics import StepMeans
+from lapo_fast.runtime.loop import supervised_loop
 from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error
 from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import TrainStep, graph_mode
@@ -71,69 +69,58 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
                                              warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
 
     # Resume: weights, optimiser, schedule, and every rank's sampler stream.
-    log = RunLog(out, "lam", enabled=rank == 0)
-    state = resume(out, model, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
-    step = state.get("step", 0)
-    loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on
-    if rank == 0:
-        run.save_config("lam", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
-             data=str(data_dir), test_data=str(test_data) if test_data else None, device=str(device),
-             world_size=world)
-    ddp = distributed.wrap(model)
-    train_step = make_step(model, ddp, optimizer, schedule, cfg, device, mode)
+    with RunLog(out, "lam", enabled=rank == 0) as log:  # closed however the stage ends
+        state = resume(out, model, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
+        step = state.get("step", 0)
+        loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on
+        if rank == 0:
+            run.save_config("lam", cfg, versions={"lapo_fast": __version__, "torch": torch.__version__},
+                 data=str(data_dir), test_data=str(test_data) if test_data else None, device=str(device),
+                 world_size=world)
+        ddp = distributed.wrap(model)
+        train_step = make_step(model, ddp, optimizer, schedule, cfg, device, mode)
 
-    model.train()
-    t0, start = time.perf_counter(), step
-    means = StepMeans("loss", "fdm_loss", "vq_loss", "perplexity")
-    from tqdm import tqdm
+        model.train()
+        no_probe = _no_probe(ds, sampler, true_action)  # why the latent probe cannot run, or None
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc="lam", unit="step")
-    no_probe = _no_probe(ds, sampler, true_action)  # why the latent probe cannot run, or None
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)  # stop_after: as if killed
-    while step < end:
-        batch = next(loader)  # uint8 on the device
-        try:
-            res = train_step(step_inputs(batch, cfg.context, device))
-        except NonFiniteError:  # the IDM's latents went NaN/inf: the model diverged
-            raise divergence_error("stage 1 (lam)", step + 1, cfg, out) from None
-        means.add(res["loss"], res["fdm_loss"], res["vq_loss"], res["perplexity"])  # no host read per step
-        step += 1
-        bar.update(1)
+        def step_fn(batch: dict) -> dict:
+            try:
+                return train_step(step_inputs(batch, cfg.context, device))
+            except NonFiniteError:  # the IDM's latents went NaN/inf: the model diverged
+                raise divergence_error("stage 1 (lam)", step + train_step.steps, cfg, out) from None
 
-        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # codes in use from the start
-            used = torch.unique(res["indices"][:, 0]).numel()  # distinct codes of codebook 0 in this batch
-            metrics = {"step": step, **means.read(), "codebook0_codes_used": used,
-                       "lr": float(schedule.get_last_lr()[0]),
-                       "steps_per_s": (step - start) / max(time.perf_counter() - t0, 1e-9)}
-            if not math.isfinite(metrics["loss"]):
-                raise divergence_error("stage 1 (lam)", step, cfg, out)
+        def extra(at: int, res: dict) -> dict:
+            # Distinct codes of codebook 0 in this batch.
+            metrics = {"codebook0_codes_used": torch.unique(res["indices"][:, 0]).numel()}
             if test is not None:
                 metrics.update(_test_losses(model, test, device))
-            log.log(metrics)
-            if step == cfg.steps and test is not None:
-                what = "action" if true_action else "latent"
-                bar.write(f"lam: held-out FDM loss {metrics['test_fdm_loss']:.5f} with each window's own {what}, "
-                          f"{metrics['test_fdm_loss_shuffled']:.5f} with another's")
-            bar.set_postfix(loss=f"{metrics['fdm_loss']:.4f}", perp=f"{metrics['perplexity']:.1f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            if not means.finite():  # never save weights a NaN step has touched (a NaN VQ input on CUDA)
-                raise divergence_error("stage 1 (lam)", step, cfg, out)
-            saved = save_checkpoint_all_ranks(out, step, model, optimizer, schedule, loader.rng)
-            if saved is not None and no_probe is None and step < cfg.steps:  # rank 0; the last one below
+                if at == cfg.steps:
+                    from tqdm import tqdm
+
+                    what = "action" if true_action else "latent"
+                    tqdm.write(f"lam: held-out FDM loss {metrics['test_fdm_loss']:.5f} with each window's own {what}, "
+                               f"{metrics['test_fdm_loss_shuffled']:.5f} with another's")
+            return metrics
+
+        def checkpointed(at: int, saved) -> None:
+            if saved is not None and no_probe is None and at < cfg.steps:  # rank 0; the last one below
+                _probe(model, sampler, ds, device, cfg, log, run, at)
+
+        step = supervised_loop(
+            "stage 1 (lam)", cfg, step=step, train_step=step_fn, loader=loader,
+            names=("loss", "fdm_loss", "vq_loss", "perplexity"), schedule=schedule, log=log,
+            save=lambda at: save_checkpoint_all_ranks(out, at, model, optimizer, schedule, loader.rng), out=out,
+            batch_size=cfg.batch_size, world=world, rank=rank, stop_after=stop_after, progress=progress,
+            log_first=True, extra=extra, checkpointed=checkpointed)  # step 1 logged: the codes in use at the start
+        # The stage is done only with its final probe written: a run killed during it (or a rerun of a
+        # finished run that lacks it) makes it now, from the final weights.
+        if step == cfg.steps and rank == 0 and not run.probe.exists():
+            if no_probe is None:
                 _probe(model, sampler, ds, device, cfg, log, run, step)
-            distributed.barrier()
-    bar.close()
-    loader.close()
-    # The stage is done only with its final probe written: a run killed during it (or a rerun of a
-    # finished run that lacks it) makes it now, from the final weights.
-    if step == cfg.steps and rank == 0 and not run.probe.exists():
-        if no_probe is None:
-            _probe(model, sampler, ds, device, cfg, log, run, step)
-        else:
-            write_json(run.probe, {"skipped": no_probe})
-            print(f"lam: no latent probe: {no_probe}")
-    distributed.barrier()
-    log.close()
+            else:
+                write_json(run.probe, {"skipped": no_probe})
+                print(f"lam: no latent probe: {no_probe}")
+        distributed.barrier()
     return latest_checkpoint(out)
 
 
