@@ -166,9 +166,9 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 
 # What each command imports beyond the core (lapo_fast.extras names the extra that brings each).
 _LOOP = ("safetensors", "lz4", "zstandard", "tqdm")
-_NEEDS = {"collect": _LOOP + ("procgen", "gym3"), "data": ("lz4", "zstandard"), "lam": _LOOP, "bc": _LOOP,
-          "decode": _LOOP + ("procgen", "gym3"), "finetune": _LOOP + ("procgen", "gym3"),
-          "ppo": _LOOP + ("procgen", "gym3"), "eval": _LOOP + ("procgen", "gym3"),
+_ENGINE = ("procgen", "gym3", "gymnasium")
+_NEEDS = {"collect": _LOOP + _ENGINE, "data": ("lz4", "zstandard"), "lam": _LOOP, "bc": _LOOP,
+          "decode": _LOOP + _ENGINE, "finetune": _LOOP + _ENGINE, "ppo": _LOOP + _ENGINE, "eval": _LOOP + _ENGINE,
           "umap": _LOOP + ("umap", "matplotlib"), "report": ("matplotlib",), "sweep": ("submitit",),
           "aggregate": ("rliable", "matplotlib")}
 

@@ -18,8 +18,8 @@ import pytest
 from lapo_fast.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-HIDDEN = ("procgen", "gym", "gym3", "av", "PIL", "matplotlib", "umap", "safetensors", "lz4", "zstandard", "tqdm",
-          "tensorboard", "submitit", "rliable", "nvidia.dali")
+HIDDEN = ("procgen", "gym", "gym3", "gymnasium", "av", "PIL", "matplotlib", "umap", "safetensors", "lz4", "zstandard",
+          "tqdm", "tensorboard", "submitit", "rliable", "nvidia.dali")
 
 
 def _commands() -> list[list[str]]:

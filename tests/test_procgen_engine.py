@@ -308,3 +308,26 @@ def test_an_async_copy_of_the_obs_is_waited_for_before_the_buffer_is_overwritten
         copy = env.obs_to("cpu")
         env.step(np.zeros(4, np.int32))
         assert not np.shares_memory(copy.numpy(), env.obs)
+
+
+def test_a_gymnasium_vector_env_that_gymnasiums_wrappers_wrap():
+    import gymnasium
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    env = ProcgenVecEnv("coinrun", 4, seed=3)
+    assert isinstance(env, gymnasium.vector.VectorEnv)
+    assert env.metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.SAME_STEP
+    assert env.single_action_space == gymnasium.spaces.Discrete(15)
+    assert env.observation_space.shape == (4, 64, 64, 3) and env.action_space.shape == (4,)
+    wrapped = RecordEpisodeStatistics(env)
+    obs, _ = wrapped.reset()
+    assert env.observation_space.contains(obs)
+    rng, ended = np.random.default_rng(0), 0
+    for _ in range(400):
+        obs, reward, done, truncated, info = wrapped.step(rng.integers(0, 15, 4))
+        if done.any():  # gymnasium's episode statistics are the engine's own
+            np.testing.assert_allclose(info["episode"]["r"][done], info["final_return"][done])
+            np.testing.assert_array_equal(info["episode"]["l"][done], info["final_length"][done])
+            ended += int(done.sum())
+    assert ended > 0 and not truncated.any()
+    wrapped.close()

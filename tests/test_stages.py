@@ -21,7 +21,8 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.checkpoint import load_checkpoint
 from lapo_fast.stages.bc import train_bc
 from lapo_fast.stages.lam import train_lam
-from lapo_fast.stages.ppo import _ppo_step, RewardNormalizer, _update, gae, train_ppo
+from lapo_fast.envs.wrappers import ScaleRewards
+from lapo_fast.stages.ppo import _ppo_step, _update, gae, train_ppo
 
 
 # -- PPO ----------------------------------------------------------------------------------------
@@ -51,8 +52,11 @@ def test_gae_matches_the_textbook_loop():
     assert adv.item() == pytest.approx(1.5)
 
 
-def test_reward_normalizer_matches_gyms_normalize_reward():
+def test_reward_scale_matches_gyms_normalize_reward_and_resumes():
+    """ScaleRewards (a gymnasium vector wrapper) against gym 0.26's NormalizeReward, baselines'
+    formula, on scripted rewards and episode ends; its state carries over into a new wrapper."""
     import gym
+    import gymnasium
     from gym.wrappers import NormalizeReward
 
     rng = np.random.default_rng(1)
@@ -68,11 +72,21 @@ def test_reward_normalizer_matches_gyms_normalize_reward():
             self.t += 1
             return np.zeros((4, 1)), rewards[self.t - 1], dones[self.t - 1], np.zeros(4, bool), {}
 
+    class ScriptedVec(gymnasium.vector.VectorEnv):
+        num_envs, t = 4, 0
+
+        def step(self, actions):
+            self.t += 1
+            return np.zeros((4, 1)), rewards[self.t - 1], dones[self.t - 1], np.zeros(4, bool), {}
+
     theirs = NormalizeReward(Scripted(), gamma=0.99)
-    ours = RewardNormalizer(4, gamma=0.99)
+    ours = ScaleRewards(ScriptedVec(), gamma=0.99)
     for t in range(50):
         expected = theirs.step(None)[1]
-        np.testing.assert_allclose(ours(rewards[t], dones[t]), np.clip(expected, -10, 10), rtol=1e-5)
+        if t == 30:  # a resumed run: a new wrapper given the checkpoint's state
+            state, ours = ours.state_dict(), ScaleRewards(ours.env, gamma=0.99)
+            ours.load_state_dict(state)
+        np.testing.assert_allclose(ours.step(None)[1], np.clip(expected, -10, 10), rtol=1e-5)
 
 
 @pytest.mark.parametrize("agent", ["latent policy, trunk frozen", "decoded policy (stage 3b)"])

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
 
 from .games import DEFAULT_DISTRIBUTION_MODE, DISTRIBUTION_MODES, NUM_ACTIONS, OBS_SHAPE, check_game, check_mode
 
@@ -70,8 +73,14 @@ def _available_memory() -> int:
         return 0
 
 
-class ProcgenVecEnv:
-    """N Procgen envs (one game, or a mix) stepped in parallel, gymnasium vector-env style."""
+class ProcgenVecEnv(VectorEnv):
+    """N Procgen envs (one game, or a mix) stepped in parallel: a gymnasium VectorEnv (its spaces
+    declared, autoreset in the same step, as gym3: metadata["autoreset_mode"] is SAME_STEP; procgen
+    does not keep the last frame of an episode, so there is no info["final_obs"])."""
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+    single_observation_space = spaces.Box(0, 255, OBS_SHAPE, np.uint8)
+    single_action_space = spaces.Discrete(NUM_ACTIONS)
 
     def __init__(
         self,
@@ -119,6 +128,8 @@ class ProcgenVecEnv:
         num_threads = min(int(num_threads), -(-int(num_envs) // int(envs_per_instance)))
 
         self.num_envs = int(num_envs)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.games = games
         self.num_threads = num_threads
         self.envs_per_instance = envs_per_instance

@@ -22,7 +22,6 @@ from the last checkpoint (with fresh envs: mid-episode env state is not saved).
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from lapo_fast import __version__
 from lapo_fast.config import FinetuneConfig, PPOConfig, ramp
 from lapo_fast.data import prepare_obs
 from lapo_fast.envs import ProcgenVecEnv
+from lapo_fast.envs.wrappers import ScaleRewards
 from lapo_fast.eval.decoders import decoder_step
 from lapo_fast.eval.latents import idm_latents
 from lapo_fast.models import DecodedPolicy, LatentPolicy
@@ -46,37 +46,6 @@ from lapo_fast.runtime.metrics import StepMeans
 from lapo_fast.runtime.ppo import STATS, make_ppo_step
 from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import graph_mode
-
-
-class RewardNormalizer:
-    """Divides rewards by a running std of the discounted return, then clips (as Cobbe et al.,
-    via gym's NormalizeReward)."""
-
-    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0):
-        self.gamma, self.clip = gamma, clip
-        self.ret = np.zeros(num_envs, np.float64)
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def __call__(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
-        self.ret = self.ret * self.gamma + reward
-        self._update(self.ret)
-        self.ret[done] = 0.0
-        return np.clip(reward / math.sqrt(self.var + 1e-8), -self.clip, self.clip).astype(np.float32)
-
-    def _update(self, x: np.ndarray) -> None:
-        # Chan et al.'s parallel mean/variance update.
-        batch_mean, batch_var, n = float(x.mean()), float(x.var()), len(x)
-        delta, total = batch_mean - self.mean, self.count + n
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
-
-    def state_dict(self) -> dict:
-        return {"ret": self.ret.tolist(), "mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["ret"]) == len(self.ret):
-            self.ret = np.asarray(state["ret"], np.float64)
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
 def gae(rewards, values, dones, gamma: float, lam: float):
@@ -193,14 +162,12 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         policy.decoder.requires_grad_(True)
     clip_params = list(policy.parameters()) if reference_clip else params
     decoder = OnlineDecoder(idm, cfg, device) if finetune else None
-    normalizer = RewardNormalizer(cfg.num_envs, cfg.gamma)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     log = RunLog(out, name)
     state = resume(out, policy, optimizer, schedule, log, key="update")
     update = state.get("update", 0)
     if state:
-        normalizer.load_state_dict(state["normalizer"])
         gen.manual_seed(cfg.seed + update)
     last = latest_checkpoint(out)
     minibatch_step = _ppo_step(policy, optimizer, clip_params, cfg, device, name, finetune, reference_clip, mode)
@@ -210,13 +177,17 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
     # Fresh envs on resume, seeded by the update so a resumed run does not replay its levels.
     env = ProcgenVecEnv(env_name, cfg.num_envs, seed=cfg.seed * 100_003 + update,
                         distribution_mode=cfg.distribution_mode)
+    if cfg.normalize_rewards:  # Cobbe et al.'s reward scale (envs/wrappers.py), resumed with the run
+        env = ScaleRewards(env, cfg.gamma)
+        if state.get("normalizer"):
+            env.load_state_dict(state["normalizer"])
     obs_np, _ = env.reset()
     T, N = cfg.rollout, cfg.num_envs
     # The rollout keeps what the update needs: conv features when fine-tuning, frames otherwise
     # (and then the frames on the CPU too, for the IDM's labels).
     store = (torch.zeros(T, N, policy.fc_rl.in_features, device=device) if finetune
-             else torch.zeros(T, N, *env.obs.shape[1:], dtype=torch.uint8, device=device))
-    frames = torch.zeros(N, T + 1, *env.obs.shape[1:], dtype=torch.uint8) if finetune else None
+             else torch.zeros(T, N, *env.single_observation_space.shape, dtype=torch.uint8, device=device))
+    frames = torch.zeros(N, T + 1, *env.single_observation_space.shape, dtype=torch.uint8) if finetune else None
     actions = torch.zeros(T, N, dtype=torch.long, device=device)
     logps = torch.zeros(T, N, device=device)
     values = torch.zeros(T + 1, N, device=device)
@@ -243,8 +214,7 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
                     frames[:, t] = torch.from_numpy(obs_np)
                 actions[t], values[t] = a, value.float()
                 logps[t] = F.log_softmax(logits.float(), -1).gather(1, a[:, None])[:, 0]
-                obs_np, reward, done, _, info = env.step(a)
-                r = normalizer(reward, done) if cfg.normalize_rewards else reward
+                obs_np, r, done, _, info = env.step(a)
                 rewards[t] = torch.from_numpy(np.asarray(r, np.float32)).to(device)
                 dones[t] = torch.from_numpy(done.astype(np.float32)).to(device)
                 finished += info["final_return"][done].tolist()
@@ -276,7 +246,8 @@ def train_ppo(run_dir, env_name: str, cfg: PPOConfig, *, name: str = "ppo",
         finished = []
         if update % cfg.checkpoint_every == 0 or update == updates:
             last = save_checkpoint(out, update, policy, optimizer, schedule,
-                                   {"update": update, "normalizer": normalizer.state_dict()})
+                                   {"update": update, "normalizer": env.state_dict() if cfg.normalize_rewards
+                                    else None})
         if stop_after is not None and update >= stop_after and update < updates:
             break
     bar.close()
