@@ -179,7 +179,8 @@ def main() -> None:
 
     import torch
 
-    from lapo_fast.data import FrameDataset, collect, random_policy
+    from lapo_fast.data import FrameDataset, collect
+    from lapo_fast.runtime.acting import random_policy
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

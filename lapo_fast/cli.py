@@ -43,7 +43,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from .data import checkpoint_policy, collect, random_policy
+    from .data import collect
+    from .runtime.acting import checkpoint_policy, random_policy
     from .envs.games import check_game
 
     check_game(args.env)

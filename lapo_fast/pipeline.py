@@ -54,8 +54,8 @@ def run_all(game: str, run_dir, cfgs: dict, *, preset: str, demonstrator=None, d
 
 def _run_all(run: RunDir, game: str, cfgs: dict, *, preset: str, demonstrator, data, test_data,
              progress: bool) -> Path:
-    from lapo_fast.data import FrameDataset, checkpoint_policy, collect
-    from lapo_fast.eval.actors import policy_actor
+    from lapo_fast.data import FrameDataset, collect
+    from lapo_fast.runtime.acting import checkpoint_policy, policy_actor
     from lapo_fast.models import DecodedPolicy
     from lapo_fast.stages.bc import train_bc
     from lapo_fast.stages.decode import train_decoders

@@ -21,14 +21,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig
 from lapo_fast.config import load as load_config
 from lapo_fast.config import resumable
 from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
-from lapo_fast.runtime.files import atomic_write, read_json, write_json
+from lapo_fast.runtime.files import read_json, write_json
 
 # The config type of each stage folder; any other (demo, ppo, finetune, a --name) holds a PPO run:
 # a PPOConfig, or a FinetuneConfig for stage 3b (a run saved before stage 3b was LAPO's: a PPOConfig).
@@ -216,58 +214,6 @@ class RunDir:
         cfg = self.config(stage)
         policy = LatentPolicy(impala_scale=cfg.impala_scale)
         return self._load(stage, DecodedPolicy(policy) if isinstance(cfg, FinetuneConfig) else policy)
-
-    def load_labels(self, ds, frames=None, *, batch: int = 512, device="cpu", progress: bool = True, rank: int = 0,
-                    world: int = 1):
-        """(starts, latents, context) of stage 2: for every window inside an episode of `ds`, its
-        first frame and the frozen IDM's pre-quantisation latent; the policy's input is frame
-        start + context. Computed once (from `frames`, as a planner opened them; default: the
-        compressed shards) and saved; recomputed when the dataset or the stage-1 checkpoint
-        changed. Under DDP every rank calls it: each labels 1/world of the windows, all get every
-        label, rank 0 saves them."""
-        from lapo_fast.data import valid_starts
-        from lapo_fast.eval.latents import idm_latents
-
-        lam_cfg = self.config("lam")
-        context, lam_step = lam_cfg.context, self.checkpoint_step("lam")
-        if self.labels.exists():
-            blob = np.load(self.labels)
-            if "data" in blob and str(blob["data"]) == ds.identity() and blob["lam_step"] == lam_step:
-                return blob["starts"], blob["latents"], context
-            print(f"bc: {self.labels} is stale (dataset or stage-1 checkpoint changed); recomputing")
-        from lapo_fast.data import CompressedFrames
-        from lapo_fast.runtime.distributed import all_gather_rows
-
-        frames = CompressedFrames(ds) if frames is None else frames
-        starts = valid_starts(ds.episodes, context + 2)
-        share = np.array_split(starts, world)[rank]
-        idm = self.load_lam(lam_cfg).idm.to(device)
-        latents = idm_latents(idm, frames, share, context, batch=batch, device=device, progress=progress)
-        latents = all_gather_rows(latents, device)
-        if rank == 0:
-            self.labels.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.labels, lambda tmp: np.savez(tmp, starts=starts, latents=latents, data=ds.identity(),
-                                                           lam_step=lam_step))
-        return starts, latents, context
-
-    def save_decoder(self, labelled: int, decoder) -> None:
-        from safetensors.torch import save_file
-
-        atomic_write(self.decoder(labelled), lambda tmp: save_file(decoder.state_dict(), str(tmp)))
-
-    def load_decoder(self, labelled: int):
-        from safetensors.torch import load_file
-
-        from lapo_fast.models import ActionDecoder
-
-        path = self.decoder(labelled)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no decoder trained on {labelled} labelled transitions "
-                                    "(run `lapo-fast decode`)")
-        weights = load_file(str(path))
-        decoder = ActionDecoder(weights["net.0.weight"].shape[1], weights[f"net.{len(weights) - 2}.weight"].shape[0])
-        decoder.load_state_dict(weights)
-        return decoder.eval()
 
 
 def _command(stage: str) -> str:

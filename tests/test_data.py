@@ -6,8 +6,9 @@ import torch
 
 from lapo_fast.data import (
     DatasetError, DatasetWriter, FrameDataset, PrefetchLoader, WindowSampler, collect, import_lapo,
-    ingest_videos, normalize, random_policy, valid_starts,
+    ingest_videos, normalize, valid_starts,
 )
+from lapo_fast.runtime.acting import random_policy
 
 
 def fake_episodes(n_eps=5, seed=0, shape=(64, 64, 3)):
@@ -310,7 +311,7 @@ def test_prefetch_loader_yields_the_samplers_batches(tmp_path):
 
 
 def test_collect_with_a_torchscript_policy(tmp_path):
-    from lapo_fast.data import checkpoint_policy
+    from lapo_fast.runtime.acting import checkpoint_policy
 
     class AlwaysRight(torch.nn.Module):
         def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -85,12 +85,13 @@ def test_two_rank_gloo_training_stays_in_lock_step(dataset, tmp_path, fdm):
 
     # Each rank labelled half of the windows; the gathered labels are the ones one process computes.
     from lapo_fast.data import FrameDataset
+    from lapo_fast.latent import window_labels
     from lapo_fast.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     saved = np.load(run.labels)
     run.labels.unlink()
-    starts, latents, _ = run.load_labels(FrameDataset(dataset), progress=False)
+    starts, latents, _ = window_labels(run, FrameDataset(dataset), progress=False)
     np.testing.assert_array_equal(saved["starts"], starts)
     np.testing.assert_allclose(saved["latents"], latents, rtol=1e-5, atol=1e-6)
 

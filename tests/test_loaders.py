@@ -18,6 +18,7 @@ from lapo_fast.data import (
 from lapo_fast.data.compressed import plan_decode
 from lapo_fast.data.loader import assemble, chunk_inputs, frames_at
 from lapo_fast.data.planner import GiB, LoaderPlan, Machine, open_frames
+from lapo_fast.latent import window_labels
 
 
 def _dataset(path, *, codec="lz4", chunk_frames=8, shape=(6, 6, 3), episodes=7, seed=0):
@@ -276,10 +277,10 @@ def test_stage1_trains_from_the_compressed_shards_and_leaves_no_decoded_copy(tmp
     assert "lam: loader compressed, cpu decoder (asked for;" in capsys.readouterr().out
     # Its labels for stage 2 from the compressed shards equal those from a decoded copy.
     run = RunDir(tmp_path / "run")
-    starts, from_shards, _ = run.load_labels(FrameDataset(path), progress=False)
+    starts, from_shards, _ = window_labels(run, FrameDataset(path), progress=False)
     decoded = [p for p in tmp_path.rglob("*") if p.name.startswith("cache.u8") or ".tmp" in p.name]
     assert decoded == [], f"decoded copies left: {decoded}"
-    from lapo_fast.eval.latents import idm_latents
+    from lapo_fast.latent import idm_latents
 
     ds = FrameDataset(path)
     again = idm_latents(run.load_lam().idm, np.asarray(ds.cache()), starts, 1)

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from lapo_fast.cli import main  # noqa: E402
 from lapo_fast.config import LAMConfig, resolve  # noqa: E402
 from lapo_fast.data import DatasetError, DatasetWriter, FrameDataset, collect, import_lapo, ingest_videos  # noqa: E402
-from lapo_fast.data import random_policy  # noqa: E402
+from lapo_fast.runtime.acting import random_policy  # noqa: E402
 from lapo_fast.ops import NonFiniteError, VectorQuantizerEMA, vq_ema  # noqa: E402
 from lapo_fast.rundir import RunDir  # noqa: E402
 from lapo_fast.runtime.checkpoint import checkpoints, load_latest, save_checkpoint  # noqa: E402

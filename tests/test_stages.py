@@ -13,7 +13,7 @@ import torch
 from lapo_fast.config import BCConfig, DecodeConfig, FinetuneConfig, LAMConfig, PPOConfig, resolve, resolve_run
 from lapo_fast.data import DatasetWriter, FrameDataset, normalize, valid_starts
 from lapo_fast.eval import EXPERT_RETURN, RANDOM_RETURN, evaluate, normalized_return
-from lapo_fast.eval.decoders import accuracy, fit_decoder, probe
+from lapo_fast.latent import accuracy, fit_decoder, load_decoder, probe, window_labels
 from lapo_fast.envs import GAMES
 from lapo_fast.models import DecodedPolicy, LatentPolicy
 from lapo_fast.data import prepare_obs
@@ -185,7 +185,7 @@ def test_bc_labels_are_the_frozen_idms_latents_and_are_cached(bc_run):
     data, run = bc_run
     ds = FrameDataset(data)
     stamp = (run / "bc" / "labels.npz").stat().st_mtime_ns
-    starts, latents, context = RunDir(run).load_labels(ds)
+    starts, latents, context = window_labels(RunDir(run), ds)
     assert (run / "bc" / "labels.npz").stat().st_mtime_ns == stamp  # loaded, not recomputed
     assert np.array_equal(starts, valid_starts(ds.episodes, context + 2))
     idm = RunDir(run).load_lam().idm
@@ -249,7 +249,7 @@ def test_decode_stage_sweeps_sizes_and_skips_done_ones(bc_run, capsys):
     cfg = resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10, "eval_episodes": 2})
     results = train_decoders(data, run, cfg, progress=False)
     assert sorted(results) == ["4", "8"] and all("mean_return" in r for r in results.values())
-    assert RunDir(run).load_decoder(8).net[-1].out_features == 15
+    assert load_decoder(RunDir(run).decoder(8)).net[-1].out_features == 15
     assert train_decoders(data, run, cfg, progress=False) == results  # nothing redone
     too_many = resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10_000})
     with pytest.raises(ValueError, match="decode was trained with held_out=10; this run asks for held_out=10000"):
@@ -332,3 +332,24 @@ def test_online_decoder_labels_windows_inside_episodes_only():
 def test_the_paper_presets_demonstrator_is_the_papers_50m_step_expert():
     assert resolve_run("paper")["demo"].env_steps == 50_000_000
     assert resolve_run("paper")["finetune"].env_steps == 4_000_000
+
+
+@pytest.mark.parametrize("hidden", [(), (64,), (32, 16)])
+def test_a_decoder_is_rebuilt_from_the_shape_saved_with_it(tmp_path, hidden):
+    from safetensors.torch import save_file
+
+    from lapo_fast.latent import save_decoder
+    from lapo_fast.models import ActionDecoder
+
+    torch.manual_seed(0)
+    decoder = ActionDecoder(24, 7, hidden)
+    x = torch.randn(5, 24)
+    save_decoder(tmp_path / "d.safetensors", decoder)
+    loaded = load_decoder(tmp_path / "d.safetensors")
+    assert (loaded.latent_dim, loaded.num_actions, loaded.hidden) == (24, 7, hidden)
+    torch.testing.assert_close(loaded(x), decoder(x))
+    # A file from before the shape was stored: the shape read off its weights.
+    save_file(decoder.state_dict(), str(tmp_path / "old.safetensors"))
+    torch.testing.assert_close(load_decoder(tmp_path / "old.safetensors")(x), decoder(x))
+    with pytest.raises(FileNotFoundError, match="lapo-fast decode"):
+        load_decoder(tmp_path / "missing.safetensors")

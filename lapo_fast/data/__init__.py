@@ -9,14 +9,14 @@ from .loader import (
 )
 from .planner import LOADERS, frames_for, make_loader, plan_loader, window_loader
 from .reader import FrameDataset
-from .sources import checkpoint_policy, collect, import_lapo, ingest_videos, random_policy
+from .sources import collect, import_lapo, ingest_videos
 from .windows import RowSampler, WindowSampler, valid_starts
 from .writer import DatasetWriter
 
 __all__ = [
     "CODECS", "CachedFrames", "CompressedFrames", "DaliDecodeLoader", "DatasetError", "DatasetWriter",
     "DeviceResidentLoader",
-    "FrameDataset", "LOADERS", "Manifest", "PrefetchLoader", "RowSampler", "WindowSampler", "checkpoint_policy",
+    "FrameDataset", "LOADERS", "Manifest", "PrefetchLoader", "RowSampler", "WindowSampler",
     "collect", "dali_available", "frames_at", "frames_for", "import_lapo", "ingest_videos", "make_loader",
-    "normalize", "plan_loader", "prepare_obs", "random_policy", "valid_starts", "window_loader",
+    "normalize", "plan_loader", "prepare_obs", "valid_starts", "window_loader",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHAPE
-from lapo_fast.runtime.acting import Actor, sample_actions
+from lapo_fast.runtime.acting import Actor
 from lapo_fast.runtime.lock import folder_lock
 
 from .format import MANIFEST, DatasetError
@@ -26,38 +26,6 @@ def by_number(paths) -> list[Path]:
     def key(p: Path):
         return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", p.name)]
     return sorted(map(Path, paths), key=key)
-
-
-def random_policy(num_actions: int = NUM_ACTIONS, seed: int = 0) -> Actor:
-    rng = np.random.default_rng(seed)
-    return lambda obs: rng.integers(0, num_actions, len(obs), dtype=np.int32)
-
-
-def checkpoint_policy(path, *, seed: int = 0, device: str = "cpu", greedy: bool = False) -> Actor:
-    """A policy saved with torch.export (.pt2): module(obs uint8 (N, 64, 64, 3)) -> logits
-    (N, NUM_ACTIONS) float, sampled (or argmax with greedy=True), or actions (N,) int."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such policy checkpoint")
-    try:
-        module = torch.export.load(str(path)).module()
-    except Exception as e:  # torch raises several types for a file that is not an exported program
-        raise DatasetError(f"{path}: not a torch.export policy ({type(e).__name__}: {e})") from e
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        out = module(torch.from_numpy(obs).to(device))
-        if out.dtype.is_floating_point:
-            if tuple(out.shape) != (len(obs), NUM_ACTIONS):
-                raise DatasetError(f"{path}: policy returned logits of shape {tuple(out.shape)}, "
-                                   f"expected ({len(obs)}, {NUM_ACTIONS})")
-            out = sample_actions(out, gen, greedy=greedy)
-        return out.to(torch.int32).cpu().numpy()
-
-    return act
 
 
 def collect(out_dir, env_name: str, policy: Actor, *, frames: int, num_envs: int = 64, seed: int = 0,

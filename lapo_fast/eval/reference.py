@@ -286,7 +286,7 @@ def check_stage2(d, name: str, report: Report, idm_d, policy_d) -> None:
 def check_stage3(d, name: str, report: Report) -> None:
     """Stage 3b's agent at its start (the reference's stage-3 policy built from a latent policy),
     and one supervised step of its online decoder."""
-    from lapo_fast.eval.decoders import decoder_step
+    from lapo_fast.latent import decoder_step
 
     latent = _load(LatentPolicy(impala_scale=_scale(d, "param/conv_stack.0.conv.weight", 16)),
                    {k: v for k, v in _state(d, _POLICY_MAP).items()

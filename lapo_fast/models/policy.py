@@ -45,6 +45,7 @@ class ActionDecoder(nn.Module):
 
     def __init__(self, latent_dim: int = 128, num_actions: int = NUM_ACTIONS, hidden=(128, 128)):
         super().__init__()
+        self.latent_dim, self.num_actions, self.hidden = latent_dim, num_actions, tuple(hidden)
         layers, cin = [], latent_dim
         for h in hidden:
             layers += [nn.Linear(cin, h), nn.ReLU()]

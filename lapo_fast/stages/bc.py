@@ -4,7 +4,7 @@ pre-quantisation latent action of (o_{t-k}..o_t, o_{t+1}).
     lapo-fast bc --data DATASET --out RUN [--preset ...]      (needs RUN/lam)
 
 The IDM is frozen, so every window's label is computed once, in batches, and cached in
-RUN/bc/labels.npz (RunDir.load_labels; the reference code recomputes it every batch). Writes
+RUN/bc/labels.npz (latent.window_labels; the reference code recomputes it every batch). Writes
 RUN/bc/: config.json, labels.npz, metrics.jsonl, TensorBoard events, checkpoints; rerunning resumes.
 """
 
@@ -19,6 +19,7 @@ from lapo_fast import __version__
 from lapo_fast.config import BCConfig
 from lapo_fast.data import RowSampler, prepare_obs
 from lapo_fast.data.planner import frames_for, make_loader
+from lapo_fast.latent import window_labels
 from lapo_fast.models import LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
@@ -39,7 +40,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     ds = run.training_data("bc", cfg, data_dir, rank=rank)
     plan, frames = frames_for("bc", ds, cfg.loader, device, world=world, rank=rank)
     # Every rank labels its share of the windows; the shares are gathered (rank 0 saves them).
-    starts, latents, context = run.load_labels(ds, frames, batch=cfg.label_batch, device=device,
+    starts, latents, context = window_labels(run, ds, frames, batch=cfg.label_batch, device=device,
                                                progress=progress and rank == 0, rank=rank, world=world)
     # A batch: o_t of uniformly drawn windows, and their labels.
     sampler = RowSampler(frames, starts + context, {"target": latents}, batch_size=cfg.batch_size,

@@ -18,8 +18,8 @@ from lapo_fast.data import FrameDataset
 from lapo_fast.data.planner import frames_for
 from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHAPE
 from lapo_fast.eval import evaluate
-from lapo_fast.eval.actors import decoded_actor
-from lapo_fast.eval.decoders import accuracy, fit_decoder
+from lapo_fast.latent import accuracy, fit_decoder, save_decoder, window_labels
+from lapo_fast.runtime.acting import decoded_actor
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.files import read_json, write_json
@@ -45,7 +45,7 @@ def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None
     device = distributed.device(cfg.device)
     # Frames are read only to label the windows, once (stage 2 has usually done it already).
     frames = None if run.labels.exists() else frames_for("decode", ds, cfg.loader, device)[1]
-    starts, latents, context = run.load_labels(ds, frames, device=device, progress=progress)
+    starts, latents, context = window_labels(run, ds, frames, device=device, progress=progress)
     actions = np.asarray(ds.meta("action"))[starts + context]
     sizes = labelled_sizes(cfg)
     if len(starts) < cfg.held_out + max(sizes):
@@ -64,7 +64,7 @@ def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None
             continue
         decoder = fit_decoder(latents[pool[:n]], actions[pool[:n]], steps=cfg.steps, lr=cfg.lr,
                               weight_decay=cfg.weight_decay, seed=cfg.seed)
-        run.save_decoder(n, decoder)
+        save_decoder(run.decoder(n), decoder)
         entry = {"labelled": n, "accuracy": accuracy(decoder, latents[held], actions[held]),
                  "chance": 1 / NUM_ACTIONS, "majority": float(counts.max() / counts.sum())}
         if online:

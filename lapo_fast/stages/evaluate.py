@@ -14,7 +14,8 @@ import dataclasses
 from lapo_fast.config import EvalConfig
 from lapo_fast.envs.games import RANDOM_RETURN
 from lapo_fast.eval import evaluate, normalized_return
-from lapo_fast.eval.actors import decoded_actor, policy_actor
+from lapo_fast.latent import load_decoder
+from lapo_fast.runtime.acting import decoded_actor, policy_actor
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.files import read_json, write_json
@@ -42,7 +43,7 @@ def evaluate_run(run_dir, game: str, cfg: EvalConfig, *, progress: bool = True) 
     if run.has("decode"):
         deploy = run.config("decode").deploy
         actors[f"decoded ({deploy} labels)"] = lambda: decoded_actor(
-            run.load_policy("bc"), run.load_decoder(deploy), device=device, seed=cfg.seed, greedy=cfg.greedy)
+            run.load_policy("bc"), load_decoder(run.decoder(deploy)), device=device, seed=cfg.seed, greedy=cfg.greedy)
     if not actors:
         raise FileNotFoundError(f"{run}: no policy to evaluate yet: run stage 2 (`lapo-fast bc`) and stage 3a "
                                 "(`lapo-fast decode`) for the decoded latent policy, or `lapo-fast ppo`")

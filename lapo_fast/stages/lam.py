@@ -23,7 +23,7 @@ from lapo_fast import __version__
 from lapo_fast.config import LAMConfig
 from lapo_fast.data import FrameDataset, WindowSampler, frames_at, normalize
 from lapo_fast.data.planner import frames_for, make_loader
-from lapo_fast.eval.latents import latent_probe
+from lapo_fast.latent import latent_probe
 from lapo_fast.envs.games import OBS_SHAPE
 from lapo_fast.models import LatentActionModel, build_lam, stack_frames
 from lapo_fast.ops import NonFiniteError

@@ -34,8 +34,7 @@ from lapo_fast.config import FinetuneConfig, PPOConfig, ramp
 from lapo_fast.data import prepare_obs
 from lapo_fast.envs import ProcgenVecEnv
 from lapo_fast.envs.wrappers import ScaleRewards
-from lapo_fast.eval.decoders import decoder_step
-from lapo_fast.eval.latents import idm_latents
+from lapo_fast.latent import decoder_step, idm_latents
 from lapo_fast.models import DecodedPolicy, LatentPolicy
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed

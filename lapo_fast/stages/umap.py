@@ -16,7 +16,7 @@ from lapo_fast.config import UMAP_FEWEST, UmapConfig
 from lapo_fast.data import FrameDataset, valid_starts
 from lapo_fast.data.planner import frames_for
 from lapo_fast.envs.games import ACTION_NAMES, NOOP, OBS_SHAPE
-from lapo_fast.eval.latents import idm_latents
+from lapo_fast.latent import idm_latents
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.files import atomic_write

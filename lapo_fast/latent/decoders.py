@@ -1,7 +1,11 @@
-"""Decoders from latent to true actions (stage 3a's, and the probes of how much of the true action
-a latent carries): LAPO's small MLP trained on a few labelled transitions, scored on held-out ones."""
+"""Decoders from latent to true actions (stage 3a's, stage 3b's online one, and the probes of how
+much of the true action a latent carries): LAPO's small MLP trained on a few labelled transitions,
+scored on held-out ones; saved with their shape in the file's metadata."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,3 +73,38 @@ def decoder_step(decoder: ActionDecoder, optimizer, latents: torch.Tensor, actio
     loss.backward()
     optimizer.step()
     return outputs, loss
+
+
+def save_decoder(path: Path, decoder: ActionDecoder) -> None:
+    """The weights (safetensors, written atomically) with the shape that rebuilds them."""
+    from safetensors.torch import save_file
+
+    from lapo_fast.runtime.files import atomic_write
+
+    shape = {"latent_dim": decoder.latent_dim, "num_actions": decoder.num_actions, "hidden": list(decoder.hidden)}
+    metadata = {"shape": json.dumps(shape)}
+    atomic_write(Path(path), lambda tmp: save_file(decoder.state_dict(), str(tmp), metadata=metadata))
+
+
+def load_decoder(path: Path) -> ActionDecoder:
+    """A decoder saved by save_decoder, in eval mode (files from before the shape was stored: the
+    shape read off the weights)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such decoder (run `lapo-fast decode`)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    weights = load_file(str(path))
+    if "shape" in meta:
+        shape = json.loads(meta["shape"])
+    else:  # the layers' weights: (hidden_1, latent), ..., (actions, hidden_last)
+        layers = [weights[k] for k in sorted((k for k in weights if k.endswith(".weight")),
+                                             key=lambda k: int(k.split(".")[1]))]
+        shape = {"latent_dim": layers[0].shape[1], "num_actions": layers[-1].shape[0],
+                 "hidden": [w.shape[0] for w in layers[:-1]]}
+    decoder = ActionDecoder(shape["latent_dim"], shape["num_actions"], tuple(shape["hidden"]))
+    decoder.load_state_dict(weights)
+    return decoder.eval()
