@@ -213,7 +213,10 @@ def test_make_loader_gives_each_plan_its_loader(tmp_path, monkeypatch):
     assert make_loader(sampler, dali, "cuda:1") == ("dali", 1)
     cpu = make_loader(sampler, LoaderPlan("compressed", ""), "cpu")
     assert isinstance(cpu, PrefetchLoader) and cpu.prefetch == 0  # gathered in the training thread
-    on_device = WindowSampler(torch.from_numpy(np.array(ds.cache())), ds.episodes, batch_size=4, seed=1)
+    from lapo_fast.data.stores import DeviceFrames
+
+    # GPU memory's store, standing in on the CPU.
+    on_device = WindowSampler(DeviceFrames(torch.from_numpy(np.array(ds.cache()))), ds.episodes, batch_size=4, seed=1)
     resident = make_loader(on_device, LoaderPlan("resident", ""), "cpu")
     ref = WindowSampler(np.asarray(ds.cache()), ds.episodes, batch_size=4, seed=1)
     assert isinstance(resident, DeviceResidentLoader)
@@ -225,12 +228,12 @@ def test_resident_frames_are_decoded_without_a_disk_copy(tmp_path, monkeypatch):
     ds = _dataset(tmp_path / "ds")
     frames = open_frames(ds, LoaderPlan("resident", ""), "cpu")
     assert not (tmp_path / "cache").exists()
-    np.testing.assert_array_equal(frames, ds.cache())
+    np.testing.assert_array_equal(frames.array, ds.cache())
     gpu_like = torch.empty((ds.num_frames, *ds.manifest.frame_shape), dtype=torch.uint8)
     from lapo_fast.data.compressed import decode_all
 
     decode_all(ds, gpu_like, threads=2)  # the GPU path's code, into a tensor
-    np.testing.assert_array_equal(gpu_like.numpy(), frames)
+    np.testing.assert_array_equal(gpu_like.numpy(), frames.array)
 
 
 def test_data_cache_command_builds_the_decoded_cache(tmp_path, monkeypatch, capsys):

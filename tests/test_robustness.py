@@ -283,7 +283,7 @@ def test_kmeans_init_refuses_nan_before_touching_the_codebook():
 
 def test_cache_checks_free_space_first_and_leaves_no_temp(tmp_path, monkeypatch):
     path = _dataset(tmp_path / "ds")
-    import lapo_fast.data.reader as reader
+    import lapo_fast.data.cached as reader  # where the decoded cache is written
 
     monkeypatch.setattr(reader.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1000))
     with pytest.raises(DatasetError, match=r"the decoded cache needs 0.00 GiB, 0.00 GiB are free"):

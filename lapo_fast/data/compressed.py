@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .format import DatasetError, FrameReader, crc32, decompress_exact
+from .format import DatasetError, FrameStore, crc32, decompress_exact
 from .reader import FrameDataset
 
 
@@ -119,7 +119,7 @@ def default_threads(world: int = 1) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // max(1, world)))
 
 
-class CompressedFrames(FrameReader):
+class CompressedFrames(FrameStore):
     """A dataset's frames, indexable like its decoded cache (`frames[idx]` for an integer array,
     an int or a slice) but decoded on the fly from the memory-mapped shards. Thread-safe."""
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -164,23 +165,29 @@ def decompress_exact(codec: str, data, raw_size: int) -> bytes:
     return raw
 
 
-class FrameReader:
-    """Frames that are not an array in memory (compressed shards, the decoded cache read with
-    pread): they fill a batch's buffer themselves (`read_into`) and index like an array."""
+class FrameStore:
+    """Where a stage's frames are read from, as the planner opened them (data.planner.open_frames):
+    a uint8 (N, H, W, C) store that gathers any frames into a batch's buffer (`read_into`) and
+    indexes like an array. Stores: ArrayFrames (decoded, in RAM), DeviceFrames (decoded, in GPU
+    memory), CachedFrames (the decoded cache file, pread), CompressedFrames (the shards, decoded
+    per batch). `device` is where `read_into` writes: the loaders pick by it, never by type."""
 
     dtype = np.dtype(np.uint8)
     shape: tuple
+    device = torch.device("cpu")
+    gathers_on_device = False  # batches are gathered where the frames are (DeviceFrames), not on a host thread
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, idx) -> np.ndarray:
         idx = frame_indices(idx, len(self))
-        out = np.empty((*idx.shape, *self.shape[1:]), np.uint8)
+        out = torch.empty((*idx.shape, *self.shape[1:]), dtype=torch.uint8, device=self.device)
         self.read_into(idx, out)
-        return out
+        return out.cpu().numpy()
 
-    def read_into(self, idx, out) -> None:
+    def read_into(self, idx, out: torch.Tensor) -> torch.Tensor:
+        """frames[idx] into `out` (contiguous uint8, idx.shape + frame shape, on self.device)."""
         raise NotImplementedError
 
 

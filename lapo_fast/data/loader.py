@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from .compressed import CompressedFrames, DecodePlan, plan_decode
-from .format import FrameReader
 from .format import DatasetError
+from .stores import as_store
 
 
 def normalize(obs: torch.Tensor) -> torch.Tensor:
@@ -43,28 +43,6 @@ def prepare_obs(obs: torch.Tensor) -> torch.Tensor:
     return normalize(obs).contiguous(memory_format=torch.channels_last)
 
 
-def frame_rows(frames):
-    """What gather_frames reads: CompressedFrames and CachedFrames as they are; an array or memmap
-    as a (N, frame bytes) CPU tensor over the same memory (made once: it costs microseconds per call)."""
-    if isinstance(frames, FrameReader):
-        return frames
-    with warnings.catch_warnings():  # a read-only memmap: torch warns, and we never write to it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(frames)).view(len(frames), -1)
-
-
-def gather_frames(rows, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-    """frames[idx] into `out` (a CPU uint8 tensor of idx.shape + frame shape), from frame_rows(frames):
-    one torch index_select over whole frames (measured faster than numpy's fancy indexing), or
-    read by CompressedFrames (decoded) or CachedFrames (pread)."""
-    if isinstance(rows, FrameReader):
-        rows.read_into(idx, out)
-    else:
-        torch.index_select(rows, 0, torch.from_numpy(np.asarray(idx, np.int64).reshape(-1)),
-                           out=out.view(-1, rows.shape[1]))
-    return out
-
-
 def in_order(frames, batches: list[np.ndarray], device):
     """A loader over InOrder(frames, batches): frames in GPU memory gathered there, else
     prefetched (pinned, non-blocking) when the device is CUDA."""
@@ -74,9 +52,9 @@ def in_order(frames, batches: list[np.ndarray], device):
 
 
 def host_or_device_loader(sampler, device, prefetch: int | None = None):
-    """DeviceResidentLoader when the sampler's frames are a tensor (in GPU memory), else a
-    PrefetchLoader: `prefetch` batches ahead (default 4 on CUDA, none on the CPU)."""
-    if isinstance(sampler.frames, torch.Tensor):
+    """DeviceResidentLoader when the sampler's frames are in GPU memory, else a PrefetchLoader:
+    `prefetch` batches ahead (default 4 on CUDA, none on the CPU)."""
+    if sampler.frames.gathers_on_device:
         return DeviceResidentLoader(sampler, sampler.frames)
     if prefetch is None:
         prefetch = 4 if torch.device(device).type == "cuda" else 0
@@ -84,14 +62,12 @@ def host_or_device_loader(sampler, device, prefetch: int | None = None):
 
 
 def frames_at(frames, idx, device) -> torch.Tensor:
-    """frames[idx] as a uint8 tensor on `device`, from any frames a planner opens (an array or
-    memmap, CompressedFrames, or a tensor already on a device)."""
+    """frames[idx] as a uint8 tensor on `device`, from any frames (a FrameStore, an array, a tensor)."""
+    store = as_store(frames)
     idx = np.asarray(idx, np.int64)
-    if isinstance(frames, torch.Tensor):
-        at = torch.from_numpy(idx.reshape(-1)).to(frames.device)
-        return frames.view(len(frames), -1).index_select(0, at).view(*idx.shape, *frames.shape[1:]).to(device)
-    out = torch.empty((*idx.shape, *frames.shape[1:]), dtype=torch.uint8)
-    return gather_frames(frame_rows(frames), idx, out).to(device)
+    out = torch.empty((*idx.shape, *store.shape[1:]), dtype=torch.uint8, device=store.device)
+    store.read_into(idx, out)
+    return out.to(device)
 
 
 class _ConsumedStream:
@@ -137,7 +113,6 @@ class PrefetchLoader:
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.prefetch = max(0, prefetch)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self._rows = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -147,12 +122,13 @@ class PrefetchLoader:
     def rng(self) -> np.random.Generator:
         return self._stream.rng
 
-    def _make(self, rows) -> tuple[dict, dict | None]:
+    def _make(self) -> tuple[dict, dict | None]:
         """The next batch on the host (pinned for CUDA), and the rng state after drawing it."""
         idx, extras = self.sampler.draw()
         state = self.sampler.rng.bit_generator.state if hasattr(self.sampler, "rng") else None
         out = torch.empty((*idx.shape, *self.sampler.frames.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-        batch = {"obs": gather_frames(rows, idx, out)}
+        self.sampler.frames.read_into(idx, out)
+        batch = {"obs": out}
         for k, v in extras.items():
             batch[k] = torch.from_numpy(np.ascontiguousarray(v))
             if self.pin:
@@ -160,10 +136,9 @@ class PrefetchLoader:
         return batch, state
 
     def _work(self) -> None:
-        rows = frame_rows(self.sampler.frames)
         try:
             while not self._stop.is_set():
-                batch, state = self._make(rows)
+                batch, state = self._make()
                 while not self._stop.is_set():
                     try:
                         self._queue.put((batch, state), timeout=0.1)
@@ -181,9 +156,7 @@ class PrefetchLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.prefetch == 0:  # in the caller's thread
-            if self._rows is None:
-                self._rows = frame_rows(self.sampler.frames)
-            batch, state = self._make(self._rows)
+            batch, state = self._make()
             self._stream.consumed(state)
             return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self._thread is None:
@@ -209,10 +182,10 @@ class PrefetchLoader:
 
 
 class DeviceResidentLoader:
-    """Every frame already on `frames`' device (a (N, H, W, C) uint8 tensor): windows are gathered
-    there, so no frame crosses PCIe during training."""
+    """Every frame already on `frames`' device (a DeviceFrames): windows are gathered there, so no
+    frame crosses PCIe during training."""
 
-    def __init__(self, sampler, frames: torch.Tensor):
+    def __init__(self, sampler, frames):
         self.sampler = sampler
         self.frames = frames
 

@@ -27,6 +27,7 @@ import torch
 from .cached import CachedFrames
 from .compressed import CompressedFrames, decode_all, default_threads
 from .reader import FrameDataset
+from .stores import ArrayFrames, DeviceFrames
 
 LOADERS = ("auto", "resident", "cache", "compressed")
 GiB = 2**30
@@ -127,8 +128,8 @@ def plan_loader(ds: FrameDataset, setting: str, facts: Machine) -> LoaderPlan:
 
 
 def open_frames(ds: FrameDataset, plan: LoaderPlan, device, *, world: int = 1):
-    """The frames the plan reads from: the decoded cache file (CachedFrames), a numpy array in RAM or
-    a torch tensor in GPU memory (resident), or CompressedFrames."""
+    """The FrameStore the plan reads from: the decoded cache file (CachedFrames), the decoded frames
+    in RAM (ArrayFrames) or GPU memory (DeviceFrames) when resident, or the shards (CompressedFrames)."""
     device = torch.device(device)
     if plan.kind == "cache":
         ds.cache()  # checked against the dataset (rebuilt if damaged), then read with pread
@@ -138,7 +139,7 @@ def open_frames(ds: FrameDataset, plan: LoaderPlan, device, *, world: int = 1):
         out = (torch.empty(shape, dtype=torch.uint8, device=device) if device.type == "cuda"
                else np.empty(shape, np.uint8))
         decode_all(ds, out, threads=default_threads(world))
-        return out
+        return DeviceFrames(out) if device.type == "cuda" else ArrayFrames(out)
     return CompressedFrames(ds, threads=default_threads(world))
 
 
@@ -149,7 +150,7 @@ def make_loader(sampler, plan: LoaderPlan, device, *, prefetch: int | None = Non
 
     device = torch.device(device)
     if plan.kind == "compressed" and plan.decoder == "dali" and device.type == "cuda" \
-            and not isinstance(sampler.frames, torch.Tensor):
+            and not sampler.frames.gathers_on_device:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DaliDecodeLoader(sampler, sampler.frames, device_id=index)
     return host_or_device_loader(sampler, device, prefetch)

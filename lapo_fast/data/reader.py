@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from lapo_fast.runtime.files import atomic_write
 
+from .cached import DecodedCache
 from .format import MANIFEST, DatasetError, Manifest, crc32, decompress_exact, load_npy
 
 
 class FrameDataset:
     """A dataset directory opened for reading. Frames are decoded chunk by chunk; `cache()`
-    decodes everything once into a raw uint8 memory map that the window sampler gathers from.
+    decodes everything once into a raw uint8 file (data.cached.DecodedCache).
 
     The episode index is checked when the dataset opens (cheap: lengths, order, bounds, and the
     `done` metadata when present), so no window can cross a damaged boundary. `frame_shape`, when
@@ -38,7 +35,7 @@ class FrameDataset:
         self.index = [load_npy(self.dir / shard.file.replace(".bin", ".idx.npy")) for shard in m.shards]
         self._check_index()
         self._cache_dir = Path(cache_dir) if cache_dir else None
-        self._cached: dict[Path, np.ndarray] = {}
+        self._cached: dict[Path, np.ndarray] = {}  # the caches opened (and checked) by this object
 
     @property
     def num_frames(self) -> int:
@@ -207,94 +204,16 @@ class FrameDataset:
 
     def cache(self, path=None, threads: int | None = None) -> np.ndarray:
         """All frames as a read-only (N, H, W, C) uint8 memmap, decoded once (in parallel) to
-        `path` (default: cache_path()). A cache is reused only when it was made from this
-        manifest and its per-shard checksums still match; one that disagrees is rebuilt."""
+        `path` (default: cache_path()): data.cached.DecodedCache."""
         path = Path(path) if path else self.cache_path()
-        shape = (self.num_frames, *self.manifest.frame_shape)
-        if shape[0] == 0:
-            return np.zeros(shape, np.uint8)
-        if self._cached.get(path) is None:  # checked once per opened dataset
-            problem = self._cache_problem(path)
-            if problem is not None:
-                if problem != "absent":
-                    print(f"data: {path}: {problem}; rebuilding it")
-                self._write_cache(path, shape, threads)
-            self._cached[path] = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+        if path not in self._cached:  # checked once per opened dataset
+            self._cached[path] = DecodedCache(self, path).open(threads)
         return self._cached[path]
 
     def cache_ready(self) -> bool:
         """A decoded cache made from this manifest, of the right size, is at cache_path() (its
         checksums are checked when it is opened)."""
-        return self._cache_record(self.cache_path())[0] is None
-
-    def _cache_record(self, path: Path) -> tuple[str | None, dict]:
-        """(what is wrong with the cache at `path` short of its checksums, or None; its record)."""
-        done = path.with_name(path.name + ".done")
-        if not path.exists() or not done.exists():
-            return "absent", {}
-        try:
-            record = json.loads(done.read_text())
-        except (json.JSONDecodeError, OSError):
-            return "its record is damaged", {}
-        if not isinstance(record, dict) or record.get("manifest") != self.manifest.to_json():
-            return "it was made from another version of the dataset", {}
-        if path.stat().st_size != self.num_frames * self.manifest.frame_bytes:
-            return "it has the wrong size", {}
-        return None, record
-
-    def _cache_problem(self, path: Path, threads: int | None = None) -> str | None:
-        """None when the cache at `path` holds exactly this dataset's frames, else what is wrong."""
-        problem, record = self._cache_record(path)
-        if problem is not None:
-            return problem
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-        sums = self._shard_sums(mm, threads)
-        bad = [i for i, (a, b) in enumerate(zip(sums, record.get("crc32", []))) if a != b]
-        if bad or len(record.get("crc32", [])) != len(sums):
-            return f"it disagrees with the dataset (shard {bad[0] if bad else '?'}: checksum mismatch)"
-        return None
-
-    def _shard_sums(self, mm: np.ndarray, threads: int | None) -> list[int]:
-        fb = self.manifest.frame_bytes
-        shards = self.manifest.shards
-        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # zlib releases the GIL
-            return list(pool.map(lambda s: crc32(mm[s.first_frame * fb:(s.first_frame + s.frames) * fb]), shards))
-
-    def _write_cache(self, path: Path, shape: tuple, threads: int | None) -> None:
-        nbytes = int(np.prod(shape))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DatasetError(f"{path.parent}: cannot create the cache folder ({e.strerror}); "
-                               "set LAPO_FAST_CACHE_DIR to a writable folder") from e
-        free = shutil.disk_usage(path.parent).free
-        if free < nbytes:
-            raise DatasetError(f"{path}: the decoded cache needs {nbytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
-                               "are free there: free space, or set LAPO_FAST_CACHE_DIR to a disk with room")
-        sums: list[int] = []
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # the space is allocated for real: a full disk fails here, not mid-write
-                try:
-                    os.posix_fallocate(f.fileno(), 0, nbytes)
-                except OSError as e:
-                    raise DatasetError(f"{path}: cannot allocate the {nbytes / 2**30:.2f} GiB decoded cache "
-                                       f"({e.strerror}); free space or set LAPO_FAST_CACHE_DIR") from e
-            mm = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=shape)
-            shards = self.manifest.shards
-
-            def fill(i: int) -> int:
-                part = mm[shards[i].first_frame:][:shards[i].frames]
-                self.decode_shard(i, part)
-                return crc32(part)
-
-            with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-                sums.extend(pool.map(fill, range(len(shards))))
-            mm.flush()
-
-        atomic_write(path, write)
-        atomic_write(path.with_name(path.name + ".done"),
-                     json.dumps({"manifest": self.manifest.to_json(), "crc32": sums}))
+        return DecodedCache(self, self.cache_path()).ready()
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -310,26 +229,13 @@ class FrameDataset:
             for row in self.index[i]:
                 self._decode_chunk(i, data, row, scratch[:int(row[3])])
         info = self.info()
-        info["cache"] = self._verify_cache()
+        info["cache"] = DecodedCache(self, self.cache_path()).verify()
         for k in m.meta_keys:  # (the indexes were checked when the dataset opened)
             n = len(self.meta(k))
             want = m.num_episodes if k == "episode_return" else m.num_frames
             if n != want:
                 raise DatasetError(f"{self.dir}: metadata {k!r} has {n} values, expected {want}")
         return info
-
-    def _verify_cache(self) -> str:
-        """'none', 'ok', or what was wrong with the decoded cache, which is then removed (the next
-        stage that reads frames rebuilds it)."""
-        path = self.cache_path()
-        problem = self._cache_problem(path)
-        if problem is None:
-            return "ok"
-        if problem == "absent":
-            return "none"
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + ".done").unlink(missing_ok=True)
-        return f"removed ({problem}); rebuilt on next use"
 
     def info(self) -> dict:
         m = self.manifest

@@ -1,11 +1,12 @@
 """Batch sampling: windows (o_{t-k}, ..., o_t, o_{t+1}) that never cross an episode boundary
 (WindowSampler), or single rows with their targets (RowSampler); both exactly uniform, with
-replacement, from a seeded stream, over frames of any kind (a decoded array or memmap,
-CompressedFrames)."""
+replacement, from a seeded stream, over any FrameStore (arrays and tensors are wrapped in one)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from .stores import as_store
 
 
 def valid_starts(episodes: np.ndarray, window: int) -> np.ndarray:
@@ -37,7 +38,7 @@ class WindowSampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
-        self.frames = frames
+        self.frames = as_store(frames)
         self.window = context + 2
         self.batch_size = batch_size
         self.starts = valid_starts(np.asarray(episodes), self.window)
@@ -79,7 +80,7 @@ class RowSampler:
     def __init__(self, frames, frame_of: np.ndarray, targets: dict[str, np.ndarray], *, batch_size: int, seed: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.frames = frames
+        self.frames = as_store(frames)
         self.frame_of = np.asarray(frame_of)
         self.targets = targets
         self.batch_size = batch_size
@@ -99,7 +100,7 @@ class InOrder:
     projecting latents); the loaders take it as they take a sampler."""
 
     def __init__(self, frames, batches: list[np.ndarray]):
-        self.frames = frames
+        self.frames = as_store(frames)
         self.batches = batches
         self.draw_size = max((b.size for b in batches), default=1)
         self._next = iter(batches)
