@@ -108,16 +108,13 @@ def _cmd_decode(args: argparse.Namespace, cfg) -> str:
 
 def _cmd_ppo(args: argparse.Namespace, cfg) -> str:
     from .envs.games import check_game
-    from .rundir import RunDir
     from .stages.ppo import train_ppo
 
     check_game(args.env)
     if args.command == "finetune":
-        from .models import DecodedPolicy
+        from .stages.ppo import finetune
 
-        run = RunDir(args.out)
-        last = train_ppo(args.out, args.env, cfg, name=args.name or "finetune",
-                         init=DecodedPolicy(run.load_policy("bc")), idm=run.load_lam().idm)
+        last = finetune(args.out, args.env, cfg, name=args.name or "finetune")
     else:
         last = train_ppo(args.out, args.env, cfg, name=args.name or "ppo")
     return f"final checkpoint {last}"

@@ -40,17 +40,23 @@ LOADER_HELP = ("how frames are read: auto, resident (decoded in GPU memory/RAM),
                "or compressed (no decoded copy)")
 
 
-def setting(default, help: str, low: float | None = None, resumable: bool = False):
+def setting(default, help: str, low: float | None = None, resumable: bool = False, shape: bool = False):
     """A config field with its one-line help text (printed by `lapo-fast <stage> --help`); `low` is
     the smallest value it takes (numbers default to >= 0); `resumable`: a stage that has made
-    progress may continue with another value (how long it runs, how often it logs, where)."""
-    meta = {"help": help, "resumable": resumable, **({"low": low} if low is not None else {})}
+    progress may continue with another value (how long it runs, how often it logs, where);
+    `shape`: it fixes the stage's model shapes, so a run directory keeps it for good."""
+    meta = {"help": help, "resumable": resumable, "shape": shape, **({"low": low} if low is not None else {})}
     return field(default=default, metadata=meta)
 
 
 def resumable(cls) -> frozenset[str]:
     """The settings of `cls` a resumed stage may change."""
     return frozenset(f.name for f in fields(cls) if f.metadata.get("resumable"))
+
+
+def shape_settings(cls) -> tuple[str, ...]:
+    """The settings of `cls` that fix its model's shapes."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("shape"))
 
 
 class Checked:
@@ -74,21 +80,23 @@ class LAMConfig(Checked):
     final_lr: float = setting(0.01, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
     grad_clip: float = setting(2.0, "gradient-norm clip (0: none)")
-    impala_scale: int = setting(4, "IDM width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1)
+    impala_scale: int = setting(4, "IDM width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1,
+                                shape=True)
     fdm_arch: str = setting("lapo", "FDM: 'lapo' (the reference code's U-Net, 7.8M params at width 24) or 'unet' "
-                                    "(ours: the latent after the first norm and at the bottleneck)")
-    fdm_width: int = setting(24, "FDM base width (the reference's wm_scale)", low=1)
-    fdm_norm: str = setting("batch", "the 'unet' FDM's normalisation: 'batch' (BatchNorm) or 'group' (GroupNorm)")
+                                    "(ours: the latent after the first norm and at the bottleneck)", shape=True)
+    fdm_width: int = setting(24, "FDM base width (the reference's wm_scale)", low=1, shape=True)
+    fdm_norm: str = setting("batch", "the 'unet' FDM's normalisation: 'batch' (BatchNorm) or 'group' (GroupNorm)",
+                            shape=True)
     fdm_action: str = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the dataset's "
-                                        "action)")
-    context: int = setting(1, "frames before o_t; windows are context + 2 frames")
-    num_codebooks: int = setting(2, "VQ codebooks (groups)", low=1)
-    codebook_size: int = setting(64, "codes per codebook", low=1)
-    code_dim: int = setting(16, "dimensions per code", low=1)
+                                        "action)", shape=True)
+    context: int = setting(1, "frames before o_t; windows are context + 2 frames", shape=True)
+    num_codebooks: int = setting(2, "VQ codebooks (groups)", low=1, shape=True)
+    codebook_size: int = setting(64, "codes per codebook", low=1, shape=True)
+    code_dim: int = setting(16, "dimensions per code", low=1, shape=True)
     num_latents: int = setting(4, "codes per codebook per latent action (latent dim = codebooks*code_dim*latents)",
-                               low=1)
+                               low=1, shape=True)
     quantize: bool = setting(True, "vector-quantise the IDM's latent (LAPO); false: the paper's no-VQ ablation, the "
-                                   "continuous latent of the same shape")
+                                   "continuous latent of the same shape", shape=True)
     vq_decay: float = setting(0.999, "EMA decay of the codebook statistics")
     commitment: float = setting(0.05, "weight of the VQ commitment loss")
     dead_code_threshold: float = setting(0.0, "> 0: refill codes whose EMA count falls below it (0: LAPO)")
@@ -117,7 +125,8 @@ class BCConfig(Checked):
     final_lr: float = setting(0.0, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
     grad_clip: float = setting(0.0, "gradient-norm clip (0: none, as the reference code's stage 2)")
-    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1)
+    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1,
+                                shape=True)
     label_batch: int = setting(512, "windows per IDM forward when computing the cached labels", low=1, resumable=True)
     log_every: int = setting(100, "steps between metric lines", low=1, resumable=True)
     checkpoint_every: int = setting(2_000, "steps between checkpoints", low=1, resumable=True)
@@ -177,7 +186,7 @@ class PPOConfig(Checked):
     adam_eps: float = setting(1e-5, "Adam epsilon")
     clip_value: bool = setting(False, "clip the value loss around the rollout's values")
     grad_clip: float = setting(0.5, "gradient-norm clip (0: none)")
-    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels", low=1)
+    impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels", low=1, shape=True)
     normalize_rewards: bool = setting(True, "divide rewards by a running std of the return, clip at 10")
     distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
     checkpoint_every: int = setting(10, "updates between checkpoints", low=1, resumable=True)

@@ -56,12 +56,11 @@ def _run_all(run: RunDir, game: str, cfgs: dict, *, preset: str, demonstrator, d
              progress: bool) -> Path:
     from lapo_fast.data import FrameDataset, collect
     from lapo_fast.runtime.acting import checkpoint_policy, policy_actor
-    from lapo_fast.models import DecodedPolicy
     from lapo_fast.stages.bc import train_bc
     from lapo_fast.stages.decode import train_decoders
     from lapo_fast.stages.evaluate import evaluate_run
     from lapo_fast.stages.lam import train_lam
-    from lapo_fast.stages.ppo import train_ppo
+    from lapo_fast.stages.ppo import finetune, train_ppo
     from lapo_fast.stages.report import write_report
     from lapo_fast.stages.umap import project_latents
 
@@ -97,8 +96,7 @@ def _run_all(run: RunDir, game: str, cfgs: dict, *, preset: str, demonstrator, d
     timer("stage 1 (lam)", train_lam, data, run, cfgs["lam"], test_data=test_data, progress=progress)
     timer("stage 2 (bc)", train_bc, data, run, cfgs["bc"], progress=progress)
     timer("stage 3a (decode)", train_decoders, data, run, cfgs["decode"], env_name=game, progress=progress)
-    timer("stage 3b (finetune)", train_ppo, run, game, cfgs["finetune"], name="finetune",
-          init=DecodedPolicy(run.load_policy("bc")), idm=run.load_lam().idm, progress=progress)
+    timer("stage 3b (finetune)", finetune, run, game, cfgs["finetune"], progress=progress)
     if not run.has("demo"):
         # No demonstrator trained here: PPO from scratch at the fine-tuning's env steps, as the baseline.
         # The same network and env steps, with full PPO's own settings.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig
 from lapo_fast.config import load as load_config
-from lapo_fast.config import resumable
+from lapo_fast.config import resumable, shape_settings
 from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
 from lapo_fast.runtime.files import read_json, write_json
@@ -31,12 +31,6 @@ from lapo_fast.runtime.files import read_json, write_json
 # The config type of each stage folder; any other (demo, ppo, finetune, a --name) holds a PPO run:
 # a PPOConfig, or a FinetuneConfig for stage 3b (a run saved before stage 3b was LAPO's: a PPOConfig).
 _STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
-# Settings that fix a stage's model shapes: a rerun may not change them and resume.
-_SHAPES: dict[type, tuple[str, ...]] = {
-    LAMConfig: ("impala_scale", "fdm_arch", "fdm_width", "fdm_norm", "fdm_action", "context", "num_codebooks",
-                "codebook_size",
-                "code_dim", "num_latents", "quantize"),
-    BCConfig: ("impala_scale",), PPOConfig: ("impala_scale",), FinetuneConfig: ("impala_scale",)}
 
 
 class RunDir:
@@ -121,7 +115,7 @@ class RunDir:
                                  f"--{'env' if key == 'game' else 'data'})")
         if stage is not None and cfg is not None and self.has(stage):
             saved = self.config(stage)
-            for name in _SHAPES.get(type(cfg), ()):
+            for name in shape_settings(type(cfg)):
                 if getattr(saved, name) != getattr(cfg, name):
                     raise ValueError(f"{self.stage(stage)} was trained with {name}={getattr(saved, name)!r}, this "
                                      f"run asks for {getattr(cfg, name)!r}: use a new --out (or the same setting)")

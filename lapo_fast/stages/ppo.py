@@ -273,6 +273,14 @@ def _ppo_step(policy, optimizer, clip_params, cfg: PPOConfig, device, name: str,
     return make_ppo_step(policy, optimizer, clip_params, cfg, device, features, mode)
 
 
+def finetune(run_dir, env_name: str, cfg: FinetuneConfig, *, name: str = "finetune", progress: bool = True) -> Path:
+    """Stage 3b on a run directory: the stage-2 policy decoded (DecodedPolicy) and fine-tuned, its
+    transitions labelled by the stage-1 IDM; what `lapo-fast finetune` and `train` run."""
+    run = RunDir(run_dir)
+    return train_ppo(run, env_name, cfg, name=name, init=DecodedPolicy(run.load_policy("bc")), idm=run.load_lam().idm,
+                     progress=progress)
+
+
 def _update(step, cfg: PPOConfig, store, actions, old_logp, adv, ret, old_value, gen, obs=None) -> dict:
     """PPO's epochs over a rollout, one `step` (_ppo_step) per minibatch. `obs` (uint8 frames on the
     CPU, fine-tuning under the reference's clip): the step's input instead of `store`."""
