@@ -101,7 +101,7 @@ def bench_ppo(s, device, repeats) -> list[dict]:
     from lapo_fast.config import FinetuneConfig
     from lapo_fast.data import prepare_obs
     from lapo_fast.models import DecodedPolicy, LatentIDM, LatentPolicy
-    from lapo_fast.stages.ppo import _update, train_ppo
+    from lapo_fast.stages.ppo import _ppo_step, _update, train_ppo
 
     cfg = dataclasses.replace(s["ppo"], num_envs=s["envs"], rollout=s["rollout"], device=str(device),
                        minibatches=min(s["ppo"].minibatches, s["envs"] * s["rollout"]))
@@ -133,8 +133,10 @@ def bench_ppo(s, device, repeats) -> list[dict]:
     a, old = torch.randint(0, 15, (batch,), device=device), -torch.rand(batch, device=device) - 2
     adv, ret = torch.randn(batch, device=device), torch.randn(batch, device=device)
     gen = torch.Generator(device=device)
-    t = {reuse: median_time(lambda reuse=reuse: _update(policy, opt, params, cfg, feats if reuse else obs, a, old,
-                                                          adv, ret, ret, reuse, gen), repeats, sync=_sync(device))
+    steps = {reuse: _ppo_step(policy, opt, params, cfg, device, "ppo", finetune=reuse, reference_clip=False)
+             for reuse in (True, False)}
+    t = {reuse: median_time(lambda reuse=reuse: _update(steps[reuse], cfg, feats if reuse else obs, a, old,
+                                                          adv, ret, ret, gen), repeats, sync=_sync(device))
          for reuse in (True, False)}
     rows.append({"what": "stage-3b update: reused conv features vs the trunk run every epoch", "batch": batch,
                  "ours": batch / t[True], "anchor": batch / t[False], "anchor_name": "trunk rerun (reference)"})
