@@ -107,7 +107,7 @@ class LAMConfig(Checked):
     seed: int = setting(0, "seed of weights and window sampling")
     precision: str = setting("fp32", PRECISION_HELP)
     cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, resumable=True)
-    compile: bool = setting(False, COMPILE_HELP + ": the IDM's encoder and the FDM", resumable=True)
+    compile: bool = setting(False, COMPILE_HELP + ": the IDM, VQ and FDM as one graph", resumable=True)
     loader: str = setting("auto", LOADER_HELP, resumable=True)
     device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)",
                           resumable=True)

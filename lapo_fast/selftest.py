@@ -401,7 +401,7 @@ def check_stages(ctx: Context):
 
 
 def check_compile(ctx: Context):
-    compared = "stage-1 step with lam.compile (torch.compile'd IDM encoder and FDM) vs eager: losses"
+    compared = "stage-1 step with lam.compile (IDM, VQ op and FDM torch.compile'd) vs eager: losses"
     if not ctx.cuda and not ctx.compile:
         yield skipped("compile stage-1 step", compared, "compiling takes ~80 s on 2 CPU cores: add --compile")
         return

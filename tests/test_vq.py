@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_fast.ops import VectorQuantizerEMA, vq_ema
+from lapo_fast.ops import NonFiniteError, VectorQuantizerEMA, vq_ema
 from lapo_fast.ops.vq_layout import Layout
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -525,3 +525,54 @@ def test_the_ema_rate_is_the_references_one_minus_decay(backend):
     vq_ema(x, *ref, layout="lapo", num_latents=4, decay=0.999, backend="reference")
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=3e-6, atol=1e-9)  # (fp32 decay: ema_weight 1.3e-5 off)
+
+
+# -- torch.compile: the op as custom ops (fake implementations, autograd around them) -----------------
+
+class _VQNet(torch.nn.Module):
+    def __init__(self, backend="auto"):
+        super().__init__()
+        self.lin = torch.nn.Linear(128, 128)
+        self.vq = VectorQuantizerEMA(dead_code_threshold=0.01, backend=backend)
+
+    def forward(self, x):
+        out = self.vq(self.lin(x))
+        return (out.quantized - x).pow(2).mean() + out.loss, out
+
+
+@pytest.mark.parametrize("compiler,backend", [("inductor", "cpu"), ("aot_eager", "reference"),
+                                              ("aot_eager", "triton")])
+def test_torch_compile_fullgraph_of_the_module_equals_eager(compiler, backend):
+    """One graph (fullgraph=True): forward, the EMA update and dead-code refills in place, backward."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = _VQNet(backend)
+    net = copy.deepcopy(eager)
+    compiled = torch.compile(net, fullgraph=True, backend=compiler)
+    for step in range(3):
+        x = torch.randn(64, 128)
+        (lc, oc), (le, oe) = compiled(x), eager(x)
+        lc.backward()
+        le.backward()
+        torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
+        assert torch.equal(oc.indices, oe.indices)
+    torch.testing.assert_close(net.lin.weight.grad, eager.lin.weight.grad, rtol=1e-5, atol=1e-7)
+    for name in ("codebook", "ema_count", "ema_weight", "refills"):
+        torch.testing.assert_close(getattr(net.vq, name), getattr(eager.vq, name), rtol=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph_of_vq_ema_and_its_nonfinite_error():
+    f = torch.compile(lambda x, cb, n, w: vq_ema(x, cb, n, w, layout="grouped"), fullgraph=True, backend="aot_eager")
+    cb = torch.randn(2, 16, 8)
+    state, twin = (cb.clone(), torch.zeros(2, 16), cb.clone()), (cb.clone(), torch.zeros(2, 16), cb.clone())
+    x = torch.randn(10, 16)
+    got, want = f(x, *state), vq_ema(x, *twin, layout="grouped")
+    assert torch.equal(got.indices, want.indices)
+    for a, b in zip(state, twin):
+        torch.testing.assert_close(a, b)
+    x[3, 2] = float("nan")
+    with pytest.raises(NonFiniteError):
+        f(x, *state)
+    for a, b in zip(state, twin):  # untouched by the refused batch
+        torch.testing.assert_close(a, b)

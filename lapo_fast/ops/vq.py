@@ -103,6 +103,11 @@ def vq_ema(
     reduce = _all_reduce_fn() if training else None
 
     raise_nonfinite = (not x.is_cuda) if raise_nonfinite is None else raise_nonfinite
+    if torch.compiler.is_compiling():  # one opaque op for the compiler (eager keeps the cheaper path below)
+        q, idx, loss, perp = _CompiledVQ.apply(
+            x, codebook, ema_count, ema_weight, layout, num_latents, training, float(decay), float(eps),
+            float(commitment), backend, deterministic, check_finite, raise_nonfinite, num_threads or _CORES)
+        return VQOutput(q, idx, loss, perp)
     if backend == "reference":
         return _reference_forward(x, (codebook, ema_count, ema_weight), lay, reduce, check_finite,
                                   raise_nonfinite, training=training, decay=decay, eps=eps,
@@ -245,19 +250,22 @@ class _VQFunction(torch.autograd.Function):
             grad_q = torch.zeros_like(x)
         if grad_loss is None:
             return grad_q, None, None, None, None, None, None
-        coef = grad_loss.float() * ctx.coef
-        if ctx.backend == "triton":
-            from lapo_fast.kernels.vq import vq_backward_kernel
+        return _grad_x(grad_q, x, q, grad_loss, ctx.coef, ctx.backend), None, None, None, None, None, None
 
-            grad_q = grad_q.contiguous()
-            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-            block = 1024
-            with _device_guard(x.device):
-                vq_backward_kernel[(_cdiv(x.numel(), block),)](grad_q, x, q, grad_x, coef.reshape(1), x.numel(),
-                                                               BLOCK=block)
-        else:
-            grad_x = (grad_q.float() + coef * (x.float() - q.float())).to(x.dtype)
-        return grad_x, None, None, None, None, None, None
+
+def _grad_x(grad_q, x, q, grad_loss, coef: float, backend: str) -> torch.Tensor:
+    """dL/dx: the straight-through gradient plus the commitment loss's, 2 c (x - q) / numel."""
+    coef = grad_loss.float() * coef
+    if backend != "triton":
+        return (grad_q.float() + coef * (x.float() - q.float())).to(x.dtype)
+    from lapo_fast.kernels.vq import vq_backward_kernel
+
+    grad_q, x, q = grad_q.contiguous(), x.contiguous(), q.contiguous()
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    block = 1024
+    with _device_guard(x.device):
+        vq_backward_kernel[(_cdiv(x.numel(), block),)](grad_q, x, q, grad_x, coef.reshape(1), x.numel(), BLOCK=block)
+    return grad_x
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -462,3 +470,64 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
     if spec.deterministic:
         return out, idx, stats[3:3 + G].sum(), stats[3 + G:].sum()
     return out, idx, stats[0], stats[1]
+
+
+# -- the op as torch.compile sees it: custom ops with fake (shape-only) implementations --------------
+
+@torch.library.custom_op("lapo_fast::vq_ema_forward", mutates_args=("codebook", "ema_count", "ema_weight"))
+def _vq_ema_forward_op(x: torch.Tensor, codebook: torch.Tensor, ema_count: torch.Tensor, ema_weight: torch.Tensor,
+                       layout: str, num_latents: int, training: bool, decay: float, eps: float, commitment: float,
+                       backend: str, deterministic: bool, check_finite: bool, raise_nonfinite: bool,
+                       num_threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vq_ema's forward (search, EMA update of the state in place) as one op; the same code as eager."""
+    G, K, d = codebook.shape
+    lay = Layout.for_shape(tuple(x.shape), G, d, layout, num_latents)
+    reduce = _all_reduce_fn() if training else None
+    if backend == "reference":
+        q, idx, loss, perp = _reference_forward(x.detach(), (codebook, ema_count, ema_weight), lay, reduce,
+                                                check_finite, raise_nonfinite, training=training, decay=decay,
+                                                eps=eps, commitment=commitment)
+    else:
+        spec = _Spec(lay, training, decay, eps, commitment, deterministic, check_finite, raise_nonfinite, num_threads)
+        q, idx, loss, perp = _fused_forward(x, spec, backend, reduce, codebook, ema_count, ema_weight)
+    return q.contiguous(), idx, loss.reshape(()).float().clone(), perp.reshape(()).float().clone()
+
+
+@_vq_ema_forward_op.register_fake
+def _(x, codebook, ema_count, ema_weight, layout, num_latents, training, decay, eps, commitment, backend,
+      deterministic, check_finite, raise_nonfinite, num_threads):
+    G, K, d = codebook.shape
+    lay = Layout.for_shape(tuple(x.shape), G, d, layout, num_latents)
+    scalar = x.new_empty((), dtype=torch.float32)
+    return (x.new_empty(x.shape), x.new_empty(lay.indices_shape, dtype=torch.int64), scalar, scalar.clone())
+
+
+@torch.library.custom_op("lapo_fast::vq_ema_backward", mutates_args=())
+def _vq_ema_backward_op(grad_q: torch.Tensor, x: torch.Tensor, q: torch.Tensor, grad_loss: torch.Tensor, coef: float,
+                        backend: str) -> torch.Tensor:
+    return _grad_x(grad_q, x, q, grad_loss, coef, backend)
+
+
+@_vq_ema_backward_op.register_fake
+def _(grad_q, x, q, grad_loss, coef, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+class _CompiledVQ(torch.autograd.Function):
+    """The op under torch.compile: the forward op (it mutates the state, so autograd is attached
+    here rather than to it) and the backward op, both opaque to the compiler."""
+
+    @staticmethod
+    def forward(ctx, x, codebook, ema_count, ema_weight, *args):
+        q, idx, loss, perp = torch.ops.lapo_fast.vq_ema_forward(x, codebook, ema_count, ema_weight, *args)
+        ctx.save_for_backward(x, q)
+        commitment, backend = args[5], args[6]
+        ctx.coef, ctx.backend = 2.0 * commitment / max(x.numel(), 1), backend
+        ctx.mark_non_differentiable(idx, perp)
+        return q, idx, loss, perp
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_perp):
+        x, q = ctx.saved_tensors
+        grad_x = torch.ops.lapo_fast.vq_ema_backward(grad_q, x, q, grad_loss, ctx.coef, ctx.backend)
+        return (grad_x,) + (None,) * 14

@@ -81,7 +81,8 @@ class VectorQuantizerEMA(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._init_known = False  # a loaded state may not be initialised yet
+        # Read once here, not in forward (where a host read would stall the step and break a compiled graph).
+        self._init_known = bool(self.initialized)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Latents for given indices, in this module's layout (e.g. to decode a sampled code)."""

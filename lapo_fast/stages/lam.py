@@ -128,11 +128,10 @@ def make_step(model: LatentActionModel, ddp, optimizer, schedule, cfg: LAMConfig
               ) -> TrainStep:
     """Stage 1's training step (the FDM's loss plus the VQ's commitment loss, AdamW, the schedule),
     eager or as a CUDA graph (runtime.step); `ddp` is `model`, or DDP around it. With cfg.compile
-    the IDM's encoder and the FDM are compiled in place (the state dict's names stay)."""
+    the whole model -- IDM, VQ op (a custom op to the compiler) and FDM -- is compiled in place (the
+    state dict's names stay)."""
     if cfg.compile:
-        for net in (getattr(model.idm, "encoder", None), model.fdm):
-            if net is not None:
-                net.compile()
+        model.compile()
 
     def loss_fn(inputs: dict) -> dict:
         window = normalize(inputs["obs"])  # (B, T, C, H, W) in [-0.5, 0.5]
