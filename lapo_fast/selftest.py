@@ -447,12 +447,7 @@ def check_data(ctx: Context):
         sampler = WindowSampler(CompressedFrames(d), d.episodes, batch_size=32, seed=3)
         ref = WindowSampler(cache, ds.episodes, batch_size=32, seed=3)
         loader = host_or_device_loader(sampler, ctx.device)  # prefetching, into pinned memory on CUDA
-        bad = 0
-        try:
-            for _ in range(4):
-                bad += int((next(loader)["obs"].cpu().numpy() != ref.sample()["obs"]).sum())
-        finally:
-            loader.close()
+        bad = _differing_bytes(loader, ref)
         yield judged(f"data {codec} prefetch loader", "windows decoded by CPU threads"
                      + (", pinned, copied to the GPU" if ctx.cuda else "") + " vs the decoded cache: differing bytes",
                      bad, 0)
@@ -468,16 +463,21 @@ def check_data(ctx: Context):
     index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
     loader = DaliDecodeLoader(WindowSampler(CompressedFrames(ds), ds.episodes, batch_size=32, seed=3),
                               CompressedFrames(ds), device_id=index)
-    ref = WindowSampler(cache, ds.episodes, batch_size=32, seed=3)
-    bad = 0
-    try:
-        for _ in range(4):
-            bad += int((next(loader)["obs"].cpu().numpy() != ref.sample()["obs"]).sum())
-    finally:
-        loader.close()
+    bad = _differing_bytes(loader, WindowSampler(cache, ds.episodes, batch_size=32, seed=3))
     yield judged("data DALI inflate", "windows inflated by DALI (nvCOMP LZ4) vs the CPU decoder: differing bytes",
                  bad, 0)
     yield _nvdec_check(ctx)
+
+
+def _differing_bytes(loader, ref, batches: int = 4) -> int:
+    """Bytes in which a loader's first batches differ from the reference sampler's (then closes it)."""
+    bad = 0
+    try:
+        for _ in range(batches):
+            bad += int((next(loader)["obs"].cpu().numpy() != ref.sample()["obs"]).sum())
+    finally:
+        loader.close()
+    return bad
 
 
 def _nvdec_check(ctx: Context) -> Check:
@@ -574,17 +574,9 @@ def check_distributed(ctx: Context):
     alone = copy.deepcopy(vq)
     want = alone(x)
 
-    def reducer():  # the op's reduction over this group (it skips it for one rank otherwise)
-        def reduce(*tensors):
-            for t in tensors:
-                if t is not None:
-                    dist.all_reduce(t)
-            return tensors
-        return reduce
-
     with _one_rank_group(ctx) as backend:
-        real = vq_op._all_reduce_fn
-        vq_op._all_reduce_fn = reducer
+        real = vq_op._all_reduce_fn  # the op skips its reduction for one rank: made to run it here
+        vq_op._all_reduce_fn = lambda: vq_op.sum_over_ranks
         try:
             got = vq(x)
         finally:

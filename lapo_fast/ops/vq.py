@@ -188,17 +188,18 @@ def _cpu_kernel_available() -> bool:
 
 
 def _all_reduce_fn():
-    """Under DDP, a function summing its tensors (None passes through) over the ranks in place."""
+    """Under DDP, a function summing its tensors over the ranks in place (sum_over_ranks), else None."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
+    return sum_over_ranks
 
-    def reduce(*tensors):
-        for t in tensors:
-            if t is not None:
-                dist.all_reduce(t)
-        return tensors
 
-    return reduce
+def sum_over_ranks(*tensors):
+    """Each tensor (None passes through) summed over the process group's ranks, in place."""
+    for t in tensors:
+        if t is not None:
+            dist.all_reduce(t)
+    return tensors
 
 
 def _reference_forward(x, state, lay, reduce, check_finite, raise_nonfinite, **kw):
