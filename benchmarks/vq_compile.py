@@ -1,6 +1,9 @@
 """Ahead-of-time compile of every Triton VQ kernel variant the dispatcher launches, for sm_80 and
-sm_90, without a GPU; per variant: registers, spills, shared memory, occupancy, and a roofline
-prediction of its time on the target's flagship GPU (A100 for sm_80, H100 for sm_90).
+sm_90, without a GPU; per variant: registers, spills, shared memory, occupancy, and a prediction
+of its time on the target's flagship GPU (A100 for sm_80, H100 for sm_90) from what the compiler
+produced: the SASS of the cubin (nvdisasm from the Triton wheel), its hot loop's instructions x
+the loop's iterations x warps over the issue rate, beside the bytes at 90% of peak bandwidth and
+the tensor-core time; predicted = the largest, plus the launch.
 
 How: the real dispatcher (lapo_fast.ops.vq_ema, backend "triton", forward and backward) runs on
 CPU tensors with each kernel swapped for a recorder and the GPU's facts (132 or 108
@@ -18,6 +21,7 @@ import contextlib
 import io
 import os
 import re
+import subprocess
 import tempfile
 from dataclasses import dataclass
 
@@ -48,6 +52,7 @@ class Gpu:
     tf32: float           # dense TF32 tensor-core flop/s
     atomics: float        # L2 reductions/s (about one per clock per L2 slice)
     launch_s: float       # GPU time of a back-to-back small kernel
+    clock: float = 1.41e9  # boost clock, Hz
     regs: int = 65536     # registers per SM
     smem_sm: int = 0      # shared memory per SM
     smem_block: int = 0   # the most one program may ask for (the launch fails above it)
@@ -56,11 +61,13 @@ class Gpu:
 
 
 GPUS = {  # public data-sheet figures (SXM parts)
-    80: Gpu("A100", 108, 2.04e12, 108 * 128 * 1.41e9, 156e12, 80 * 1.41e9, 2.5e-6,
+    80: Gpu("A100", 108, 2.04e12, 108 * 128 * 1.41e9, 156e12, 80 * 1.41e9, 2.5e-6, clock=1.41e9,
             smem_sm=164 * 1024, smem_block=166912),
-    90: Gpu("H100", 132, 3.35e12, 132 * 128 * 1.98e9, 495e12, 96 * 1.75e9, 2.0e-6,
+    90: Gpu("H100", 132, 3.35e12, 132 * 128 * 1.98e9, 495e12, 96 * 1.75e9, 2.0e-6, clock=1.98e9,
             smem_sm=228 * 1024, smem_block=232448),
 }
+SCHEDULERS = 4     # warp schedulers per SM: at most one warp-instruction each per clock
+SUSTAINED = 0.9    # of the data-sheet bandwidth that streaming kernels reach on these parts
 MIN_WARPS_PER_SM = 16
 
 # Beside the benchmark's cases (BENCH_CASES), shapes that reach every block configuration the
@@ -87,6 +94,49 @@ def cases(quick: bool = False) -> list[dict]:
         for name, *shape in COVERAGE_CASES:
             out.append(dict(name=name, shape=tuple(shape), dtype=torch.float32, mode="train", lapo=False))
     return out
+
+
+# -- 0. the SASS of a cubin ------------------------------------------------------------------------
+
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;?\s*$")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+COUNTED = ("SHFL", "LDS", "STS", "BAR", "HMMA", "LDG", "STG", "RED", "ATOM")
+
+
+def disassemble(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_loops(text: str) -> dict:
+    """The instructions of a kernel's SASS (NOPs left out) and its loops, one per backward branch:
+    [start address, branch address, instructions], outermost (longest) first, and the opcodes
+    counted in the outermost."""
+    instrs, labels, pending = [], {}, []
+    for line in text.splitlines():
+        if m := _LABEL.match(line):
+            pending.append(m.group(1))
+        elif m := _INSTR.match(line):
+            addr = int(m.group(1), 16)
+            labels.update((name, addr) for name in pending)
+            pending = []
+            instrs.append((addr, m.group(2)))
+    body = [(a, t) for a, t in instrs if not t.endswith("NOP") and t.split()[0] != "NOP"]
+    loops = []
+    for addr, t in instrs:
+        if (m := _BRANCH.search(t)) and labels[m.group(1)] < addr:
+            start = labels[m.group(1)]
+            loops.append([start, addr, sum(1 for a, _ in body if start <= a <= addr)])
+    loops.sort(key=lambda lp: lp[0] - lp[1])
+    ops = {}
+    if loops:
+        inside = [t for a, t in body if loops[0][0] <= a <= loops[0][1]]
+        ops = {op: sum(1 for t in inside if re.search(rf"\b{op}(\.|\b)", t)) for op in COUNTED}
+    return {"instructions": len(body), "loops": loops, "loop_ops": ops}
 
 
 # -- 1. the dispatcher's launches ------------------------------------------------------------------
@@ -174,6 +224,8 @@ def compile_variant(job) -> dict:
              shared_bytes=k.metadata.shared, warps=k.metadata.num_warps,
              tensor_core_ops=len(re.findall(r"\b(w?gmma|mma)\.", k.asm["ptx"])))
     r["warps_per_sm"] = warps_per_sm(GPUS[arch], r["registers"], r["shared_bytes"], r["warps"])
+    r["sass"] = sass_loops(disassemble(k.asm["cubin"]))
+    r["cubin"] = k.asm["cubin"]
     gpu = GPUS[arch]
     if r["shared_bytes"] > gpu.smem_block:
         r.update(ok=False,
@@ -198,60 +250,102 @@ def _arg(launch, name):
     return kwargs[name] if name in kwargs else args[names.index(name)]
 
 
-def predict(launch, gpu: Gpu, occupancy: int | None) -> tuple[float, float]:
-    """(predicted seconds, floor seconds) of one launch: the slowest of HBM bytes, FP32-pipe
-    instructions, tensor-core flops and L2 atomics, over the fraction of the GPU its occupancy
-    keeps busy (fewer than 16 warps per SM cannot hide memory latency), plus a launch's time.
-    The floor is its compulsory bytes at full bandwidth."""
+def _trips(launch) -> tuple[int, list[int]]:
+    """(iterations of the outermost loop over all programs, trips per parent iteration of the loops
+    nested in it by depth). The searches' persistent loop takes every row tile of every group once;
+    the general search's inner loops walk the code tiles, then the dimension chunks."""
+    fn, grid, args, kwargs = launch
+    programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+    if fn.__name__.startswith("vq_search"):
+        inner = []
+        if fn.__name__ == "vq_search_kernel":
+            K, d = _arg(launch, "K"), _arg(launch, "d")
+            inner = [-(-K // kwargs["BLOCK_K"]), -(-d // kwargs["BLOCK_D"])]
+        return _arg(launch, "num_tiles") * grid[1], inner
+    return programs, []
+
+
+def _bytes(launch) -> tuple[float, float]:
+    """(bytes the launch moves, of them compulsory: the floor's)."""
     fn, grid, args, kwargs = launch
     name = fn.__name__
     if name == "vq_backward_kernel":
-        numel = _arg(launch, "numel")
-        nbytes = numel * (4 * 4)  # grad_q, x, q in and grad_x out, fp32 upper bound
-        t = nbytes / gpu.bandwidth
-        return t + gpu.launch_s, nbytes / gpu.bandwidth
+        nbytes = _arg(launch, "numel") * _arg(launch, "x_ptr").element_size() * 4  # grad_q, x, q in; grad_x out
+        return nbytes, nbytes
     if name == "vq_finalize_kernel":
         K, d, G, P = (_arg(launch, k) for k in ("K", "d", "G", "P"))
         nbytes = 4 * (G * K * (3 * d + 3) + G * P)
-        return nbytes / gpu.bandwidth + gpu.launch_s, nbytes / gpu.bandwidth
-    # the searches
+        return nbytes, nbytes
     x = _arg(launch, "x_ptr")
     G, K, d, L = (_arg(launch, k) for k in ("G", "K", "d", "L"))
-    bn, bk, bd = (kwargs[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_D"))
     rows = _arg(launch, "n_batch") * L
-    tiles = _arg(launch, "num_tiles") * G
+    floor = rows * G * d * x.element_size() * 2 + rows * G * 8  # x in, q out, indices out
     programs = grid[0] * grid[1]
-    in_bytes = x.element_size()
-    floor_bytes = rows * G * d * in_bytes * 2 + rows * G * 8  # x in, q out, indices out
-    code_tiles = -(-K // bk)
-    d_chunks = -(-d // bd)
-    resident = name == "vq_search_resident_kernel"
-    # Tensor cores, in TF32 products (a 16-bit product counts half: twice the rate): distances
-    # tf32x3 (3), or 2 for 16-bit x; sums of the resident kernel 2 (fp32 x) or one 16-bit product.
-    wide = in_bytes == 4
-    products = (3 if wide or not resident else 2)
+    partials = programs * G * K * d * 4 * (2 if kwargs["DETERMINISTIC"] else 0)
+    reloads = 0 if name == "vq_search_resident_kernel" else rows * G * d * x.element_size() * -(-K // kwargs["BLOCK_K"])
+    return floor + partials + reloads / 4, floor  # L2 re-reads counted at a quarter of HBM's cost
+
+
+def _mma_flops(launch) -> float:
+    """Tensor-core work of a search, in TF32 products (a 16-bit product at twice the rate counts
+    half): distances in TF32x3 (3 products) or 2 for 16-bit x; the resident kernel's sums 2 (fp32 x)
+    or 1/2; the general kernel's 3."""
+    fn, grid, args, kwargs = launch
+    if not fn.__name__.startswith("vq_search"):
+        return 0.0
+    x = _arg(launch, "x_ptr")
+    K, d = _arg(launch, "K"), _arg(launch, "d")
+    bn, bk, bd = (kwargs[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_D"))
+    tiles = _arg(launch, "num_tiles") * grid[1]
+    resident, wide = fn.__name__ == "vq_search_resident_kernel", x.element_size() == 4
+    products = 3 if wide or not resident else 2
     if kwargs["ACCUMULATE_SUMS"]:
         products += (2 if wide else 0.5) if resident else 3
-    tc_flops = tiles * products * 2 * bn * bk * bd * code_tiles * d_chunks
-    # FP32 pipe: per (row, code) ~6 ops (norm add, argmin compare/select, one-hot, column sum);
-    # per (row, dim) ~8 ops (NaN test, clean, error, gather address); x per code tile when not resident.
-    fp32_ops = tiles * (6 * bn * bk * code_tiles + 8 * bn * bd * d_chunks * (1 if resident else 2 + code_tiles))
-    reloads = 0 if resident else rows * G * d * in_bytes * (code_tiles + 1)  # L2 re-reads, counted at HBM speed / 4
-    nbytes = floor_bytes + programs * G * K * d * 4 * (2 if kwargs["DETERMINISTIC"] else 0) + reloads / 4
-    atomics = 0 if kwargs["DETERMINISTIC"] else programs * K * (d + 1) if resident else tiles * min(K, bn) * (d + 1)
-    busy = min(1.0, (occupancy or MIN_WARPS_PER_SM) / MIN_WARPS_PER_SM)
-    waves = min(1.0, programs / (gpu.sms * 4))  # a grid smaller than the GPU leaves SMs idle
-    t = max(nbytes / gpu.bandwidth / busy, fp32_ops / gpu.fp32 / max(waves, 1e-9),
-            tc_flops / gpu.tf32 / max(waves, 1e-9), atomics / gpu.atomics)
-    return t + gpu.launch_s, floor_bytes / gpu.bandwidth
+    return tiles * products * 2 * bn * bk * bd * -(-K // bk) * -(-d // bd)
+
+
+def predict(launch, gpu: Gpu, r: dict) -> dict:
+    """One launch's time from its compiled code: issue (the SASS's instructions as they execute:
+    outside the outermost loop once per program, its body once per iteration, nested loops' bodies
+    per their trips; times warps, over SMs x 4 schedulers x clock), memory (bytes at 90% of peak),
+    tensor cores (TF32 rate); predicted = the largest, plus a launch."""
+    fn, grid, args, kwargs = launch
+    programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+    sass = r["sass"]
+    iterations, inner_trips = _trips(launch)
+    loops = sass["loops"]
+    body = loops[0][2] if loops else 0
+    executed = programs * (sass["instructions"] - body) + iterations * body
+    if loops:  # loops nested in the outermost: their bodies again, (trips - 1) times per parent pass
+        outer = loops[0]
+        for start, end, n in loops[1:]:
+            if not (outer[0] <= start and end <= outer[1]):
+                continue
+            depth = sum(1 for s0, e0, _ in loops[1:] if s0 <= start and end <= e0 and (s0, e0) != (start, end))
+            trips = inner_trips[min(depth, len(inner_trips) - 1)] if inner_trips else 1
+            runs = 1
+            for t in inner_trips[:depth]:
+                runs *= t
+            executed += iterations * runs * (trips - 1) * n
+    warps = r["warps"]
+    nbytes, floor = _bytes(launch)
+    out = {"sass_instructions": sass["instructions"], "sass_loop_instructions": body, "loop_iterations": iterations,
+           "loop_ops": sass["loop_ops"], "warps": warps, "programs": programs,
+           "issue_us": executed * warps / (gpu.sms * SCHEDULERS * gpu.clock) * 1e6,
+           "memory_us": nbytes / (SUSTAINED * gpu.bandwidth) * 1e6,
+           "mma_us": _mma_flops(launch) / gpu.tf32 * 1e6, "launch_us": gpu.launch_s * 1e6,
+           "floor_us": floor / (SUSTAINED * gpu.bandwidth) * 1e6}
+    out["predicted_us"] = max(out["issue_us"], out["memory_us"], out["mma_us"]) + out["launch_us"]
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
 # -- 4. everything ---------------------------------------------------------------------------------
 
-def run(archs=(80, 90), quick: bool = False, jobs: int | None = None) -> dict:
-    """Compiles every variant and returns {"rows": [...], "failures": [...]}. A row per (case,
-    kernel launch, target), plus a row per (case, target) with kernel "step" summing the forward
-    + EMA launches (zero-fill counted as one launch)."""
+def run(archs=(80, 90), quick: bool = False, jobs: int | None = None, dump: str | None = None) -> dict:
+    """Compiles every variant and returns {"rows": [...], "failures": [...], "constants": ...}. A row
+    per (case, kernel launch, target), plus a row per (case, target) with kernel "step" summing a
+    training step's launches: search, finalize and backward (zero-fill counted as one launch).
+    dump: a folder for each cubin, <kernel>.<target>.<case slug>.<dtype>.cubin."""
     variants: dict = {}
     per_case = []
     for case in cases(quick):
@@ -280,11 +374,16 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None) -> dict:
         label = f"{case['name']} {case['mode']}"
         dtype = str(case["dtype"]).replace("torch.", "")
         gpu = GPUS[arch]
-        pred, floor = predict(launch, gpu, r.get("warps_per_sm")) if r["ok"] else (None, None)
+        model = predict(launch, gpu, r) if r["ok"] else {"predicted_us": None, "floor_us": None}
         row = dict(kernel=key[0], target=f"sm_{arch}", case=label, dtype=dtype, registers=r.get("registers"),
                    spill_bytes=r.get("spill_bytes"), shared_bytes=r.get("shared_bytes"),
-                   warps_per_sm=r.get("warps_per_sm"), predicted_us=_us(pred), floor_us=_us(floor))
+                   warps_per_sm=r.get("warps_per_sm"), **model)
         rows.append(row)
+        if dump and r["ok"]:
+            os.makedirs(dump, exist_ok=True)
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+            with open(os.path.join(dump, f"{key[0]}.sm_{arch}.{slug}.{dtype}.cubin"), "wb") as f:
+                f.write(r["cubin"])
         if not r["ok"]:
             failures.append(f"{key[0]} sm_{arch} {label} {dtype}: {r['error']}")
             continue
@@ -292,14 +391,17 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None) -> dict:
             failures.append(f"{key[0]} sm_{arch} {label} {dtype}: spills {r['spill_bytes']} B at the LAPO shape")
         if case["lapo"] and key[0] != "vq_finalize_kernel" and r["warps_per_sm"] < MIN_WARPS_PER_SM:
             failures.append(f"{key[0]} sm_{arch} {label} {dtype}: {r['warps_per_sm']} warps/SM < {MIN_WARPS_PER_SM}")
-        if key[0] != "vq_backward_kernel":  # the step: forward + EMA update
-            s = steps.setdefault((label, dtype, arch), dict(
-                kernel="step", target=f"sm_{arch}", case=label, dtype=dtype, registers=None, spill_bytes=None,
-                shared_bytes=None, warps_per_sm=None, predicted_us=_us(gpu.launch_s), floor_us=0.0))
-            s["predicted_us"] = round(s["predicted_us"] + row["predicted_us"], 2)
-            s["floor_us"] = round(s["floor_us"] + row["floor_us"], 2)
+        s = steps.setdefault((label, dtype, arch), dict(  # the step: search + finalize (+ backward)
+            kernel="step", target=f"sm_{arch}", case=label, dtype=dtype, registers=None, spill_bytes=None,
+            shared_bytes=None, warps_per_sm=None, predicted_us=_us(gpu.launch_s), floor_us=0.0,
+            issue_us=0.0, memory_us=0.0, mma_us=0.0, launch_us=_us(gpu.launch_s)))
+        for k in ("predicted_us", "floor_us", "issue_us", "memory_us", "mma_us", "launch_us"):
+            s[k] = round(s[k] + row[k], 2)
+    constants = {f"sm_{a}": {"gpu": GPUS[a].name, "sms": GPUS[a].sms, "schedulers": SCHEDULERS,
+                             "clock_hz": GPUS[a].clock, "bandwidth": GPUS[a].bandwidth, "sustained": SUSTAINED,
+                             "tf32_flops": GPUS[a].tf32, "launch_s": GPUS[a].launch_s} for a in archs}
     return {"rows": rows + list(steps.values()), "failures": failures, "variants": len(variants),
-            "triton": triton.__version__}
+            "triton": triton.__version__, "constants": constants}
 
 
 def _us(seconds):

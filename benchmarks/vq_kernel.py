@@ -77,6 +77,8 @@ def main() -> None:
     p.add_argument("--compile-only", action="store_true", help="AOT-compile the Triton kernels for --arch; no timing")
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities for --compile-only")
     p.add_argument("--quick", action="store_true", help="--compile-only: the benchmark's cases only")
+    p.add_argument("--dump", default=None, metavar="DIR",
+                   help="--compile-only: write each cubin as <kernel>.<target>.<case>.<dtype>.cubin")
     args = p.parse_args()
     if args.compile_only:
         sys.exit(compile_only(args))
@@ -119,30 +121,34 @@ def main() -> None:
 def compile_only(args) -> int:
     from benchmarks import vq_compile
 
-    result = vq_compile.run(tuple(args.arch), quick=args.quick)
+    result = vq_compile.run(tuple(args.arch), quick=args.quick, dump=args.dump)
     step_rows = [r for r in result["rows"] if r["kernel"] == "step"]
     kernel_rows = {}
     for r in result["rows"]:  # one line per (kernel, target, variant figures): the cases share variants
         if r["kernel"] != "step":
             kernel_rows.setdefault((r["kernel"], r["target"], r["dtype"], r["registers"], r["spill_bytes"],
-                                    r["shared_bytes"], r["warps_per_sm"]), r)
+                                    r["shared_bytes"], r["warps_per_sm"], r.get("sass_loop_instructions")), r)
     print_table(list(kernel_rows.values()), [
         ("kernel", "kernel", ""), ("target", "target", ""), ("dtype", "dtype", ""), ("case", "first case", ""),
         ("registers", "regs", "d"), ("spill_bytes", "spill B", "d"), ("shared_bytes", "smem B", "d"),
-        ("warps_per_sm", "warps/SM", "d")])
+        ("warps_per_sm", "warps/SM", "d"), ("warps", "warps", "d"), ("sass_instructions", "SASS", "d"),
+        ("sass_loop_instructions", "loop SASS", "d")])
     print()
     for r in step_rows:
         r["ratio"] = r["predicted_us"] / r["floor_us"] if r["floor_us"] else None
     print_table([r for r in step_rows if r["case"].endswith(" train")], [
-        ("target", "target", ""), ("case", "forward + EMA step", ""), ("dtype", "dtype", ""),
-        ("predicted_us", "predicted us", ".1f"), ("floor_us", "floor us", ".1f"), ("ratio", "x floor", ".2f")])
+        ("target", "target", ""), ("case", "search + finalize + backward", ""), ("dtype", "dtype", ""),
+        ("issue_us", "issue us", ".1f"), ("memory_us", "memory us", ".1f"), ("mma_us", "mma us", ".1f"),
+        ("launch_us", "launches us", ".1f"), ("predicted_us", "predicted us", ".1f"),
+        ("floor_us", "floor us", ".1f"), ("ratio", "x floor", ".2f")])
     print(f"\n{result['variants']} variants compiled with triton {result['triton']}; "
           f"{len(result['failures'])} failure(s)")
     for f in result["failures"]:
         print("FAIL", f)
     if args.json:
         dump_json(args.json, {"benchmark": "vq_kernel --compile-only", "triton": result["triton"],
-                              "rows": result["rows"], "failures": result["failures"]})
+                              "constants": result["constants"], "rows": result["rows"],
+                              "failures": result["failures"]})
     return 1 if result["failures"] else 0
 
 

@@ -184,3 +184,39 @@ def test_a_failed_capture_says_so_in_one_line_and_the_step_goes_on_eagerly(monke
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["lam: CUDA graph capture failed (RuntimeError: CUDA error: operation not permitted when stream is "
                    "capturing); running eagerly"]
+
+
+def test_a_ctrl_c_whose_keyboard_interrupt_was_swallowed_still_stops_the_loop():
+    """Python raises KeyboardInterrupt wherever the main thread is; inside a finalizer it is printed
+    and dropped (a run in CI kept training after its Ctrl-C). The loop remembers the signal."""
+    import signal
+    import types
+
+    from lapo_fast.runtime.loop import supervised_loop
+
+    calls = []
+
+    def step(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:  # as a __del__ running at that moment would lose it
+                pass
+        return {"loss": torch.tensor(1.0)}
+
+    class Loader:
+        closed = False
+
+        def __next__(self):
+            return {}
+
+        def close(self):
+            Loader.closed = True
+
+    cfg = types.SimpleNamespace(steps=1000, log_every=10**9, checkpoint_every=10**9)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        supervised_loop("stage x", cfg, step=0, train_step=step, loader=Loader(), names=("loss",), schedule=None,
+                        log=None, save=lambda at: None, out=None, batch_size=1, progress=False)
+    assert len(calls) == 3 and Loader.closed and signal.getsignal(signal.SIGINT) is before

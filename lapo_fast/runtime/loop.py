@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,11 +32,14 @@ def supervised_loop(stage: str, cfg, *, step: int, train_step: Callable[[dict], 
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     t0, start = time.perf_counter(), step
     with contextlib.ExitStack() as cleanup:
+        interrupted = cleanup.enter_context(_ctrl_c())
         cleanup.callback(loader.close)
         bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=stage.split()[-1].strip("()"),
                    unit="step")
         cleanup.callback(bar.close)
         while step < end:
+            if interrupted.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed (raised inside a finalizer)
+                raise KeyboardInterrupt
             outputs = train_step(next(loader))
             means.add(*(outputs[k] for k in names))  # on the device: no host read per step
             step += 1
@@ -58,3 +63,32 @@ def supervised_loop(stage: str, cfg, *, step: int, train_step: Callable[[dict], 
                     checkpointed(step, saved)
                 distributed.barrier()
     return step
+
+
+@contextlib.contextmanager
+def _ctrl_c():
+    """Within the block, Ctrl-C is also remembered: Python raises its KeyboardInterrupt wherever
+    the main thread happens to be, and one raised inside a finalizer (a __del__) is printed and
+    dropped; the loop then raises it at its next step. Only in the main thread (where signals land)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    if previous == signal.SIG_IGN:  # Ctrl-C is ignored here (a background job): leave it so
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
