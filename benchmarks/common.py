@@ -55,3 +55,8 @@ VQ_CASES = [
     ("K1024 d64 N=8192", "grouped", 8192, 1, 1024, 64, 1),
     ("K8192 d256 N=1024", "grouped", 1024, 1, 8192, 256, 1),
 ]
+
+# VQ-VAE tokenizers' codebooks (one codebook, K codes of d dims): rows up to 65,536, fewer where
+# K x d is large, so that a row tile of the PyTorch reference stays a few GFLOP on a CPU.
+TOKENIZER_CASES = [(f"tokenizer K{K} d{d}", "grouped", min(65536, max(1024, 2**31 // (K * d))), 1, K, d, 1)
+                   for K in (1024, 8192, 16384) for d in (8, 32, 64, 256)]

@@ -1,7 +1,7 @@
 """VQ-EMA forward + EMA update: lapo_fast.ops (fused) vs the PyTorch reference vs
 vector-quantize-pytorch, same inputs, same run. CPU always; CUDA too when present.
 
-    python -m benchmarks.vq_kernel [--threads N] [--repeats R] [--json out.json]
+    python -m benchmarks.vq_kernel [--threads N] [--repeats R] [--tokenizer] [--json out.json]
     python -m benchmarks.vq_kernel --compile-only [--arch 80 90] [--json out.json]
 
 --compile-only needs no GPU: it compiles every Triton variant the dispatcher launches to cubin
@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from benchmarks.common import TOKENIZER_CASES
 from benchmarks.common import VQ_CASES as CASES
 from benchmarks.common import dump_json, median_time, print_table
 
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda if present")
     p.add_argument("--cases", nargs="+", default=None, help="substring filter on case names")
+    p.add_argument("--tokenizer", action="store_true", help="the tokenizer shapes (K 1024-16384, d 8-256) instead")
     p.add_argument("--json", default=None)
     p.add_argument("--compile-only", action="store_true", help="AOT-compile the Triton kernels for --arch; no timing")
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities for --compile-only")
@@ -88,7 +90,7 @@ def main() -> None:
     rows = []
     for device in devices:
         sync = torch.cuda.synchronize if device == "cuda" else None
-        for case in CASES:
+        for case in TOKENIZER_CASES if args.tokenizer else CASES:
             name, layout, B, G, K, d, L = case
             if args.cases and not any(c in name for c in args.cases):
                 continue
