@@ -38,6 +38,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import lapo_fast.kernels.vq as KV  # noqa: E402
 from lapo_fast.ops import vq as vq_op  # noqa: E402
+from benchmarks.common import TOKENIZER_CASES  # noqa: E402
 from benchmarks.common import VQ_CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
 
 KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_finalize_kernel", "vq_backward_kernel")
@@ -93,6 +94,9 @@ def cases(quick: bool = False) -> list[dict]:
     if not quick:
         for name, *shape in COVERAGE_CASES:
             out.append(dict(name=name, shape=tuple(shape), dtype=torch.float32, mode="train", lapo=False))
+        for name, *shape in TOKENIZER_CASES:  # VQ-VAE codebooks: the general search, K up to 16,384
+            for dtype in (torch.float32, torch.bfloat16):
+                out.append(dict(name=name, shape=tuple(shape), dtype=dtype, mode="train", lapo=False))
     return out
 
 
