@@ -318,8 +318,10 @@ def test_a_torn_metrics_line_does_not_block_resume_or_report(data, tmp_path, cap
 
 def test_ctrl_c_during_a_stage_is_one_line_and_exit_130(data, tmp_path):
     run = tmp_path / "run"
+    # As from a terminal: a job started in the background (CI's shell) inherits SIGINT ignored.
     proc = subprocess.Popen([sys.executable, "-m", "lapo_fast.cli", *_lam(data, run, "--steps", "100000",
-                             "--log-every", "1")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--log-every", "1")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (run / "lam" / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
