@@ -188,7 +188,7 @@ def test_a_failed_capture_says_so_in_one_line_and_the_step_goes_on_eagerly(monke
 
 def test_a_ctrl_c_whose_keyboard_interrupt_was_swallowed_still_stops_the_loop():
     """Python raises KeyboardInterrupt wherever the main thread is; inside a finalizer it is printed
-    and dropped (a run in CI kept training after its Ctrl-C). The loop remembers the signal."""
+    and dropped, and the run would go on. The loop remembers the signal."""
     import signal
     import types
 
