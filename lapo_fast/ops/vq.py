@@ -237,21 +237,31 @@ class _VQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, backend, reduce, codebook, ema_count, ema_weight):
         x = x.detach().contiguous()  # the backward kernel reads x as flat memory, like q
-        q, idx, loss, perp = _fused_forward(x, spec, backend, reduce, codebook, ema_count, ema_weight)
-        ctx.save_for_backward(x, q)
-        ctx.coef = 2.0 * spec.commitment / max(x.numel(), 1)
-        ctx.backend = backend
-        ctx.mark_non_differentiable(idx, perp)
-        return q, idx, loss, perp
+        out = _fused_forward(x, spec, backend, reduce, codebook, ema_count, ema_weight)
+        return _saved_for_backward(ctx, x, out, spec.commitment, backend)
 
     @staticmethod
     def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_perp):
-        x, q = ctx.saved_tensors
-        if grad_q is None:
-            grad_q = torch.zeros_like(x)
-        if grad_loss is None:
-            return grad_q, None, None, None, None, None, None
-        return _grad_x(grad_q, x, q, grad_loss, ctx.coef, ctx.backend), None, None, None, None, None, None
+        return _input_grad(ctx, grad_q, grad_loss, _grad_x), None, None, None, None, None, None
+
+
+def _saved_for_backward(ctx, x, out, commitment: float, backend: str):
+    """What a VQ forward keeps for its backward (x, q, the commitment loss's coefficient); returns `out`."""
+    q, idx, _, perp = out
+    ctx.save_for_backward(x, q)
+    ctx.coef, ctx.backend = 2.0 * commitment / max(x.numel(), 1), backend
+    ctx.mark_non_differentiable(idx, perp)
+    return out
+
+
+def _input_grad(ctx, grad_q, grad_loss, grad_x) -> torch.Tensor:
+    """dL/dx by `grad_x` (_grad_x, or the custom op that wraps it), from what _saved_for_backward kept."""
+    x, q = ctx.saved_tensors
+    if grad_q is None:
+        grad_q = torch.zeros_like(x)
+    if grad_loss is None:  # the commitment loss was not used: the straight-through gradient alone
+        return grad_q
+    return grad_x(grad_q, x, q, grad_loss, ctx.coef, ctx.backend)
 
 
 def _grad_x(grad_q, x, q, grad_loss, coef: float, backend: str) -> torch.Tensor:
@@ -520,15 +530,10 @@ class _CompiledVQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, codebook, ema_count, ema_weight, *args):
-        q, idx, loss, perp = torch.ops.lapo_fast.vq_ema_forward(x, codebook, ema_count, ema_weight, *args)
-        ctx.save_for_backward(x, q)
+        out = torch.ops.lapo_fast.vq_ema_forward(x, codebook, ema_count, ema_weight, *args)
         commitment, backend = args[5], args[6]
-        ctx.coef, ctx.backend = 2.0 * commitment / max(x.numel(), 1), backend
-        ctx.mark_non_differentiable(idx, perp)
-        return q, idx, loss, perp
+        return _saved_for_backward(ctx, x, out, commitment, backend)
 
     @staticmethod
     def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_perp):
-        x, q = ctx.saved_tensors
-        grad_x = torch.ops.lapo_fast.vq_ema_backward(grad_q, x, q, grad_loss, ctx.coef, ctx.backend)
-        return (grad_x,) + (None,) * 14
+        return (_input_grad(ctx, grad_q, grad_loss, torch.ops.lapo_fast.vq_ema_backward),) + (None,) * 14
