@@ -217,30 +217,18 @@ def _lam_setup(preset: str, device, batch: int, overrides: dict | None = None):
     return cfg, model, opt, schedule
 
 
-def _windows(cfg, steps: int, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (cfg.batch_size, cfg.context + 2, 64, 64, 3), dtype=torch.uint8, generator=gen)
-            for _ in range(steps)]
-
-
-def _lam_losses(preset, device, batch, steps, mode="eager", overrides=None, windows=None):
+def _lam_losses(preset, device, batch, steps, mode="eager", overrides=None):
     """Stage 1's step (stages/lam.make_step) run `steps` times: (losses, model, seconds per step)."""
     from lapo_fast.stages.lam import make_step
 
     cfg, model, opt, schedule = _lam_setup(preset, device, batch, overrides)
     model.train()
     step = make_step(model, model, opt, schedule, cfg, torch.device(device), mode)
-    windows = windows or _windows(cfg, steps)
-    losses, times = [], []
-    for w in windows:
-        w = w.to(device)
-        t = time.perf_counter()
-        out = step({"obs": w})
-        losses.append(out["loss"].detach().clone())
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return torch.stack(losses), model, statistics.median(times[len(times) // 2:]), step
+    gen = torch.Generator().manual_seed(0)
+    windows = [{"obs": torch.randint(0, 256, (cfg.batch_size, cfg.context + 2, 64, 64, 3), dtype=torch.uint8,
+                                     generator=gen)} for _ in range(steps)]
+    losses, times = _timed_steps(step, windows, device)
+    return losses, model, statistics.median(times[len(times) // 2:]), step
 
 
 def _param_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -298,20 +286,30 @@ def _vq_step_losses(device, steps: int, mode: str = "eager"):
 
     step = TrainStep(loss_fn, proj.parameters(), opt, grad_clip=1.0, device=torch.device(device), mode=mode, name="vq")
     gen = torch.Generator().manual_seed(0)
+    losses, times = _timed_steps(step, [{"x": torch.randn(128, 128, generator=gen)} for _ in range(steps)], device)
+    return losses, statistics.median(times[steps // 2:]), step
+
+
+def _timed_steps(step, batches: list[dict], device) -> tuple[torch.Tensor, list[float]]:
+    """A training step run on each batch (moved to `device`): the losses, and each step's seconds
+    with the device synchronised around it."""
+    cuda = torch.device(device).type == "cuda"
     losses, times = [], []
-    for _ in range(steps):
-        x = torch.randn(128, 128, generator=gen).to(device)
-        torch.cuda.synchronize(device)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if cuda:
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
-        losses.append(step({"x": x})["loss"].detach().clone())
-        torch.cuda.synchronize(device)
+        losses.append(step(batch)["loss"].detach().clone())
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return torch.stack(losses), statistics.median(times[steps // 2:]), step
+    return torch.stack(losses), times
 
 
 # -- 3. the stages at paper sizes, on the device against the CPU in fp32 --------------------------
 
-def _bc_losses(device, batch, steps, precision="fp32", windows=None):
+def _bc_losses(device, batch, steps, precision="fp32"):
     from lapo_fast.config import BCConfig, resolve
     from lapo_fast.models import LatentPolicy
     from lapo_fast.runtime.optim import adamw_warmup_decay
@@ -325,16 +323,10 @@ def _bc_losses(device, batch, steps, precision="fp32", windows=None):
                                        final_lr=cfg.final_lr)
     step = make_step(policy, policy, opt, schedule, cfg, torch.device(device))
     gen = torch.Generator().manual_seed(1)
-    losses, times = [], []
-    for _ in range(steps):
-        obs = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8, generator=gen).to(device)
-        target = torch.randn(batch, 128, generator=gen).to(device)
-        t = time.perf_counter()
-        losses.append(step({"obs": obs, "target": target})["loss"].detach().clone())
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return torch.stack(losses), policy, statistics.median(times)
+    batches = [{"obs": torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8, generator=gen),
+                "target": torch.randn(batch, 128, generator=gen)} for _ in range(steps)]
+    losses, times = _timed_steps(step, batches, device)
+    return losses, policy, statistics.median(times)
 
 
 def _ppo_losses(device, batch, steps, precision="fp32"):
@@ -353,20 +345,13 @@ def _ppo_losses(device, batch, steps, precision="fp32"):
     opt = torch.optim.Adam(params, lr=cfg.head_lr * 0.1, eps=cfg.adam_eps)
     step = make_ppo_step(policy, opt, params, cfg, torch.device(device), features=lambda f: f)
     gen = torch.Generator().manual_seed(2)
-    losses, times = [], []
-    for _ in range(steps):
-        inputs = {"obs": torch.randn(batch, policy.fc_rl.in_features, generator=gen).relu(),
-                  "actions": torch.randint(0, 15, (batch,), generator=gen),
-                  "old_logp": -torch.rand(batch, generator=gen) - 2,
-                  "adv": torch.randn(batch, generator=gen), "ret": torch.randn(batch, generator=gen),
-                  "old_value": torch.randn(batch, generator=gen)}
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        t = time.perf_counter()
-        losses.append(step(inputs)["loss"].detach().clone())
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return torch.stack(losses), policy, statistics.median(times)
+    batches = [{"obs": torch.randn(batch, policy.fc_rl.in_features, generator=gen).relu(),
+                "actions": torch.randint(0, 15, (batch,), generator=gen),
+                "old_logp": -torch.rand(batch, generator=gen) - 2, "adv": torch.randn(batch, generator=gen),
+                "ret": torch.randn(batch, generator=gen), "old_value": torch.randn(batch, generator=gen)}
+               for _ in range(steps)]
+    losses, times = _timed_steps(step, batches, device)
+    return losses, policy, statistics.median(times)
 
 
 # Bounds after a few AdamW steps, device vs CPU fp32: cuDNN's TF32 convolutions (PyTorch's default,
@@ -480,22 +465,28 @@ def _differing_bytes(loader, ref, batches: int = 4) -> int:
     return bad
 
 
-def _nvdec_check(ctx: Context) -> Check:
+def write_bar_clip(path: Path, *, frames: int, step: int) -> Path:
+    """A 128x96 VP9 clip (NVDEC's codec, and DALI's CPU backend's) of a white bar growing `step`
+    pixels a frame: flat colours, which a codec keeps within a level or two."""
     import av
 
-    from lapo_fast.data import FrameDataset, ingest_videos
-
-    video = ctx.tmp / "clip.webm"  # VP9: NVDEC's, and DALI's CPU backend's too (which the tests run)
-    with av.open(str(video), "w") as out:
+    with av.open(str(path), "w") as out:
         stream = out.add_stream("libvpx-vp9", rate=15)
         stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
-        for i in range(24):  # a white bar growing: flat colours a codec keeps within a level or two
+        for i in range(frames):
             img = np.zeros((96, 128, 3), np.uint8)
-            img[:, : 5 * (i + 1)] = 255
+            img[:, : step * (i + 1)] = 255
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+    return path
+
+
+def _nvdec_check(ctx: Context) -> Check:
+    from lapo_fast.data import FrameDataset, ingest_videos
+
+    video = write_bar_clip(ctx.tmp / "clip.webm", frames=24, step=5)
     a = FrameDataset(ingest_videos([video], ctx.tmp / "nvdec", decoder="dali", progress=False))
     b = FrameDataset(ingest_videos([video], ctx.tmp / "pyav", decoder="pyav", progress=False))
     fa, fb = np.asarray(a.cache()).astype(int), np.asarray(b.cache()).astype(int)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from lapo_fast.cli import build_parser
+from lapo_fast.extras import EXTRA_OF
 
 ROOT = Path(__file__).resolve().parent.parent
-HIDDEN = ("procgen", "gym", "gym3", "gymnasium", "av", "PIL", "matplotlib", "umap", "safetensors", "lz4", "zstandard",
-          "tqdm", "tensorboard", "submitit", "rliable", "nvidia.dali")
+HIDDEN = tuple(EXTRA_OF)  # every module an extra brings
 
 
 def _commands() -> list[list[str]]:
