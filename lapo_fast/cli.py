@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import sys
+from pathlib import Path
+from typing import Annotated, Literal
 
 from . import __version__
 from .envs.games import DEFAULT_DISTRIBUTION_MODE, OBS_SHAPE
+from .registry import COMMANDS, ENGINE, LOOP
 
 
 def _cmd_envs(args: argparse.Namespace) -> int:
@@ -16,29 +20,6 @@ def _cmd_envs(args: argparse.Namespace) -> int:
 
     for game in GAMES:
         print(f"{game:<10} modes: {', '.join(modes_of(game))}")
-    return 0
-
-
-def _preset(args: argparse.Namespace, command: str) -> str:
-    from .config import default_preset
-
-    preset, why = (args.preset, "asked for") if args.preset else default_preset()
-    print(f"{command}: preset {preset!r} ({why})")
-    return preset
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import resolve_run
-    from .envs.games import check_game
-    from .pipeline import run_all
-
-    check_game(args.env)
-    preset = _preset(args, "train")
-    cfgs = resolve_run(preset, args.set, seed=args.seed)
-    out = args.out or f"runs/{args.env}-{preset}" + (f"-seed{args.seed}" if args.seed else "")
-    print(f"train: run directory {out}")
-    run_all(args.env, out, cfgs, preset=preset, demonstrator=args.demonstrator, data=args.data,
-            test_data=args.test_data)
     return 0
 
 
@@ -83,63 +64,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-# Stage commands: given the parsed args and the stage's resolved config, they run the stage and
-# return the line to print after "<command>: ".
-
-def _cmd_lam(args: argparse.Namespace, cfg) -> str:
-    from .stages.lam import train_lam
-
-    return f"final checkpoint {train_lam(args.data, args.out, cfg, test_data=args.test_data)}"
-
-
-def _cmd_bc(args: argparse.Namespace, cfg) -> str:
-    from .stages.bc import train_bc
-
-    return f"final checkpoint {train_bc(args.data, args.out, cfg)}"
-
-
-def _cmd_decode(args: argparse.Namespace, cfg) -> str:
-    from .rundir import RunDir
-    from .stages.decode import train_decoders
-
-    train_decoders(args.data, args.out, cfg, env_name=args.env, online=not args.offline_only)
-    return f"results in {RunDir(args.out).results('decode')}"
-
-
-def _cmd_ppo(args: argparse.Namespace, cfg) -> str:
-    from .envs.games import check_game
-    from .stages.ppo import train_ppo
-
-    check_game(args.env)
-    if args.command == "finetune":
-        from .stages.ppo import finetune
-
-        last = finetune(args.out, args.env, cfg, name=args.name or "finetune")
-    else:
-        last = train_ppo(args.out, args.env, cfg, name=args.name or "ppo")
-    return f"final checkpoint {last}"
-
-
-def _cmd_eval(args: argparse.Namespace, cfg) -> str:
-    from .rundir import RunDir
-    from .stages.evaluate import evaluate_run
-
-    evaluate_run(args.out, args.env, cfg)
-    return f"results in {RunDir(args.out).results('eval')}"
-
-
-def _cmd_umap(args: argparse.Namespace, cfg) -> str:
-    from .stages.umap import project_latents
-
-    return f"wrote {project_latents(args.data, args.out, cfg)}"
-
-
-def _cmd_report(args: argparse.Namespace, cfg) -> str:
-    from .stages.report import write_report
-
-    return f"wrote {write_report(args.out)}"
-
-
 def _cmd_check_reference(args: argparse.Namespace) -> int:
     from .eval.reference import check_reference
 
@@ -162,29 +86,124 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAIL" for r in rows) else 0
 
 
-# What each command imports beyond the core (lapo_fast.extras names the extra that brings each).
-_LOOP = ("safetensors", "lz4", "zstandard", "tqdm")
-_ENGINE = ("procgen", "gym3", "gymnasium")
-_NEEDS = {"collect": _LOOP + _ENGINE, "data": ("lz4", "zstandard"), "lam": _LOOP, "bc": _LOOP,
-          "decode": _LOOP + _ENGINE, "finetune": _LOOP + _ENGINE, "ppo": _LOOP + _ENGINE, "eval": _LOOP + _ENGINE,
-          "umap": _LOOP + ("umap", "matplotlib"), "report": ("matplotlib",), "sweep": ("submitit",),
+# What the commands other than the stages import beyond the core (lapo_fast.extras names the extra
+# that brings each; the stages' are in their registry records).
+_NEEDS = {"collect": LOOP + ENGINE, "data": ("lz4", "zstandard"), "sweep": ("submitit",),
           "aggregate": ("rliable", "matplotlib")}
 
 
-def _check_needs(args: argparse.Namespace) -> None:
+def _check_needs(command: str, subcommand: str = "") -> None:
     """A command whose optional dependencies are missing stops before any work, naming the extra."""
     from .extras import TRAIN, missing_message
 
-    needs = TRAIN if args.command == "train" else _NEEDS.get(args.command, ())
-    if args.command == "data" and getattr(args, "data_command", "") == "ingest":
+    needs = TRAIN if command == "train" else ("tyro", *COMMANDS[command].needs) if command in COMMANDS else \
+        _NEEDS.get(command, ())
+    if command == "data" and subcommand == "ingest":
         needs = needs + ("av", "PIL")
-    message = missing_message(needs, f"lapo-fast {args.command}")
+    message = missing_message(needs, f"lapo-fast {command}")
     if message:
         raise ValueError(message)
 
 
+# -- the stage commands and `train`: flags generated by tyro from the config classes -------------------
+
+PRESET_HELP = ("paper, cpu or smoke (default: paper on CUDA, else cpu); the defaults shown are that preset's: put "
+               "--preset X before --help to see another's")
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of `name V` or `name=V` in argv (the last one), read before the full parse."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.partition("=")[2]
+    return value
+
+
+def _preset(argv: list[str], command: str) -> str:
+    """The preset asked for, else this machine's (said, unless the command only prints its help)."""
+    from .config import check_preset, default_preset
+
+    asked = _flag(argv, "--preset")
+    preset, why = (check_preset(asked), "asked for") if asked else default_preset()
+    if not {"-h", "--help"} & set(argv):
+        print(f"{command}: preset {preset!r} ({why})")
+    return preset
+
+
+def _parse(command: str, argv: list[str], args: dict, settings=None, preset: str = "", description: str = ""):
+    """tyro's parse of `lapo-fast <command>`: the named arguments ({name: (type, help[, default])}),
+    and the settings (a config instance: the preset's) whose fields are the other flags -- unprefixed
+    for a stage, --STAGE.FIELD for train's RunConfig."""
+    import tyro
+
+    from .config import PRESETS, check, unchecked
+
+    fields = [(name, spec[0], dataclasses.field(default=spec[2] if len(spec) > 2 else dataclasses.MISSING,
+                                                metadata={"help": spec[1]})) for name, spec in args.items()]
+    if settings is not None:
+        fields.append(("preset", Literal[PRESETS], dataclasses.field(default=preset, metadata={"help": PRESET_HELP})))
+        fields.append(("settings", Annotated[type(settings), tyro.conf.arg(name="")],
+                       dataclasses.field(default_factory=lambda: settings)))
+    cls = dataclasses.make_dataclass(f"{command.replace('-', '_')}_command", fields, kw_only=True)
+    with unchecked():  # checked below, so that a bad value is one line (tyro would box it)
+        parsed = tyro.cli(cls, args=argv, prog=f"lapo-fast {command}", description=description)
+    if settings is not None:
+        check(parsed.settings)
+    return parsed
+
+
+def _stage_command(stage, argv: list[str]) -> int:
+    """`lapo-fast <stage>`: its config from the preset and flags, then the stage's run function,
+    holding the run directory (report only reads the stages' files: it may run beside them)."""
+    from .config import preset_config
+    from .registry import StageContext
+    from .rundir import RunDir
+
+    args = {i.name: (i.type, i.help) if i.required else (i.type, i.help, None) for i in stage.inputs}
+    args["out"] = (Path, "run directory")
+    preset = _preset(argv, stage.name) if stage.config is not None else ""
+    settings = preset_config(stage.config, preset) if preset else None
+    parsed = _parse(stage.name, argv, args, settings, preset, stage.help)
+    cfg = getattr(parsed, "settings", None)
+    ctx = StageContext(run=RunDir(parsed.out), **{i.name: getattr(parsed, i.name) for i in stage.inputs})
+    with _holding(parsed.out) if stage.name != "report" else contextlib.nullcontext():
+        print(f"{stage.name}: {stage.runner()(ctx, cfg)}")
+    return 0
+
+
+def _train_command(argv: list[str]) -> int:
+    """`lapo-fast train`: every stage's settings from one preset, the run's seed and --STAGE.FIELD flags."""
+    from .envs.games import check_game
+    from .pipeline import run_all
+    from .registry import run_preset
+
+    preset = _preset(argv, "train")
+    seed = _flag(argv, "--seed")
+    seed = int(seed) if seed is not None and seed.isdigit() else 0  # anything else: tyro's parse names it
+    args = {"env": (str, "Procgen game, e.g. starpilot"),
+            "out": (Path | None, "run directory (default runs/<env>-<preset>[-seed<k>])", None),
+            "seed": (int, "the run's seed, added to every stage's own (demonstrator, recording, models, PPO, "
+                          "evaluation); an explicit --STAGE.seed wins", 0),
+            "demonstrator": (Path | None, "torch.export policy (.pt2) that records the dataset", None),
+            "data": (Path | None, "use this dataset instead of recording one", None),
+            "test_data": (Path | None, "held-out dataset for the test FDM loss", None)}
+    parsed = _parse("train", argv, args, run_preset(preset, seed), preset,
+                    "The whole method on one game, in one run directory (resumable). Every stage's settings: "
+                    "--STAGE.FIELD VALUE, e.g. --lam.steps 500 --decode.labelled 16 64")
+    check_game(parsed.env)
+    out = parsed.out or f"runs/{parsed.env}-{preset}" + (f"-seed{parsed.seed}" if parsed.seed else "")
+    print(f"train: run directory {out}")
+    run_all(parsed.env, out, parsed.settings, preset=preset, demonstrator=parsed.demonstrator, data=parsed.data,
+            test_data=parsed.test_data)
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .config import default_preset, resolve_run
+    from .config import default_preset
+    from .registry import resolve_run
     from .sweep.launch import SweepSpec, launch, load_spec, parse_envs, status, status_table
 
     if args.action:
@@ -203,11 +222,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         preset = args.preset or ("paper" if args.executor == "slurm" else default_preset()[0])
         gpus = args.gpus_per_run if args.gpus_per_run is not None else \
             int(args.executor == "slurm" or torch.cuda.is_available())
-        spec = SweepSpec(envs=parse_envs(args.envs), seeds=args.seeds, preset=preset, sets=tuple(args.set),
+        spec = SweepSpec(envs=parse_envs(args.envs), seeds=args.seeds, preset=preset, train_args=tuple(args.train_args),
                          executor=args.executor, max_parallel=args.max_parallel, gpus_per_run=gpus,
                          cpus_per_run=args.cpus_per_run, mem_gb=args.mem_gb, time_min=args.time_min,
                          partition=args.partition, setup=tuple(args.setup), slurm_args=tuple(args.slurm_arg))
-    resolve_run(spec.preset, list(spec.sets))  # every run's settings checked before anything is launched
+    resolve_run(spec.preset, spec.train_args)  # every run's settings checked before anything is launched
     rows = launch(args.out, spec, dry_run=args.dry_run)
     if not args.dry_run:
         print(status_table(rows))
@@ -218,19 +237,6 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     from .sweep.aggregate import aggregate
 
     print(f"aggregate: wrote {aggregate(args.dir, args.out, reps=args.reps)}")
-    return 0
-
-
-def _run_stage(args: argparse.Namespace) -> int:
-    """A stage subcommand: its config resolved from preset and flags, then the stage, holding the
-    run directory (report only reads the stages' files: it may run beside them)."""
-    cfg = None
-    if args.config_cls is not None:
-        from .config import overrides_from, resolve
-
-        cfg = resolve(args.config_cls, _preset(args, args.command), overrides_from(args, args.config_cls))
-    with _holding(args.out) if args.command != "report" else contextlib.nullcontext():
-        print(f"{args.command}: {args.stage(args, cfg)}")
     return 0
 
 
@@ -291,39 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
     p.set_defaults(func=_cmd_data)
 
-    from .config import (
-        PRESETS, BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig, UmapConfig, add_arguments,
-    )
+    from .config import PRESETS
 
-    def stage(name: str, help: str, func, cls=None, *, data: bool = False, env: bool = False):
-        q = sub.add_parser(name, help=help)
-        if data:
-            q.add_argument("--data", required=True, help="frame dataset directory")
-        if env:
-            q.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")
-        q.add_argument("--out", required=True, help="run directory")
-        if cls is not None:
-            q.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
-            add_arguments(q, cls)
-        q.set_defaults(func=_run_stage, stage=func, config_cls=cls)
-        return q
-
-    p = stage("lam", "stage 1: latent IDM + FDM with the VQ bottleneck (resumable)", _cmd_lam, LAMConfig, data=True)
-    p.add_argument("--test-data", default=None, help="dataset of held-out episodes (test FDM loss)")
-    stage("bc", "stage 2: latent behaviour cloning on the frozen IDM's cached labels (needs RUN/lam)",
-          _cmd_bc, BCConfig, data=True)
-    p = stage("decode", "stage 3a: latent -> action decoders from a few labelled transitions, evaluated online",
-              _cmd_decode, DecodeConfig, data=True)
-    p.add_argument("--env", default=None, help="game to act in (default: the dataset's)")
-    p.add_argument("--offline-only", action="store_true", help="score decoders on held-out transitions only")
-    for name, help, cls in (("finetune", "stage 3b: LAPO's online decoding and PPO fine-tuning of the latent policy "
-                                         "(needs RUN/lam and RUN/bc)", FinetuneConfig),
-                            ("ppo", "PPO from scratch (baselines, demonstrators)", PPOConfig)):
-        p = stage(name, help, _cmd_ppo, cls, env=True)
-        p.add_argument("--name", default=None, help=f"subdirectory of the run (default {name})")
-    stage("eval", "returns of every policy in a run, normalised per game", _cmd_eval, EvalConfig, env=True)
-    stage("umap", "UMAP of the IDM's latent actions coloured by true action (PNG)", _cmd_umap, UmapConfig, data=True)
-    stage("report", "report.md/json and plots of a run", _cmd_report)
+    # The stage commands and train parse their own flags (tyro: _stage_command, _train_command);
+    # listed here for `lapo-fast --help`.
+    for name, stage in COMMANDS.items():
+        sub.add_parser(name, help=stage.help, add_help=False)
+    sub.add_parser("train", help="the whole method on one game, in one run directory (resumable); every stage's "
+                                 "settings as --STAGE.FIELD VALUE", add_help=False)
 
     p = sub.add_parser("check-reference", help="run our models on the reference LAPO code's saved weights and inputs, "
                                                "compare every output (exit 1 on a mismatch or an unchecked fixture)")
@@ -340,29 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "2 cores; always tried on CUDA without --quick)")
     p.set_defaults(func=_cmd_selftest)
 
-    p = sub.add_parser("train", help="the whole method on one game, in one run directory (resumable)")
-    p.add_argument("--env", required=True, help="Procgen game, e.g. starpilot")
-    p.add_argument("--out", default=None, help="run directory (default runs/<env>-<preset>)")
-    p.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on CUDA, else cpu")
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                   help="override one setting, e.g. --set lam.steps=500 (stages: demo, data, lam, bc, decode, "
-                        "finetune, eval, umap)")
-    p.add_argument("--seed", type=int, default=0, help="the run's seed, added to every stage's own (demonstrator, "
-                                                       "recording, models, PPO, evaluation)")
-    p.add_argument("--demonstrator", default=None, help="torch.export policy (.pt2) that records the dataset")
-    p.add_argument("--data", default=None, help="use this dataset instead of recording one")
-    p.add_argument("--test-data", default=None, help="held-out dataset for the test FDM loss")
-    p.set_defaults(func=_cmd_train)
-
     p = sub.add_parser("sweep", help="one `train` run per (game, seed), on this machine or as a SLURM job array "
-                                     "(resumable); `sweep status DIR`: how each run stands")
+                                     "(resumable); `sweep status DIR`: how each run stands",
+                       usage="lapo-fast sweep [options] [-- TRAIN_FLAGS] | lapo-fast sweep status DIR",
+                       epilog="TRAIN_FLAGS, after --, go to every run's `lapo-fast train`: e.g. -- --lam.steps 500 "
+                              "--decode.labelled 16 64")
     p.add_argument("action", nargs="*", metavar="status DIR", help="`status DIR`: done / running / failed per run")
     p.add_argument("--envs", default=None,
                    help="all (the 16 games) or GAME,GAME (default: the sweep recorded in --out)")
     p.add_argument("--seeds", type=int, default=1, help="runs per game: seeds 0..N-1 (train --seed)")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help="every run's preset (default: paper for slurm, else this machine's)")
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE", help="every run's overrides")
     p.add_argument("--out", default=None, help="the sweep's folder: <game>/seed<k>/ run directories, sweep.json")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: submitit's local executor on this machine; slurm: one job array")
@@ -399,16 +368,26 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    command = argv[0] if argv else None
+    train_args: list[str] = []
+    if command == "sweep" and "--" in argv:  # what follows -- is every run's `train` flags
+        k = argv.index("--")
+        argv, train_args = argv[:k], argv[k + 1:]
     from .data.format import DatasetError
     from .extras import extra_of
 
     try:
-        _check_needs(args)
+        if command in COMMANDS or command == "train":
+            _check_needs(command)
+            return _train_command(argv[1:]) if command == "train" else _stage_command(COMMANDS[command], argv[1:])
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        args.train_args = train_args
+        _check_needs(args.command, getattr(args, "data_command", ""))
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints and datasets are written atomically, so nothing is lost
         _close_progress_bars()

@@ -1,7 +1,9 @@
-"""Typed configuration: dataclasses with presets, resolved in one place, turned into CLI flags.
+"""Typed configuration: one dataclass per stage, each field with its one-line help text, checked
+when built; presets are instances of them. The command line is generated from these classes by
+tyro (lapo_fast.cli); the stages that use them are listed in lapo_fast.registry.
 
-    cfg = resolve(LAMConfig, preset="smoke", overrides={"steps": 10})
-    parser flags: --steps 10 --lr 3e-4 ... (generated from the dataclass fields)
+    cfg = resolve(LAMConfig, preset="smoke", overrides={"steps": 10})   # in Python
+    lapo-fast lam --preset smoke --steps 10 ...                        # the same from the shell
 
 Presets: "paper" (the paper's sizes; a GPU job), "cpu" (shows the method on 2 cores in about an
 hour or two), "smoke" (minutes; for tests). Default: "paper" on CUDA, else "cpu" — and the caller
@@ -10,9 +12,12 @@ says which it chose and why.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -64,7 +69,36 @@ class Checked:
     refused before any work, naming the setting and the rule."""
 
     def __post_init__(self) -> None:
-        _check(self)
+        if checking():
+            _check(self)
+
+
+# Off while the command line builds a config (tyro would box the error); check() follows it.
+_checking = contextvars.ContextVar("checking", default=True)
+
+
+def checking() -> bool:
+    """Whether configs check themselves when built now (see unchecked)."""
+    return _checking.get()
+
+
+@contextlib.contextmanager
+def unchecked():
+    token = _checking.set(False)
+    try:
+        yield
+    finally:
+        _checking.reset(token)
+
+
+def check(cfg) -> None:
+    """Checks a config built under unchecked(), and the configs nested in it."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value)
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()
 
 
 @dataclass
@@ -143,7 +177,8 @@ class DecodeConfig(Checked):
     """Stage 3a: latent -> true-action decoder from a few labelled transitions, composed with the
     latent policy and evaluated online."""
 
-    labelled: str = setting("16,64,256,1024,4096", "sizes of the labelled sets swept (comma-separated)", resumable=True)
+    labelled: tuple[int, ...] = setting((16, 64, 256, 1024, 4096), "sizes of the labelled sets swept", low=1,
+                                        resumable=True)
     deploy: int = setting(256, "the size whose decoder is the run's 'decoded policy'", low=1, resumable=True)
     steps: int = setting(2_000, "decoder training steps (full batch)", low=1)
     lr: float = setting(1e-3, "decoder Adam learning rate")
@@ -151,6 +186,8 @@ class DecodeConfig(Checked):
     held_out: int = setting(2_000, "labelled transitions kept apart to score the decoders", low=1)
     eval_episodes: int = setting(64, "episodes of the online evaluation of each decoder", low=1)
     seed: int = setting(0, "seed of the labelled subsets, decoders and evaluation")
+    online: bool = setting(True, "also act with each decoder in the game (false: score it on held-out transitions "
+                                 "only)", resumable=True)
     loader: str = setting("auto", LOADER_HELP, resumable=True)
     device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
 
@@ -207,9 +244,12 @@ class FinetuneConfig(PPOConfig):
     entropy: float = setting(0.0025, "entropy bonus coefficient (the reference's)")
     adam_eps: float = setting(1e-8, "Adam epsilon (torch's default, the reference's)")
     clip_value: bool = setting(True, "clip the value loss around the rollout's values (the reference's)")
-    action_head_ramp: str = setting("35000,50000", "env steps: the action head's lr ramp (start,end) to head_lr/4")
-    value_head_ramp: str = setting("25000,50000", "env steps: the value head's lr ramp (start,end) to head_lr/4")
-    fc_ramp: str = setting("50000,200000", "env steps: the trainable fc's lr ramp (start,end) to head_lr/10")
+    action_head_ramp: tuple[int, int] = setting((35_000, 50_000), "env steps: the action head's lr ramp (start end) "
+                                                                   "to head_lr/4")
+    value_head_ramp: tuple[int, int] = setting((25_000, 50_000), "env steps: the value head's lr ramp (start end) to "
+                                                                  "head_lr/4")
+    fc_ramp: tuple[int, int] = setting((50_000, 200_000), "env steps: the trainable fc's lr ramp (start end) to "
+                                                           "head_lr/10")
     decoder_from: int = setting(10_000, "env steps after which the decoder is trained online")
     decoder_until: int = setting(400_000, "env steps after which it is no longer trained")
     decoder_dense_until: int = setting(50_000, "until here it is retrained after every update, then every "
@@ -225,16 +265,6 @@ class FinetuneConfig(PPOConfig):
                                          "minibatch); false: over the trained layers only, on cached trunk features")
 
 
-def ramp(text: str, name: str) -> tuple[int, int]:
-    """'start,end' env steps of a FinetuneConfig lr ramp."""
-    try:
-        start, end = (int(v) for v in str(text).split(","))
-    except ValueError:
-        raise ValueError(f"FinetuneConfig.{name} must be 'start,end' env steps, got {text!r}") from None
-    if not 0 <= start <= end:
-        raise ValueError(f"FinetuneConfig.{name}: need 0 <= start <= end, got {text!r}")
-    return start, end
-
 
 @dataclass
 class EvalConfig(Checked):
@@ -249,8 +279,8 @@ class EvalConfig(Checked):
 
 
 @dataclass
-class DataConfig(Checked):
-    """Where the observation-only dataset comes from when `train` has to make it."""
+class RecordConfig(Checked):
+    """The observation-only datasets `train` records from the demonstrator when none is given."""
 
     frames: int = setting(8_000_000, "training frames to record (whole episodes)", low=1)
     test_frames: int = setting(200_000, "held-out frames to record (other levels' seeds)", low=1)
@@ -259,116 +289,49 @@ class DataConfig(Checked):
     seed: int = setting(0, "seed of the recording")
 
 
-_PRESETS: dict[type, dict[str, dict]] = {
-    LAMConfig: {
-        "paper": {},
-        # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
-        # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
-        "cpu": {"steps": 3_000, "batch_size": 32, "impala_scale": 1, "fdm_width": 12, "warmup_steps": 200,
-                "warmup_from": 0.0, "final_lr": 0.0, "probe_labels": 4_096, "probe_held_out": 2_000,
-                "log_every": 50, "checkpoint_every": 500, "dead_code_threshold": 0.01, "vq_decay": 0.99,
-                "fdm_arch": "unet", "fdm_norm": "group"},
-        "smoke": {"steps": 20, "batch_size": 8, "impala_scale": 1, "fdm_width": 8, "warmup_steps": 2,
-                  "warmup_from": 0.0, "final_lr": 0.0, "probe_labels": 256, "probe_held_out": 2_000,
-                  "log_every": 5, "checkpoint_every": 10, "dead_code_threshold": 0.01, "vq_decay": 0.99,
-                  "fdm_arch": "unet", "fdm_norm": "group"},
-    },
-    BCConfig: {
-        "paper": {},
-        "cpu": {"steps": 1_500, "batch_size": 64, "impala_scale": 1, "warmup_steps": 100, "warmup_from": 0.0,
-                "grad_clip": 2.0,
-                "log_every": 50,
-                "checkpoint_every": 500},
-        "smoke": {"steps": 10, "batch_size": 8, "impala_scale": 1, "warmup_steps": 2, "warmup_from": 0.0,
-                  "grad_clip": 2.0,
-                  "log_every": 5,
-                  "checkpoint_every": 5, "label_batch": 16},
-    },
-    DecodeConfig: {
-        "paper": {},
-        "cpu": {"labelled": "16,64,256,1024", "steps": 1_000, "held_out": 1_000, "eval_episodes": 32},
-        "smoke": {"labelled": "8,16", "deploy": 16, "steps": 20, "held_out": 8, "eval_episodes": 2},
-    },
-    FinetuneConfig: {
-        "paper": {},
-        "cpu": {"env_steps": 200_000, "num_envs": 32, "impala_scale": 1, "checkpoint_every": 20},
-        "smoke": {"env_steps": 256, "num_envs": 4, "rollout": 16, "epochs": 2, "minibatches": 2,
-                  "impala_scale": 1, "checkpoint_every": 1, "action_head_ramp": "0,64", "value_head_ramp": "0,64",
-                  "fc_ramp": "0,128", "decoder_from": 0, "decoder_dense_until": 256},
-    },
-    PPOConfig: {
-        "paper": {},
-        "cpu": {"env_steps": 200_000, "num_envs": 32, "rollout": 128, "impala_scale": 1, "checkpoint_every": 5},
-        "smoke": {"env_steps": 256, "num_envs": 4, "rollout": 32, "epochs": 2, "minibatches": 2,
-                  "impala_scale": 1, "checkpoint_every": 1},
-    },
-    EvalConfig: {
-        "paper": {},
-        "cpu": {"episodes": 64, "num_envs": 32},
-        "smoke": {"episodes": 2, "num_envs": 2},
-    },
-    DataConfig: {
-        "paper": {},
-        "cpu": {"frames": 60_000, "test_frames": 4_000, "num_envs": 32},
-        "smoke": {"frames": 400, "test_frames": 100, "num_envs": 4},
-    },
-}
-
-# The configs of `lapo-fast train`, by the prefix its --set flags use (--set lam.steps=100).
-# "demo" is the PPO demonstrator trained when none is given; it is also the from-scratch baseline.
-STAGE_CONFIGS: dict[str, type] = {"demo": PPOConfig, "data": DataConfig, "lam": LAMConfig, "bc": BCConfig,
-                                  "decode": DecodeConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
-                                  "umap": UmapConfig}
+# -- checks ------------------------------------------------------------------------------------------
 
 
-def default_preset() -> tuple[str, str]:
-    """(preset, why)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "paper", f"CUDA is available ({torch.cuda.get_device_name(0)})"
-    return "cpu", f"no CUDA device; {os.cpu_count()} CPU cores"
+@functools.cache
+def _hints(cls) -> dict[str, object]:
+    """The fields' types, resolved (the annotations are strings under `from __future__`)."""
+    return typing.get_type_hints(cls)
 
 
-def resolve(cls, preset: str | None = None, overrides: dict | None = None):
-    """The one place configs are built: defaults < preset < explicit overrides, with checks."""
-    preset = preset or default_preset()[0]
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    values = dict(_PRESETS.get(cls, {}).get(preset, {}))
-    names = {f.name for f in fields(cls)}
-    for k, v in (overrides or {}).items():
-        if k not in names:
-            raise ValueError(f"{cls.__name__} has no setting {k!r}")
-        if v is not None:
-            values[k] = v
-    cfg = cls(**values)
-    _check(cfg)
-    return cfg
+def _check_value(where: str, v, kind, low) -> None:
+    """One value against its field's type (int, float, bool, str, tuple[int, ...], tuple[int, int])."""
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        length = None if args[-1] is Ellipsis else len(args)
+        if not isinstance(v, tuple) or (length is not None and len(v) != length) or not v:
+            raise ValueError(f"{where} must be {length or 'one or more'} numbers, got {v!r}")
+        for x in v:
+            _check_value(where, x, args[0], low)
+        return
+    if kind is bool or kind is str:
+        if not isinstance(v, kind):
+            raise ValueError(f"{where} must be {'true or false' if kind is bool else 'a string'}, got {v!r}")
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise ValueError(f"{where} must be {'an int' if kind is int else 'a number'}, got {v!r}")
+    if not v >= low:  # (a NaN fails too)
+        raise ValueError(f"{where} must be >= {low}, got {v}")
 
 
 def _check(cfg) -> None:
     name = type(cfg).__name__
+    hints = _hints(type(cfg))
     for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.type in ("int", "float"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (f.type == "int" and not isinstance(v, int)):
-                raise ValueError(f"{name}.{f.name} must be {'an int' if f.type == 'int' else 'a number'}, got {v!r}")
-            low = f.metadata.get("low", 0)
-            if not v >= low:  # (a NaN fails too)
-                raise ValueError(f"{name}.{f.name} must be >= {low}, got {v}")
+        _check_value(f"{name}.{f.name}", getattr(cfg, f.name), hints[f.name], f.metadata.get("low", 0))
     if isinstance(cfg, LAMConfig):
         from lapo_fast.models.fdm import ARCHS, NORMS
         from lapo_fast.models.lam import FDM_ACTIONS
 
         if not 0 <= cfg.vq_decay < 1:
-            raise ValueError(f"vq_decay must be in [0, 1), got {cfg.vq_decay}")
-        if cfg.fdm_arch not in ARCHS:
-            raise ValueError(f"LAMConfig.fdm_arch={cfg.fdm_arch!r}; choose one of {ARCHS}")
-        if cfg.fdm_norm not in NORMS:
-            raise ValueError(f"LAMConfig.fdm_norm={cfg.fdm_norm!r}; choose one of {NORMS}")
-        if cfg.fdm_action not in FDM_ACTIONS:
-            raise ValueError(f"LAMConfig.fdm_action={cfg.fdm_action!r}; choose one of {FDM_ACTIONS}")
+            raise ValueError(f"LAMConfig.vq_decay must be in [0, 1), got {cfg.vq_decay}")
+        for field_name, choices in (("fdm_arch", ARCHS), ("fdm_norm", NORMS), ("fdm_action", FDM_ACTIONS)):
+            if getattr(cfg, field_name) not in choices:
+                raise ValueError(f"LAMConfig.{field_name}={getattr(cfg, field_name)!r}; choose one of {choices}")
     if hasattr(cfg, "precision"):
         from lapo_fast.runtime.distributed import PRECISIONS
 
@@ -379,16 +342,16 @@ def _check(cfg) -> None:
 
         if cfg.loader not in LOADERS:
             raise ValueError(f"{name}.loader={cfg.loader!r}; choose one of {list(LOADERS)}")
-    if isinstance(cfg, DecodeConfig):
-        sizes = labelled_sizes(cfg)
-        if cfg.deploy not in sizes:
-            raise ValueError(f"DecodeConfig.deploy={cfg.deploy} is not one of the swept sizes {sizes}")
+    if isinstance(cfg, DecodeConfig) and cfg.deploy not in cfg.labelled:
+        raise ValueError(f"DecodeConfig.deploy={cfg.deploy} is not one of the swept sizes {list(cfg.labelled)}")
     if isinstance(cfg, FinetuneConfig):
-        for name in ("action_head_ramp", "value_head_ramp", "fc_ramp"):
-            ramp(getattr(cfg, name), name)
+        for field_name in ("action_head_ramp", "value_head_ramp", "fc_ramp"):
+            start, end = getattr(cfg, field_name)
+            if start > end:
+                raise ValueError(f"FinetuneConfig.{field_name}: need start <= end, got {start} {end}")
     if isinstance(cfg, PPOConfig):
         batch = cfg.num_envs * cfg.rollout
-        if cfg.num_envs < 1 or cfg.rollout < 1 or cfg.minibatches < 1 or batch % cfg.minibatches:
+        if batch % cfg.minibatches:
             raise ValueError(f"PPOConfig: num_envs*rollout ({batch}) must split into {cfg.minibatches} minibatches")
         if not 0 < cfg.gamma <= 1 or not 0 <= cfg.gae_lambda <= 1:
             raise ValueError("PPOConfig: gamma must be in (0, 1] and gae_lambda in [0, 1]")
@@ -401,89 +364,97 @@ def _check(cfg) -> None:
 
 
 def labelled_sizes(cfg: DecodeConfig) -> list[int]:
-    try:
-        sizes = sorted({int(v) for v in str(cfg.labelled).split(",") if v.strip()})
-    except ValueError:
-        raise ValueError(f"DecodeConfig.labelled must be comma-separated integers, got {cfg.labelled!r}") from None
-    if not sizes or sizes[0] < 1:
-        raise ValueError(f"DecodeConfig.labelled needs sizes >= 1, got {cfg.labelled!r}")
-    return sizes
+    """The labelled-set sizes swept, ascending, each once."""
+    return sorted(set(cfg.labelled))
 
 
-# Where a stage of `train` departs from its class's preset: the paper's demonstrator is its expert,
-# PPO for 50M frames, far longer than the 4M-step fine-tuning (the report compares at equal steps).
-_RUN_PRESETS: dict[str, dict[str, dict]] = {"demo": {"paper": {"env_steps": 50_000_000}}}
+# -- presets: instances of the configs ---------------------------------------------------------------
+
+_LAM_SHORT = dict(impala_scale=1, warmup_from=0.0, final_lr=0.0, dead_code_threshold=0.01, vq_decay=0.99,
+                  fdm_arch="unet", fdm_norm="group")
+_PRESETS: dict[type, dict[str, object]] = {
+    LAMConfig: {
+        "paper": LAMConfig(),
+        # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
+        # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
+        "cpu": LAMConfig(steps=3_000, batch_size=32, fdm_width=12, warmup_steps=200, probe_labels=4_096,
+                         probe_held_out=2_000, log_every=50, checkpoint_every=500, **_LAM_SHORT),
+        "smoke": LAMConfig(steps=20, batch_size=8, fdm_width=8, warmup_steps=2, probe_labels=256, probe_held_out=2_000,
+                           log_every=5, checkpoint_every=10, **_LAM_SHORT),
+    },
+    BCConfig: {
+        "paper": BCConfig(),
+        "cpu": BCConfig(steps=1_500, batch_size=64, impala_scale=1, warmup_steps=100, warmup_from=0.0, grad_clip=2.0,
+                        log_every=50, checkpoint_every=500),
+        "smoke": BCConfig(steps=10, batch_size=8, impala_scale=1, warmup_steps=2, warmup_from=0.0, grad_clip=2.0,
+                          log_every=5, checkpoint_every=5, label_batch=16),
+    },
+    DecodeConfig: {
+        "paper": DecodeConfig(),
+        "cpu": DecodeConfig(labelled=(16, 64, 256, 1024), steps=1_000, held_out=1_000, eval_episodes=32),
+        "smoke": DecodeConfig(labelled=(8, 16), deploy=16, steps=20, held_out=8, eval_episodes=2),
+    },
+    FinetuneConfig: {
+        "paper": FinetuneConfig(),
+        "cpu": FinetuneConfig(env_steps=200_000, num_envs=32, impala_scale=1, checkpoint_every=20),
+        "smoke": FinetuneConfig(env_steps=256, num_envs=4, rollout=16, epochs=2, minibatches=2, impala_scale=1,
+                                checkpoint_every=1, action_head_ramp=(0, 64), value_head_ramp=(0, 64),
+                                fc_ramp=(0, 128), decoder_from=0, decoder_dense_until=256),
+    },
+    PPOConfig: {
+        "paper": PPOConfig(),
+        "cpu": PPOConfig(env_steps=200_000, num_envs=32, rollout=128, impala_scale=1, checkpoint_every=5),
+        "smoke": PPOConfig(env_steps=256, num_envs=4, rollout=32, epochs=2, minibatches=2, impala_scale=1,
+                           checkpoint_every=1),
+    },
+    EvalConfig: {
+        "paper": EvalConfig(),
+        "cpu": EvalConfig(episodes=64, num_envs=32),
+        "smoke": EvalConfig(episodes=2, num_envs=2),
+    },
+    RecordConfig: {
+        "paper": RecordConfig(),
+        "cpu": RecordConfig(frames=60_000, test_frames=4_000, num_envs=32),
+        "smoke": RecordConfig(frames=400, test_frames=100, num_envs=4),
+    },
+}
 
 
-def resolve_run(preset: str, sets: list[str] | None = None, seed: int = 0) -> dict[str, object]:
-    """Every stage's config for `train`, from one preset and `stage.field=value` overrides. `seed`
-    (the run's seed, `train --seed`) is added to every stage's own seed (demonstrator, recording,
-    model init and sampling, PPO, evaluation), so runs of different seeds differ everywhere; a
-    `--set STAGE.seed=...` still wins."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"the run's seed must be an int >= 0, got {seed!r}")
-    overrides: dict[str, dict] = {k: dict(_RUN_PRESETS.get(k, {}).get(preset, {})) for k in STAGE_CONFIGS}
-    for stage, cls in STAGE_CONFIGS.items():
-        overrides[stage]["seed"] = _preset_value(cls, preset, "seed") + seed
-    for item in sets or []:
-        key, eq, value = item.partition("=")
-        stage, dot, name = key.partition(".")
-        if not eq or not dot or stage not in STAGE_CONFIGS:
-            raise ValueError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {list(STAGE_CONFIGS)}")
-        cls = STAGE_CONFIGS[stage]
-        types = {f.name: f.type for f in fields(cls)}
-        if name not in types:
-            raise ValueError(f"--set {item!r}: {cls.__name__} has no setting {name!r}")
-        overrides[stage][name] = _parse(value, types[name], item)
-    cfgs = {stage: resolve(cls, preset, overrides[stage]) for stage, cls in STAGE_CONFIGS.items()}
-    if cfgs["lam"].fdm_action != "latent":
-        raise ValueError("lam.fdm_action='true' is an ablation without an IDM, which stages 2-3 need: "
-                         "run it on its own with `lapo-fast lam --fdm-action true`")
-    return cfgs
+def default_preset() -> tuple[str, str]:
+    """(preset, why)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "paper", f"CUDA is available ({torch.cuda.get_device_name(0)})"
+    return "cpu", f"no CUDA device; {os.cpu_count()} CPU cores"
 
 
-def _parse(value: str, kind: str, item: str):
-    try:
-        if kind == "bool":
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return value.lower() in ("1", "true", "yes")
-        return {"int": int, "float": float}.get(kind, str)(value)
-    except ValueError:
-        raise ValueError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
+def check_preset(preset: str) -> str:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    return preset
 
 
-def _preset_value(cls, preset: str, name: str):
-    """A setting's value in a preset (its default where the preset says nothing)."""
-    default = next(f.default for f in fields(cls) if f.name == name)
-    return _PRESETS.get(cls, {}).get(preset, {}).get(name, default)
+def preset_config(cls, preset: str):
+    """A config class's preset, as an instance (the class's defaults where it has none)."""
+    return _PRESETS.get(cls, {}).get(check_preset(preset)) or cls()
 
 
-def field_help(cls, f: dataclasses.Field) -> str:
-    """A field's help text with its value in each preset."""
-    values = [_preset_value(cls, p, f.name) for p in PRESETS]
-    if len(set(map(repr, values))) == 1:
-        return f"{f.metadata['help']} (default {f.default!r})"
-    return f"{f.metadata['help']} (" + "; ".join(f"{p} {v!r}" for p, v in zip(PRESETS, values)) + ")"
+def resolve(cls, preset: str | None = None, overrides: dict | None = None):
+    """A config in Python: defaults < preset < explicit overrides (None: keep), checked."""
+    base = preset_config(cls, preset or default_preset()[0])
+    names = {f.name for f in fields(cls)}
+    for k in overrides or {}:
+        if k not in names:
+            raise ValueError(f"{cls.__name__} has no setting {k!r}")
+    return dataclasses.replace(base, **{k: v for k, v in (overrides or {}).items() if v is not None})
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per field of `cls` (default None: the preset decides), with its help text."""
-    for f in fields(cls):
-        kind = {"int": int, "float": float, "str": str}.get(f.type)
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field_help(cls, f))
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=field_help(cls, f))
-
-
-def overrides_from(args: argparse.Namespace, cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-
+# -- saved configs ------------------------------------------------------------------------------------
 
 # Settings added after runs were saved without them, with the value those runs were trained with.
-_ADDED_LATER: dict[type, dict[str, object]] = {LAMConfig: {"fdm_norm": "group", "fdm_arch": "unet"}}
+_ADDED_LATER: dict[type, dict[str, object]] = {LAMConfig: {"fdm_norm": "group", "fdm_arch": "unet"},
+                                               DecodeConfig: {"online": True}}
 
 
 def load(cls, path: Path):
@@ -499,12 +470,26 @@ def load(cls, path: Path):
     if saved is None:
         raise ValueError(f"{path}: holds a {payload.get('type')}, expected a {cls.__name__}")
     cls = saved
-    known = {f.name for f in fields(cls)}
+    hints = _hints(cls)
     values = {**_ADDED_LATER.get(cls, {}), **payload["config"]}
+    values = {k: _from_json(v, hints[k]) for k, v in values.items() if k in hints}
     try:
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**values)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def _from_json(v, kind):
+    """A saved value as its field's type: JSON lists are tuples; runs saved before tuple fields
+    wrote them as comma strings ('16,64,256', ramps '35000,50000')."""
+    if typing.get_origin(kind) is not tuple:
+        return v
+    if isinstance(v, str):
+        try:
+            return tuple(int(x) for x in v.split(",") if x.strip())
+        except ValueError:
+            return v  # the check names the field and the value
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _config_types(cls) -> list[type]:

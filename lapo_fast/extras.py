@@ -9,11 +9,11 @@ import importlib.util
 EXTRA_OF = {"procgen": "procgen", "gym": "procgen", "gym3": "procgen", "gymnasium": "procgen",
             "av": "video", "PIL": "video", "matplotlib": "report", "umap": "report",
             "safetensors": "train", "lz4": "train", "zstandard": "train", "tqdm": "train", "tensorboard": "train",
-            "submitit": "sweep", "rliable": "sweep", "nvidia.dali": "dali"}
+            "tyro": "train", "submitit": "sweep", "rliable": "sweep", "nvidia.dali": "dali"}
 
 # What the method's commands import, beyond the core.
-TRAIN = ("safetensors", "lz4", "zstandard", "tqdm", "procgen", "gym3", "gymnasium", "av", "PIL", "matplotlib",
-         "umap")
+TRAIN = ("safetensors", "lz4", "zstandard", "tqdm", "tyro", "procgen", "gym3", "gymnasium", "av", "PIL",
+         "matplotlib", "umap")
 
 
 def missing_message(modules, what: str) -> str | None:

@@ -21,16 +21,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lapo_fast.config import BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig
+from lapo_fast.config import FinetuneConfig, LAMConfig
 from lapo_fast.config import load as load_config
 from lapo_fast.config import resumable, shape_settings
 from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
+from lapo_fast.registry import command_of, folder_config
 from lapo_fast.runtime.files import read_json, write_json
-
-# The config type of each stage folder; any other (demo, ppo, finetune, a --name) holds a PPO run:
-# a PPOConfig, or a FinetuneConfig for stage 3b (a run saved before stage 3b was LAPO's: a PPOConfig).
-_STAGE_CONFIG: dict[str, type] = {"lam": LAMConfig, "bc": BCConfig, "decode": DecodeConfig, "eval": EvalConfig}
 
 
 class RunDir:
@@ -173,8 +170,8 @@ class RunDir:
         """The typed config a stage of this run was trained with."""
         path = self.config_path(stage)
         if not path.exists():
-            raise FileNotFoundError(f"{path.parent}: no {stage} run here (run `lapo-fast {_command(stage)}` first)")
-        return load_config(_STAGE_CONFIG.get(stage, PPOConfig), path)
+            raise FileNotFoundError(f"{path.parent}: no {stage} run here (run `lapo-fast {command_of(stage)}` first)")
+        return load_config(folder_config(stage), path)
 
     def latest_checkpoint(self, stage: str) -> Path | None:
         return latest_checkpoint(self.stage(stage))
@@ -208,7 +205,3 @@ class RunDir:
         cfg = self.config(stage)
         policy = LatentPolicy(impala_scale=cfg.impala_scale)
         return self._load(stage, DecodedPolicy(policy) if isinstance(cfg, FinetuneConfig) else policy)
-
-
-def _command(stage: str) -> str:
-    return {"demo": "ppo --name demo"}.get(stage, stage)

@@ -25,8 +25,15 @@ def test_train_rejects_unknown_games_and_bad_overrides(capsys):
         main(["train", "--env", "pong"])
     assert e.value.code == 2 and "unknown Procgen game" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["train", "--env", "starpilot", "--preset", "smoke", "--set", "lam.stepz=3"])
-    assert e.value.code == 2 and "has no setting 'stepz'" in capsys.readouterr().err
+        main(["train", "--env", "starpilot", "--preset", "smoke", "--lam.stepz", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--lam.stepz" in err and "--lam.steps" in err  # what it is, and what was meant
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--env", "starpilot", "--preset", "smoke", "--lam.steps", "0"])
+    assert e.value.code == 2 and "LAMConfig.steps must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--env", "starpilot", "--preset", "huge"])
+    assert e.value.code == 2 and "unknown preset 'huge'" in capsys.readouterr().err
 
 
 def test_stages_without_their_inputs_say_what_to_run_first(tmp_path, capsys):

@@ -178,13 +178,15 @@ def test_a_second_process_on_a_run_is_refused_naming_the_holder(data, tmp_path, 
     (["bc", "--label-batch", "0"], "BCConfig.label_batch must be >= 1, got 0"),
     (["umap", "--points", "0"], "UmapConfig.points must be >= 16, got 0"),
     (["lam", "--batch-size", "-1"], "LAMConfig.batch_size must be >= 1, got -1"),
-    (["train", "--env", "starpilot", "--set", "data.frames=0"], "DataConfig.frames must be >= 1, got 0"),
-    (["train", "--env", "starpilot", "--set", "finetune.decoder_every=0"], "FinetuneConfig.decoder_every must be >= 1"),
+    (["train", "--env", "starpilot", "--record.frames", "0"], "RecordConfig.frames must be >= 1, got 0"),
+    (["train", "--env", "starpilot", "--finetune.decoder-every", "0"], "FinetuneConfig.decoder_every must be >= 1"),
+    (["decode", "--labelled", "8", "0"], "DecodeConfig.labelled must be >= 1, got 0"),
+    (["finetune", "--env", "starpilot", "--fc-ramp", "9", "3"], "FinetuneConfig.fc_ramp: need start <= end, got 9 3"),
 ])
 def test_sizes_that_cannot_work_are_refused_before_any_work(data, tmp_path, capsys, argv, message):
-    if argv[0] in ("lam", "bc", "umap"):
+    if argv[0] in ("lam", "bc", "umap", "decode"):
         argv = argv[:1] + ["--data", str(data), "--preset", "smoke"] + argv[1:]
-    elif argv[0] == "train":
+    elif argv[0] in ("train", "finetune"):
         argv = argv + ["--preset", "smoke"]
     assert message in _cli_error(argv + ["--out", str(tmp_path / "run")], capsys)
     assert not (tmp_path / "run").exists()

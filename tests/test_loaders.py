@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_fast.config import LAMConfig, UmapConfig, resolve, resolve_run
+from lapo_fast.config import LAMConfig, UmapConfig, resolve
+from lapo_fast.registry import resolve_run
 from lapo_fast.data import (
     CompressedFrames, DatasetError, DatasetWriter, FrameDataset, PrefetchLoader, RowSampler, WindowSampler,
     plan_loader,
@@ -247,14 +248,9 @@ def test_data_cache_command_builds_the_decoded_cache(tmp_path, monkeypatch, caps
 
 
 def test_loader_is_a_setting_of_every_frame_reading_stage():
-    from lapo_fast.cli import build_parser
-    from lapo_fast.config import overrides_from
-
-    args = build_parser().parse_args(["lam", "--data", "d", "--out", "o", "--loader", "compressed"])
-    assert resolve(LAMConfig, "smoke", overrides_from(args, LAMConfig)).loader == "compressed"
-    cfgs = resolve_run("smoke", ["lam.loader=compressed", "bc.loader=resident", "decode.loader=cache",
-                                 "umap.loader=compressed"])
-    loaders = [cfgs[s].loader for s in ("lam", "bc", "decode", "umap")]
+    cfgs = resolve_run("smoke", ["--lam.loader", "compressed", "--bc.loader", "resident", "--decode.loader", "cache",
+                                 "--umap.loader", "compressed"])
+    loaders = [getattr(cfgs, s).loader for s in ("lam", "bc", "decode", "umap")]
     assert loaders == ["compressed", "resident", "cache", "compressed"]
     assert UmapConfig().loader == "auto"
     with pytest.raises(ValueError, match="LAMConfig.loader='disk'; choose one of"):

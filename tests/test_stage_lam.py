@@ -140,7 +140,7 @@ def test_true_action_ablation_measures_what_the_action_is_worth(tmp_path):
 
 
 def test_true_action_ablation_needs_actions_and_stays_out_of_train(tiny_dataset, tmp_path):
-    from lapo_fast.config import resolve_run
+    from lapo_fast.registry import resolve_run
 
     cfg = resolve(LAMConfig, "smoke", {"steps": 2, "fdm_action": "true"})
     with pytest.raises(ValueError, match="holds no actions"):
@@ -148,7 +148,7 @@ def test_true_action_ablation_needs_actions_and_stays_out_of_train(tiny_dataset,
     with pytest.raises(ValueError, match="fdm_action"):
         resolve(LAMConfig, "smoke", {"fdm_action": "oracle"})
     with pytest.raises(ValueError, match="ablation without an IDM"):
-        resolve_run("smoke", ["lam.fdm_action=true"])
+        resolve_run("smoke", ["--lam.fdm-action", "true"])
 
 
 def test_training_steps_do_not_read_the_device_back(tiny_dataset, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ and its feature reuse exact, bc's cached labels, decoders and probes, evaluation
 normalisation, the report, and config resolution for `train`."""
 
 import copy
+import dataclasses
 from dataclasses import replace
 import json
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lapo_fast.config import BCConfig, DecodeConfig, FinetuneConfig, LAMConfig, PPOConfig, resolve, resolve_run
+from lapo_fast.config import BCConfig, DecodeConfig, FinetuneConfig, LAMConfig, PPOConfig, resolve
+from lapo_fast.registry import resolve_run
 from lapo_fast.data import DatasetWriter, FrameDataset, normalize, valid_starts
 from lapo_fast.eval import EXPERT_RETURN, RANDOM_RETURN, evaluate, normalized_return
 from lapo_fast.latent import accuracy, fit_decoder, load_decoder, probe, window_labels
@@ -246,12 +248,12 @@ def test_decode_stage_sweeps_sizes_and_skips_done_ones(bc_run, capsys):
     from lapo_fast.stages.decode import train_decoders
 
     data, run = bc_run
-    cfg = resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10, "eval_episodes": 2})
+    cfg = resolve(DecodeConfig, "smoke", {"labelled": (4, 8), "deploy": 8, "held_out": 10, "eval_episodes": 2})
     results = train_decoders(data, run, cfg, progress=False)
     assert sorted(results) == ["4", "8"] and all("mean_return" in r for r in results.values())
     assert load_decoder(RunDir(run).decoder(8)).net[-1].out_features == 15
     assert train_decoders(data, run, cfg, progress=False) == results  # nothing redone
-    too_many = resolve(DecodeConfig, "smoke", {"labelled": "4,8", "deploy": 8, "held_out": 10_000})
+    too_many = resolve(DecodeConfig, "smoke", {"labelled": (4, 8), "deploy": 8, "held_out": 10_000})
     with pytest.raises(ValueError, match="decode was trained with held_out=10; this run asks for held_out=10000"):
         train_decoders(data, run, too_many)  # results of other settings are there: refused, not mixed
     RunDir(run).results("decode").unlink()
@@ -292,16 +294,41 @@ def test_evaluate_counts_episodes_evenly_and_matches_the_engine():
 
 # -- config -------------------------------------------------------------------------------------
 
-def test_resolve_run_applies_sets_and_rejects_contradictions():
-    cfgs = resolve_run("smoke", ["lam.steps=7", "finetune.normalize_rewards=false", "decode.labelled=2,4",
-                                 "decode.deploy=4"])
-    assert cfgs["lam"].steps == 7 and cfgs["finetune"].normalize_rewards is False
-    assert resolve_run("paper")["demo"].env_steps > resolve_run("paper")["finetune"].env_steps
-    for bad, msg in (("lam.steps", "STAGE.FIELD=VALUE"), ("nope.steps=1", "STAGE.FIELD=VALUE"),
-                     ("lam.steps=abc", "not a valid int"), ("decode.deploy=3", "not one of the swept sizes"),
-                     ("finetune.minibatches=7", "minibatches"), ("eval.distribution_mode=weird", "distribution_mode")):
+def test_resolve_run_applies_flags_and_rejects_contradictions(capsys):
+    cfgs = resolve_run("smoke", ["--lam.steps", "7", "--finetune.no-normalize-rewards", "--decode.labelled", "2", "4",
+                                 "--decode.deploy", "4", "--finetune.fc-ramp", "10", "20"])
+    assert cfgs.lam.steps == 7 and cfgs.finetune.normalize_rewards is False
+    assert cfgs.decode.labelled == (2, 4) and cfgs.finetune.fc_ramp == (10, 20)
+    assert resolve_run("paper").demo.env_steps > resolve_run("paper").finetune.env_steps
+    for bad, msg in ((["--lam.steps"], "not valid"), (["--nope.steps", "1"], "not valid"),
+                     (["--lam.steps", "abc"], "not valid"), (["--decode.deploy", "3"], "not one of the swept sizes"),
+                     (["--finetune.minibatches", "7"], "minibatches"), (["--finetune.fc-ramp", "1"], "not valid"),
+                     (["--eval.distribution-mode", "weird"], "distribution_mode")):
         with pytest.raises(ValueError, match=msg):
-            resolve_run("smoke", [bad])
+            resolve_run("smoke", bad)
+    capsys.readouterr()
+
+
+def test_runs_saved_before_tuple_settings_still_load(tmp_path):
+    """Run directories written when lists were comma strings (labelled '16,64', ramps '0,64') and
+    before DecodeConfig.online load as today's typed configs, and resume under them."""
+    import json
+
+    run = RunDir(tmp_path)
+    for stage, kind, config in (
+            ("decode", "DecodeConfig", {**dataclasses.asdict(resolve(DecodeConfig, "smoke")), "labelled": "8,16"}),
+            ("finetune", "FinetuneConfig", {**dataclasses.asdict(resolve(FinetuneConfig, "smoke")),
+                                            "action_head_ramp": "0,64", "value_head_ramp": "0,64",
+                                            "fc_ramp": "0,128"})):
+        config.pop("online", None)
+        run.stage(stage).mkdir(parents=True)
+        run.config_path(stage).write_text(json.dumps({"config": config, "type": kind}))
+    assert run.config("decode") == resolve(DecodeConfig, "smoke")
+    assert run.config("finetune") == resolve(FinetuneConfig, "smoke")
+    run.results("decode").write_text("{}")  # progress made: a resume must find its settings unchanged
+    run.claim("decode", resolve(DecodeConfig, "smoke"))
+    with pytest.raises(ValueError, match="held_out=8; this run asks for held_out=9"):
+        run.claim("decode", resolve(DecodeConfig, "smoke", {"held_out": 9}))
 
 
 def test_online_decoder_labels_windows_inside_episodes_only():
@@ -330,8 +357,8 @@ def test_online_decoder_labels_windows_inside_episodes_only():
 
 
 def test_the_paper_presets_demonstrator_is_the_papers_50m_step_expert():
-    assert resolve_run("paper")["demo"].env_steps == 50_000_000
-    assert resolve_run("paper")["finetune"].env_steps == 4_000_000
+    assert resolve_run("paper").demo.env_steps == 50_000_000
+    assert resolve_run("paper").finetune.env_steps == 4_000_000
 
 
 @pytest.mark.parametrize("hidden", [(), (64,), (32, 16)])

@@ -2,6 +2,7 @@
 and aggregate (rliable's IQM and CIs recomputed here from the runs' own files); the SLURM job
 array's script and submission without a cluster; run seeds; stages 1 across two torchrun "nodes"."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,17 +19,14 @@ from lapo_fast.cli import main
 from lapo_fast.eval import normalized_return
 
 GAMES = ("starpilot", "coinrun")
-TINY = ["decode.labelled=4,8", "decode.deploy=8", "lam.steps=6", "lam.checkpoint_every=6", "bc.steps=4",
-        "data.frames=200", "data.test_frames=64", "umap.points=16", "eval.episodes=1", "eval.num_envs=1",
-        "decode.eval_episodes=1"]
+TINY = ["--decode.labelled", "4", "8", "--decode.deploy", "8", "--lam.steps", "6", "--lam.checkpoint-every", "6",
+        "--bc.steps", "4", "--record.frames", "200", "--record.test-frames", "64", "--umap.points", "16",
+        "--eval.episodes", "1", "--eval.num-envs", "1", "--decode.eval-episodes", "1"]
 
 
 def _sweep_argv(out, *extra):
-    argv = ["sweep", "--envs", ",".join(GAMES), "--seeds", "2", "--preset", "smoke", "--out", str(out),
-            "--max-parallel", "2"]
-    for item in TINY:
-        argv += ["--set", item]
-    return argv + list(extra)
+    return ["sweep", "--envs", ",".join(GAMES), "--seeds", "2", "--preset", "smoke", "--out", str(out),
+            "--max-parallel", "2", *extra, "--", *TINY]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,7 @@ def test_a_local_sweep_runs_every_game_and_seed_and_reports_the_failure(sweep, c
         report = json.loads((sweep / game / "seed0" / "report.json").read_text())
         assert report["seeds"]["lam"] == 0 and report["seeds"]["eval"] == 12345
     seeds1 = json.loads((sweep / "starpilot" / "seed1" / "report.json").read_text())["seeds"]
-    assert seeds1["lam"] == 1 and seeds1["data"] == 1 and seeds1["demo"] == 1 and seeds1["eval"] == 12346
+    assert seeds1["lam"] == 1 and seeds1["record"] == 1 and seeds1["demo"] == 1 and seeds1["eval"] == 12346
     assert "Seeds: " in (sweep / "starpilot" / "seed1" / "report.md").read_text()
     from lapo_fast.data import FrameDataset
 
@@ -75,8 +73,8 @@ def test_rerunning_a_sweep_skips_finished_runs(sweep, capsys):
     assert done.stat().st_mtime_ns == before
     assert "launching 1 run(s) (3 finished)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(_sweep_argv(sweep, "--set", "lam.lr=0.1"))  # another sweep's settings in the same folder
-    assert "is a sweep with sets=" in capsys.readouterr().err
+        main(_sweep_argv(sweep) + ["--lam.lr", "0.1"])  # another sweep's settings in the same folder
+    assert "is a sweep with train_args=" in capsys.readouterr().err
 
 
 def _decoded(sweep, game, seed) -> float:
@@ -125,18 +123,19 @@ def test_aggregate_without_runs_is_a_clear_error(tmp_path, capsys):
 def _slurm_argv(out):
     return ["sweep", "--envs", "starpilot,coinrun", "--seeds", "2", "--executor", "slurm", "--out", str(out),
             "--max-parallel", "3", "--partition", "gpu", "--time-min", "600",
-            "--setup", "source /opt/venv/bin/activate", "--slurm-arg", "account=lapo", "--set", "lam.steps=1000"]
+            "--setup", "source /opt/venv/bin/activate", "--slurm-arg", "account=lapo", "--", "--lam.steps", "1000"]
 
 
 def test_the_slurm_dry_run_prints_a_job_array_script(tmp_path, capsys):
-    assert main(_slurm_argv(tmp_path / "sw") + ["--dry-run"]) == 0
+    argv = _slurm_argv(tmp_path / "sw")
+    assert main(argv[:-3] + ["--dry-run"] + argv[-3:]) == 0
     out = capsys.readouterr().out
     for line in ("#SBATCH --array=0-3%3", "#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --time=600",
                  "#SBATCH --cpus-per-task=16", "#SBATCH --mem=120GB", "#SBATCH --account=lapo",
                  "source /opt/venv/bin/activate", "-m submitit.core._submit"):
         assert line in out, line
     assert (f"lapo-fast train --env coinrun --seed 1 --preset paper --out {tmp_path / 'sw' / 'coinrun' / 'seed1'} "
-            "--set lam.steps=1000") in out
+            "--lam.steps 1000") in out
     assert not (tmp_path / "sw").exists()  # a dry run writes nothing
 
 
@@ -167,11 +166,12 @@ def test_status_tells_a_run_whose_process_died(tmp_path):
 
 
 def test_train_seed_reaches_every_stage():
-    from lapo_fast.config import resolve_run
+    from lapo_fast.registry import resolve_run
 
     base, seeded = resolve_run("smoke"), resolve_run("smoke", seed=3)
-    assert all(seeded[k].seed == base[k].seed + 3 for k in base)
-    assert resolve_run("smoke", ["lam.seed=9"], seed=3)["lam"].seed == 9  # an explicit --set wins
+    names = [f.name for f in dataclasses.fields(base)]
+    assert names and all(getattr(seeded, k).seed == getattr(base, k).seed + 3 for k in names)
+    assert resolve_run("smoke", ["--lam.seed", "9"], seed=3).lam.seed == 9  # an explicit --lam.seed wins
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         resolve_run("smoke", seed=-1)
 

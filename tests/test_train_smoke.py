@@ -13,7 +13,7 @@ from lapo_fast.runtime.checkpoint import latest_checkpoint
 def smoke_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "starpilot"
     assert main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(run),
-                 "--set", "decode.labelled=4,8", "--set", "decode.deploy=8"]) == 0
+                 "--decode.labelled", "4", "8", "--decode.deploy", "8"]) == 0
     return run
 
 
@@ -43,7 +43,7 @@ def test_rerun_resumes_instead_of_redoing(smoke_run, capsys):
               for stage in ("demo", "lam", "bc", "finetune")}
     evals = (smoke_run / "eval" / "results.json").read_text()
     assert main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(smoke_run),
-                 "--set", "decode.labelled=4,8", "--set", "decode.deploy=8"]) == 0
+                 "--decode.labelled", "4", "8", "--decode.deploy", "8"]) == 0
     after = {stage: latest_checkpoint(smoke_run / stage).stat().st_mtime_ns for stage in before}
     assert before == after  # nothing retrained
     assert json.loads((smoke_run / "eval" / "results.json").read_text()) == json.loads(evals)
@@ -53,7 +53,7 @@ def test_rerun_with_other_settings_is_refused_before_anything_is_recorded(smoke_
     recorded = (smoke_run / "config.lam.json").read_text()
     with pytest.raises(SystemExit) as e:
         main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(smoke_run),
-              "--set", "decode.labelled=4,8", "--set", "decode.deploy=8", "--set", "lam.lr=0.05"])
+              "--decode.labelled", "4", "8", "--decode.deploy", "8", "--lam.lr", "0.05"])
     assert e.value.code == 2
     assert "lam was trained with lr=0.0003; this run asks for lr=0.05" in capsys.readouterr().err
     assert (smoke_run / "config.lam.json").read_text() == recorded  # what ran is still what is recorded
@@ -65,8 +65,8 @@ def test_the_no_vq_ablation_runs_end_to_end(tmp_path):
     from lapo_fast.rundir import RunDir
 
     run = tmp_path / "novq"
-    assert main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(run), "--set", "lam.quantize=false",
-                 "--set", "decode.labelled=4,8", "--set", "decode.deploy=8"]) == 0
+    assert main(["train", "--env", "starpilot", "--preset", "smoke", "--out", str(run), "--lam.no-quantize",
+                 "--decode.labelled", "4", "8", "--decode.deploy", "8"]) == 0
     idm = RunDir(run).load_lam().idm
     assert idm.vq is None and not any(k.startswith("vq.") for k in idm.state_dict())
     for stage in ("lam", "bc", "finetune"):

@@ -21,6 +21,7 @@ from lapo_fast.data import RowSampler, prepare_obs
 from lapo_fast.data.planner import frames_for, make_loader
 from lapo_fast.latent import window_labels
 from lapo_fast.models import LatentPolicy
+from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
@@ -28,6 +29,11 @@ from lapo_fast.runtime.loop import supervised_loop
 from lapo_fast.runtime.optim import adamw_warmup_decay
 from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import TrainStep, graph_mode
+
+
+def run(ctx: StageContext, cfg: BCConfig) -> str:
+    """The registry's entry (lapo_fast.registry): stage 2 on ctx.data."""
+    return f"final checkpoint {train_bc(ctx.data, ctx.run, cfg, progress=ctx.progress)}"
 
 
 def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None, progress: bool = True) -> Path:

@@ -1,7 +1,7 @@
 """Stage 3a: offline decoding. A small MLP maps latent actions to true actions, trained on a few
 labelled transitions; composed with the stage-2 latent policy it acts in the true action space.
 
-    lapo-fast decode --data DATASET --out RUN [--env GAME] [--labelled 16,64,256,1024,4096]
+    lapo-fast decode --data DATASET --out RUN [--env GAME] [--labelled 16 64 256 1024 4096] [--no-online]
 
 The labelled sets are nested random subsets of the dataset's transitions (the IDM's cached
 pre-quantisation latent, the true action taken); a fixed set of other transitions scores each
@@ -20,6 +20,7 @@ from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE, NUM_ACTIONS, OBS_SHA
 from lapo_fast.eval import evaluate
 from lapo_fast.latent import accuracy, fit_decoder, save_decoder, window_labels
 from lapo_fast.runtime.acting import decoded_actor
+from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.files import read_json, write_json
@@ -34,7 +35,13 @@ def dataset_env(ds: FrameDataset, env_name: str | None) -> tuple[str, str]:
     return game, source.get("distribution_mode", DEFAULT_DISTRIBUTION_MODE)
 
 
-def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None = None, online: bool = True,
+def run(ctx: StageContext, cfg: DecodeConfig) -> str:
+    """The registry's entry (lapo_fast.registry): decoders from ctx.data's labels, acting in ctx.env."""
+    train_decoders(ctx.data, ctx.run, cfg, env_name=ctx.env, progress=ctx.progress)
+    return f"results in {ctx.run.results('decode')}"
+
+
+def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None = None,
                    progress: bool = True) -> dict:
     run = RunDir(run_dir)
     ds = FrameDataset(data_dir, frame_shape=OBS_SHAPE)
@@ -53,7 +60,7 @@ def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None
                          f"largest labelled set ({max(sizes)})")
     order = np.random.default_rng(cfg.seed).permutation(len(starts))
     held, pool = order[:cfg.held_out], order[cfg.held_out:]
-    policy = run.load_policy("bc") if online else None
+    policy = run.load_policy("bc") if cfg.online else None
 
     run.save_config("decode", cfg, env=game, distribution_mode=mode)
     results_path = run.results("decode")
@@ -67,7 +74,7 @@ def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None
         save_decoder(run.decoder(n), decoder)
         entry = {"labelled": n, "accuracy": accuracy(decoder, latents[held], actions[held]),
                  "chance": 1 / NUM_ACTIONS, "majority": float(counts.max() / counts.sum())}
-        if online:
+        if cfg.online:
             act = decoded_actor(policy, decoder, device=device, seed=cfg.seed)
             ev = evaluate(act, game, episodes=cfg.eval_episodes, num_envs=min(64, cfg.eval_episodes),
                           seed=cfg.seed + 7, distribution_mode=mode)
@@ -76,6 +83,6 @@ def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None
         write_json(results_path, results)
         if progress:
             msg = f"decode: {n} labelled -> accuracy {entry['accuracy']:.3f}"
-            print(msg + (f", return {entry['mean_return']:.2f}" if online else ""))
+            print(msg + (f", return {entry['mean_return']:.2f}" if cfg.online else ""))
     return results
 

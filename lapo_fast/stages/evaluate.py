@@ -16,12 +16,19 @@ from lapo_fast.envs.games import RANDOM_RETURN
 from lapo_fast.eval import evaluate, normalized_return
 from lapo_fast.latent import load_decoder
 from lapo_fast.runtime.acting import decoded_actor, policy_actor
+from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.files import read_json, write_json
 
 # (name in the report, stage folder of the run) of the PPO-style policies a run may hold.
 PPO_POLICIES = (("demonstrator", "demo"), ("finetuned", "finetune"), ("scratch", "ppo"))
+
+
+def run(ctx: StageContext, cfg: EvalConfig) -> str:
+    """The registry's entry (lapo_fast.registry): every policy of the run, in ctx.env."""
+    evaluate_run(ctx.run, ctx.env, cfg, progress=ctx.progress)
+    return f"results in {ctx.run.results('eval')}"
 
 
 def evaluate_run(run_dir, game: str, cfg: EvalConfig, *, progress: bool = True) -> dict:

@@ -27,6 +27,7 @@ from lapo_fast.latent import latent_probe
 from lapo_fast.envs.games import OBS_SHAPE
 from lapo_fast.models import LatentActionModel, build_lam, stack_frames
 from lapo_fast.ops import NonFiniteError
+from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
@@ -35,6 +36,11 @@ from lapo_fast.runtime.loop import supervised_loop
 from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error
 from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import TrainStep, graph_mode
+
+
+def run(ctx: StageContext, cfg: LAMConfig) -> str:
+    """The registry's entry (lapo_fast.registry): stage 1 on ctx.data."""
+    return f"final checkpoint {train_lam(ctx.data, ctx.run, cfg, test_data=ctx.test_data, progress=ctx.progress)}"
 
 
 def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: int | None = None,

@@ -30,12 +30,14 @@ import torch
 from torch.nn import functional as F
 
 from lapo_fast import __version__
-from lapo_fast.config import FinetuneConfig, PPOConfig, ramp
+from lapo_fast.config import FinetuneConfig, PPOConfig
 from lapo_fast.data import prepare_obs
 from lapo_fast.envs import ProcgenVecEnv
+from lapo_fast.envs.games import check_game
 from lapo_fast.envs.wrappers import ScaleRewards
 from lapo_fast.latent import decoder_step, idm_latents
 from lapo_fast.models import DecodedPolicy, LatentPolicy
+from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.acting import sample_actions
@@ -68,18 +70,17 @@ def _optimizer(policy, cfg: PPOConfig, batch: int, updates: int, finetune: bool)
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1 - u / updates), params
-    groups = ((policy.action_head, cfg.action_head_ramp, "action_head_ramp", 0.25),
-              (policy.value_head, cfg.value_head_ramp, "value_head_ramp", 0.25),
-              (policy.fc_rl, cfg.fc_ramp, "fc_ramp", 0.1))
+    groups = ((policy.action_head, cfg.action_head_ramp, 0.25), (policy.value_head, cfg.value_head_ramp, 0.25),
+              (policy.fc_rl, cfg.fc_ramp, 0.1))
     optimizer = torch.optim.Adam([{"params": list(m.parameters())} for m, *_ in groups], lr=cfg.head_lr,
                                  eps=cfg.adam_eps)
 
-    def factor(text: str, name: str, peak: float):
-        start, end = ramp(text, name)
+    def factor(ramp: tuple[int, int], peak: float):
+        start, end = ramp
         points = [0, start, end, max(cfg.env_steps, end)]
         return lambda u: float(np.interp(u * batch, points, [0.0, 0.0, peak, 0.0]))
 
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(t, n, p) for _, t, n, p in groups])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(r, p) for _, r, p in groups])
     return optimizer, schedule, [p for m, *_ in groups for p in m.parameters()]
 
 
@@ -262,7 +263,7 @@ def _ppo_step(policy, optimizer, clip_params, cfg: PPOConfig, device, name: str,
     if mode == "graph" and reference_clip:
         print(f"{name}: no CUDA graph with reference_clip (the trunk's and decoder's gradients it counts live "
               "outside the optimiser, and the decoder's training replaces them); running eagerly. "
-              "--reference-clip false allows the graph")
+              "--no-reference-clip allows the graph")
         mode = "eager"
     if reference_clip:
         features = lambda obs: policy.conv_features(prepare_obs(obs))  # noqa: E731
@@ -271,6 +272,32 @@ def _ppo_step(policy, optimizer, clip_params, cfg: PPOConfig, device, name: str,
     else:
         features = lambda obs: policy.features(prepare_obs(obs))  # noqa: E731
     return make_ppo_step(policy, optimizer, clip_params, cfg, device, features, mode)
+
+
+def run_scratch(ctx: StageContext, cfg: PPOConfig) -> str:
+    """The registry's `ppo`: PPO from scratch in RUN/<name> (under `train`: the baseline, unless the
+    demonstrator trained there is one already)."""
+    if ctx.train and ctx.run.has("demo"):
+        return "skipped: the demonstrator trained in this run (RUN/demo) is its from-scratch baseline"
+    check_game(ctx.env)
+    return f"final checkpoint {train_ppo(ctx.run, ctx.env, cfg, name=ctx.name or 'ppo', progress=ctx.progress)}"
+
+
+def run_demonstrator(ctx: StageContext, cfg: PPOConfig) -> str:
+    """The registry's `demo` (`train` only): a demonstrator trained by PPO from scratch in RUN/demo
+    when `train` records its data and has no demonstrator given or shipped."""
+    if not ctx.record or ctx.demonstrator is not None:
+        return "skipped: " + ("the dataset is given" if not ctx.record else f"recording with {ctx.demonstrator}")
+    print(f"demo: no demonstrator given or shipped for {ctx.env}: training one with PPO from scratch for "
+          f"{cfg.env_steps:,} env steps (RUN/demo; it is also the from-scratch baseline)")
+    check_game(ctx.env)
+    return f"final checkpoint {train_ppo(ctx.run, ctx.env, cfg, name='demo', progress=ctx.progress)}"
+
+
+def run_finetune(ctx: StageContext, cfg: FinetuneConfig) -> str:
+    """The registry's `finetune`: stage 3b in RUN/<name>."""
+    check_game(ctx.env)
+    return f"final checkpoint {finetune(ctx.run, ctx.env, cfg, name=ctx.name or 'finetune', progress=ctx.progress)}"
 
 
 def finetune(run_dir, env_name: str, cfg: FinetuneConfig, *, name: str = "finetune", progress: bool = True) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lapo_fast.envs.games import NUM_ACTIONS
+from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.files import atomic_write, read_json, write_json
 from lapo_fast.runtime.runlog import read_metrics
@@ -46,6 +47,11 @@ def training_curve(run: RunDir, stage: str):
     """(env steps, mean return of the episodes that ended) of a PPO-style stage, None without any."""
     rows = [r for r in read_metrics(run.stage(stage)) if r.get("episode_return") is not None]
     return (np.array([r["env_steps"] for r in rows]), np.array([r["episode_return"] for r in rows])) if rows else None
+
+
+def run(ctx: StageContext, cfg=None) -> str:
+    """The registry's entry (lapo_fast.registry): the report of what the run has so far."""
+    return f"wrote {write_report(ctx.run)}"
 
 
 def write_report(run_dir) -> Path:

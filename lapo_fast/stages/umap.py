@@ -17,9 +17,18 @@ from lapo_fast.data import FrameDataset, valid_starts
 from lapo_fast.data.planner import frames_for
 from lapo_fast.envs.games import ACTION_NAMES, NOOP, OBS_SHAPE
 from lapo_fast.latent import idm_latents
+from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.files import atomic_write
+
+
+def run(ctx: StageContext, cfg: UmapConfig) -> str:
+    """The registry's entry (lapo_fast.registry): the UMAP of ctx.data's windows (under `train`:
+    once)."""
+    if ctx.train and ctx.run.umap_plot.exists():
+        return f"skipped: {ctx.run.umap_plot} exists"
+    return f"wrote {project_latents(ctx.data, ctx.run, cfg)}"
 
 
 def project_latents(data_dir, run_dir, cfg: UmapConfig | None = None) -> Path:

@@ -2,7 +2,7 @@
 submitit: a SLURM job array on a cluster, or its local executor on one machine (at most
 `max_parallel` runs at a time, each on its own GPUs when there are some).
 
-    DIR/sweep.json             what the sweep is: games, seeds, preset, --set overrides, resources
+    DIR/sweep.json             what the sweep is: games, seeds, preset, `train` flags, resources
     DIR/<game>/seed<k>/        one normal run directory each (resumable; `lapo-fast report` works on it)
         sweep-job.json         the launcher's record: state, host, pid, job id, the last error line
     DIR/submitit/              submitit's job pickles and logs (each job's stdout and stderr)
@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class SweepSpec:
     envs: tuple[str, ...]
     seeds: int                               # runs per game: seeds 0 .. seeds-1
     preset: str
-    sets: tuple[str, ...] = ()               # `train --set` overrides, for every run
+    train_args: tuple[str, ...] = ()         # `train` flags of every run (--lam.steps 500 ...)
     executor: str = "local"
     max_parallel: int = 1                    # runs at once (local) / the array's parallelism (slurm)
     gpus_per_run: int = 0
@@ -79,9 +80,7 @@ def train_argv(spec: SweepSpec, out: Path, game: str, seed: int) -> list[str]:
     """The `lapo-fast` command line of one run."""
     argv = ["train", "--env", game, "--seed", str(seed), "--preset", spec.preset,
             "--out", str(run_dir(out, game, seed))]
-    for item in spec.sets:
-        argv += ["--set", item]
-    return argv
+    return argv + list(spec.train_args)
 
 
 def claim_sweep(out: Path, spec: SweepSpec) -> None:
@@ -92,8 +91,9 @@ def claim_sweep(out: Path, spec: SweepSpec) -> None:
     if had is not None:
         if not isinstance(had, dict) or "spec" not in had:
             raise ValueError(f"{path}: not a sweep record; use a new --out")
-        for key in ("preset", "sets"):
-            old, new = had["spec"].get(key), getattr(spec, key)
+        had_spec = _upgrade(had["spec"])
+        for key in ("preset", "train_args"):
+            old, new = had_spec.get(key), getattr(spec, key)
             if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, tuple) else new):
                 raise ValueError(f"{out} is a sweep with {key}={old!r}, this one asks for {new!r}: use a new --out "
                                  "(or the same settings to continue it)")
@@ -106,8 +106,30 @@ def load_spec(out: Path) -> SweepSpec:
     had = read_json(path)
     if not isinstance(had, dict) or not isinstance(had.get("spec"), dict):
         raise FileNotFoundError(f"{path}: no sweep here (start one with `lapo-fast sweep ... --out {out}`)")
-    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in had["spec"].items()}
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in _upgrade(had["spec"]).items()}
     return SweepSpec(**spec)
+
+
+def _upgrade(spec: dict) -> dict:
+    """A sweep.json written before `train` took --STAGE.FIELD flags held `sets` of
+    "STAGE.FIELD=VALUE" (comma-separated lists; "data" for the recording): as flags."""
+    if "sets" not in spec:
+        return spec
+    from lapo_fast.registry import RunConfig
+
+    configs = typing.get_type_hints(RunConfig)
+    args: list[str] = []
+    for item in spec["sets"]:
+        key, _, value = item.partition("=")
+        stage, _, name = key.partition(".")
+        stage = {"data": "record"}.get(stage, stage)
+        kind = typing.get_type_hints(configs[stage]).get(name) if stage in configs else None
+        flag = f"--{stage}.{name.replace('_', '-')}"
+        if kind is bool:
+            args.append(flag if value.lower() in ("1", "true", "yes") else f"--{stage}.no-{name.replace('_', '-')}")
+        else:
+            args += [flag, *(value.split(",") if typing.get_origin(kind) is tuple else [value])]
+    return {**{k: v for k, v in spec.items() if k != "sets"}, "train_args": args}
 
 
 # -- one run, as a job -----------------------------------------------------------------------------
