@@ -41,7 +41,8 @@ from lapo_fast.ops import vq as vq_op  # noqa: E402
 from benchmarks.common import TOKENIZER_CASES  # noqa: E402
 from benchmarks.common import VQ_CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
 
-KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_finalize_kernel", "vq_backward_kernel")
+KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_code_norms_kernel", "vq_search_gemm_kernel",
+           "vq_finalize_kernel", "vq_backward_kernel")
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def cases(quick: bool = False) -> list[dict]:
     for name, *shape in BENCH_CASES:
         lapo = name.startswith("LAPO")
         for dtype in ((torch.float32, torch.bfloat16, torch.float16) if lapo else (torch.float32, torch.bfloat16)):
-            for mode in (MODES if lapo else ("train", "eval")):
+            # (the deterministic mode of a large codebook: the general search, not the GEMM one)
+            for mode in (MODES if lapo else ("train", "eval", "train-det")):
                 out.append(dict(name=name, shape=tuple(shape), dtype=dtype, mode=mode, lapo=lapo))
     if not quick:
         for name, *shape in COVERAGE_CASES:
@@ -255,18 +257,22 @@ def _arg(launch, name):
 
 
 def _trips(launch) -> tuple[int, list[int]]:
-    """(iterations of the outermost loop over all programs, trips per parent iteration of the loops
-    nested in it by depth). The searches' persistent loop takes every row tile of every group once;
-    the general search's inner loops walk the code tiles, then the dimension chunks."""
+    """(iterations of the outermost loop over all programs, trips per parent iteration of each loop
+    nested in it, in program order, as the kernel's source has them). The searches' persistent loop
+    takes every row tile of every group once; inside it the general search walks the code tiles
+    (and in them the dimension chunks), then the chunks for q, then the code tiles (and chunks) for
+    the sums; the GEMM search the code tiles (chunks in them unless ONE_CHUNK), then the chunks."""
     fn, grid, args, kwargs = launch
     programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
-    if fn.__name__.startswith("vq_search"):
-        inner = []
-        if fn.__name__ == "vq_search_kernel":
-            K, d = _arg(launch, "K"), _arg(launch, "d")
-            inner = [-(-K // kwargs["BLOCK_K"]), -(-d // kwargs["BLOCK_D"])]
-        return _arg(launch, "num_tiles") * grid[1], inner
-    return programs, []
+    if not fn.__name__.startswith("vq_search"):
+        return programs, []
+    tiles = _arg(launch, "num_tiles") * grid[1]
+    codes, chunks = -(-_arg(launch, "K") // kwargs["BLOCK_K"]), -(-_arg(launch, "d") // kwargs["BLOCK_D"])
+    if fn.__name__ == "vq_search_kernel":
+        return tiles, [codes, chunks, chunks, codes, chunks]
+    if fn.__name__ == "vq_search_gemm_kernel":
+        return tiles, [codes, chunks] if kwargs["ONE_CHUNK"] else [codes, chunks, chunks]
+    return tiles, []
 
 
 def _bytes(launch) -> tuple[float, float]:
@@ -280,13 +286,20 @@ def _bytes(launch) -> tuple[float, float]:
         K, d, G, P = (_arg(launch, k) for k in ("K", "d", "G", "P"))
         nbytes = 4 * (G * K * (3 * d + 3) + G * P)
         return nbytes, nbytes
+    if name == "vq_code_norms_kernel":  # the codebook in, its two TF32 halves and norms out, old counts in
+        K, d, G = (_arg(launch, k) for k in ("K", "d", "G"))
+        nbytes = 4 * G * K * (3 * d + 2)
+        return nbytes, nbytes
     x = _arg(launch, "x_ptr")
     G, K, d, L = (_arg(launch, k) for k in ("G", "K", "d", "L"))
     rows = _arg(launch, "n_batch") * L
     floor = rows * G * d * x.element_size() * 2 + rows * G * 8  # x in, q out, indices out
     programs = grid[0] * grid[1]
-    partials = programs * G * K * d * 4 * (2 if kwargs["DETERMINISTIC"] else 0)
-    reloads = 0 if name == "vq_search_resident_kernel" else rows * G * d * x.element_size() * -(-K // kwargs["BLOCK_K"])
+    partials = programs * G * K * d * 4 * (2 if kwargs.get("DETERMINISTIC") else 0)
+    code_tiles = -(-K // kwargs["BLOCK_K"])
+    reloads = 0 if name == "vq_search_resident_kernel" else rows * G * d * x.element_size() * code_tiles
+    if name == "vq_search_gemm_kernel":  # x once per row tile if it fits one chunk; c's halves per row tile
+        reloads = (0 if kwargs["ONE_CHUNK"] else reloads) + _arg(launch, "num_tiles") * G * K * (2 * d + 1) * 4
     return floor + partials + reloads / 4, floor  # L2 re-reads counted at a quarter of HBM's cost
 
 
@@ -303,7 +316,9 @@ def _mma_flops(launch) -> float:
     tiles = _arg(launch, "num_tiles") * grid[1]
     resident, wide = fn.__name__ == "vq_search_resident_kernel", x.element_size() == 4
     products = 3 if wide or not resident else 2
-    if kwargs["ACCUMULATE_SUMS"]:
+    if fn.__name__ == "vq_search_gemm_kernel":  # distances only: the sums are atomics
+        products = 3 if kwargs["SPLIT_X"] else 2
+    elif kwargs["ACCUMULATE_SUMS"]:
         products += (2 if wide else 0.5) if resident else 3
     return tiles * products * 2 * bn * bk * bd * -(-K // bk) * -(-d // bd)
 
@@ -322,15 +337,16 @@ def predict(launch, gpu: Gpu, r: dict) -> dict:
     executed = programs * (sass["instructions"] - body) + iterations * body
     if loops:  # loops nested in the outermost: their bodies again, (trips - 1) times per parent pass
         outer = loops[0]
-        for start, end, n in loops[1:]:
-            if not (outer[0] <= start and end <= outer[1]):
-                continue
-            depth = sum(1 for s0, e0, _ in loops[1:] if s0 <= start and end <= e0 and (s0, e0) != (start, end))
-            trips = inner_trips[min(depth, len(inner_trips) - 1)] if inner_trips else 1
-            runs = 1
-            for t in inner_trips[:depth]:
-                runs *= t
-            executed += iterations * runs * (trips - 1) * n
+        nested = sorted((lp for lp in loops[1:] if outer[0] <= lp[0] and lp[1] <= outer[1]), key=lambda lp: lp[0])
+        if len(nested) != len(inner_trips):
+            raise ValueError(f"{fn.__name__}: {len(nested)} loops in its SASS's persistent loop, the model knows "
+                             f"{len(inner_trips)}: update _trips")
+        for i, (start, end, n) in enumerate(nested):
+            runs = 1  # passes of the loops around it
+            for j, (s0, e0, _) in enumerate(nested):
+                if j != i and s0 <= start and end <= e0:
+                    runs *= inner_trips[j]
+            executed += iterations * runs * (inner_trips[i] - 1) * n
     warps = r["warps"]
     nbytes, floor = _bytes(launch)
     out = {"sass_instructions": sass["instructions"], "sass_loop_instructions": body, "loop_iterations": iterations,

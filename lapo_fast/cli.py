@@ -181,8 +181,10 @@ def _train_command(argv: list[str]) -> int:
     from .registry import run_preset
 
     preset = _preset(argv, "train")
-    seed = _flag(argv, "--seed")
-    seed = int(seed) if seed is not None and seed.isdigit() else 0  # anything else: tyro's parse names it
+    try:
+        seed = int(_flag(argv, "--seed") or 0)  # every stage's seed is offset by it in the defaults
+    except ValueError:
+        seed = 0  # not a number: tyro's parse names it
     args = {"env": (str, "Procgen game, e.g. starpilot"),
             "out": (Path | None, "run directory (default runs/<env>-<preset>[-seed<k>])", None),
             "seed": (int, "the run's seed, added to every stage's own (demonstrator, recording, models, PPO, "

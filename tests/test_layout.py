@@ -1,6 +1,6 @@
-"""The package's import graph reads top-down: cli -> (sweep, which launches whole runs) -> pipeline, selftest ->
-stages -> (models, data, latent, eval, rundir, runtime, config) -> (ops, envs, kernels, extras); no stage imports
-another."""
+"""The package's import graph reads top-down: cli -> (sweep, which launches whole runs) -> pipeline,
+selftest -> stages -> (models, data, latent, eval, rundir, registry, runtime, config) -> (ops, envs,
+kernels, extras); no stage imports another."""
 
 import ast
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lapo_fast"
 LAYERS = {"cli": 4, "sweep": 3, "pipeline": 3, "selftest": 3, "stages": 2, "models": 1, "data": 1, "eval": 1,
-          "rundir": 1, "runtime": 1, "latent": 1,
+          "rundir": 1, "runtime": 1, "latent": 1, "registry": 1,
           "config": 1, "ops": 0, "envs": 0, "kernels": 0, "_C": 0, "demonstrators": 0,
           "extras": 0}
 

@@ -109,7 +109,8 @@ TRITON_SHAPES = [
     ("grouped", 300, 1, 64, 16, 1),  # resident, contiguous rows of one group
     ("grouped", 1, 1, 8, 4, 1),      # resident, padded codes and dims: the strided path
     ("grouped", 70, 2, 100, 33, 1),  # general kernel: several code tiles, masked dims, a partial row tile
-    ("grouped", 130, 1, 16, 100, 1), # general kernel: d in 4 chunks of 32
+    ("grouped", 130, 1, 16, 100, 1), # general kernel: d in 4 chunks of 32 (GEMM search: 2 chunks of 64)
+    ("grouped", 150, 1, 300, 8, 1),  # GEMM search: 5 code tiles, the last one ragged; 3 row tiles
 ]
 
 
@@ -139,6 +140,11 @@ def test_triton_plans_cover_both_kernels():
     assert triton_plan(lapo, 64, 16, False, sms=80, capability=70).precision == "ieee"  # no TF32 before sm_80
     big = triton_plan(Layout.for_shape((10, 512), 1, 512, "grouped", 1), 8192, 512, True, sms=132, capability=90)
     assert not big.resident and big.block_d == 32 and big.programs == 1  # 1 row tile
+    tok = Layout.for_shape((65536, 64), 1, 64, "grouped", 1)  # a VQ-VAE tokenizer's codebook: the GEMM search
+    gemm = triton_plan(tok, 8192, 64, False, sms=132, capability=90)
+    assert gemm.gemm and not gemm.resident and (gemm.block_n, gemm.block_k, gemm.block_d) == (128, 64, 16)
+    assert gemm.programs == 132 * 2 and triton_plan(tok, 8192, 64, False, 132, 90, x_bytes=2).block_d == 32
+    assert not triton_plan(tok, 8192, 64, True, sms=132, capability=90).gemm  # deterministic: per-program partials
     small = triton_plan(Layout.for_shape((8, 128), 2, 16, "lapo", 4), 64, 16, False, sms=None, capability=None)
     assert small.programs == 1 and small.tiles == 1
 

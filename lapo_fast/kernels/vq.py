@@ -326,3 +326,149 @@ def vq_backward_kernel(grad_q_ptr, x_ptr, q_ptr, grad_x_ptr, coef_ptr, numel, BL
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(grad_x_ptr + offs, (gq + coef * (x - q)).to(grad_x_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _tf32_hi(v):
+    """The TF32 part of fp32 values (10 mantissa bits, truncated: what a TF32 product reads);
+    v - _tf32_hi(v) is exact and is the low part."""
+    return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, old_total_ptr, K, d, G, K_PAD, D_PAD,
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Before vq_search_gemm_kernel, once per step, program (g, block of BLOCK_K codes): the
+    search's operands, padded so that its tiles load without masks: ||c||^2 of the codes (+inf for
+    the padding codes, which then never win) into cnorm (G, K_PAD), and their TF32 halves
+    transposed, hi into c_split[0, g] and lo into c_split[1, g], each (D_PAD, K_PAD) with zeros in
+    the padding: split once per step, not once per row tile. Block 0 also sums the group's old EMA
+    counts (the finalize needs the sum and overwrites the counts)."""
+    g = tl.program_id(0)
+    kb = tl.program_id(1)
+    codes = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    dims = tl.arange(0, BLOCK_D)
+    plane = tl.cast(D_PAD, tl.int64) * K_PAD
+    hi_base = c_split_ptr + g * plane
+    lo_base = hi_base + G * plane
+    norm = tl.zeros((BLOCK_K,), tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        c = tl.load(codebook_ptr + (g * K + codes).to(tl.int64)[:, None] * d + (d0 + dims)[None, :],
+                    mask=code_mask[:, None] & ((d0 + dims) < d)[None, :], other=0.0)
+        norm += tl.sum(c * c, axis=1)
+        hi = _tf32_hi(c)
+        t_off = (d0 + dims)[None, :] * K_PAD + codes[:, None]
+        tl.store(hi_base + t_off, hi)
+        tl.store(lo_base + t_off, c - hi)
+    tl.store(cnorm_ptr + g * K_PAD + codes, tl.where(code_mask, norm, float("inf")))
+    if kb == 0:
+        total = 0.0
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            total += tl.sum(tl.load(ema_count_ptr + g * K + ks, mask=ks < K, other=0.0), axis=0)
+        tl.store(old_total_ptr + g, total)
+
+
+@triton.jit
+def _distance_dots(x_hi, x_lo, c_hi, c_lo, dots, SPLIT_X: tl.constexpr, PRECISION: tl.constexpr):
+    """dots += x . c on tensor cores to fp32 accuracy: the 3-term TF32 split (x_hi c_hi + x_hi c_lo
+    + x_lo c_hi) for fp32 x, 2 terms when x is 16-bit (exact in TF32); c is (d, codes)."""
+    if PRECISION == "ieee":
+        dots = tl.dot(x_hi, c_hi + c_lo, dots, input_precision="ieee")
+    else:
+        dots = tl.dot(x_hi, c_hi, dots, input_precision="tf32")
+        dots = tl.dot(x_hi, c_lo, dots, input_precision="tf32")
+        if SPLIT_X:
+            dots = tl.dot(x_lo, c_hi, dots, input_precision="tf32")
+    return dots
+
+
+@triton.jit
+def vq_search_gemm_kernel(
+    x_ptr, out_ptr, idx_ptr, codebook_ptr, cnorm_ptr, c_split_ptr,
+    counts_ptr, sums_ptr, stats_ptr, err_ptr,
+    n_batch, K, d, G, L, num_tiles, K_PAD, D_PAD,
+    stride_b, stride_g, stride_k, stride_l,
+    ACCUMULATE_SUMS: tl.constexpr, SPLIT_X: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The search for large codebooks (tokenizers: thousands of codes), as a GEMM with an argmin
+    epilogue; the default (atomic) mode. Persistent over row tiles; per code tile the distances
+    ||c||^2 - 2 x.c come from tensor cores (c's TF32 halves and norms, padded, from
+    vq_code_norms_kernel) and each (row, column) keeps its running minimum and the code tile it
+    came from -- three instructions per (row, code), no cross-thread reduction until the row
+    tile's codes are all seen. Then the nearest code (ties: the lowest index), q, the squared
+    error, and each row's count (and, training, its x) added atomically to its code's
+    accumulators. With ONE_CHUNK (d <= BLOCK_D) the row tile is loaded and split once; else x is
+    re-read per code tile, chunk by chunk, from L1/L2."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    P = tl.num_programs(0)
+    dims = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_K)
+    g_codes = tl.cast(g, tl.int64) * K
+    plane = tl.cast(D_PAD, tl.int64) * K_PAD
+    hi_base = c_split_ptr + g * plane
+    lo_base = hi_base + G * plane
+    norm_base = cnorm_ptr + g * K_PAD
+    c_tile = dims[:, None] * K_PAD + cols[None, :]  # a (d, codes) tile of the transposed halves
+    err = 0.0
+    bad = 0
+    for tile in range(pid, num_tiles, P):
+        rows, b, l, row_mask = _tile_rows(tile, n_batch, L, BLOCK_N)
+        row_off = b * stride_b + g * stride_g + l * stride_l
+        if ONE_CHUNK:
+            m = row_mask[:, None] & (dims < d)[None, :]
+            x, _ = _clean(tl.load(x_ptr + row_off[:, None] + dims[None, :] * stride_k, mask=m, other=0.0)
+                          .to(tl.float32), m)
+            x_hi = _tf32_hi(x) if SPLIT_X else x
+            x_lo = x - x_hi
+        best_val = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
+        best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
+        for k0 in range(0, K_PAD, BLOCK_K):
+            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            if ONE_CHUNK:
+                dots = _distance_dots(x_hi, x_lo, tl.load(hi_base + k0 + c_tile), tl.load(lo_base + k0 + c_tile),
+                                      dots, SPLIT_X, PRECISION)
+            else:
+                for d0 in range(0, D_PAD, BLOCK_D):
+                    m = row_mask[:, None] & ((d0 + dims) < d)[None, :]
+                    xc, _ = _clean(tl.load(x_ptr + row_off[:, None] + (d0 + dims)[None, :] * stride_k, mask=m,
+                                           other=0.0).to(tl.float32), m)
+                    xc_hi = _tf32_hi(xc) if SPLIT_X else xc
+                    at = d0 * K_PAD + k0
+                    dots = _distance_dots(xc_hi, xc - xc_hi, tl.load(hi_base + at + c_tile),
+                                          tl.load(lo_base + at + c_tile), dots, SPLIT_X, PRECISION)
+            dist = tl.load(norm_base + k0 + cols)[None, :] - 2.0 * dots
+            better = dist < best_val  # strict: an earlier code tile keeps a tie
+            best_val = tl.where(better, dist, best_val)
+            best_k0 = tl.where(better, k0, best_k0)
+        nearest = tl.min(best_val, axis=1)
+        best = tl.min(tl.where(best_val == nearest[:, None], best_k0 + cols[None, :], 2147483647), axis=1)
+        best = tl.minimum(best, K - 1)  # no column matched (NaN distances of a non-finite codebook): in bounds
+
+        tl.store(idx_ptr + (b * G + g) * L + l, best.to(tl.int64), mask=row_mask)
+        tl.atomic_add(counts_ptr + g_codes + best, tl.full((BLOCK_N,), 1.0, tl.float32), mask=row_mask,
+                      sem="relaxed")
+        bad_row = tl.zeros((BLOCK_N,), tl.int1)  # rows holding NaN/inf (they counted as zeros above)
+        row_err = tl.zeros((BLOCK_N,), tl.float32)
+        q_row = (g_codes + best)[:, None] * d
+        for d0 in range(0, d, BLOCK_D):
+            m = row_mask[:, None] & ((d0 + dims) < d)[None, :]
+            off = row_off[:, None] + (d0 + dims)[None, :] * stride_k
+            xc, bad_chunk = _clean(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32), m)
+            bad_row = bad_row | bad_chunk
+            q = tl.load(codebook_ptr + q_row + (d0 + dims)[None, :], mask=m, other=0.0)
+            tl.store(out_ptr + off, q.to(out_ptr.dtype.element_ty), mask=m)
+            diff = tl.where(m, xc - q, 0.0)
+            row_err += tl.sum(diff * diff, axis=1)
+            if ACCUMULATE_SUMS:
+                tl.atomic_add(sums_ptr + q_row + (d0 + dims)[None, :], xc, mask=m, sem="relaxed")
+        err += tl.sum(row_err, axis=0)
+        bad_row = bad_row | (row_err == float("inf"))  # |x| so large its distance overflows: non-finite too
+        bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
+
+    tl.store(err_ptr + g * P + pid, err)
+    if bad > 0:
+        tl.atomic_add(stats_ptr + 2, bad.to(tl.float32), sem="relaxed")

@@ -354,6 +354,7 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
 class TritonPlan(NamedTuple):
     """What the dispatcher launches for one shape: kernel, tile sizes, programs."""
     resident: bool     # codebook and statistics held in registers (vq_search_resident_kernel)
+    gemm: bool         # large codebooks, atomic mode: vq_code_norms_kernel + vq_search_gemm_kernel
     contiguous: bool   # rows loaded as contiguous d*L runs (vector accesses)
     block_n: int
     block_k: int
@@ -373,6 +374,9 @@ PARTIAL_BYTES = 256 << 20  # cap on the deterministic mode's per-program partial
 # Per architecture (rows per tile, warps per program, vector row loads), the largest tiles that
 # compile without spills at the LAPO shape under MAX_REGISTERS (benchmarks/vq_compile.py).
 _TILES = {90: (32, 8, True), 80: (16, 4, False)}
+# The GEMM search's tile (rows, codes, dims of a chunk of 16-bit x (fp32 x: half), warps): the
+# fastest without spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
+GEMM_TILE = (128, 64, 32, 8)
 
 
 def _pow2(n: int) -> int:
@@ -381,15 +385,21 @@ def _pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)  # once per shape: host time per call matters at small batches
 def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | None,
-                capability: int | None) -> TritonPlan:
+                capability: int | None, x_bytes: int = 4) -> TritonPlan:
     """sms, capability (e.g. 90): the GPU's; None for CPU tensors (the interpreter), where a few
-    programs each walk several tiles (so tests exercise the persistent loop) with sm_90's tiles."""
+    programs each walk several tiles (so tests exercise the persistent loop) with sm_90's tiles.
+    x_bytes: the size of x's elements (fp32 x takes narrower chunks in the GEMM search)."""
     block_n, warps, vector_rows = _TILES[90 if capability is None or capability >= 90 else 80]
     pk, pd = max(16, _pow2(K)), max(16, _pow2(d))
     resident = pk * pd <= RESIDENT_MAX and pk <= 128 and pd <= 64
+    gemm = not resident and not deterministic
     if resident:
         block_k, block_d = pk, pd
         contiguous = vector_rows and d == pd and _pow2(lay.L) == lay.L and lay.L <= block_n
+    elif gemm:  # a GEMM tile with an argmin epilogue (the deterministic mode keeps vq_search_kernel's partials)
+        block_n, block_k, warps = GEMM_TILE[0], min(pk, GEMM_TILE[1]), GEMM_TILE[3]
+        block_d = pd if pd <= 32 else GEMM_TILE[2] // (2 if x_bytes == 4 else 1)
+        contiguous = False
     else:
         block_k, block_d = min(pk, 64), min(pd, 32)
         contiguous = False
@@ -399,7 +409,7 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
         programs = max(1, min(programs, PARTIAL_BYTES // (4 * lay.G * K * (d + 1))))
     tensor_cores = capability is None or capability >= 80  # TF32 from sm_80
     fk = min(64, pk)
-    return TritonPlan(resident, contiguous, block_n, block_k, block_d, tiles, programs,
+    return TritonPlan(resident, gemm, contiguous, block_n, block_k, block_d, tiles, programs,
                       "tf32x3" if tensor_cores else "ieee", warps, fk, min(32, pd), _cdiv(K, fk))
 
 
@@ -428,7 +438,7 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
     lay = spec.layout
     G, K, d = codebook.shape
     dev = x.device
-    plan = triton_plan(lay, K, d, spec.deterministic, *_launch_facts(dev))
+    plan = triton_plan(lay, K, d, spec.deterministic, *_launch_facts(dev), x.element_size())
     P = plan.programs
     out = torch.empty_like(x)
     idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
@@ -449,7 +459,20 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
     with _device_guard(dev):
         common = (x, out, idx, codebook, ema_count, counts, sums_arg, stats, err, old_total,
                   lay.batch, K, d, G, lay.L, plan.tiles, *lay.strides())
-        if plan.resident:
+        if plan.gemm:  # padded operands, so the search's tiles load without masks
+            k_pad, d_pad = _cdiv(K, plan.block_k) * plan.block_k, _cdiv(d, plan.block_d) * plan.block_d
+            cnorm = torch.empty(G, k_pad, device=dev)
+            c_split = torch.empty(2, G, d_pad, k_pad, device=dev)
+            kernels.vq_code_norms_kernel[(G, k_pad // plan.block_k)](
+                codebook, ema_count, cnorm, c_split, old_total, K, d, G, k_pad, d_pad, BLOCK_K=plan.block_k,
+                BLOCK_D=plan.block_d)
+            kernels.vq_search_gemm_kernel[(P, G)](
+                x, out, idx, codebook, cnorm, c_split, counts, sums_arg, stats, err, lay.batch, K, d, G, lay.L,
+                plan.tiles, k_pad, d_pad, *lay.strides(), ACCUMULATE_SUMS=spec.training,
+                SPLIT_X=x.dtype == torch.float32 and plan.precision == "tf32x3", ONE_CHUNK=d <= plan.block_d,
+                BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d,
+                PRECISION="ieee" if plan.precision == "ieee" else "tf32", num_warps=plan.num_warps)
+        elif plan.resident:
             kernels.vq_search_resident_kernel[(P, G)](
                 *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
                 CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous else 1, BLOCK_N=plan.block_n,
