@@ -286,9 +286,9 @@ def _bytes(launch) -> tuple[float, float]:
         K, d, G, P = (_arg(launch, k) for k in ("K", "d", "G", "P"))
         nbytes = 4 * (G * K * (3 * d + 3) + G * P)
         return nbytes, nbytes
-    if name == "vq_code_norms_kernel":  # the codebook in, its two TF32 halves and norms out, old counts in
+    if name == "vq_code_norms_kernel":  # the codebook in, its TF32 halves and norms out, old counts in, zeros out
         K, d, G = (_arg(launch, k) for k in ("K", "d", "G"))
-        nbytes = 4 * G * K * (3 * d + 2)
+        nbytes = 4 * G * K * (3 * d + 3 + (d if kwargs["ZERO_SUMS"] else 0))
         return nbytes, nbytes
     x = _arg(launch, "x_ptr")
     G, K, d, L = (_arg(launch, k) for k in ("G", "K", "d", "L"))
@@ -364,7 +364,8 @@ def predict(launch, gpu: Gpu, r: dict) -> dict:
 def run(archs=(80, 90), quick: bool = False, jobs: int | None = None, dump: str | None = None) -> dict:
     """Compiles every variant and returns {"rows": [...], "failures": [...], "constants": ...}. A row
     per (case, kernel launch, target), plus a row per (case, target) with kernel "step" summing a
-    training step's launches: search, finalize and backward (zero-fill counted as one launch).
+    training step's launches: search, finalize and backward (and the zero-fill, counted as one launch,
+    where no vq_code_norms_kernel does its zeroing).
     dump: a folder for each cubin, <kernel>.<target>.<case slug>.<dtype>.cubin."""
     variants: dict = {}
     per_case = []
@@ -389,6 +390,8 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None, dump: str 
         results = {k: compile_variant(variants[k]) for k in keys}
 
     rows, failures, steps = [], [], {}
+    zeroed = {(f"{c['name']} {c['mode']}", str(c["dtype"]).replace("torch.", ""), a)
+              for c, a, _, k in per_case if k[0] == "vq_code_norms_kernel"}  # no zero-fill launch there
     for case, arch, launch, key in per_case:
         r = results[key]
         label = f"{case['name']} {case['mode']}"
@@ -409,12 +412,13 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None, dump: str 
             continue
         if case["lapo"] and r["spill_bytes"]:
             failures.append(f"{key[0]} sm_{arch} {label} {dtype}: spills {r['spill_bytes']} B at the LAPO shape")
-        if case["lapo"] and key[0] != "vq_finalize_kernel" and r["warps_per_sm"] < MIN_WARPS_PER_SM:
+        if case["lapo"] and key[0] != "vq_finalize_kernel" and (r["warps_per_sm"] or 0) < MIN_WARPS_PER_SM:
             failures.append(f"{key[0]} sm_{arch} {label} {dtype}: {r['warps_per_sm']} warps/SM < {MIN_WARPS_PER_SM}")
+        fill = 0.0 if (label, dtype, arch) in zeroed else _us(gpu.launch_s)
         s = steps.setdefault((label, dtype, arch), dict(  # the step: search + finalize (+ backward)
             kernel="step", target=f"sm_{arch}", case=label, dtype=dtype, registers=None, spill_bytes=None,
-            shared_bytes=None, warps_per_sm=None, predicted_us=_us(gpu.launch_s), floor_us=0.0,
-            issue_us=0.0, memory_us=0.0, mma_us=0.0, launch_us=_us(gpu.launch_s)))
+            shared_bytes=None, warps_per_sm=None, predicted_us=fill, floor_us=0.0,
+            issue_us=0.0, memory_us=0.0, mma_us=0.0, launch_us=fill))
         for k in ("predicted_us", "floor_us", "issue_us", "memory_us", "mma_us", "launch_us"):
             s[k] = round(s[k] + row[k], 2)
     constants = {f"sm_{a}": {"gpu": GPUS[a].name, "sms": GPUS[a].sms, "schedulers": SCHEDULERS,

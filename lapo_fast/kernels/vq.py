@@ -78,10 +78,17 @@ def vq_search_resident_kernel(
     if pid == 0:
         tl.store(old_total_ptr + g, tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0), axis=0))
 
-    acc_cnt = tl.zeros((BLOCK_K,), tl.float32)
+    # The codes' counts as a tensor-core product one-hot^T ones (every column holds the count): a
+    # few MMAs per tile instead of a reduction over rows across threads. (The deterministic mode
+    # keeps the reduction: its partials leave no registers for it on sm_80.)
+    ones = tl.full((BLOCK_N, 16), 1.0, tl.float32)
+    if DETERMINISTIC:
+        acc_cnt = tl.zeros((BLOCK_K,), tl.float32)
+    else:
+        acc_cnt = tl.zeros((BLOCK_K, 16), tl.float32)
     acc_sum = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
-    err = 0.0
-    bad = 0
+    err_rows = tl.zeros((BLOCK_N,), tl.float32)  # per row slot, summed once at the end: no per-tile block reduction
+    bad_rows = tl.zeros((BLOCK_N,), tl.int32)
     for tile in range(pid, num_tiles, P):
         if CONTIGUOUS:  # BLOCK_B batch entries, each d*L contiguous values of group g
             bb = tl.cast(tile, tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -117,12 +124,15 @@ def vq_search_resident_kernel(
             tl.store(out_ptr + x_off, q.to(out_ptr.dtype.element_ty), mask=mask)
         diff = tl.where(mask, x - q, 0.0)
         row_err = tl.sum(diff * diff, axis=1)
-        err += tl.sum(row_err, axis=0)
+        err_rows += row_err
         bad_row = bad_row | (row_err == float("inf"))  # |x| so large its distance overflows: non-finite too
-        bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
+        bad_rows += tl.where(bad_row & row_mask, 1, 0)
 
         onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(tl.float32)  # (codes, rows)
-        acc_cnt += tl.sum(onehot_t, axis=1)
+        if DETERMINISTIC:
+            acc_cnt += tl.sum(onehot_t, axis=1)
+        else:
+            acc_cnt = tl.dot(onehot_t, ones, acc_cnt, input_precision="tf32")  # 0/1 and 1: exact in TF32
         if ACCUMULATE_SUMS:  # per-code sums of x: one-hot^T x
             if PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32:
                 # one-hot and 16-bit x are exact in their own type: one 16-bit product is exact
@@ -135,9 +145,12 @@ def vq_search_resident_kernel(
             else:
                 acc_sum = tl.dot(onehot_t, x, acc_sum, input_precision=PRECISION)
 
-    tl.store(err_ptr + g * P + pid, err)
+    tl.store(err_ptr + g * P + pid, tl.sum(err_rows, axis=0))
+    bad = tl.sum(bad_rows, axis=0)
     if bad > 0:
         tl.atomic_add(stats_ptr + 2, bad.to(tl.float32), sem="relaxed")
+    if not DETERMINISTIC:
+        acc_cnt = tl.max(acc_cnt, axis=1)
     s_off = (g * K + codes)[:, None] * d + dims[None, :]
     s_mask = code_mask[:, None] & dim_mask[None, :]
     if DETERMINISTIC:  # this program's partial, fully overwritten
@@ -336,19 +349,25 @@ def _tf32_hi(v):
 
 
 @triton.jit
-def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, old_total_ptr, K, d, G, K_PAD, D_PAD,
-                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, old_total_ptr,
+                         counts_ptr, sums_ptr, stats_ptr, K, d, G, K_PAD, D_PAD,
+                         ZERO_SUMS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Before vq_search_gemm_kernel, once per step, program (g, block of BLOCK_K codes): the
     search's operands, padded so that its tiles load without masks: ||c||^2 of the codes (+inf for
     the padding codes, which then never win) into cnorm (G, K_PAD), and their TF32 halves
     transposed, hi into c_split[0, g] and lo into c_split[1, g], each (D_PAD, K_PAD) with zeros in
     the padding: split once per step, not once per row tile. Block 0 also sums the group's old EMA
-    counts (the finalize needs the sum and overwrites the counts)."""
+    counts (the finalize needs the sum and overwrites the counts). It zeroes the search's
+    accumulators -- the codes' counts (and sums), and in program (0, 0) the stats -- so the step
+    needs no zero-fill launch."""
     g = tl.program_id(0)
     kb = tl.program_id(1)
     codes = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     code_mask = codes < K
     dims = tl.arange(0, BLOCK_D)
+    tl.store(counts_ptr + g * K + codes, tl.zeros((BLOCK_K,), tl.float32), mask=code_mask)
+    if g + kb == 0:
+        tl.store(stats_ptr + tl.arange(0, 4), tl.zeros((4,), tl.float32), mask=tl.arange(0, 4) < 3)
     plane = tl.cast(D_PAD, tl.int64) * K_PAD
     hi_base = c_split_ptr + g * plane
     lo_base = hi_base + G * plane
@@ -357,6 +376,9 @@ def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, ol
         c = tl.load(codebook_ptr + (g * K + codes).to(tl.int64)[:, None] * d + (d0 + dims)[None, :],
                     mask=code_mask[:, None] & ((d0 + dims) < d)[None, :], other=0.0)
         norm += tl.sum(c * c, axis=1)
+        if ZERO_SUMS:
+            tl.store(sums_ptr + (g * K + codes).to(tl.int64)[:, None] * d + (d0 + dims)[None, :], tl.zeros_like(c),
+                     mask=code_mask[:, None] & ((d0 + dims) < d)[None, :])
         hi = _tf32_hi(c)
         t_off = (d0 + dims)[None, :] * K_PAD + codes[:, None]
         tl.store(hi_base + t_off, hi)

@@ -373,7 +373,7 @@ MAX_REGISTERS = 128        # per thread, so 16 warps fit an SM's 64K registers (
 PARTIAL_BYTES = 256 << 20  # cap on the deterministic mode's per-program partial sums
 # Per architecture (rows per tile, warps per program, vector row loads), the largest tiles that
 # compile without spills at the LAPO shape under MAX_REGISTERS (benchmarks/vq_compile.py).
-_TILES = {90: (32, 8, True), 80: (16, 4, False)}
+_TILES = {90: (16, 4, True), 80: (16, 4, False)}
 # The GEMM search's tile (rows, codes, dims of a chunk of 16-bit x (fp32 x: half), warps): the
 # fastest without spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
 GEMM_TILE = (128, 64, 32, 8)
@@ -451,21 +451,24 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
         sums = fill(P, G, K, d, device=dev) if spec.training else None
     else:  # one zero-filled buffer [loss, perplexity, bad rows | counts | sums | err | old totals]
         stat_end = 3 + G * K + sums_numel  # the atomics' part (and under DDP the all-reduced part)
-        flat = torch.zeros(stat_end + G * P + G, device=dev)  # one allocation: host time counts at B=128
+        if plan.gemm:  # and the GEMM search's operands; vq_code_norms_kernel zeroes the atomics' part
+            k_pad, d_pad = _cdiv(K, plan.block_k) * plan.block_k, _cdiv(d, plan.block_d) * plan.block_d
+            flat = torch.empty(stat_end + G * P + G + G * k_pad * (1 + 2 * d_pad), device=dev)
+            operands = flat[stat_end + G * P + G:]
+            cnorm, c_split = operands[:G * k_pad].view(G, k_pad), operands[G * k_pad:].view(2, G, d_pad, k_pad)
+        else:
+            flat = torch.zeros(stat_end + G * P + G, device=dev)  # one allocation: host time counts at B=128
         stats, counts = flat[:3], flat[3:3 + G * K].view(G, K)
         sums = flat[3 + G * K:stat_end].view(G, K, d) if spec.training else None
-        err, old_total = flat[stat_end:stat_end + G * P].view(G, P), flat[stat_end + G * P:]
+        err, old_total = flat[stat_end:stat_end + G * P].view(G, P), flat[stat_end + G * P:stat_end + G * P + G]
     sums_arg = counts if sums is None else sums  # a pointer the kernel does not touch without sums
     with _device_guard(dev):
         common = (x, out, idx, codebook, ema_count, counts, sums_arg, stats, err, old_total,
                   lay.batch, K, d, G, lay.L, plan.tiles, *lay.strides())
-        if plan.gemm:  # padded operands, so the search's tiles load without masks
-            k_pad, d_pad = _cdiv(K, plan.block_k) * plan.block_k, _cdiv(d, plan.block_d) * plan.block_d
-            cnorm = torch.empty(G, k_pad, device=dev)
-            c_split = torch.empty(2, G, d_pad, k_pad, device=dev)
+        if plan.gemm:  # padded operands, so that the search's tiles load without masks
             kernels.vq_code_norms_kernel[(G, k_pad // plan.block_k)](
-                codebook, ema_count, cnorm, c_split, old_total, K, d, G, k_pad, d_pad, BLOCK_K=plan.block_k,
-                BLOCK_D=plan.block_d)
+                codebook, ema_count, cnorm, c_split, old_total, counts, sums_arg, stats, K, d, G, k_pad, d_pad,
+                ZERO_SUMS=sums is not None, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d)
             kernels.vq_search_gemm_kernel[(P, G)](
                 x, out, idx, codebook, cnorm, c_split, counts, sums_arg, stats, err, lay.batch, K, d, G, lay.L,
                 plan.tiles, k_pad, d_pad, *lay.strides(), ACCUMULATE_SUMS=spec.training,
