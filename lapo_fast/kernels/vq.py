@@ -36,11 +36,52 @@ import triton.language as tl
 
 
 @triton.jit
+def _zeroed(x):
+    """x with NaN/inf as 0, so they cannot poison the argmin (which rows held any, the caller
+    finds from the squared error: non-finite x makes it NaN or inf)."""
+    return tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0)
+
+
+@triton.jit
+def _row_error(x_raw, x, q, mask, CHECK_FINITE: tl.constexpr):
+    """(squared error of each row, whether the row held NaN/inf or overflowed). With CHECK_FINITE
+    the error of the raw x finds both in one reduction (a flagged row's error is then 0: the loss
+    becomes NaN anyway); without, NaN/inf count as 0, as documented."""
+    diff = tl.where(mask, (x_raw if CHECK_FINITE else x) - q, 0.0)
+    row_err = tl.sum(diff * diff, axis=1)
+    if CHECK_FINITE:
+        bad = (row_err < float("inf")) == 0  # NaN or inf
+        return tl.where(bad, 0.0, row_err), bad
+    return row_err, row_err != row_err  # (all False: the error of zeroed x is finite unless it overflows)
+
+
+@triton.jit
 def _clean(x, mask):
     """x with NaN/inf zeroed (so they cannot poison the argmin), and which rows held any."""
     finite = (x == x) & (tl.abs(x) < float("inf"))
     bad_row = tl.sum(tl.where(mask & (finite == 0), 1, 0), axis=1) > 0
     return tl.where(finite, x, 0.0), bad_row
+
+
+@triton.jit
+def _tf32_hi(v):
+    """The TF32 part of fp32 values (10 mantissa bits, truncated: what a TF32 product reads);
+    v - _tf32_hi(v) is exact and is the low part."""
+    return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _distance_dots(x_hi, x_lo, c_hi, c_lo, dots, SPLIT_X: tl.constexpr, PRECISION: tl.constexpr):
+    """dots += x . c on tensor cores to fp32 accuracy: the 3-term TF32 split (x_hi c_hi + x_hi c_lo
+    + x_lo c_hi) for fp32 x, 2 terms when x is 16-bit (exact in TF32); c is (d, codes)."""
+    if PRECISION == "ieee":  # (before sm_80: fp32 FMAs; the halves add up to x and c exactly)
+        dots = tl.dot(x_hi + x_lo, c_hi + c_lo, dots, input_precision="ieee")
+    else:
+        dots = tl.dot(x_hi, c_hi, dots, input_precision="tf32")
+        dots = tl.dot(x_hi, c_lo, dots, input_precision="tf32")
+        if SPLIT_X:
+            dots = tl.dot(x_lo, c_hi, dots, input_precision="tf32")
+    return dots
 
 
 @triton.jit
@@ -58,7 +99,7 @@ def vq_search_resident_kernel(
     stride_b, stride_g, stride_k, stride_l,
     ACCUMULATE_SUMS: tl.constexpr, DETERMINISTIC: tl.constexpr, CONTIGUOUS: tl.constexpr,
     L_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, CHECK_FINITE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -73,8 +114,9 @@ def vq_search_resident_kernel(
                 mask=code_mask[:, None] & dim_mask[None, :], other=0.0)
     cnorm = tl.where(code_mask, tl.sum(c * c, axis=1), float("inf"))  # padding codes never win
     # 16-bit x is exact in TF32, so x.c needs only c's two TF32 halves: 2 products, not tf32x3's 3.
-    c_hi = (c.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    c_lo = c - c_hi
+    c_hi = _tf32_hi(c)
+    c_hiT = tl.trans(c_hi)
+    c_loT = tl.trans(c - c_hi)
     if pid == 0:
         tl.store(old_total_ptr + g, tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0), axis=0))
 
@@ -104,13 +146,21 @@ def vq_search_resident_kernel(
             x_off = b[:, None] * stride_b + g * stride_g + dims[None, :] * stride_k + l[:, None] * stride_l
             x = tl.load(x_ptr + x_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
         mask = row_mask[:, None] & dim_mask[None, :]
-        x, bad_row = _clean(x, mask)
+        x_raw = x
+        x = _zeroed(x_raw)
 
-        if PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32:
-            dots = tl.dot(x, tl.trans(c_hi), input_precision="tf32")
-            dots = tl.dot(x, tl.trans(c_lo), dots, input_precision="tf32")
+        # x's TF32 halves, shared by the distances and the sums (16-bit x is exact in TF32: no low half)
+        # fp32 x on tensor cores: its TF32 halves serve the distances and, training, the sums. (Where
+        # it does not train, or keeps partials, Triton's own tf32x3 needs fewer registers on sm_80.)
+        SPLIT_X: tl.constexpr = x_ptr.dtype.element_ty == tl.float32 and PRECISION == "tf32x3"
+        SHARE_SPLIT: tl.constexpr = SPLIT_X and ACCUMULATE_SUMS and not DETERMINISTIC
+        x_hi = _tf32_hi(x) if SPLIT_X else x
+        x_lo = x - x_hi
+        if SPLIT_X and not SHARE_SPLIT:
+            dots = tl.dot(x, tl.trans(c), input_precision="tf32x3")
         else:
-            dots = tl.dot(x, tl.trans(c), input_precision=PRECISION)
+            dots = _distance_dots(x_hi, x_lo, c_hiT, c_loT, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), SPLIT_X,
+                                  PRECISION)
         dist = cnorm[None, :] - 2.0 * dots
         best = tl.argmin(dist, axis=1, tie_break_left=True).to(tl.int32)
 
@@ -122,10 +172,8 @@ def vq_search_resident_kernel(
             tl.store(out_ptr + x_off, qs, mask=seg_mask)
         else:
             tl.store(out_ptr + x_off, q.to(out_ptr.dtype.element_ty), mask=mask)
-        diff = tl.where(mask, x - q, 0.0)
-        row_err = tl.sum(diff * diff, axis=1)
+        row_err, bad_row = _row_error(x_raw, x, q, mask, CHECK_FINITE)
         err_rows += row_err
-        bad_row = bad_row | (row_err == float("inf"))  # |x| so large its distance overflows: non-finite too
         bad_rows += tl.where(bad_row & row_mask, 1, 0)
 
         onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(tl.float32)  # (codes, rows)
@@ -139,9 +187,8 @@ def vq_search_resident_kernel(
                 x16 = x.to(x_ptr.dtype.element_ty)
                 acc_sum = tl.dot(onehot_t.to(x_ptr.dtype.element_ty), x16, acc_sum)
             elif PRECISION == "tf32x3":  # one-hot is exact in TF32: two products of x's TF32 halves suffice
-                x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
                 acc_sum = tl.dot(onehot_t, x_hi, acc_sum, input_precision="tf32")
-                acc_sum = tl.dot(onehot_t, x - x_hi, acc_sum, input_precision="tf32")
+                acc_sum = tl.dot(onehot_t, x_lo, acc_sum, input_precision="tf32")
             else:
                 acc_sum = tl.dot(onehot_t, x, acc_sum, input_precision=PRECISION)
 
@@ -342,13 +389,6 @@ def vq_backward_kernel(grad_q_ptr, x_ptr, q_ptr, grad_x_ptr, coef_ptr, numel, BL
 
 
 @triton.jit
-def _tf32_hi(v):
-    """The TF32 part of fp32 values (10 mantissa bits, truncated: what a TF32 product reads);
-    v - _tf32_hi(v) is exact and is the low part."""
-    return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, old_total_ptr,
                          counts_ptr, sums_ptr, stats_ptr, K, d, G, K_PAD, D_PAD,
                          ZERO_SUMS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -393,20 +433,6 @@ def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, ol
 
 
 @triton.jit
-def _distance_dots(x_hi, x_lo, c_hi, c_lo, dots, SPLIT_X: tl.constexpr, PRECISION: tl.constexpr):
-    """dots += x . c on tensor cores to fp32 accuracy: the 3-term TF32 split (x_hi c_hi + x_hi c_lo
-    + x_lo c_hi) for fp32 x, 2 terms when x is 16-bit (exact in TF32); c is (d, codes)."""
-    if PRECISION == "ieee":
-        dots = tl.dot(x_hi, c_hi + c_lo, dots, input_precision="ieee")
-    else:
-        dots = tl.dot(x_hi, c_hi, dots, input_precision="tf32")
-        dots = tl.dot(x_hi, c_lo, dots, input_precision="tf32")
-        if SPLIT_X:
-            dots = tl.dot(x_lo, c_hi, dots, input_precision="tf32")
-    return dots
-
-
-@triton.jit
 def vq_search_gemm_kernel(
     x_ptr, out_ptr, idx_ptr, codebook_ptr, cnorm_ptr, c_split_ptr,
     counts_ptr, sums_ptr, stats_ptr, err_ptr,
@@ -414,6 +440,7 @@ def vq_search_gemm_kernel(
     stride_b, stride_g, stride_k, stride_l,
     ACCUMULATE_SUMS: tl.constexpr, SPLIT_X: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK_FINITE: tl.constexpr,
 ):
     """The search for large codebooks (tokenizers: thousands of codes), as a GEMM with an argmin
     epilogue; the default (atomic) mode. Persistent over row tiles; per code tile the distances
@@ -442,8 +469,8 @@ def vq_search_gemm_kernel(
         row_off = b * stride_b + g * stride_g + l * stride_l
         if ONE_CHUNK:
             m = row_mask[:, None] & (dims < d)[None, :]
-            x, _ = _clean(tl.load(x_ptr + row_off[:, None] + dims[None, :] * stride_k, mask=m, other=0.0)
-                          .to(tl.float32), m)
+            x = _zeroed(tl.load(x_ptr + row_off[:, None] + dims[None, :] * stride_k, mask=m, other=0.0)
+                        .to(tl.float32))
             x_hi = _tf32_hi(x) if SPLIT_X else x
             x_lo = x - x_hi
         best_val = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
@@ -456,8 +483,8 @@ def vq_search_gemm_kernel(
             else:
                 for d0 in range(0, D_PAD, BLOCK_D):
                     m = row_mask[:, None] & ((d0 + dims) < d)[None, :]
-                    xc, _ = _clean(tl.load(x_ptr + row_off[:, None] + (d0 + dims)[None, :] * stride_k, mask=m,
-                                           other=0.0).to(tl.float32), m)
+                    xc = _zeroed(tl.load(x_ptr + row_off[:, None] + (d0 + dims)[None, :] * stride_k, mask=m,
+                                         other=0.0).to(tl.float32))
                     xc_hi = _tf32_hi(xc) if SPLIT_X else xc
                     at = d0 * K_PAD + k0
                     dots = _distance_dots(xc_hi, xc - xc_hi, tl.load(hi_base + at + c_tile),
@@ -479,16 +506,18 @@ def vq_search_gemm_kernel(
         for d0 in range(0, d, BLOCK_D):
             m = row_mask[:, None] & ((d0 + dims) < d)[None, :]
             off = row_off[:, None] + (d0 + dims)[None, :] * stride_k
-            xc, bad_chunk = _clean(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32), m)
-            bad_row = bad_row | bad_chunk
+            x_raw = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+            xc = _zeroed(x_raw)
             q = tl.load(codebook_ptr + q_row + (d0 + dims)[None, :], mask=m, other=0.0)
             tl.store(out_ptr + off, q.to(out_ptr.dtype.element_ty), mask=m)
-            diff = tl.where(m, xc - q, 0.0)
-            row_err += tl.sum(diff * diff, axis=1)
+            chunk_err, bad_chunk = _row_error(x_raw, xc, q, m, CHECK_FINITE)
+            row_err += chunk_err
+            bad_row = bad_row | bad_chunk
             if ACCUMULATE_SUMS:
                 tl.atomic_add(sums_ptr + q_row + (d0 + dims)[None, :], xc, mask=m, sem="relaxed")
-        err += tl.sum(row_err, axis=0)
-        bad_row = bad_row | (row_err == float("inf"))  # |x| so large its distance overflows: non-finite too
+        if CHECK_FINITE:  # a sum of finite chunks can still overflow
+            bad_row = bad_row | (row_err == float("inf"))
+        err += tl.sum(tl.where(bad_row, 0.0, row_err), axis=0)
         bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
 
     tl.store(err_ptr + g * P + pid, err)

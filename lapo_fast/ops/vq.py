@@ -474,13 +474,14 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
                 plan.tiles, k_pad, d_pad, *lay.strides(), ACCUMULATE_SUMS=spec.training,
                 SPLIT_X=x.dtype == torch.float32 and plan.precision == "tf32x3", ONE_CHUNK=d <= plan.block_d,
                 BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d,
-                PRECISION="ieee" if plan.precision == "ieee" else "tf32", num_warps=plan.num_warps)
+                PRECISION="ieee" if plan.precision == "ieee" else "tf32", CHECK_FINITE=spec.check_finite,
+                num_warps=plan.num_warps)
         elif plan.resident:
             kernels.vq_search_resident_kernel[(P, G)](
                 *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
                 CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous else 1, BLOCK_N=plan.block_n,
-                BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision, num_warps=plan.num_warps,
-                maxnreg=MAX_REGISTERS)
+                BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
+                CHECK_FINITE=spec.check_finite, num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
         else:
             kernels.vq_search_kernel[(P, G)](
                 *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
