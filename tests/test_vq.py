@@ -137,13 +137,15 @@ def test_triton_plans_cover_both_kernels():
     assert h100.resident and h100.contiguous and h100.programs == 132 * 4 and h100.precision == "tf32x3"
     a100 = triton_plan(lapo, 64, 16, False, sms=108, capability=80)
     assert a100.resident and not a100.contiguous and a100.programs == 108 * 4
+    a100_bf16 = triton_plan(lapo, 64, 16, False, sms=108, capability=80, x_dtype=torch.bfloat16)
+    assert a100_bf16.contiguous and a100_bf16.block_n == 32 and h100.block_n == 32  # tiles by x's type
     assert triton_plan(lapo, 64, 16, False, sms=80, capability=70).precision == "ieee"  # no TF32 before sm_80
     big = triton_plan(Layout.for_shape((10, 512), 1, 512, "grouped", 1), 8192, 512, True, sms=132, capability=90)
     assert not big.resident and big.block_d == 32 and big.programs == 1  # 1 row tile
     tok = Layout.for_shape((65536, 64), 1, 64, "grouped", 1)  # a VQ-VAE tokenizer's codebook: the GEMM search
     gemm = triton_plan(tok, 8192, 64, False, sms=132, capability=90)
     assert gemm.gemm and not gemm.resident and (gemm.block_n, gemm.block_k, gemm.block_d) == (128, 64, 16)
-    assert gemm.programs == 132 * 2 and triton_plan(tok, 8192, 64, False, 132, 90, x_bytes=2).block_d == 32
+    assert gemm.programs == 132 * 2 and triton_plan(tok, 8192, 64, False, 132, 90, torch.bfloat16).block_d == 32
     assert not triton_plan(tok, 8192, 64, True, sms=132, capability=90).gemm  # deterministic: per-program partials
     small = triton_plan(Layout.for_shape((4, 128), 2, 16, "lapo", 4), 64, 16, False, sms=None, capability=None)
     assert small.programs == 1 and small.tiles == 1

@@ -117,6 +117,14 @@ def vq_search_resident_kernel(
     c_hi = _tf32_hi(c)
     c_hiT = tl.trans(c_hi)
     c_loT = tl.trans(c - c_hi)
+    # bf16 x: c as three bf16 pieces (8 + 8 + 8 significant bits: all of fp32's 24), so x.c is three
+    # exact bf16 products summed in fp32 -- half-width operands, one k-step for d=16
+    BF16_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16 and PRECISION == "tf32x3"
+    c1 = c.to(tl.bfloat16)
+    r1 = c - c1.to(tl.float32)
+    c2 = r1.to(tl.bfloat16)
+    c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
+    c1T, c2T, c3T = tl.trans(c1), tl.trans(c2), tl.trans(c3)
     if pid == 0:
         tl.store(old_total_ptr + g, tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0), axis=0))
 
@@ -156,7 +164,12 @@ def vq_search_resident_kernel(
         SHARE_SPLIT: tl.constexpr = SPLIT_X and ACCUMULATE_SUMS and not DETERMINISTIC
         x_hi = _tf32_hi(x) if SPLIT_X else x
         x_lo = x - x_hi
-        if SPLIT_X and not SHARE_SPLIT:
+        if BF16_X:
+            xb = x.to(tl.bfloat16)  # exact: x was bf16
+            dots = tl.dot(xb, c1T)
+            dots = tl.dot(xb, c2T, dots)
+            dots = tl.dot(xb, c3T, dots)
+        elif SPLIT_X and not SHARE_SPLIT:
             dots = tl.dot(x, tl.trans(c), input_precision="tf32x3")
         else:
             dots = _distance_dots(x_hi, x_lo, c_hiT, c_loT, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), SPLIT_X,
@@ -176,16 +189,19 @@ def vq_search_resident_kernel(
         err_rows += row_err
         bad_rows += tl.where(bad_row & row_mask, 1, 0)
 
-        onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(tl.float32)  # (codes, rows)
+        # (codes, rows); for 16-bit x in x's type (0/1 are exact in it), for the 16-bit products below
+        X16: tl.constexpr = PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32
+        onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(
+            x_ptr.dtype.element_ty if X16 else tl.float32)
         if DETERMINISTIC:
-            acc_cnt += tl.sum(onehot_t, axis=1)
+            acc_cnt += tl.sum(onehot_t.to(tl.float32), axis=1)
+        elif X16:
+            acc_cnt = tl.dot(onehot_t, ones.to(x_ptr.dtype.element_ty), acc_cnt)  # exact: 0/1 and 1, fp32 sums
         else:
             acc_cnt = tl.dot(onehot_t, ones, acc_cnt, input_precision="tf32")  # 0/1 and 1: exact in TF32
         if ACCUMULATE_SUMS:  # per-code sums of x: one-hot^T x
-            if PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32:
-                # one-hot and 16-bit x are exact in their own type: one 16-bit product is exact
-                x16 = x.to(x_ptr.dtype.element_ty)
-                acc_sum = tl.dot(onehot_t.to(x_ptr.dtype.element_ty), x16, acc_sum)
+            if X16:  # one-hot and 16-bit x are exact in their own type: one 16-bit product is exact
+                acc_sum = tl.dot(onehot_t, x.to(x_ptr.dtype.element_ty), acc_sum)
             elif PRECISION == "tf32x3":  # one-hot is exact in TF32: two products of x's TF32 halves suffice
                 acc_sum = tl.dot(onehot_t, x_hi, acc_sum, input_precision="tf32")
                 acc_sum = tl.dot(onehot_t, x_lo, acc_sum, input_precision="tf32")

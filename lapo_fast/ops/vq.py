@@ -371,9 +371,12 @@ class TritonPlan(NamedTuple):
 RESIDENT_MAX = 2048        # padded K x d held in registers per program (LAPO: 64 x 16 = 1,024)
 MAX_REGISTERS = 128        # per thread, so 16 warps fit an SM's 64K registers (ptxas would take ~220)
 PARTIAL_BYTES = 256 << 20  # cap on the deterministic mode's per-program partial sums
-# Per architecture (rows per tile, warps per program, vector row loads), the largest tiles that
-# compile without spills at the LAPO shape under MAX_REGISTERS (benchmarks/vq_compile.py).
-_TILES = {90: (16, 4, True), 80: (16, 4, False)}
+# Per architecture and x's type (rows per tile, warps per program, vector row loads): the tiles
+# fastest by the compile-time model at the LAPO shape without spills under MAX_REGISTERS
+# (benchmarks/vq_compile.py; docs/experiments.md). A warp owns whole rows: a row's codes are
+# never split across warps.
+_TILES = {(90, "float32"): (32, 4, True), (90, "bfloat16"): (32, 4, True), (90, "float16"): (16, 4, True),
+          (80, "float32"): (16, 4, False), (80, "bfloat16"): (32, 4, True), (80, "float16"): (16, 4, True)}
 # The GEMM search's tile (rows, codes, dims of a chunk of 16-bit x (fp32 x: half), warps): the
 # fastest without spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
 GEMM_TILE = (128, 64, 32, 8)
@@ -385,11 +388,12 @@ def _pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)  # once per shape: host time per call matters at small batches
 def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | None,
-                capability: int | None, x_bytes: int = 4) -> TritonPlan:
+                capability: int | None, x_dtype: torch.dtype = torch.float32) -> TritonPlan:
     """sms, capability (e.g. 90): the GPU's; None for CPU tensors (the interpreter), where a few
     programs each walk several tiles (so tests exercise the persistent loop) with sm_90's tiles.
-    x_bytes: the size of x's elements (fp32 x takes narrower chunks in the GEMM search)."""
-    block_n, warps, vector_rows = _TILES[90 if capability is None or capability >= 90 else 80]
+    x_dtype: x's (its tiles differ; fp32 x takes narrower chunks in the GEMM search)."""
+    arch = 90 if capability is None or capability >= 90 else 80
+    block_n, warps, vector_rows = _TILES[arch, str(x_dtype).removeprefix("torch.")]
     pk, pd = max(16, _pow2(K)), max(16, _pow2(d))
     resident = pk * pd <= RESIDENT_MAX and pk <= 128 and pd <= 64
     gemm = not resident and not deterministic
@@ -398,7 +402,7 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
         contiguous = vector_rows and d == pd and _pow2(lay.L) == lay.L and lay.L <= block_n
     elif gemm:  # a GEMM tile with an argmin epilogue (the deterministic mode keeps vq_search_kernel's partials)
         block_n, block_k, warps = GEMM_TILE[0], min(pk, GEMM_TILE[1]), GEMM_TILE[3]
-        block_d = pd if pd <= 32 else GEMM_TILE[2] // (2 if x_bytes == 4 else 1)
+        block_d = pd if pd <= 32 else GEMM_TILE[2] // (2 if x_dtype == torch.float32 else 1)
         contiguous = False
     else:
         block_k, block_d = min(pk, 64), min(pd, 32)
@@ -438,7 +442,7 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
     lay = spec.layout
     G, K, d = codebook.shape
     dev = x.device
-    plan = triton_plan(lay, K, d, spec.deterministic, *_launch_facts(dev), x.element_size())
+    plan = triton_plan(lay, K, d, spec.deterministic, *_launch_facts(dev), x.dtype)
     P = plan.programs
     out = torch.empty_like(x)
     idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
