@@ -145,7 +145,7 @@ def test_triton_plans_cover_both_kernels():
     tok = Layout.for_shape((65536, 64), 1, 64, "grouped", 1)  # a VQ-VAE tokenizer's codebook: the GEMM search
     gemm = triton_plan(tok, 8192, 64, False, sms=132, capability=90)
     assert gemm.gemm and not gemm.resident and (gemm.block_n, gemm.block_k, gemm.block_d) == (128, 64, 16)
-    assert gemm.programs == 132 * 2 and triton_plan(tok, 8192, 64, False, 132, 90, torch.bfloat16).block_d == 32
+    assert gemm.programs == 132 * 2 and triton_plan(tok, 8192, 32, False, 132, 90).block_d == 32  # one chunk
     assert not triton_plan(tok, 8192, 64, True, sms=132, capability=90).gemm  # deterministic: per-program partials
     small = triton_plan(Layout.for_shape((4, 128), 2, 16, "lapo", 4), 64, 16, False, sms=None, capability=None)
     assert small.programs == 1 and small.tiles == 1
@@ -382,20 +382,33 @@ def _tf32(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.float32).view(np.int32) & np.int32(-8192)).view(np.float32)
 
 
-@pytest.mark.parametrize("x_dtype", [np.float32, "bf16"])
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 -> fp32, rounded to nearest even (Triton's conversion)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).bfloat16().float().numpy()
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, "bf16", "bf16x3"])
 def test_tensor_core_splits_keep_the_nearest_code(x_dtype):
     """The kernels' distance and sum products on tensor cores, emulated: TF32 operands, fp32 sums.
-    tf32x3 for fp32 x; for 16-bit x (exact in TF32) two products with c's TF32 halves; the one-hot
-    sums with x's two halves. Each must pick a nearest code (within fp32 rounding) and sum x to
-    fp32 accuracy; a single TF32 product would not."""
+    tf32x3 for fp32 x; for 16-bit x (exact in TF32) two products with c's TF32 halves (the GEMM
+    search), or, for bf16 x, three exact bf16 products with c in three bf16 pieces (the resident
+    search); the one-hot sums with x's two halves. Each must pick a nearest code (within fp32
+    rounding) and sum x to fp32 accuracy; a single TF32 product would not."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((4096, 16)) * 0.1).astype(np.float32)
-    if x_dtype == "bf16":
-        x = torch.from_numpy(x).bfloat16().float().numpy()
+    if x_dtype != np.float32:
+        x = _bf16(x)
     c = (x[rng.integers(0, 4096, 64)] + rng.standard_normal((64, 16)).astype(np.float32) * 1e-3).astype(np.float32)
     c_hi = _tf32(c)
     c_lo = c - c_hi
-    if x_dtype == "bf16":
+    if x_dtype == "bf16x3":
+        c1 = _bf16(c)
+        c2 = _bf16(c - c1)
+        c3 = _bf16(c - c1 - c2)
+        assert np.array_equal((c1 + c2) + c3, c)  # the three pieces hold all of c's bits
+        assert not np.array_equal(c1 + c2, c)  # (two would not)
+        dots = x @ c1.T + x @ c2.T + x @ c3.T  # bf16 x bf16 products are exact in fp32
+    elif x_dtype == "bf16":
         dots = _tf32(x) @ _tf32(c_hi).T + _tf32(x) @ _tf32(c_lo).T
     else:
         x_hi = _tf32(x)

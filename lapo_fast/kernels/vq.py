@@ -99,7 +99,7 @@ def vq_search_resident_kernel(
     stride_b, stride_g, stride_k, stride_l,
     ACCUMULATE_SUMS: tl.constexpr, DETERMINISTIC: tl.constexpr, CONTIGUOUS: tl.constexpr,
     L_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    PRECISION: tl.constexpr, CHECK_FINITE: tl.constexpr, NARROW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -128,11 +128,11 @@ def vq_search_resident_kernel(
     if pid == 0:
         tl.store(old_total_ptr + g, tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=code_mask, other=0.0), axis=0))
 
-    # The codes' counts as a tensor-core product one-hot^T ones (every column holds the count): a
-    # few MMAs per tile instead of a reduction over rows across threads. (The deterministic mode
-    # keeps the reduction: its partials leave no registers for it on sm_80.)
+    # NARROW (a codebook of <= 1,024 values, atomic mode: registers to spare): the codes' counts as
+    # a tensor-core product one-hot^T ones (every column holds the count), a few MMAs per tile
+    # instead of a reduction over rows across threads; and fp32 x's halves shared (below).
     ones = tl.full((BLOCK_N, 16), 1.0, tl.float32)
-    if DETERMINISTIC:
+    if not NARROW:
         acc_cnt = tl.zeros((BLOCK_K,), tl.float32)
     else:
         acc_cnt = tl.zeros((BLOCK_K, 16), tl.float32)
@@ -159,9 +159,9 @@ def vq_search_resident_kernel(
 
         # x's TF32 halves, shared by the distances and the sums (16-bit x is exact in TF32: no low half)
         # fp32 x on tensor cores: its TF32 halves serve the distances and, training, the sums. (Where
-        # it does not train, or keeps partials, Triton's own tf32x3 needs fewer registers on sm_80.)
+        # it does not train, or is not NARROW, Triton's own tf32x3 needs fewer registers on sm_80.)
         SPLIT_X: tl.constexpr = x_ptr.dtype.element_ty == tl.float32 and PRECISION == "tf32x3"
-        SHARE_SPLIT: tl.constexpr = SPLIT_X and ACCUMULATE_SUMS and not DETERMINISTIC
+        SHARE_SPLIT: tl.constexpr = SPLIT_X and ACCUMULATE_SUMS and NARROW
         x_hi = _tf32_hi(x) if SPLIT_X else x
         x_lo = x - x_hi
         if BF16_X:
@@ -193,7 +193,7 @@ def vq_search_resident_kernel(
         X16: tl.constexpr = PRECISION == "tf32x3" and x_ptr.dtype.element_ty != tl.float32
         onehot_t = ((codes[:, None] == best[None, :]) & row_mask[None, :]).to(
             x_ptr.dtype.element_ty if X16 else tl.float32)
-        if DETERMINISTIC:
+        if not NARROW:
             acc_cnt += tl.sum(onehot_t.to(tl.float32), axis=1)
         elif X16:
             acc_cnt = tl.dot(onehot_t, ones.to(x_ptr.dtype.element_ty), acc_cnt)  # exact: 0/1 and 1, fp32 sums
@@ -212,7 +212,7 @@ def vq_search_resident_kernel(
     bad = tl.sum(bad_rows, axis=0)
     if bad > 0:
         tl.atomic_add(stats_ptr + 2, bad.to(tl.float32), sem="relaxed")
-    if not DETERMINISTIC:
+    if NARROW:
         acc_cnt = tl.max(acc_cnt, axis=1)
     s_off = (g * K + codes)[:, None] * d + dims[None, :]
     s_mask = code_mask[:, None] & dim_mask[None, :]

@@ -377,9 +377,9 @@ PARTIAL_BYTES = 256 << 20  # cap on the deterministic mode's per-program partial
 # never split across warps.
 _TILES = {(90, "float32"): (32, 4, True), (90, "bfloat16"): (32, 4, True), (90, "float16"): (16, 4, True),
           (80, "float32"): (16, 4, False), (80, "bfloat16"): (32, 4, True), (80, "float16"): (16, 4, True)}
-# The GEMM search's tile (rows, codes, dims of a chunk of 16-bit x (fp32 x: half), warps): the
-# fastest without spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
-GEMM_TILE = (128, 64, 32, 8)
+# The GEMM search's tile (rows, codes, dims per chunk when d > 32, warps): the fastest without
+# spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
+GEMM_TILE = (128, 64, 16, 8)
 
 
 def _pow2(n: int) -> int:
@@ -391,7 +391,7 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
                 capability: int | None, x_dtype: torch.dtype = torch.float32) -> TritonPlan:
     """sms, capability (e.g. 90): the GPU's; None for CPU tensors (the interpreter), where a few
     programs each walk several tiles (so tests exercise the persistent loop) with sm_90's tiles.
-    x_dtype: x's (its tiles differ; fp32 x takes narrower chunks in the GEMM search)."""
+    x_dtype: x's (the resident search's tiles differ by it)."""
     arch = 90 if capability is None or capability >= 90 else 80
     block_n, warps, vector_rows = _TILES[arch, str(x_dtype).removeprefix("torch.")]
     pk, pd = max(16, _pow2(K)), max(16, _pow2(d))
@@ -399,10 +399,11 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
     gemm = not resident and not deterministic
     if resident:
         block_k, block_d = pk, pd
+        block_n = block_n if pk * pd <= 1024 else min(block_n, 16)  # wider codebooks: 32 rows would spill
         contiguous = vector_rows and d == pd and _pow2(lay.L) == lay.L and lay.L <= block_n
     elif gemm:  # a GEMM tile with an argmin epilogue (the deterministic mode keeps vq_search_kernel's partials)
         block_n, block_k, warps = GEMM_TILE[0], min(pk, GEMM_TILE[1]), GEMM_TILE[3]
-        block_d = pd if pd <= 32 else GEMM_TILE[2] // (2 if x_dtype == torch.float32 else 1)
+        block_d = pd if pd <= 32 else GEMM_TILE[2]  # d <= 32: x loaded and split once per row tile
         contiguous = False
     else:
         block_k, block_d = min(pk, 64), min(pd, 32)
@@ -485,7 +486,8 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
                 *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
                 CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous else 1, BLOCK_N=plan.block_n,
                 BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
-                CHECK_FINITE=spec.check_finite, num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
+                CHECK_FINITE=spec.check_finite, NARROW=not spec.deterministic and plan.block_k * plan.block_d <= 1024,
+                num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
         else:
             kernels.vq_search_kernel[(P, G)](
                 *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
