@@ -1,6 +1,7 @@
 // Fused EMA vector quantisation on the CPU: nearest-code search, quantised output, indices,
-// per-code counts and sums, and the EMA codebook update. Buffers are passed as raw pointers from
-// torch tensors (no libtorch link); see lapo_fast/ops/vq_layout.py for the strided layout.
+// per-code counts and sums, and the EMA codebook update. Raw pointers here; the Python binding
+// (module.cpp) takes numpy views of the torch tensors and checks each one's dtype, contiguity and
+// size before any is used (no libtorch link); lapo_fast/ops/vq_layout.py has the strided layout.
 #pragma once
 
 #include <cstdint>

@@ -102,6 +102,38 @@ def test_cpu_kernel_matches_reference(shape):
     run_pair("cpu", *shape)
 
 
+def test_the_cpu_kernel_checks_every_array_it_is_given():
+    """The C++ op takes numpy views of the tensors and checks each against the codebook's shape:
+    a wrong dtype, size, layout or stride is an exception naming the argument, never a write out
+    of bounds or into a silent copy."""
+    _C = pytest.importorskip("lapo_fast._C")
+    G, K, d, L, B = 2, 64, 16, 4, 8
+    x = np.random.default_rng(0).standard_normal((B, G * d * L)).astype(np.float32)
+    out, idx = np.empty_like(x), np.empty((B, G, L), np.int64)
+    cb = np.random.default_rng(1).standard_normal((G, K, d)).astype(np.float32)
+
+    def call(**change):
+        a = dict(x=x, out=out, indices=idx, codebook=cb, counts=None, sums=None, ema_count=None, ema_weight=None,
+                 batch=B, L=L, strides=(G * d * L, d * L, L, 1), num_threads=1, decay=0.99, rate=0.01, eps=1e-5)
+        return _C.vq_forward(**{**a, **change})
+
+    sq_err, nonfinite, _ = call()
+    ref = vq_ema(torch.from_numpy(x), torch.from_numpy(cb), torch.ones(G, K), torch.from_numpy(cb.copy()),
+                 layout="lapo", num_latents=L, backend="reference", training=False)
+    assert nonfinite == 0 and np.array_equal(idx, ref.indices.numpy())
+    for change, error in ((dict(x=x.astype(np.float64)), "x: expected dtype float32"),
+                          (dict(out=out[:4]), "out: expected 1024 elements, got 512"),
+                          (dict(indices=idx.astype(np.int32)), "indices: expected dtype int64"),
+                          (dict(codebook=cb[0]), r"codebook must be \(G, K, d\)"),
+                          (dict(counts=np.zeros((G, K + 1), np.float32)), "counts: expected 128 elements"),
+                          (dict(ema_count=np.zeros((G, K), np.float32)), "both ema_count and ema_weight"),
+                          (dict(strides=(G * d * L + 1, d * L, L, 1)), "strides reach outside x"),
+                          (dict(x=np.asfortranarray(x)), "x: array must be C-contiguous"),
+                          (dict(out=list(out.ravel())), "incompatible function arguments")):
+        with pytest.raises((TypeError, ValueError), match=error):
+            call(**change)
+
+
 TRITON_SHAPES = [
     ("lapo", 6, 2, 64, 16, 4),
     ("lapo", 100, 2, 64, 16, 4),     # resident codebook, vector rows: 25 tiles over 3 persistent programs

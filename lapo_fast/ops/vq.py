@@ -302,12 +302,8 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
         raise NonFiniteError(_NONFINITE)
     perplexity = perplexity_of(counts)
     if spec.training:
-        call = _C.VQCall()
-        call.counts, call.sums, call.codebook = counts.data_ptr(), sums.data_ptr(), codebook.data_ptr()
-        call.ema_count, call.ema_weight = ema_count.data_ptr(), ema_weight.data_ptr()
-        call.G, call.K, call.d = codebook.shape
-        call.decay, call.rate, call.eps = spec.decay, 1.0 - spec.decay, spec.eps
-        _C.vq_ema_update(call)
+        _C.vq_ema_update(counts.numpy(), sums.numpy(), ema_count.numpy(), ema_weight.numpy(), codebook.numpy(),
+                         spec.decay, 1.0 - spec.decay, spec.eps)
     return q, idx, loss, perplexity
 
 
@@ -325,20 +321,14 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     idx = torch.empty(lay.indices_shape, dtype=torch.int64)
     counts = torch.empty(G, K) if keep_stats else None
     sums = torch.empty(G, K, d) if keep_stats and spec.training else None
-    call = _C.VQCall()
-    call.x, call.out, call.indices, call.codebook = xf.data_ptr(), out.data_ptr(), idx.data_ptr(), codebook.data_ptr()
-    if counts is not None:
-        call.counts = counts.data_ptr()
-    if sums is not None:
-        call.sums = sums.data_ptr()
-    if ema is not None:
-        call.ema_count, call.ema_weight = ema[0].data_ptr(), ema[1].data_ptr()
-    call.batch, call.G, call.K, call.d, call.L = lay.batch, G, K, d, lay.L
-    call.stride_b, call.stride_g, call.stride_k, call.stride_l = lay.strides()
+    # numpy views of the tensors (no copy): the C++ checks each one's dtype, contiguity and size.
     # 1 - decay in double, rounded once to fp32: the reference's (torch's) numbers; in fp32 it is
     # 0.0009999871 for decay 0.999, 1.3e-5 relative off in every EMA update.
-    call.num_threads, call.decay, call.rate, call.eps = spec.num_threads, spec.decay, 1.0 - spec.decay, spec.eps
-    sq_err, nonfinite, perplexity = _C.vq_forward(call)
+    sq_err, nonfinite, perplexity = _C.vq_forward(
+        xf.detach().numpy(), out.numpy(), idx.numpy(), codebook.numpy(), None if counts is None else counts.numpy(),
+        None if sums is None else sums.numpy(), None if ema is None else ema[0].numpy(),
+        None if ema is None else ema[1].numpy(), lay.batch, lay.L, lay.strides(), spec.num_threads, spec.decay,
+        1.0 - spec.decay, spec.eps)
     if nonfinite:  # free to detect on the CPU, so always enforced there (check_finite is a CUDA knob)
         if keep_stats:
             return out, idx, None, None, counts, sums
