@@ -85,6 +85,16 @@ def _distance_dots(x_hi, x_lo, c_hi, c_lo, dots, SPLIT_X: tl.constexpr, PRECISIO
 
 
 @triton.jit
+def _store_old_total(ema_count_ptr, old_total_ptr, g, K, BLOCK_K: tl.constexpr):
+    """The sum of group g's EMA counts before the update (the finalize needs it and overwrites them)."""
+    total = 0.0
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        total += tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=codes < K, other=0.0), axis=0)
+    tl.store(old_total_ptr + g, total)
+
+
+@triton.jit
 def _tile_rows(tile, n_batch, L, BLOCK_N: tl.constexpr):
     rows = tl.cast(tile, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = rows // L
@@ -243,11 +253,7 @@ def vq_search_kernel(
     dims = tl.arange(0, BLOCK_D)
     cb_base = codebook_ptr + g.to(tl.int64) * K * d
     if pid == 0:
-        total = 0.0
-        for k0 in range(0, K, BLOCK_K):
-            codes = k0 + tl.arange(0, BLOCK_K)
-            total += tl.sum(tl.load(ema_count_ptr + g * K + codes, mask=codes < K, other=0.0), axis=0)
-        tl.store(old_total_ptr + g, total)
+        _store_old_total(ema_count_ptr, old_total_ptr, g, K, BLOCK_K)
     part = pid.to(tl.int64) * 0
     if DETERMINISTIC:
         part = pid.to(tl.int64) * G * K  # this program's partial slice
@@ -441,11 +447,7 @@ def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, ol
         tl.store(lo_base + t_off, c - hi)
     tl.store(cnorm_ptr + g * K_PAD + codes, tl.where(code_mask, norm, float("inf")))
     if kb == 0:
-        total = 0.0
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            total += tl.sum(tl.load(ema_count_ptr + g * K + ks, mask=ks < K, other=0.0), axis=0)
-        tl.store(old_total_ptr + g, total)
+        _store_old_total(ema_count_ptr, old_total_ptr, g, K, BLOCK_K)
 
 
 @triton.jit
