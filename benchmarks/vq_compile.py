@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import subprocess
@@ -42,7 +43,7 @@ from benchmarks.common import TOKENIZER_CASES  # noqa: E402
 from benchmarks.common import VQ_CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
 
 KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_code_norms_kernel", "vq_search_gemm_kernel",
-           "vq_finalize_kernel", "vq_backward_kernel")
+           "vq_gemm_rows_kernel", "vq_finalize_kernel", "vq_backward_kernel")
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;?\s*$")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
-COUNTED = ("SHFL", "LDS", "STS", "BAR", "HMMA", "LDG", "STG", "RED", "ATOM")
+COUNTED = ("SHFL", "LDS", "STS", "BAR", "HMMA", "LDG", "STG", "RED", "ATOM", "CALL")  # CALL: its body is not counted
 
 
 def disassemble(cubin: bytes) -> str:
@@ -263,15 +264,21 @@ def _trips(launch) -> tuple[int, list[int]]:
     (and in them the dimension chunks), then the chunks for q, then the code tiles (and chunks) for
     the sums; the GEMM search the code tiles (chunks in them unless ONE_CHUNK), then the chunks."""
     fn, grid, args, kwargs = launch
-    programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
-    if not fn.__name__.startswith("vq_search"):
+    programs = math.prod(grid)
+    if not fn.__name__.startswith(("vq_search", "vq_gemm_rows")):
         return programs, []
+    chunks = -(-_arg(launch, "d") // kwargs["BLOCK_D"])
+    if fn.__name__ == "vq_gemm_rows_kernel":  # every row tile once: the splits' partials (unrolled), the chunks
+        return _arg(launch, "num_tiles") * grid[1], [chunks]
     tiles = _arg(launch, "num_tiles") * grid[1]
-    codes, chunks = -(-_arg(launch, "K") // kwargs["BLOCK_K"]), -(-_arg(launch, "d") // kwargs["BLOCK_D"])
+    codes = -(-_arg(launch, "K") // kwargs["BLOCK_K"])
     if fn.__name__ == "vq_search_kernel":
         return tiles, [codes, chunks, chunks, codes, chunks]
-    if fn.__name__ == "vq_search_gemm_kernel":
-        return tiles, [codes, chunks] if kwargs["ONE_CHUNK"] else [codes, chunks, chunks]
+    if fn.__name__ == "vq_search_gemm_kernel":  # each row tile once per split, over the split's code tiles
+        splits = grid[2] if len(grid) > 2 else 1
+        per = -(-_arg(launch, "codes_per_split") // kwargs["BLOCK_K"]) if splits > 1 else codes
+        inner = [per] if kwargs["ONE_CHUNK"] else [per, chunks]
+        return tiles * splits, inner if kwargs["SPLIT_CODES"] else inner + [chunks]
     return tiles, []
 
 
@@ -286,6 +293,10 @@ def _bytes(launch) -> tuple[float, float]:
         K, d, G, P = (_arg(launch, k) for k in ("K", "d", "G", "P"))
         nbytes = 4 * (G * K * (3 * d + 3) + G * P)
         return nbytes, nbytes
+    if name == "vq_gemm_rows_kernel":  # the splits' partials in, then as the search's end: x in, q and indices out
+        x, G, rows = _arg(launch, "x_ptr"), _arg(launch, "G"), _arg(launch, "n_batch") * _arg(launch, "L")
+        floor = rows * G * (_arg(launch, "d") * x.element_size() * 2 + 8)
+        return floor + rows * G * 8 * kwargs["SPLITS"], floor
     if name == "vq_code_norms_kernel":  # the codebook in, its TF32 halves and norms out, old counts in, zeros out
         K, d, G = (_arg(launch, k) for k in ("K", "d", "G"))
         nbytes = 4 * G * K * (3 * d + 3 + (d if kwargs["ZERO_SUMS"] else 0))
@@ -300,6 +311,10 @@ def _bytes(launch) -> tuple[float, float]:
     reloads = 0 if name == "vq_search_resident_kernel" else rows * G * d * x.element_size() * code_tiles
     if name == "vq_search_gemm_kernel":  # x once per row tile if it fits one chunk; c's halves per row tile
         reloads = (0 if kwargs["ONE_CHUNK"] else reloads) + _arg(launch, "num_tiles") * G * K * (2 * d + 1) * 4
+        if kwargs["SPLIT_CODES"]:  # x read by every split; partials out; q and indices: vq_gemm_rows_kernel's
+            splits = grid[2]
+            xin = rows * G * d * x.element_size()
+            return xin * splits + rows * G * 8 * splits + reloads / 4, 0
     return floor + partials + reloads / 4, floor  # L2 re-reads counted at a quarter of HBM's cost
 
 
@@ -326,10 +341,11 @@ def _mma_flops(launch) -> float:
 def predict(launch, gpu: Gpu, r: dict) -> dict:
     """One launch's time from its compiled code: issue (the SASS's instructions as they execute:
     outside the outermost loop once per program, its body once per iteration, nested loops' bodies
-    per their trips; times warps, over SMs x 4 schedulers x clock), memory (bytes at 90% of peak),
-    tensor cores (TF32 rate); predicted = the largest, plus a launch."""
+    per their trips; times warps; the busiest SM's share of the programs, over 4 schedulers x
+    clock), memory (bytes at 90% of peak), tensor cores (TF32 rate); predicted = the largest, plus
+    a launch."""
     fn, grid, args, kwargs = launch
-    programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+    programs = math.prod(grid)
     sass = r["sass"]
     iterations, inner_trips = _trips(launch)
     loops = sass["loops"]
@@ -349,11 +365,17 @@ def predict(launch, gpu: Gpu, r: dict) -> dict:
             executed += iterations * runs * (inner_trips[i] - 1) * n
     warps = r["warps"]
     nbytes, floor = _bytes(launch)
+    # The busiest multiprocessor's share of the issue slots and tensor cores: programs are spread
+    # evenly, so with fewer programs than multiprocessors (a few row tiles) the others idle and one
+    # program's work is the time. (Bytes are not scaled: a few SMs still draw much of the bandwidth.)
+    per_sm = -(-programs // gpu.sms)
+    share = per_sm * gpu.sms / programs  # 1 when the programs fill every SM evenly
     out = {"sass_instructions": sass["instructions"], "sass_loop_instructions": body, "loop_iterations": iterations,
            "loop_ops": sass["loop_ops"], "warps": warps, "programs": programs,
-           "issue_us": executed * warps / (gpu.sms * SCHEDULERS * gpu.clock) * 1e6,
+           "issue_us": share * executed * warps / (gpu.sms * SCHEDULERS * gpu.clock) * 1e6,
            "memory_us": nbytes / (SUSTAINED * gpu.bandwidth) * 1e6,
-           "mma_us": _mma_flops(launch) / gpu.tf32 * 1e6, "launch_us": gpu.launch_s * 1e6,
+           "mma_us": share * _mma_flops(launch) / gpu.tf32 * 1e6, "launch_us": gpu.launch_s * 1e6,
+           "mma_floor_us": _mma_flops(launch) / gpu.tf32 * 1e6,  # every SM's tensor cores busy
            "floor_us": floor / (SUSTAINED * gpu.bandwidth) * 1e6}
     out["predicted_us"] = max(out["issue_us"], out["memory_us"], out["mma_us"]) + out["launch_us"]
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
@@ -418,8 +440,8 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None, dump: str 
         s = steps.setdefault((label, dtype, arch), dict(  # the step: search + finalize (+ backward)
             kernel="step", target=f"sm_{arch}", case=label, dtype=dtype, registers=None, spill_bytes=None,
             shared_bytes=None, warps_per_sm=None, predicted_us=fill, floor_us=0.0,
-            issue_us=0.0, memory_us=0.0, mma_us=0.0, launch_us=fill))
-        for k in ("predicted_us", "floor_us", "issue_us", "memory_us", "mma_us", "launch_us"):
+            issue_us=0.0, memory_us=0.0, mma_us=0.0, mma_floor_us=0.0, launch_us=fill))
+        for k in ("predicted_us", "floor_us", "issue_us", "memory_us", "mma_us", "mma_floor_us", "launch_us"):
             s[k] = round(s[k] + row[k], 2)
     constants = {f"sm_{a}": {"gpu": GPUS[a].name, "sms": GPUS[a].sms, "schedulers": SCHEDULERS,
                              "clock_hz": GPUS[a].clock, "bandwidth": GPUS[a].bandwidth, "sustained": SUSTAINED,

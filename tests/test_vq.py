@@ -142,7 +142,8 @@ TRITON_SHAPES = [
     ("grouped", 1, 1, 8, 4, 1),      # resident, padded codes and dims: the strided path
     ("grouped", 70, 2, 100, 33, 1),  # general kernel: several code tiles, masked dims, a partial row tile
     ("grouped", 130, 1, 16, 100, 1), # general kernel: d in 4 chunks of 32 (GEMM search: 2 chunks of 64)
-    ("grouped", 150, 1, 300, 8, 1),  # GEMM search: 5 code tiles, the last one ragged; 3 row tiles
+    ("grouped", 150, 1, 300, 8, 1),  # GEMM search: 5 code tiles, the last one ragged; 2 row tiles
+    ("grouped", 100, 2, 300, 8, 1),  # GEMM search, 1 row tile: the codes split over 3 programs, then the rows
 ]
 
 

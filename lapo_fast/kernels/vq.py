@@ -160,7 +160,8 @@ def vq_search_resident_kernel(
             x = x.to(tl.float32)
             rows, b, l, row_mask = _tile_rows(tile, n_batch, L_C, BLOCK_N)
         else:
-            rows, b, l, row_mask = _tile_rows(tile, n_batch, L, BLOCK_N)
+            # L_C: L as a constant divisor (shifts, not a division call), or 1: divide by the runtime L
+            rows, b, l, row_mask = _tile_rows(tile, n_batch, L if L_C == 1 else L_C, BLOCK_N)
             x_off = b[:, None] * stride_b + g * stride_g + dims[None, :] * stride_k + l[:, None] * stride_l
             x = tl.load(x_ptr + x_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
         mask = row_mask[:, None] & dim_mask[None, :]
@@ -242,7 +243,7 @@ def vq_search_resident_kernel(
 def vq_search_kernel(
     x_ptr, out_ptr, idx_ptr, codebook_ptr, ema_count_ptr,
     counts_ptr, sums_ptr, stats_ptr, err_ptr, old_total_ptr,
-    n_batch, K, d, G, L, num_tiles,
+    n_batch, K, d, G, L: tl.constexpr, num_tiles,
     stride_b, stride_g, stride_k, stride_l,
     ACCUMULATE_SUMS: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -451,12 +452,45 @@ def vq_code_norms_kernel(codebook_ptr, ema_count_ptr, cnorm_ptr, c_split_ptr, ol
 
 
 @triton.jit
+def _gemm_rows_done(best, rows, b, l, row_mask, x_ptr, out_ptr, idx_ptr, codebook_ptr, counts_ptr, sums_ptr,
+                    g, G, K, d, L, stride_b, stride_g, stride_k, stride_l,
+                    ACCUMULATE_SUMS: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """A row tile whose nearest codes are known: indices, q, each row's count (and, training, its
+    x) added atomically to its code's accumulators; returns (the tile's squared error, its rows
+    holding NaN/inf or overflowing)."""
+    dims = tl.arange(0, BLOCK_D)
+    g_codes = tl.cast(g, tl.int64) * K
+    row_off = b * stride_b + g * stride_g + l * stride_l
+    tl.store(idx_ptr + (b * G + g) * L + l, best.to(tl.int64), mask=row_mask)
+    tl.atomic_add(counts_ptr + g_codes + best, tl.full((BLOCK_N,), 1.0, tl.float32), mask=row_mask, sem="relaxed")
+    bad_row = tl.zeros((BLOCK_N,), tl.int1)
+    row_err = tl.zeros((BLOCK_N,), tl.float32)
+    q_row = (g_codes + best)[:, None] * d
+    for d0 in range(0, d, BLOCK_D):
+        m = row_mask[:, None] & ((d0 + dims) < d)[None, :]
+        off = row_off[:, None] + (d0 + dims)[None, :] * stride_k
+        x_raw = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        xc = _zeroed(x_raw)
+        q = tl.load(codebook_ptr + q_row + (d0 + dims)[None, :], mask=m, other=0.0)
+        tl.store(out_ptr + off, q.to(out_ptr.dtype.element_ty), mask=m)
+        chunk_err, bad_chunk = _row_error(x_raw, xc, q, m, CHECK_FINITE)
+        row_err += chunk_err
+        bad_row = bad_row | bad_chunk
+        if ACCUMULATE_SUMS:
+            tl.atomic_add(sums_ptr + q_row + (d0 + dims)[None, :], xc, mask=m, sem="relaxed")
+    if CHECK_FINITE:  # a sum of finite chunks can still overflow
+        bad_row = bad_row | (row_err == float("inf"))
+    return tl.sum(tl.where(bad_row, 0.0, row_err), axis=0), tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
+
+
+@triton.jit
 def vq_search_gemm_kernel(
     x_ptr, out_ptr, idx_ptr, codebook_ptr, cnorm_ptr, c_split_ptr,
-    counts_ptr, sums_ptr, stats_ptr, err_ptr,
-    n_batch, K, d, G, L, num_tiles, K_PAD, D_PAD,
+    counts_ptr, sums_ptr, stats_ptr, err_ptr, part_val_ptr, part_idx_ptr,
+    n_batch, K, d, G, L: tl.constexpr, num_tiles, K_PAD, D_PAD, codes_per_split, rows_pad,
     stride_b, stride_g, stride_k, stride_l,
-    ACCUMULATE_SUMS: tl.constexpr, SPLIT_X: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    ACCUMULATE_SUMS: tl.constexpr, SPLIT_X: tl.constexpr, ONE_CHUNK: tl.constexpr, SPLIT_CODES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     CHECK_FINITE: tl.constexpr,
 ):
@@ -465,21 +499,24 @@ def vq_search_gemm_kernel(
     ||c||^2 - 2 x.c come from tensor cores (c's TF32 halves and norms, padded, from
     vq_code_norms_kernel) and each (row, column) keeps its running minimum and the code tile it
     came from -- three instructions per (row, code), no cross-thread reduction until the row
-    tile's codes are all seen. Then the nearest code (ties: the lowest index), q, the squared
-    error, and each row's count (and, training, its x) added atomically to its code's
-    accumulators. With ONE_CHUNK (d <= BLOCK_D) the row tile is loaded and split once; else x is
-    re-read per code tile, chunk by chunk, from L1/L2."""
+    tile's codes are all seen. Then the nearest code (ties: the lowest index) and _gemm_rows_done.
+    With SPLIT_CODES (few row tiles: program (p, g, s) takes codes_per_split of the codes, so that
+    every multiprocessor works) each row's nearest code in the split and its distance go to the
+    partials, and vq_gemm_rows_kernel finishes. With ONE_CHUNK (d <= BLOCK_D) the row tile is
+    loaded and split once; else x is re-read per code tile, chunk by chunk, from L1/L2."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
+    split = tl.program_id(2)
     P = tl.num_programs(0)
     dims = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_K)
-    g_codes = tl.cast(g, tl.int64) * K
     plane = tl.cast(D_PAD, tl.int64) * K_PAD
     hi_base = c_split_ptr + g * plane
     lo_base = hi_base + G * plane
     norm_base = cnorm_ptr + g * K_PAD
     c_tile = dims[:, None] * K_PAD + cols[None, :]  # a (d, codes) tile of the transposed halves
+    k_start = split * codes_per_split
+    k_end = tl.minimum(k_start + codes_per_split, K_PAD)
     err = 0.0
     bad = 0
     for tile in range(pid, num_tiles, P):
@@ -493,7 +530,7 @@ def vq_search_gemm_kernel(
             x_lo = x - x_hi
         best_val = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
         best_k0 = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
-        for k0 in range(0, K_PAD, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
             if ONE_CHUNK:
                 dots = _distance_dots(x_hi, x_lo, tl.load(hi_base + k0 + c_tile), tl.load(lo_base + k0 + c_tile),
@@ -514,30 +551,55 @@ def vq_search_gemm_kernel(
         nearest = tl.min(best_val, axis=1)
         best = tl.min(tl.where(best_val == nearest[:, None], best_k0 + cols[None, :], 2147483647), axis=1)
         best = tl.minimum(best, K - 1)  # no column matched (NaN distances of a non-finite codebook): in bounds
+        if SPLIT_CODES:
+            part = (split * G + g).to(tl.int64) * rows_pad + rows
+            tl.store(part_val_ptr + part, nearest, mask=row_mask)
+            tl.store(part_idx_ptr + part, best, mask=row_mask)
+        else:
+            tile_err, tile_bad = _gemm_rows_done(best, rows, b, l, row_mask, x_ptr, out_ptr, idx_ptr, codebook_ptr,
+                                                 counts_ptr, sums_ptr, g, G, K, d, L, stride_b, stride_g, stride_k,
+                                                 stride_l, ACCUMULATE_SUMS, CHECK_FINITE, BLOCK_N, BLOCK_D)
+            err += tile_err
+            bad += tile_bad
 
-        tl.store(idx_ptr + (b * G + g) * L + l, best.to(tl.int64), mask=row_mask)
-        tl.atomic_add(counts_ptr + g_codes + best, tl.full((BLOCK_N,), 1.0, tl.float32), mask=row_mask,
-                      sem="relaxed")
-        bad_row = tl.zeros((BLOCK_N,), tl.int1)  # rows holding NaN/inf (they counted as zeros above)
-        row_err = tl.zeros((BLOCK_N,), tl.float32)
-        q_row = (g_codes + best)[:, None] * d
-        for d0 in range(0, d, BLOCK_D):
-            m = row_mask[:, None] & ((d0 + dims) < d)[None, :]
-            off = row_off[:, None] + (d0 + dims)[None, :] * stride_k
-            x_raw = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-            xc = _zeroed(x_raw)
-            q = tl.load(codebook_ptr + q_row + (d0 + dims)[None, :], mask=m, other=0.0)
-            tl.store(out_ptr + off, q.to(out_ptr.dtype.element_ty), mask=m)
-            chunk_err, bad_chunk = _row_error(x_raw, xc, q, m, CHECK_FINITE)
-            row_err += chunk_err
-            bad_row = bad_row | bad_chunk
-            if ACCUMULATE_SUMS:
-                tl.atomic_add(sums_ptr + q_row + (d0 + dims)[None, :], xc, mask=m, sem="relaxed")
-        if CHECK_FINITE:  # a sum of finite chunks can still overflow
-            bad_row = bad_row | (row_err == float("inf"))
-        err += tl.sum(tl.where(bad_row, 0.0, row_err), axis=0)
-        bad += tl.sum(tl.where(bad_row & row_mask, 1, 0), axis=0)
+    if not SPLIT_CODES:
+        tl.store(err_ptr + g * P + pid, err)
+        if bad > 0:
+            tl.atomic_add(stats_ptr + 2, bad.to(tl.float32), sem="relaxed")
 
+
+@triton.jit
+def vq_gemm_rows_kernel(
+    x_ptr, out_ptr, idx_ptr, codebook_ptr, counts_ptr, sums_ptr, stats_ptr, err_ptr, part_val_ptr, part_idx_ptr,
+    n_batch, K, d, G, L: tl.constexpr, num_tiles, rows_pad,
+    stride_b, stride_g, stride_k, stride_l,
+    SPLITS: tl.constexpr, ACCUMULATE_SUMS: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """After a vq_search_gemm_kernel that split the codes: each row's nearest code over the splits'
+    partials (taken in code order, strictly smaller only: ties keep the lowest index), then
+    _gemm_rows_done. Persistent over row tiles like the search."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    P = tl.num_programs(0)
+    err = 0.0
+    bad = 0
+    for tile in range(pid, num_tiles, P):
+        rows, b, l, row_mask = _tile_rows(tile, n_batch, L, BLOCK_N)
+        at = g.to(tl.int64) * rows_pad + rows
+        best_val = tl.load(part_val_ptr + at, mask=row_mask, other=0.0)
+        best = tl.load(part_idx_ptr + at, mask=row_mask, other=0)
+        for s in tl.static_range(1, SPLITS):  # unrolled: a few loads and selects each
+            part = (s * G + g).to(tl.int64) * rows_pad + rows
+            val = tl.load(part_val_ptr + part, mask=row_mask, other=0.0)
+            better = val < best_val
+            best_val = tl.where(better, val, best_val)
+            best = tl.where(better, tl.load(part_idx_ptr + part, mask=row_mask, other=0), best)
+        tile_err, tile_bad = _gemm_rows_done(best, rows, b, l, row_mask, x_ptr, out_ptr, idx_ptr, codebook_ptr,
+                                             counts_ptr, sums_ptr, g, G, K, d, L, stride_b, stride_g, stride_k,
+                                             stride_l, ACCUMULATE_SUMS, CHECK_FINITE, BLOCK_N, BLOCK_D)
+        err += tile_err
+        bad += tile_bad
     tl.store(err_ptr + g * P + pid, err)
     if bad > 0:
         tl.atomic_add(stats_ptr + 2, bad.to(tl.float32), sem="relaxed")

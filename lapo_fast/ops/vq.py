@@ -356,6 +356,8 @@ class TritonPlan(NamedTuple):
     finalize_block_k: int
     finalize_block_d: int
     finalize_blocks: int  # finalize programs per group
+    code_splits: int = 1       # GEMM search with few row tiles: programs per row tile, each over a share of the codes
+    codes_per_split: int = 0   # (a multiple of block_k)
 
 
 RESIDENT_MAX = 2048        # padded K x d held in registers per program (LAPO: 64 x 16 = 1,024)
@@ -404,8 +406,13 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
         programs = max(1, min(programs, PARTIAL_BYTES // (4 * lay.G * K * (d + 1))))
     tensor_cores = capability is None or capability >= 80  # TF32 from sm_80
     fk = min(64, pk)
+    splits, per = 1, _cdiv(K, block_k)  # code tiles per split
+    if gemm and tiles < (target := 3 if sms is None else sms * (16 // warps)):  # idle SMs: split the codes too
+        per = _cdiv(per, min(per, target // tiles))
+        splits = _cdiv(_cdiv(K, block_k), per)
     return TritonPlan(resident, gemm, contiguous, block_n, block_k, block_d, tiles, programs,
-                      "tf32x3" if tensor_cores else "ieee", warps, fk, min(32, pd), _cdiv(K, fk))
+                      "tf32x3" if tensor_cores else "ieee", warps, fk, min(32, pd), _cdiv(K, fk), splits,
+                      per * block_k)
 
 
 def _launch_facts(device: torch.device) -> tuple[int | None, int | None]:
@@ -464,17 +471,30 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
             kernels.vq_code_norms_kernel[(G, k_pad // plan.block_k)](
                 codebook, ema_count, cnorm, c_split, old_total, counts, sums_arg, stats, K, d, G, k_pad, d_pad,
                 ZERO_SUMS=sums is not None, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d)
-            kernels.vq_search_gemm_kernel[(P, G)](
-                x, out, idx, codebook, cnorm, c_split, counts, sums_arg, stats, err, lay.batch, K, d, G, lay.L,
-                plan.tiles, k_pad, d_pad, *lay.strides(), ACCUMULATE_SUMS=spec.training,
+            splits, rows_pad = plan.code_splits, plan.tiles * plan.block_n
+            part_val = part_idx = cnorm  # (untouched without a split)
+            if splits > 1:  # each split's nearest code and distance per row, for vq_gemm_rows_kernel
+                parts = torch.empty(2, splits, G, rows_pad, device=dev)
+                part_val, part_idx = parts[0], parts[1].view(torch.int32)
+            kernels.vq_search_gemm_kernel[(P, G, splits)](
+                x, out, idx, codebook, cnorm, c_split, counts, sums_arg, stats, err, part_val, part_idx,
+                lay.batch, K, d, G, lay.L, plan.tiles, k_pad, d_pad, plan.codes_per_split, rows_pad,
+                *lay.strides(), ACCUMULATE_SUMS=spec.training,
                 SPLIT_X=x.dtype == torch.float32 and plan.precision == "tf32x3", ONE_CHUNK=d <= plan.block_d,
-                BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d,
+                SPLIT_CODES=splits > 1, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d,
                 PRECISION="ieee" if plan.precision == "ieee" else "tf32", CHECK_FINITE=spec.check_finite,
                 num_warps=plan.num_warps)
+            if splits > 1:
+                kernels.vq_gemm_rows_kernel[(P, G)](
+                    x, out, idx, codebook, counts, sums_arg, stats, err, part_val, part_idx, lay.batch, K, d, G,
+                    lay.L, plan.tiles, rows_pad, *lay.strides(), SPLITS=splits, ACCUMULATE_SUMS=spec.training,
+                    CHECK_FINITE=spec.check_finite, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, num_warps=4)
         elif plan.resident:
             kernels.vq_search_resident_kernel[(P, G)](
                 *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
-                CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous else 1, BLOCK_N=plan.block_n,
+                # (the deterministic mode's partials leave no registers for the constant divisor on sm_80)
+                CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous or not spec.deterministic else 1,
+                BLOCK_N=plan.block_n,
                 BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
                 CHECK_FINITE=spec.check_finite, NARROW=not spec.deterministic and plan.block_k * plan.block_d <= 1024,
                 num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
