@@ -178,7 +178,7 @@ def test_triton_plans_cover_both_kernels():
     tok = Layout.for_shape((65536, 64), 1, 64, "grouped", 1)  # a VQ-VAE tokenizer's codebook: the GEMM search
     gemm = triton_plan(tok, 8192, 64, False, sms=132, capability=90)
     assert gemm.gemm and not gemm.resident and (gemm.block_n, gemm.block_k, gemm.block_d) == (128, 64, 16)
-    assert gemm.programs == 132 * 2 and triton_plan(tok, 8192, 32, False, 132, 90).block_d == 32  # one chunk
+    assert gemm.programs == 132 * 2 and triton_plan(tok, 8192, 32, False, 132, 90, torch.bfloat16).block_d == 32
     assert not triton_plan(tok, 8192, 64, True, sms=132, capability=90).gemm  # deterministic: per-program partials
     small = triton_plan(Layout.for_shape((4, 128), 2, 16, "lapo", 4), 64, 16, False, sms=None, capability=None)
     assert small.programs == 1 and small.tiles == 1

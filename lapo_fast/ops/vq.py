@@ -383,7 +383,7 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
                 capability: int | None, x_dtype: torch.dtype = torch.float32) -> TritonPlan:
     """sms, capability (e.g. 90): the GPU's; None for CPU tensors (the interpreter), where a few
     programs each walk several tiles (so tests exercise the persistent loop) with sm_90's tiles.
-    x_dtype: x's (the resident search's tiles differ by it)."""
+    x_dtype: x's (the searches' tiles differ by it)."""
     arch = 90 if capability is None or capability >= 90 else 80
     block_n, warps, vector_rows = _TILES[arch, str(x_dtype).removeprefix("torch.")]
     pk, pd = max(16, _pow2(K)), max(16, _pow2(d))
@@ -395,7 +395,8 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
         contiguous = vector_rows and d == pd and _pow2(lay.L) == lay.L and lay.L <= block_n
     elif gemm:  # a GEMM tile with an argmin epilogue (the deterministic mode keeps vq_search_kernel's partials)
         block_n, block_k, warps = GEMM_TILE[0], min(pk, GEMM_TILE[1]), GEMM_TILE[3]
-        block_d = pd if pd <= 32 else GEMM_TILE[2]  # d <= 32: x loaded and split once per row tile
+        # small d: x loaded (and split) once per row tile (fp32 x: two halves, so up to 16 dims)
+        block_d = pd if pd <= (16 if x_dtype == torch.float32 else 32) else GEMM_TILE[2]
         contiguous = False
     else:
         block_k, block_d = min(pk, 64), min(pd, 32)
