@@ -168,7 +168,6 @@ def vq_search_resident_kernel(
         x_raw = x
         x = _zeroed(x_raw)
 
-        # x's TF32 halves, shared by the distances and the sums (16-bit x is exact in TF32: no low half)
         # fp32 x on tensor cores: its TF32 halves serve the distances and, training, the sums. (Where
         # it does not train, or is not NARROW, Triton's own tf32x3 needs fewer registers on sm_80.)
         SPLIT_X: tl.constexpr = x_ptr.dtype.element_ty == tl.float32 and PRECISION == "tf32x3"

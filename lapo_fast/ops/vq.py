@@ -369,8 +369,8 @@ PARTIAL_BYTES = 256 << 20  # cap on the deterministic mode's per-program partial
 # never split across warps.
 _TILES = {(90, "float32"): (32, 4, True), (90, "bfloat16"): (32, 4, True), (90, "float16"): (16, 4, True),
           (80, "float32"): (16, 4, False), (80, "bfloat16"): (32, 4, True), (80, "float16"): (16, 4, True)}
-# The GEMM search's tile (rows, codes, dims per chunk when d > 32, warps): the fastest without
-# spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
+# The GEMM search's tile (rows, codes, dims per chunk when d is too wide for one, warps): the
+# fastest without spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
 GEMM_TILE = (128, 64, 16, 8)
 
 
@@ -495,8 +495,7 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
                 *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
                 # (the deterministic mode's partials leave no registers for the constant divisor on sm_80)
                 CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous or not spec.deterministic else 1,
-                BLOCK_N=plan.block_n,
-                BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
+                BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
                 CHECK_FINITE=spec.check_finite, NARROW=not spec.deterministic and plan.block_k * plan.block_d <= 1024,
                 num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
         else:
