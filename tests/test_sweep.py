@@ -165,6 +165,25 @@ def test_status_tells_a_run_whose_process_died(tmp_path):
     assert run_state(tmp_path)[0] == "died"
 
 
+def test_a_sweep_recorded_with_set_strings_continues_with_flags(tmp_path):
+    """sweep.json files written before `train` took --STAGE.FIELD flags hold `sets` of
+    "STAGE.FIELD=VALUE" (comma lists, booleans as words, "data" for the recording): they load as
+    the flags that mean the same settings."""
+    from lapo_fast.registry import resolve_run
+    from lapo_fast.sweep.launch import load_spec
+
+    old = {"envs": ["starpilot"], "seeds": 1, "preset": "smoke",
+           "sets": ["lam.steps=7", "lam.quantize=false", "decode.labelled=4,8", "decode.deploy=8",
+                    "data.frames=300", "finetune.fc_ramp=0,128"]}
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": old}))
+    spec = load_spec(tmp_path)
+    assert spec.train_args == ("--lam.steps", "7", "--lam.no-quantize", "--decode.labelled", "4", "8",
+                               "--decode.deploy", "8", "--record.frames", "300", "--finetune.fc-ramp", "0", "128")
+    cfg = resolve_run(spec.preset, spec.train_args)
+    assert (cfg.lam.steps, cfg.lam.quantize, cfg.decode.labelled, cfg.record.frames, cfg.finetune.fc_ramp) == \
+        (7, False, (4, 8), 300, (0, 128))
+
+
 def test_train_seed_reaches_every_stage():
     from lapo_fast.registry import resolve_run
 
