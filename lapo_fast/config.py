@@ -372,52 +372,56 @@ def labelled_sizes(cfg: DecodeConfig) -> list[int]:
 
 _LAM_SHORT = dict(impala_scale=1, warmup_from=0.0, final_lr=0.0, dead_code_threshold=0.01, vq_decay=0.99,
                   fdm_arch="unet", fdm_norm="group")
-_PRESETS: dict[type, dict[str, object]] = {
-    LAMConfig: {
-        "paper": LAMConfig(),
-        # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
-        # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
-        "cpu": LAMConfig(steps=3_000, batch_size=32, fdm_width=12, warmup_steps=200, probe_labels=4_096,
-                         probe_held_out=2_000, log_every=50, checkpoint_every=500, **_LAM_SHORT),
-        "smoke": LAMConfig(steps=20, batch_size=8, fdm_width=8, warmup_steps=2, probe_labels=256, probe_held_out=2_000,
-                           log_every=5, checkpoint_every=10, **_LAM_SHORT),
-    },
-    BCConfig: {
-        "paper": BCConfig(),
-        "cpu": BCConfig(steps=1_500, batch_size=64, impala_scale=1, warmup_steps=100, warmup_from=0.0, grad_clip=2.0,
-                        log_every=50, checkpoint_every=500),
-        "smoke": BCConfig(steps=10, batch_size=8, impala_scale=1, warmup_steps=2, warmup_from=0.0, grad_clip=2.0,
-                          log_every=5, checkpoint_every=5, label_batch=16),
-    },
-    DecodeConfig: {
-        "paper": DecodeConfig(),
-        "cpu": DecodeConfig(labelled=(16, 64, 256, 1024), steps=1_000, held_out=1_000, eval_episodes=32),
-        "smoke": DecodeConfig(labelled=(8, 16), deploy=16, steps=20, held_out=8, eval_episodes=2),
-    },
-    FinetuneConfig: {
-        "paper": FinetuneConfig(),
-        "cpu": FinetuneConfig(env_steps=200_000, num_envs=32, impala_scale=1, checkpoint_every=20),
-        "smoke": FinetuneConfig(env_steps=256, num_envs=4, rollout=16, epochs=2, minibatches=2, impala_scale=1,
-                                checkpoint_every=1, action_head_ramp=(0, 64), value_head_ramp=(0, 64),
-                                fc_ramp=(0, 128), decoder_from=0, decoder_dense_until=256),
-    },
-    PPOConfig: {
-        "paper": PPOConfig(),
-        "cpu": PPOConfig(env_steps=200_000, num_envs=32, rollout=128, impala_scale=1, checkpoint_every=5),
-        "smoke": PPOConfig(env_steps=256, num_envs=4, rollout=32, epochs=2, minibatches=2, impala_scale=1,
-                           checkpoint_every=1),
-    },
-    EvalConfig: {
-        "paper": EvalConfig(),
-        "cpu": EvalConfig(episodes=64, num_envs=32),
-        "smoke": EvalConfig(episodes=2, num_envs=2),
-    },
-    RecordConfig: {
-        "paper": RecordConfig(),
-        "cpu": RecordConfig(frames=60_000, test_frames=4_000, num_envs=32),
-        "smoke": RecordConfig(frames=400, test_frames=100, num_envs=4),
-    },
-}
+# Built unchecked: checking imports the models (torch) to know their choices, which would put torch
+# on every import of this module (`lapo-fast --help`); a preset is checked where it is used
+# (resolve, run_preset and the command line copy or check it).
+with unchecked():
+    _PRESETS: dict[type, dict[str, object]] = {
+        LAMConfig: {
+            "paper": LAMConfig(),
+            # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
+            # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
+            "cpu": LAMConfig(steps=3_000, batch_size=32, fdm_width=12, warmup_steps=200, probe_labels=4_096,
+                             probe_held_out=2_000, log_every=50, checkpoint_every=500, **_LAM_SHORT),
+            "smoke": LAMConfig(steps=20, batch_size=8, fdm_width=8, warmup_steps=2, probe_labels=256,
+                               probe_held_out=2_000, log_every=5, checkpoint_every=10, **_LAM_SHORT),
+        },
+        BCConfig: {
+            "paper": BCConfig(),
+            "cpu": BCConfig(steps=1_500, batch_size=64, impala_scale=1, warmup_steps=100, warmup_from=0.0,
+                            grad_clip=2.0, log_every=50, checkpoint_every=500),
+            "smoke": BCConfig(steps=10, batch_size=8, impala_scale=1, warmup_steps=2, warmup_from=0.0, grad_clip=2.0,
+                              log_every=5, checkpoint_every=5, label_batch=16),
+        },
+        DecodeConfig: {
+            "paper": DecodeConfig(),
+            "cpu": DecodeConfig(labelled=(16, 64, 256, 1024), steps=1_000, held_out=1_000, eval_episodes=32),
+            "smoke": DecodeConfig(labelled=(8, 16), deploy=16, steps=20, held_out=8, eval_episodes=2),
+        },
+        FinetuneConfig: {
+            "paper": FinetuneConfig(),
+            "cpu": FinetuneConfig(env_steps=200_000, num_envs=32, impala_scale=1, checkpoint_every=20),
+            "smoke": FinetuneConfig(env_steps=256, num_envs=4, rollout=16, epochs=2, minibatches=2, impala_scale=1,
+                                    checkpoint_every=1, action_head_ramp=(0, 64), value_head_ramp=(0, 64),
+                                    fc_ramp=(0, 128), decoder_from=0, decoder_dense_until=256),
+        },
+        PPOConfig: {
+            "paper": PPOConfig(),
+            "cpu": PPOConfig(env_steps=200_000, num_envs=32, rollout=128, impala_scale=1, checkpoint_every=5),
+            "smoke": PPOConfig(env_steps=256, num_envs=4, rollout=32, epochs=2, minibatches=2, impala_scale=1,
+                               checkpoint_every=1),
+        },
+        EvalConfig: {
+            "paper": EvalConfig(),
+            "cpu": EvalConfig(episodes=64, num_envs=32),
+            "smoke": EvalConfig(episodes=2, num_envs=2),
+        },
+        RecordConfig: {
+            "paper": RecordConfig(),
+            "cpu": RecordConfig(frames=60_000, test_frames=4_000, num_envs=32),
+            "smoke": RecordConfig(frames=400, test_frames=100, num_envs=4),
+        },
+    }
 
 
 def default_preset() -> tuple[str, str]:

@@ -49,6 +49,16 @@ def test_read_json_names_a_damaged_file(tmp_path):
         read_json(tmp_path / "state.json")
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_passes_its_configs_checks(preset):
+    """The presets are built unchecked (checking imports torch, and the config module is imported
+    by `lapo-fast --help`); every one must still pass the checks where it is used."""
+    from lapo_fast.config import _PRESETS, check
+
+    for cls, presets in _PRESETS.items():
+        check(presets[preset])
+
+
 def test_rundir_loads_typed_configs_and_says_what_to_run_first(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no lam run here .*lapo-fast lam"):
