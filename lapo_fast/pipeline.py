@@ -71,9 +71,10 @@ def _run_all(run: RunDir, game: str, cfgs, *, preset: str, demonstrator, data, t
     record = data is None
     if record:
         data, test_data = run.data("train"), run.data("test")
-        if demonstrator is None and shipped_demonstrator(game) is not None:
+        if demonstrator is None:
             demonstrator = shipped_demonstrator(game)
-            print(f"train: using the demonstrator shipped for {game}: {demonstrator}")
+            if demonstrator is not None:
+                print(f"train: using the demonstrator shipped for {game}: {demonstrator}")
     ctx = StageContext(run=run, env=game, data=Path(data), test_data=None if test_data is None else Path(test_data),
                        demonstrator=demonstrator, record=record, train=True, progress=progress)
     timer = _Timer(run)

@@ -7,6 +7,9 @@ extras a command needs. A stage's module holds its run function, called the same
 
     run(ctx: StageContext, cfg) -> str      # the line the command prints after "<stage>: "
 
+(one that has nothing to do -- `train` recording when a dataset is given -- returns "skipped: why",
+and `train` leaves it out of the run's timings).
+
 Adding a stage: a module in lapo_fast/stages/ with that function, its config class in
 lapo_fast/config.py, one record below (docs/stages.md shows one).
 """
@@ -111,12 +114,6 @@ STAGES: tuple[Stage, ...] = (
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 COMMANDS: dict[str, Stage] = {s.name: s for s in STAGES if s.command}
-
-
-def stage(name: str) -> Stage:
-    if name not in BY_NAME:
-        raise ValueError(f"no stage {name!r}; the stages: {', '.join(BY_NAME)}")
-    return BY_NAME[name]
 
 
 def folder_config(folder: str) -> type:
