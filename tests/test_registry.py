@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from lapo_fast import registry
+from lapo_fast import pipeline, registry
 from lapo_fast.cli import build_parser, main
 from lapo_fast.config import FinetuneConfig, LAMConfig, PPOConfig
 from lapo_fast.registry import COMMANDS, STAGES, RunConfig, Stage, StageContext, folder_config
@@ -34,7 +34,7 @@ def test_train_runs_the_registrys_stages_in_order(tmp_path, monkeypatch, capsys)
 
     fakes = tuple(dataclasses.replace(s, run=f"{__name__}:_FAKE") for s in STAGES)
     monkeypatch.setattr(registry, "STAGES", fakes)
-    monkeypatch.setattr("lapo_fast.pipeline.STAGES", fakes)
+    monkeypatch.setattr(pipeline, "STAGES", fakes)  # (imported above: its own STAGES is the real one)
     monkeypatch.setitem(globals(), "_FAKE", fake)
     assert main(["train", "--env", "coinrun", "--preset", "smoke", "--out", str(tmp_path / "run")]) == 0
     assert [c[3] for c in calls] == [None if s.config is None else s.config.__name__ for s in STAGES]
