@@ -320,8 +320,9 @@ def _bytes(launch) -> tuple[float, float]:
 
 def _mma_flops(launch) -> float:
     """Tensor-core work of a search, in TF32 products (a 16-bit product at twice the rate counts
-    half): distances in TF32x3 (3 products) or 2 for 16-bit x; the resident kernel's sums 2 (fp32 x)
-    or 1/2; the general kernel's 3."""
+    half): distances in TF32x3 (3 products) or 2 for 16-bit x, in the resident kernel 3 bf16 ones
+    (1.5) for bf16 x; the resident kernel's sums 2 (fp32 x) or 1/2, and with NARROW its counts, one
+    product with a 16-wide ones (half for 16-bit x); the general kernel's sums 3."""
     fn, grid, args, kwargs = launch
     if not fn.__name__.startswith("vq_search"):
         return 0.0
@@ -330,11 +331,13 @@ def _mma_flops(launch) -> float:
     bn, bk, bd = (kwargs[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_D"))
     tiles = _arg(launch, "num_tiles") * grid[1]
     resident, wide = fn.__name__ == "vq_search_resident_kernel", x.element_size() == 4
-    products = 3 if wide or not resident else 2
+    products = 3 if wide or not resident else 1.5 if x.dtype == torch.bfloat16 else 2
     if fn.__name__ == "vq_search_gemm_kernel":  # distances only: the sums are atomics
         products = 3 if kwargs["SPLIT_X"] else 2
     elif kwargs["ACCUMULATE_SUMS"]:
         products += (2 if wide else 0.5) if resident else 3
+    if resident and kwargs["NARROW"]:
+        products += (1 if wide else 0.5) * 16 / bd
     return tiles * products * 2 * bn * bk * bd * -(-K // bk) * -(-d // bd)
 
 
