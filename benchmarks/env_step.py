@@ -3,7 +3,7 @@
 All contenders step the same game in the same (hard) mode with the same uniform-random actions,
 in this run, on this machine. Prints median env steps/s per contender and ours/theirs ratios.
 
-    python -m benchmarks.env_step [--games starpilot ninja] [--envs 16 64 256] [--json out.json]
+    python benchmarks/env_step.py [--games starpilot ninja] [--envs 16 64 256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import warnings
 
 import numpy as np
 
+if __package__ in (None, ""):  # `python benchmarks/env_step.py`: the repository root on the path, not benchmarks/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import dump_json, median_time, print_table
 
 warnings.filterwarnings("ignore")

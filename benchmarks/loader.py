@@ -9,7 +9,7 @@
    (2 workers) over the decoded memmap, and the reference LAPO way (all npz chunks in RAM, indexed).
 3. The arithmetic for the paper's 8M frames from the measured bytes per frame.
 
-    python -m benchmarks.loader [--frames 20000] [--batches 200] [--json out.json]
+    python benchmarks/loader.py [--frames 20000] [--batches 200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # `python benchmarks/loader.py`: the repository root on the path, not benchmarks/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import dump_json, median_time, print_table
 
 PAPER_FRAMES = 8_000_000

@@ -9,7 +9,7 @@
 
 At the cpu and paper model sizes. On a CPU the paper sizes use small batches (noted in the table).
 
-    python -m benchmarks.train_step [--sizes cpu,paper] [--repeats 3] [--json out.json]
+    python benchmarks/train_step.py [--sizes cpu,paper] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import warnings
 
 import torch
 from torch.nn import functional as F
 
+if __package__ in (None, ""):  # `python benchmarks/train_step.py`: the repository root on the path, not benchmarks/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import dump_json, median_time, print_table
 
 warnings.filterwarnings("ignore")

@@ -11,7 +11,7 @@ multiprocessors) standing in, so it makes the launches a CUDA run makes. Triton'
 then specialises each launch for a CUDA target (dtypes, divisibility by 16, ints equal to 1) and
 triton.compile goes to cubin with the ptxas that ships in the Triton wheel.
 
-Used by `python -m benchmarks.vq_kernel --compile-only [--json OUT]` and by tests/test_vq_compile.py.
+Used by `python benchmarks/vq_kernel.py --compile-only [--json OUT]` and by tests/test_vq_compile.py.
 Must run without TRITON_INTERPRET (the kernels must be JITFunctions): it clears it at import.
 """
 
@@ -21,6 +21,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 import re
 import subprocess
 import tempfile
@@ -39,6 +40,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import lapo_fast.kernels.vq as KV  # noqa: E402
 from lapo_fast.ops import vq as vq_op  # noqa: E402
+if __package__ in (None, ""):  # `python benchmarks/vq_compile.py`: the repository root on the path, not benchmarks/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import TOKENIZER_CASES  # noqa: E402
 from benchmarks.common import VQ_CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
 
@@ -455,3 +458,10 @@ def run(archs=(80, 90), quick: bool = False, jobs: int | None = None, dump: str 
 
 def _us(seconds):
     return None if seconds is None else round(seconds * 1e6, 2)
+
+
+if __name__ == "__main__":  # the same as `python benchmarks/vq_kernel.py --compile-only ...`
+    from benchmarks.vq_kernel import main
+
+    sys.argv.insert(1, "--compile-only")
+    main()

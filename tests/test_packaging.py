@@ -99,10 +99,40 @@ def test_the_installed_wheel_runs_every_help_and_the_smoke_pipeline(fresh_venv, 
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert subprocess.run([exe, "--help"], capture_output=True, env=env, cwd=tmp_path).returncode == 0
-    run = subprocess.run([exe, "train", "--env", "starpilot", "--preset", "smoke", "--out", str(tmp_path / "run")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    # The product's command exactly as a user types it; the machine's preset from the environment (smoke here).
+    run = subprocess.run(f"{exe} train --env starpilot", shell=True, capture_output=True, text=True,
+                         env={**env, "LAPO_FAST_PRESET": "smoke"}, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert (tmp_path / "run" / "report.md").exists()
+    assert "train: preset 'smoke' (LAPO_FAST_PRESET=smoke in the environment)" in run.stdout
+    assert (tmp_path / "runs" / "starpilot-smoke" / "report.md").exists()
+
+
+def test_another_project_imports_the_fused_op_from_the_wheel(fresh_venv, tmp_path):
+    """`from lapo_fast.ops import vq_ema, VectorQuantizerEMA` in a file of another project, run by the
+    wheel's interpreter from that project's folder: the op's numbers are the PyTorch reference's."""
+    project = tmp_path / "my_vq_project"
+    project.mkdir()
+    (project / "train_tokenizer.py").write_text(textwrap.dedent("""
+        import torch
+        import lapo_fast
+        from lapo_fast.ops import VectorQuantizerEMA, vq_ema, vq_ema_reference, Layout
+
+        torch.manual_seed(0)
+        x = torch.randn(64, 2 * 16 * 4)
+        cb = torch.randn(2, 64, 16)
+        out = vq_ema(x, cb.clone(), torch.zeros(2, 64), cb.clone(), layout="lapo", num_latents=4, training=True)
+        ref = vq_ema_reference(x, cb.clone(), torch.zeros(2, 64), cb.clone(), Layout.of(x, 2, 16, "lapo", 4),
+                               training=True, decay=0.999, eps=1e-5, commitment=0.05)
+        assert torch.equal(out.indices, ref.indices) and torch.allclose(out.quantized, ref.quantized)
+        vq = VectorQuantizerEMA()
+        y = vq(torch.randn(8, 128, requires_grad=True))
+        y.quantized.sum().backward()
+        print("ok", lapo_fast.__file__)
+        """))
+    out = subprocess.run([fresh_venv / "bin" / "python", "train_tokenizer.py"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""}, cwd=project)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok") and str(fresh_venv) in out.stdout  # the wheel's copy, not this tree
 
 
 _BLOCKER = textwrap.dedent(f"""
