@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from lapo_fast.choices import DistributionMode, FdmAction, FdmArch, FdmNorm, Loader, Precision
 from lapo_fast.envs.games import DEFAULT_DISTRIBUTION_MODE
 from lapo_fast.runtime.files import read_json, write_json
 
@@ -102,27 +103,70 @@ def check(cfg) -> None:
 
 
 @dataclass
-class LAMConfig(Checked):
+class StageConfig(Checked):
+    """What every stage's settings are (the registry refuses a record whose config is not one): a
+    seed, which `train --seed` offsets, and how far a finished run goes (the resume check)."""
+
+    seed: int = setting(0, "seed of everything the stage draws at random")
+
+    def planned_steps(self) -> int | None:
+        """The step of the last checkpoint a finished run of these settings writes (None: the stage
+        keeps no step checkpoints); a resumed run must not have gone past it."""
+        return None
+
+
+@dataclass
+class SupervisedConfig(StageConfig):
+    """Stages 1 and 2: AdamW with a linear warm-up and decay, batches from the frame loader."""
+
+    steps: int = setting(50_000, "optimiser steps", low=1, resumable=True)
+    batch_size: int = setting(128, "samples per step (per rank under torchrun)", low=1)
+    lr: float = setting(3e-4, "peak AdamW learning rate")
+    warmup_steps: int = setting(50, "steps of linear warm-up to the peak lr")
+    warmup_from: float = setting(0.1, "lr at step 0, as a fraction of the peak")
+    final_lr: float = setting(0.01, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
+    weight_decay: float = setting(1e-2, "AdamW weight decay")
+    grad_clip: float = setting(2.0, "gradient-norm clip (0: none)")
+    impala_scale: int = setting(4, "width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1,
+                                shape=True)
+    log_every: int = setting(100, "steps between metric lines", low=1, resumable=True)
+    checkpoint_every: int = setting(2_000, "steps between checkpoints", low=1, resumable=True)
+    precision: Precision = setting("fp32", PRECISION_HELP)
+    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, resumable=True)
+    compile: bool = setting(False, COMPILE_HELP, resumable=True)
+    loader: Loader = setting("auto", LOADER_HELP, resumable=True)
+    device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)",
+                          resumable=True)
+
+    def planned_steps(self) -> int:
+        return self.steps
+
+    def optimizer(self, params):
+        """(AdamW, its warm-up/decay schedule) over `params`, as these settings say."""
+        from lapo_fast.runtime.optim import adamw_warmup_decay
+
+        return adamw_warmup_decay(params, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+                                  steps=self.steps, warmup_from=self.warmup_from, final_lr=self.final_lr)
+
+
+@dataclass
+class LAMConfig(SupervisedConfig):
     """Stage 1: latent IDM + FDM with the VQ bottleneck."""
 
     steps: int = setting(50_000, "optimiser steps (the reference code's; the paper's table says 70k)", low=1,
                          resumable=True)
     batch_size: int = setting(128, "windows per step (per rank under torchrun)", low=1)
     lr: float = setting(3e-4, "peak AdamW learning rate (the reference code's; the paper's table says 2e-4)")
-    warmup_steps: int = setting(50, "steps of linear warm-up to the peak lr")
-    warmup_from: float = setting(0.1, "lr at step 0, as a fraction of the peak")
-    final_lr: float = setting(0.01, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
-    weight_decay: float = setting(1e-2, "AdamW weight decay")
-    grad_clip: float = setting(2.0, "gradient-norm clip (0: none)")
     impala_scale: int = setting(4, "IDM width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1,
                                 shape=True)
-    fdm_arch: str = setting("lapo", "FDM: 'lapo' (the reference code's U-Net, 7.8M params at width 24) or 'unet' "
-                                    "(ours: the latent after the first norm and at the bottleneck)", shape=True)
+    fdm_arch: FdmArch = setting("lapo", "FDM: 'lapo' (the reference code's U-Net, 7.8M params at width 24) or "
+                                        "'unet' (ours: the latent after the first norm and at the bottleneck)",
+                                shape=True)
     fdm_width: int = setting(24, "FDM base width (the reference's wm_scale)", low=1, shape=True)
-    fdm_norm: str = setting("batch", "the 'unet' FDM's normalisation: 'batch' (BatchNorm) or 'group' (GroupNorm)",
-                            shape=True)
-    fdm_action: str = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the dataset's "
-                                        "action)", shape=True)
+    fdm_norm: FdmNorm = setting("batch", "the 'unet' FDM's normalisation: 'batch' (BatchNorm) or 'group' "
+                                         "(GroupNorm)", shape=True)
+    fdm_action: FdmAction = setting("latent", "what the FDM is given: 'latent' (LAPO) or 'true' (ablation: the "
+                                              "dataset's action)", shape=True)
     context: int = setting(1, "frames before o_t; windows are context + 2 frames", shape=True)
     num_codebooks: int = setting(2, "VQ codebooks (groups)", low=1, shape=True)
     codebook_size: int = setting(64, "codes per codebook", low=1, shape=True)
@@ -139,16 +183,11 @@ class LAMConfig(Checked):
     probe_labels: int = setting(65_536, "labelled transitions the latent probe fits (the reference's 65,536)", low=1)
     probe_held_out: int = setting(65_536, "other transitions it is scored on (the reference's other half)", low=1)
     seed: int = setting(0, "seed of weights and window sampling")
-    precision: str = setting("fp32", PRECISION_HELP)
-    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, resumable=True)
     compile: bool = setting(False, COMPILE_HELP + ": the IDM, VQ and FDM as one graph", resumable=True)
-    loader: str = setting("auto", LOADER_HELP, resumable=True)
-    device: str = setting("", "torch device, e.g. cpu or cuda:1 ('' = this rank's GPU if any, else cpu)",
-                          resumable=True)
 
 
 @dataclass
-class BCConfig(Checked):
+class BCConfig(SupervisedConfig):
     """Stage 2: latent behaviour cloning, policy(o_t) -> the frozen IDM's pre-quantisation latent."""
 
     steps: int = setting(60_000, "optimiser steps", low=1, resumable=True)
@@ -157,23 +196,16 @@ class BCConfig(Checked):
     warmup_steps: int = setting(1_000, "steps of linear warm-up to the peak lr")
     warmup_from: float = setting(0.01, "lr at step 0, as a fraction of the peak")
     final_lr: float = setting(0.0, "lr at the last step, as a fraction of the peak (linear from the warm-up's end)")
-    weight_decay: float = setting(1e-2, "AdamW weight decay")
     grad_clip: float = setting(0.0, "gradient-norm clip (0: none, as the reference code's stage 2)")
     impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels (LAPO: 4)", low=1,
                                 shape=True)
     label_batch: int = setting(512, "windows per IDM forward when computing the cached labels", low=1, resumable=True)
-    log_every: int = setting(100, "steps between metric lines", low=1, resumable=True)
-    checkpoint_every: int = setting(2_000, "steps between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights and batch sampling")
-    precision: str = setting("fp32", PRECISION_HELP)
-    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, resumable=True)
     compile: bool = setting(False, COMPILE_HELP + ": the policy's trunk", resumable=True)
-    loader: str = setting("auto", LOADER_HELP, resumable=True)
-    device: str = setting("", "torch device ('' = this rank's GPU if any, else cpu)", resumable=True)
 
 
 @dataclass
-class DecodeConfig(Checked):
+class DecodeConfig(StageConfig):
     """Stage 3a: latent -> true-action decoder from a few labelled transitions, composed with the
     latent policy and evaluated online."""
 
@@ -188,23 +220,23 @@ class DecodeConfig(Checked):
     seed: int = setting(0, "seed of the labelled subsets, decoders and evaluation")
     online: bool = setting(True, "also act with each decoder in the game (false: score it on held-out transitions "
                                  "only)", resumable=True)
-    loader: str = setting("auto", LOADER_HELP, resumable=True)
+    loader: Loader = setting("auto", LOADER_HELP, resumable=True)
     device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
 
 
 @dataclass
-class UmapConfig(Checked):
+class UmapConfig(StageConfig):
     """The 2-D UMAP of the IDM's latent actions, coloured by true action."""
 
     points: int = setting(5_000, f"windows projected (no-op actions left out; UMAP needs {UMAP_FEWEST} or more)",
                           low=UMAP_FEWEST)
     seed: int = setting(0, "seed of the windows picked and of UMAP")
-    loader: str = setting("auto", LOADER_HELP)
+    loader: Loader = setting("auto", LOADER_HELP)
     device: str = setting("", "torch device of the IDM ('' = cuda if available, else cpu)")
 
 
 @dataclass
-class PPOConfig(Checked):
+class PPOConfig(StageConfig):
     """PPO from scratch (demonstrators, the baseline) with Cobbe et al. (2020)'s Procgen settings;
     stage 3b's fine-tuning uses FinetuneConfig."""
 
@@ -225,12 +257,16 @@ class PPOConfig(Checked):
     grad_clip: float = setting(0.5, "gradient-norm clip (0: none)")
     impala_scale: int = setting(4, "policy width: multiplies the IMPALA-CNN's (16, 32, 32) channels", low=1, shape=True)
     normalize_rewards: bool = setting(True, "divide rewards by a running std of the return, clip at 10")
-    distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
+    distribution_mode: DistributionMode = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
     checkpoint_every: int = setting(10, "updates between checkpoints", low=1, resumable=True)
     seed: int = setting(0, "seed of weights, envs and sampling")
-    precision: str = setting("fp32", PRECISION_HELP)
+    precision: Precision = setting("fp32", PRECISION_HELP)
     cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP + "; PPO's minibatch step", resumable=True)
     device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
+
+    def planned_steps(self) -> int:
+        """Updates of num_envs x rollout env steps (checkpoints count updates); the last may run past env_steps."""
+        return -(-self.env_steps // (self.num_envs * self.rollout))
 
 
 @dataclass
@@ -267,25 +303,25 @@ class FinetuneConfig(PPOConfig):
 
 
 @dataclass
-class EvalConfig(Checked):
+class EvalConfig(StageConfig):
     """Returns over many levels (all of them: num_levels=0), normalised per game."""
 
     episodes: int = setting(256, "episodes per policy", low=1)
     num_envs: int = setting(64, "parallel environments", low=1)
-    distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
+    distribution_mode: DistributionMode = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
     greedy: bool = setting(False, "act by argmax instead of sampling")
     seed: int = setting(12345, "seed of the levels and of action sampling")
     device: str = setting("", "torch device ('' = cuda if available, else cpu)")
 
 
 @dataclass
-class RecordConfig(Checked):
+class RecordConfig(StageConfig):
     """The observation-only datasets `train` records from the demonstrator when none is given."""
 
     frames: int = setting(8_000_000, "training frames to record (whole episodes)", low=1)
     test_frames: int = setting(200_000, "held-out frames to record (other levels' seeds)", low=1)
     num_envs: int = setting(64, "parallel environments while recording", low=1)
-    distribution_mode: str = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
+    distribution_mode: DistributionMode = setting(DEFAULT_DISTRIBUTION_MODE, "Procgen distribution mode")
     seed: int = setting(0, "seed of the recording")
 
 
@@ -299,7 +335,12 @@ def _hints(cls) -> dict[str, object]:
 
 
 def _check_value(where: str, v, kind, low) -> None:
-    """One value against its field's type (int, float, bool, str, tuple[int, ...], tuple[int, int])."""
+    """One value against its field's type (int, float, bool, str, a Literal of choices, tuple[int, ...],
+    tuple[int, int])."""
+    if typing.get_origin(kind) is typing.Literal:
+        if v not in typing.get_args(kind):
+            raise ValueError(f"{where}={v!r}; choose one of {list(typing.get_args(kind))}")
+        return
     if typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
         length = None if args[-1] is Ellipsis else len(args)
@@ -323,25 +364,8 @@ def _check(cfg) -> None:
     hints = _hints(type(cfg))
     for f in fields(cfg):
         _check_value(f"{name}.{f.name}", getattr(cfg, f.name), hints[f.name], f.metadata.get("low", 0))
-    if isinstance(cfg, LAMConfig):
-        from lapo_fast.models.fdm import ARCHS, NORMS
-        from lapo_fast.models.lam import FDM_ACTIONS
-
-        if not 0 <= cfg.vq_decay < 1:
-            raise ValueError(f"LAMConfig.vq_decay must be in [0, 1), got {cfg.vq_decay}")
-        for field_name, choices in (("fdm_arch", ARCHS), ("fdm_norm", NORMS), ("fdm_action", FDM_ACTIONS)):
-            if getattr(cfg, field_name) not in choices:
-                raise ValueError(f"LAMConfig.{field_name}={getattr(cfg, field_name)!r}; choose one of {choices}")
-    if hasattr(cfg, "precision"):
-        from lapo_fast.runtime.distributed import PRECISIONS
-
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"{name}.precision={cfg.precision!r}; choose one of {list(PRECISIONS)}")
-    if hasattr(cfg, "loader"):
-        from lapo_fast.data.planner import LOADERS
-
-        if cfg.loader not in LOADERS:
-            raise ValueError(f"{name}.loader={cfg.loader!r}; choose one of {list(LOADERS)}")
+    if isinstance(cfg, LAMConfig) and not 0 <= cfg.vq_decay < 1:
+        raise ValueError(f"LAMConfig.vq_decay must be in [0, 1), got {cfg.vq_decay}")
     if isinstance(cfg, DecodeConfig) and cfg.deploy not in cfg.labelled:
         raise ValueError(f"DecodeConfig.deploy={cfg.deploy} is not one of the swept sizes {list(cfg.labelled)}")
     if isinstance(cfg, FinetuneConfig):
@@ -355,12 +379,6 @@ def _check(cfg) -> None:
             raise ValueError(f"PPOConfig: num_envs*rollout ({batch}) must split into {cfg.minibatches} minibatches")
         if not 0 < cfg.gamma <= 1 or not 0 <= cfg.gae_lambda <= 1:
             raise ValueError("PPOConfig: gamma must be in (0, 1] and gae_lambda in [0, 1]")
-    if hasattr(cfg, "distribution_mode"):
-        from lapo_fast.envs.games import DISTRIBUTION_MODES
-
-        if cfg.distribution_mode not in DISTRIBUTION_MODES:
-            raise ValueError(f"{name}.distribution_mode={cfg.distribution_mode!r}; "
-                             f"choose one of {list(DISTRIBUTION_MODES)}")
 
 
 def labelled_sizes(cfg: DecodeConfig) -> list[int]:
@@ -372,56 +390,52 @@ def labelled_sizes(cfg: DecodeConfig) -> list[int]:
 
 _LAM_SHORT = dict(impala_scale=1, warmup_from=0.0, final_lr=0.0, dead_code_threshold=0.01, vq_decay=0.99,
                   fdm_arch="unet", fdm_norm="group")
-# Built unchecked: checking imports the models (torch) to know their choices, which would put torch
-# on every import of this module (`lapo-fast --help`); a preset is checked where it is used
-# (resolve, run_preset and the command line copy or check it).
-with unchecked():
-    _PRESETS: dict[type, dict[str, object]] = {
-        LAMConfig: {
-            "paper": LAMConfig(),
-            # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
-            # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
-            "cpu": LAMConfig(steps=3_000, batch_size=32, fdm_width=12, warmup_steps=200, probe_labels=4_096,
-                             probe_held_out=2_000, log_every=50, checkpoint_every=500, **_LAM_SHORT),
-            "smoke": LAMConfig(steps=20, batch_size=8, fdm_width=8, warmup_steps=2, probe_labels=256,
-                               probe_held_out=2_000, log_every=5, checkpoint_every=10, **_LAM_SHORT),
-        },
-        BCConfig: {
-            "paper": BCConfig(),
-            "cpu": BCConfig(steps=1_500, batch_size=64, impala_scale=1, warmup_steps=100, warmup_from=0.0,
-                            grad_clip=2.0, log_every=50, checkpoint_every=500),
-            "smoke": BCConfig(steps=10, batch_size=8, impala_scale=1, warmup_steps=2, warmup_from=0.0, grad_clip=2.0,
-                              log_every=5, checkpoint_every=5, label_batch=16),
-        },
-        DecodeConfig: {
-            "paper": DecodeConfig(),
-            "cpu": DecodeConfig(labelled=(16, 64, 256, 1024), steps=1_000, held_out=1_000, eval_episodes=32),
-            "smoke": DecodeConfig(labelled=(8, 16), deploy=16, steps=20, held_out=8, eval_episodes=2),
-        },
-        FinetuneConfig: {
-            "paper": FinetuneConfig(),
-            "cpu": FinetuneConfig(env_steps=200_000, num_envs=32, impala_scale=1, checkpoint_every=20),
-            "smoke": FinetuneConfig(env_steps=256, num_envs=4, rollout=16, epochs=2, minibatches=2, impala_scale=1,
-                                    checkpoint_every=1, action_head_ramp=(0, 64), value_head_ramp=(0, 64),
-                                    fc_ramp=(0, 128), decoder_from=0, decoder_dense_until=256),
-        },
-        PPOConfig: {
-            "paper": PPOConfig(),
-            "cpu": PPOConfig(env_steps=200_000, num_envs=32, rollout=128, impala_scale=1, checkpoint_every=5),
-            "smoke": PPOConfig(env_steps=256, num_envs=4, rollout=32, epochs=2, minibatches=2, impala_scale=1,
-                               checkpoint_every=1),
-        },
-        EvalConfig: {
-            "paper": EvalConfig(),
-            "cpu": EvalConfig(episodes=64, num_envs=32),
-            "smoke": EvalConfig(episodes=2, num_envs=2),
-        },
-        RecordConfig: {
-            "paper": RecordConfig(),
-            "cpu": RecordConfig(frames=60_000, test_frames=4_000, num_envs=32),
-            "smoke": RecordConfig(frames=400, test_frames=100, num_envs=4),
-        },
-    }
+_PRESETS: dict[type, dict[str, object]] = {
+    LAMConfig: {
+        "paper": LAMConfig(),
+        # Short runs: a faster codebook EMA, so the codes follow the IDM within the run, and
+        # GroupNorm in the FDM (docs/experiments.md: "cpu preset: FDM norm and VQ decay").
+        "cpu": LAMConfig(steps=3_000, batch_size=32, fdm_width=12, warmup_steps=200, probe_labels=4_096,
+                         probe_held_out=2_000, log_every=50, checkpoint_every=500, **_LAM_SHORT),
+        "smoke": LAMConfig(steps=20, batch_size=8, fdm_width=8, warmup_steps=2, probe_labels=256,
+                           probe_held_out=2_000, log_every=5, checkpoint_every=10, **_LAM_SHORT),
+    },
+    BCConfig: {
+        "paper": BCConfig(),
+        "cpu": BCConfig(steps=1_500, batch_size=64, impala_scale=1, warmup_steps=100, warmup_from=0.0,
+                        grad_clip=2.0, log_every=50, checkpoint_every=500),
+        "smoke": BCConfig(steps=10, batch_size=8, impala_scale=1, warmup_steps=2, warmup_from=0.0, grad_clip=2.0,
+                          log_every=5, checkpoint_every=5, label_batch=16),
+    },
+    DecodeConfig: {
+        "paper": DecodeConfig(),
+        "cpu": DecodeConfig(labelled=(16, 64, 256, 1024), steps=1_000, held_out=1_000, eval_episodes=32),
+        "smoke": DecodeConfig(labelled=(8, 16), deploy=16, steps=20, held_out=8, eval_episodes=2),
+    },
+    FinetuneConfig: {
+        "paper": FinetuneConfig(),
+        "cpu": FinetuneConfig(env_steps=200_000, num_envs=32, impala_scale=1, checkpoint_every=20),
+        "smoke": FinetuneConfig(env_steps=256, num_envs=4, rollout=16, epochs=2, minibatches=2, impala_scale=1,
+                                checkpoint_every=1, action_head_ramp=(0, 64), value_head_ramp=(0, 64),
+                                fc_ramp=(0, 128), decoder_from=0, decoder_dense_until=256),
+    },
+    PPOConfig: {
+        "paper": PPOConfig(),
+        "cpu": PPOConfig(env_steps=200_000, num_envs=32, rollout=128, impala_scale=1, checkpoint_every=5),
+        "smoke": PPOConfig(env_steps=256, num_envs=4, rollout=32, epochs=2, minibatches=2, impala_scale=1,
+                           checkpoint_every=1),
+    },
+    EvalConfig: {
+        "paper": EvalConfig(),
+        "cpu": EvalConfig(episodes=64, num_envs=32),
+        "smoke": EvalConfig(episodes=2, num_envs=2),
+    },
+    RecordConfig: {
+        "paper": RecordConfig(),
+        "cpu": RecordConfig(frames=60_000, test_frames=4_000, num_envs=32),
+        "smoke": RecordConfig(frames=400, test_frames=100, num_envs=4),
+    },
+}
 
 
 PRESET_ENV = "LAPO_FAST_PRESET"  # a machine's default preset (CI: smoke), below an explicit --preset

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import keyword
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from lapo_fast.config import (
     BCConfig, DecodeConfig, EvalConfig, FinetuneConfig, LAMConfig, PPOConfig, RecordConfig, UmapConfig,
-    check, check_preset, checking, preset_config, unchecked,
+    StageConfig, check, check_preset, checking, preset_config, unchecked,
 )
 
 
@@ -65,6 +67,22 @@ class Stage:
     train_presets: dict = field(default_factory=dict)  # preset -> changes to its config under `train`
     train_config: Callable | None = None    # its config under `train` from the run's (default: its namespace)
 
+    def __post_init__(self) -> None:
+        """A stage's rules, checked when its record is made: its name is a folder, a command and a
+        `train` namespace (`--<name>.FIELD`), so a Python identifier; its settings are a StageConfig
+        dataclass (a seed, planned_steps for the resume check); its run function is "module:function"."""
+        if not self.name.isidentifier() or keyword.iskeyword(self.name):
+            raise ValueError(f"Stage {self.name!r}: the name must be a Python identifier (it names RUN/<name>, "
+                             f"`lapo-fast <name>` and train's --<name>.FIELD); use e.g. {_identifier(self.name)!r}")
+        if self.config is not None and not (isinstance(self.config, type) and issubclass(self.config, StageConfig)
+                                            and dataclasses.is_dataclass(self.config)):
+            raise TypeError(f"Stage {self.name!r}: its config {self.config!r} must be a @dataclass subclassing "
+                            "lapo_fast.config.StageConfig (every stage has a seed and planned_steps)")
+        module, sep, function = self.run.partition(":")
+        if not (sep and module and function.isidentifier()):
+            raise ValueError(f"Stage {self.name!r}: run={self.run!r} must be 'module:function', e.g. "
+                             f"'lapo_fast.stages.{self.name}:run'")
+
     def runner(self) -> Callable:
         module, _, function = self.run.partition(":")
         return getattr(importlib.import_module(module), function)
@@ -74,6 +92,10 @@ class Stage:
         if self.train_config is not None:
             return self.train_config(run_config)
         return getattr(run_config, self.name) if self.config is not None else None
+
+
+def _identifier(name: str) -> str:
+    return re.sub(r"\W", "_", name).lstrip("0123456789") or "stage"
 
 
 def _scratch_baseline(run_config) -> PPOConfig:

@@ -141,14 +141,10 @@ class RunDir:
             raise ValueError(f"{self.stage(stage)} was trained with {was}; this run asks for {asks}. A stage resumes "
                              f"only with its own settings (those that may change: {', '.join(sorted(may_change))}): "
                              "rerun with the same settings, or use a new --out")
-        if hasattr(cfg, "env_steps"):  # PPO: checkpoints count updates of num_envs x rollout steps
-            batch = cfg.num_envs * cfg.rollout
-            if step > -(-cfg.env_steps // batch):
-                raise ValueError(f"{self.stage(stage)} has already run {step * batch:,} env steps, more than "
-                                 f"env_steps={cfg.env_steps:,}: ask for at least that many, or use a new --out")
-        elif step > cfg.steps:
-            raise ValueError(f"{self.stage(stage)} has already trained {step:,} steps, more than steps={cfg.steps:,}: "
-                             "ask for at least that many, or use a new --out")
+        planned = cfg.planned_steps()
+        if planned is not None and step > planned:
+            raise ValueError(f"{self.stage(stage)} has already trained {step:,} steps, more than the {planned:,} "
+                             "these settings ask for: ask for at least as many, or use a new --out")
 
     def training_data(self, stage: str, cfg, data_dir, *, rank: int = 0):
         """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim): under

@@ -206,14 +206,11 @@ def _vq_timing(ctx: Context, case, x, state) -> Check:
 def _lam_setup(preset: str, device, batch: int, overrides: dict | None = None):
     from lapo_fast.config import LAMConfig, resolve
     from lapo_fast.models import build_lam
-    from lapo_fast.runtime.optim import adamw_warmup_decay
 
     cfg = resolve(LAMConfig, preset, {"batch_size": batch, "device": str(device), **(overrides or {})})
     torch.manual_seed(0)
     model = build_lam(cfg).to(device)
-    opt, schedule = adamw_warmup_decay(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                       warmup_steps=cfg.warmup_steps, steps=cfg.steps, warmup_from=cfg.warmup_from,
-                                       final_lr=cfg.final_lr)
+    opt, schedule = cfg.optimizer(model.parameters())
     return cfg, model, opt, schedule
 
 
@@ -312,15 +309,12 @@ def _timed_steps(step, batches: list[dict], device) -> tuple[torch.Tensor, list[
 def _bc_losses(device, batch, steps, precision="fp32"):
     from lapo_fast.config import BCConfig, resolve
     from lapo_fast.models import LatentPolicy
-    from lapo_fast.runtime.optim import adamw_warmup_decay
     from lapo_fast.stages.bc import make_step
 
     cfg = resolve(BCConfig, "paper", {"batch_size": batch, "precision": precision})
     torch.manual_seed(0)
     policy = LatentPolicy(impala_scale=cfg.impala_scale).to(device).to(memory_format=torch.channels_last)
-    opt, schedule = adamw_warmup_decay(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                       warmup_steps=cfg.warmup_steps, steps=cfg.steps, warmup_from=cfg.warmup_from,
-                                       final_lr=cfg.final_lr)
+    opt, schedule = cfg.optimizer(policy.parameters())
     step = make_step(policy, policy, opt, schedule, cfg, torch.device(device))
     gen = torch.Generator().manual_seed(1)
     batches = [{"obs": torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8, generator=gen),

@@ -74,3 +74,40 @@ def test_the_no_vq_ablation_runs_end_to_end(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert report["stage1"]["quantize"] is False and set(report["eval"]) >= {"finetuned", "decoded (8 labels)"}
     assert "no vector quantisation (the ablation" in (run / "report.md").read_text()
+
+
+def test_the_docs_example_stage_runs_as_written(smoke_run, tmp_path, monkeypatch, capsys):
+    """docs/stages.md's three blocks -- config, module, record -- are a working stage: `lapo-fast probe`
+    runs on a trained run, writes its results, and `RunDir(RUN).config("probe")` reads its settings."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from lapo_fast import registry
+    from lapo_fast.rundir import RunDir
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "stages.md").read_text()
+    config, module, record = re.findall(r"```python\n(.*?)```", doc, re.S)
+    # The config block goes where the docs put it (lapo_fast.config); here, at the top of the module.
+    source = config + module.replace("from lapo_fast.config import ProbeConfig\n", "")
+    (tmp_path / "docs_probe_stage.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage = eval(record.replace("lapo_fast.stages.probe:run", "docs_probe_stage:run"),
+                 {"Stage": registry.Stage, "ProbeConfig": _import("docs_probe_stage").ProbeConfig,
+                  "DATA": registry.DATA, "LOOP": registry.LOOP})
+    monkeypatch.setitem(registry.COMMANDS, "probe", stage)
+    monkeypatch.setitem(registry.BY_NAME, "probe", stage)
+    assert main(["probe", "--data", str(smoke_run / "data" / "train"), "--out", str(smoke_run), "--labels", "16",
+                 "--held-out", "8"]) == 0
+    assert "probe: results in" in capsys.readouterr().out
+    saved = RunDir(smoke_run).config("probe")
+    assert type(saved).__name__ == "ProbeConfig" and (saved.labels, saved.held_out) == (16, 8)
+    result = json.loads(RunDir(smoke_run).results("probe").read_text())
+    assert result and all(isinstance(k, str) for k in result)
+    del sys.modules["docs_probe_stage"]
+
+
+def _import(name):
+    import importlib
+
+    return importlib.import_module(name)

@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lapo_fast.choices import Loader, values
+
 from .cached import CachedFrames
 from .compressed import CompressedFrames, decode_all, default_threads
 from .reader import FrameDataset
 from .stores import ArrayFrames, DeviceFrames
 
-LOADERS = ("auto", "resident", "cache", "compressed")
+LOADERS = values(Loader)
 GiB = 2**30
 
 

@@ -7,13 +7,15 @@ procgen-mirror 0.10.7 (one subprocess per game and mode).
 
 from __future__ import annotations
 
+from lapo_fast.choices import DistributionMode, values
+
 GAMES: tuple[str, ...] = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
     "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
 )
 
 # libenv's integer code for each mode.
-DISTRIBUTION_MODES: dict[str, int] = {"easy": 0, "hard": 1, "extreme": 2, "memory": 10}
+DISTRIBUTION_MODES: dict[str, int] = dict(zip(values(DistributionMode), (0, 1, 2, 10)))
 
 _EXTREME = {"chaser", "dodgeball", "leaper", "starpilot"}
 _MEMORY = {"caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"}

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from lapo_fast.config import BCConfig, FinetuneConfig, LAMConfig, resolve
 from lapo_fast.models import DecodedPolicy, LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, build_lam, stack_frames
 from lapo_fast.models.lam import reference_layout
-from lapo_fast.runtime.optim import adamw_warmup_decay, optimizer_step
+from lapo_fast.runtime.optim import optimizer_step
 from lapo_fast.runtime.ppo import ppo_step
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -188,9 +188,7 @@ def _lam_model(idm_d, fdm_d) -> tuple[LatentActionModel, LAMConfig]:
 def check_stage1(d, name: str, report: Report, idm_d, fdm_d) -> None:
     """One or two of our stage-1 steps (the paper preset's optimiser and schedule) on the batch."""
     model, cfg = _lam_model(idm_d, fdm_d)
-    optimizer, schedule = adamw_warmup_decay(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
-                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
+    optimizer, schedule = cfg.optimizer(model.parameters())
     obs = torch.from_numpy(d["input/obs"])
     steps = ["step0", "step1"] if "output/step1/loss" in d.files else [""]
     model.train()
@@ -252,9 +250,7 @@ def check_stage2(d, name: str, report: Report, idm_d, policy_d) -> None:
     idm, policy = _idm(idm_d).eval(), _policy(policy_d)
     for head in (policy.action_head, policy.value_head):  # as stage 2 does
         head.requires_grad_(False)
-    optimizer, schedule = adamw_warmup_decay(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
-                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
+    optimizer, schedule = cfg.optimizer(policy.parameters())
     obs = torch.from_numpy(d["input/obs"])
     with torch.no_grad():
         target = idm(obs).latent

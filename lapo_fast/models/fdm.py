@@ -8,9 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lapo_fast.choices import FdmArch, FdmNorm, values
 
-NORMS = ("group", "batch")
-ARCHS = ("lapo", "unet")  # LapoFDM (the reference's), UNetFDM (ours)
+
+NORMS = values(FdmNorm)
+ARCHS = values(FdmArch)  # LapoFDM (the reference's), UNetFDM (ours)
 
 
 class _DoubleConv(nn.Module):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lapo_fast.envs.games import NUM_ACTIONS
+from lapo_fast.choices import FdmAction, values
 from lapo_fast.ops import VectorQuantizerEMA
 from lapo_fast.ops.vq_reference import perplexity_of
 
@@ -92,7 +93,7 @@ class TrueActionEmbedding(nn.Module):
         return IDMOutput(z, z, actions[:, None, None], z.new_zeros(()), perplexity)
 
 
-FDM_ACTIONS = ("latent", "true")
+FDM_ACTIONS = values(FdmAction)
 
 
 class LatentActionModel(nn.Module):

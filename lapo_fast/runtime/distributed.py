@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lapo_fast.choices import Precision, values
+
 
 def _wanted() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -81,7 +83,7 @@ def setup(out: Path, requested_device: str = "", seed: int = 0) -> tuple[int, in
     return rank, world, device(requested_device)
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = values(Precision)
 
 
 def autocast(device: torch.device, precision: str = "fp32", cache: bool = True):

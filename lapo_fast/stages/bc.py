@@ -26,7 +26,6 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.loop import supervised_loop
-from lapo_fast.runtime.optim import adamw_warmup_decay
 from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import TrainStep, graph_mode
 
@@ -56,9 +55,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
     policy = policy.to(memory_format=torch.channels_last)
     for head in (policy.action_head, policy.value_head):  # stage 3's heads: untouched here (and DDP
         head.requires_grad_(False)                         # needs every trainable parameter used)
-    optimizer, schedule = adamw_warmup_decay(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
-                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
+    optimizer, schedule = cfg.optimizer(policy.parameters())
 
     with RunLog(out, "bc", enabled=rank == 0) as log:  # closed however the stage ends
         state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)

@@ -33,7 +33,7 @@ from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.files import write_json
 from lapo_fast.runtime.loop import supervised_loop
-from lapo_fast.runtime.optim import adamw_warmup_decay, divergence_error
+from lapo_fast.runtime.optim import divergence_error
 from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import TrainStep, graph_mode
 
@@ -70,9 +70,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
 
     # Model and optimiser: AdamW, the reference's warm-up from warmup_from x lr, then linear to final_lr x lr.
     model = build_lam(cfg).to(device)
-    optimizer, schedule = adamw_warmup_decay(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             warmup_steps=cfg.warmup_steps, steps=cfg.steps,
-                                             warmup_from=cfg.warmup_from, final_lr=cfg.final_lr)
+    optimizer, schedule = cfg.optimizer(model.parameters())
 
     # Resume: weights, optimiser, schedule, and every rank's sampler stream.
     with RunLog(out, "lam", enabled=rank == 0) as log:  # closed however the stage ends
