@@ -104,7 +104,9 @@ def bench_ppo(s, device, repeats) -> list[dict]:
     from lapo_fast.config import FinetuneConfig
     from lapo_fast.data import prepare_obs
     from lapo_fast.models import DecodedPolicy, LatentIDM, LatentPolicy
-    from lapo_fast.stages.ppo import _ppo_step, _update, train_ppo
+    from lapo_fast.runtime.ppo import make_ppo_step, ppo_epochs
+    from lapo_fast.stages.finetune import train_finetune
+    from lapo_fast.stages.ppo import train_ppo
 
     cfg = dataclasses.replace(s["ppo"], num_envs=s["envs"], rollout=s["rollout"], device=str(device),
                        minibatches=min(s["ppo"].minibatches, s["envs"] * s["rollout"]))
@@ -115,8 +117,8 @@ def bench_ppo(s, device, repeats) -> list[dict]:
             policy = LatentPolicy(impala_scale=cfg.impala_scale)
             if frozen:  # stage 3b as LAPO's, its online decoder and IDM labels included
                 ft = FinetuneConfig(**{**dataclasses.asdict(cfg), "decoder_from": 0})
-                train_ppo(tmp, "starpilot", ft, name=name, progress=False, init=DecodedPolicy(policy),
-                          idm=LatentIDM(impala_scale=cfg.impala_scale))
+                train_finetune(tmp, "starpilot", ft, DecodedPolicy(policy), LatentIDM(impala_scale=cfg.impala_scale),
+                               name=name, progress=False)
             else:
                 train_ppo(tmp, "starpilot", cfg, name=name, progress=False, init=policy)
             with open(os.path.join(tmp, name, "metrics.jsonl")) as f:
@@ -136,10 +138,12 @@ def bench_ppo(s, device, repeats) -> list[dict]:
     a, old = torch.randint(0, 15, (batch,), device=device), -torch.rand(batch, device=device) - 2
     adv, ret = torch.randn(batch, device=device), torch.randn(batch, device=device)
     gen = torch.Generator(device=device)
-    steps = {reuse: _ppo_step(policy, opt, params, cfg, device, "ppo", finetune=reuse, reference_clip=False)
-             for reuse in (True, False)}
-    t = {reuse: median_time(lambda reuse=reuse: _update(steps[reuse], cfg, feats if reuse else obs, a, old,
-                                                          adv, ret, ret, gen), repeats, sync=_sync(device))
+    features = {True: lambda x: x, False: lambda frames: policy.features(prepare_obs(frames))}
+    steps = {reuse: make_ppo_step(policy, opt, params, cfg, device, features[reuse]) for reuse in (True, False)}
+    inputs = {reuse: {"obs": feats if reuse else obs, "actions": a, "old_logp": old, "adv": adv, "ret": ret,
+                      "old_value": ret} for reuse in (True, False)}
+    t = {reuse: median_time(lambda reuse=reuse: ppo_epochs(steps[reuse], cfg, inputs[reuse], gen, device), repeats,
+                            sync=_sync(device))
          for reuse in (True, False)}
     rows.append({"what": "stage-3b update: reused conv features vs the trunk run every epoch", "batch": batch,
                  "ours": batch / t[True], "anchor": batch / t[False], "anchor_name": "trunk rerun (reference)"})

@@ -57,7 +57,8 @@ def _lam(data, out, *extra):
 
 def test_ppo_grad_clip_0_is_no_clipping_not_zero_gradients():
     from lapo_fast.models import LatentPolicy
-    from lapo_fast.stages.ppo import _ppo_step, _update
+    from lapo_fast.data import prepare_obs
+    from lapo_fast.runtime.ppo import make_ppo_step, ppo_epochs
 
     torch.manual_seed(0)
     start = LatentPolicy(impala_scale=1)
@@ -69,9 +70,10 @@ def test_ppo_grad_clip_0_is_no_clipping_not_zero_gradients():
         policy.load_state_dict(start.state_dict())
         params = list(policy.parameters())
         cfg = resolve(PPOConfig, "smoke", {"grad_clip": clip, "minibatches": 2, "epochs": 1})
-        step = _ppo_step(policy, torch.optim.Adam(params, lr=1e-3), params, cfg, torch.device("cpu"), "ppo",
-                         finetune=False, reference_clip=False)
-        _update(step, cfg, obs, *batch, torch.Generator().manual_seed(1))
+        step = make_ppo_step(policy, torch.optim.Adam(params, lr=1e-3), params, cfg, torch.device("cpu"),
+                             lambda frames, p=policy: p.features(prepare_obs(frames)))
+        inputs = dict(zip(("obs", "actions", "old_logp", "adv", "ret", "old_value"), (obs, *batch)))
+        ppo_epochs(step, cfg, inputs, torch.Generator().manual_seed(1), torch.device("cpu"))
         weights[clip] = policy.state_dict()
     moved = [k for k in weights[0.0] if not torch.equal(weights[0.0][k], start.state_dict()[k])]
     assert moved, "grad_clip=0 left every weight untouched (gradients zeroed)"

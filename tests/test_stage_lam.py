@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import interrupt_after_checkpoint
 import torch
 
 from lapo_fast.cli import main
@@ -35,8 +36,9 @@ def _weights(path):
 def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     cfg = resolve(LAMConfig, "smoke", {"steps": 6, "checkpoint_every": 3, "log_every": 3})
     straight = train_lam(tiny_dataset, tmp_path / "a", cfg, progress=False)
-    interrupted = train_lam(tiny_dataset, tmp_path / "b", cfg, stop_after=3, progress=False)
-    assert interrupted.name == "step-00000003"
+    with interrupt_after_checkpoint(3), pytest.raises(KeyboardInterrupt):
+        train_lam(tiny_dataset, tmp_path / "b", cfg, progress=False)
+    assert RunDir(tmp_path / "b").checkpoint_step("lam") == 3
     resumed = train_lam(tiny_dataset, tmp_path / "b", cfg, progress=False)
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
@@ -168,11 +170,11 @@ def test_training_steps_do_not_read_the_device_back(tiny_dataset, tmp_path, monk
 
     for name in ("item", "tolist", "__bool__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, spy(getattr(torch.Tensor, name), name))
-    cfg = resolve(LAMConfig, "smoke", {"steps": 100, "checkpoint_every": 100, "log_every": 100})
     counts = []
-    for steps in (3, 7):  # step 1 is logged; then 2 or 6 steps without a log or checkpoint
+    for steps in (3, 7):  # step 1 is logged; then 1 or 5 steps without a log or checkpoint, then the last's
+        cfg = resolve(LAMConfig, "smoke", {"steps": steps, "checkpoint_every": 100, "log_every": 100})
         reads.clear()
-        train_lam(tiny_dataset, tmp_path / f"run{steps}", cfg, stop_after=steps, progress=False)
+        train_lam(tiny_dataset, tmp_path / f"run{steps}", cfg, progress=False)
         counts.append(list(reads))
     assert len(counts[0]) == len(counts[1]), counts[1]
 

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import interrupt_after_checkpoint
 
 from lapo_fast.config import BCConfig, DecodeConfig, FinetuneConfig, LAMConfig, PPOConfig, resolve
 from lapo_fast.registry import resolve_run
@@ -24,7 +25,9 @@ from lapo_fast.runtime.checkpoint import load_checkpoint
 from lapo_fast.stages.bc import train_bc
 from lapo_fast.stages.lam import train_lam
 from lapo_fast.envs.wrappers import ScaleRewards
-from lapo_fast.stages.ppo import _ppo_step, _update, gae, train_ppo
+from lapo_fast.runtime.ppo import gae, make_ppo_step, ppo_epochs
+from lapo_fast.stages.finetune import train_finetune
+from lapo_fast.stages.ppo import train_ppo
 
 
 # -- PPO ----------------------------------------------------------------------------------------
@@ -112,8 +115,10 @@ def test_frozen_trunk_update_on_stored_features_equals_recomputing_them(agent):
     for model, store, frozen in ((policy, feats, True), (twin, obs, False)):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=1e-2)
-        step = _ppo_step(model, opt, params, cfg, torch.device("cpu"), "ppo", finetune=frozen, reference_clip=False)
-        stats = _update(step, cfg, store, actions, old_logp, adv, ret, old_value, torch.Generator().manual_seed(3))
+        features = (lambda x: x) if frozen else (lambda frames, m=model: m.features(prepare_obs(frames)))
+        step = make_ppo_step(model, opt, params, cfg, torch.device("cpu"), features)
+        batch = {"obs": store, "actions": actions, "old_logp": old_logp, "adv": adv, "ret": ret, "old_value": old_value}
+        stats = ppo_epochs(step, cfg, batch, torch.Generator().manual_seed(3), torch.device("cpu"))
         outs.append((stats, model.state_dict()))
     (s1, w1), (s2, w2) = outs
     for k in w1:
@@ -148,8 +153,7 @@ def test_finetuning_is_lapos_stage_3b(bc_run, tmp_path):
         assert torch.equal(logits, agent.decoder(agent.latent(feats)) / 2)  # step 0: the decoded policy
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     cfg = resolve(FinetuneConfig, "smoke", {"env_steps": 128, "num_envs": 4, "rollout": 16})
-    last = train_ppo(tmp_path, "starpilot", cfg, name="finetune", init=agent, idm=RunDir(run).load_lam().idm,
-                     progress=False)
+    last = train_finetune(tmp_path, "starpilot", cfg, agent, RunDir(run).load_lam().idm, progress=False)
     after = DecodedPolicy(LatentPolicy(impala_scale=1))
     load_checkpoint(last, after)
     for k, v in after.state_dict().items():
@@ -164,17 +168,16 @@ def test_finetuning_is_lapos_stage_3b(bc_run, tmp_path):
     # kept them, though it is not trained; without it the trunk runs on cached features, no gradient.
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.conv.parameters())
     plain = DecodedPolicy(RunDir(run).load_policy("bc"))
-    train_ppo(tmp_path, "starpilot", replace(cfg, reference_clip=False), name="plain", init=plain,
-              idm=RunDir(run).load_lam().idm, progress=False)
+    train_finetune(tmp_path, "starpilot", replace(cfg, reference_clip=False), plain, RunDir(run).load_lam().idm,
+                   name="plain", progress=False)
     assert all(p.grad is None for p in plain.conv.parameters())
-    with pytest.raises(ValueError, match="needs a FinetuneConfig and the stage-1 IDM"):
-        train_ppo(tmp_path, "starpilot", cfg, name="x", init=agent, progress=False)
 
 
 def test_ppo_resume_continues_at_the_saved_update(tmp_path):
     cfg = resolve(PPOConfig, "smoke", {"env_steps": 3 * 4 * 8, "num_envs": 4, "rollout": 8})
-    first = train_ppo(tmp_path, "starpilot", cfg, name="p", stop_after=1, progress=False)
-    assert first.name == "step-00000001"
+    with interrupt_after_checkpoint(1), pytest.raises(KeyboardInterrupt):
+        train_ppo(tmp_path, "starpilot", cfg, name="p", progress=False)
+    assert RunDir(tmp_path).checkpoint_step("p") == 1
     last = train_ppo(tmp_path, "starpilot", cfg, name="p", progress=False)
     assert last.name == "step-00000003"
     rows = [json.loads(x)["update"] for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
@@ -205,7 +208,9 @@ def test_bc_resume_equals_uninterrupted(bc_run, tmp_path):
         shutil.copytree(run / "lam", tmp_path / name / "lam")
     cfg = resolve(BCConfig, "smoke", {"steps": 6, "checkpoint_every": 3})
     straight = train_bc(data, tmp_path / "a", cfg, progress=False)
-    assert train_bc(data, tmp_path / "b", cfg, stop_after=3, progress=False).name == "step-00000003"
+    with interrupt_after_checkpoint(3), pytest.raises(KeyboardInterrupt):
+        train_bc(data, tmp_path / "b", cfg, progress=False)
+    assert RunDir(tmp_path / "b").checkpoint_step("bc") == 3
     resumed = train_bc(data, tmp_path / "b", cfg, progress=False)
     a, b = LatentPolicy(impala_scale=1), LatentPolicy(impala_scale=1)
     load_checkpoint(straight, a)
@@ -303,10 +308,10 @@ def test_resolve_run_applies_flags_and_rejects_contradictions(capsys):
     for bad, msg in ((["--lam.steps"], "not valid"), (["--nope.steps", "1"], "not valid"),
                      (["--lam.steps", "abc"], "not valid"), (["--decode.deploy", "3"], "not one of the swept sizes"),
                      (["--finetune.minibatches", "7"], "minibatches"), (["--finetune.fc-ramp", "1"], "not valid"),
-                     (["--eval.distribution-mode", "weird"], "distribution_mode")):
+                     (["--eval.distribution-mode", "weird"], "not valid")):
         with pytest.raises(ValueError, match=msg):
             resolve_run("smoke", bad)
-    capsys.readouterr()
+    assert "'easy', 'hard', 'extreme', 'memory'" in capsys.readouterr().err  # a Literal: tyro lists its choices
 
 
 def test_runs_saved_before_tuple_settings_still_load(tmp_path):
@@ -335,7 +340,7 @@ def test_online_decoder_labels_windows_inside_episodes_only():
     """Stage 3b's labels: the IDM's latent of (o_{t-1}, o_t, o_{t+1}) for t in 1..T-1, with a_t,
     and none whose window crosses an episode end (dones[t-1] or dones[t])."""
     from lapo_fast.models import LatentIDM
-    from lapo_fast.stages.ppo import OnlineDecoder
+    from lapo_fast.latent import OnlineDecoder
 
     torch.manual_seed(0)
     T, N = 5, 2

@@ -4,7 +4,8 @@ of the action the latent carries (stage 1)."""
 
 from .decoders import accuracy, decoder_step, fit_decoder, load_decoder, probe, save_decoder
 from .labels import idm_latents, window_labels
+from .online import OnlineDecoder
 from .probing import latent_probe
 
-__all__ = ["accuracy", "decoder_step", "fit_decoder", "idm_latents", "latent_probe", "load_decoder", "probe",
-           "save_decoder", "window_labels"]
+__all__ = ["OnlineDecoder", "accuracy", "decoder_step", "fit_decoder", "idm_latents", "latent_probe", "load_decoder",
+           "probe", "save_decoder", "window_labels"]

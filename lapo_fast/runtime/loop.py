@@ -19,17 +19,16 @@ from .optim import divergence_error
 
 def supervised_loop(stage: str, cfg, *, step: int, train_step: Callable[[dict], dict], loader, names: tuple[str, ...],
                     schedule, log, save: Callable[[int], object], out, batch_size: int, world: int = 1,
-                    rank: int = 0, stop_after: int | None = None, progress: bool = True, log_first: bool = False,
+                    rank: int = 0, progress: bool = True, log_first: bool = False,
                     extra: Callable[[int, dict], dict] | None = None,
                     checkpointed: Callable[[int, object], None] | None = None) -> int:
-    """Runs `train_step` from `step` to cfg.steps (or `stop_after` more, as an interruption would);
-    returns the step reached. `names`: the step's outputs averaged into each log line (the first is
-    the loss whose NaN stops the run); `extra(step, outputs)`: more metrics for a log line;
-    `save(step)`: a checkpoint (called on every rank), then `checkpointed(step, saved)`."""
+    """Runs `train_step` from `step` to cfg.steps; returns the step reached. `names`: the step's
+    outputs averaged into each log line (the first is the loss whose NaN stops the run);
+    `extra(step, outputs)`: more metrics for a log line; `save(step)`: a checkpoint (called on every
+    rank), then `checkpointed(step, saved)`."""
     from tqdm import tqdm
 
     means = StepMeans(*names)
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     t0, start = time.perf_counter(), step
     with contextlib.ExitStack() as cleanup:
         interrupted = cleanup.enter_context(_ctrl_c())
@@ -37,7 +36,7 @@ def supervised_loop(stage: str, cfg, *, step: int, train_step: Callable[[dict], 
         bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=stage.split()[-1].strip("()"),
                    unit="step")
         cleanup.callback(bar.close)
-        while step < end:
+        while step < cfg.steps:
             if interrupted.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed (raised inside a finalizer)
                 raise KeyboardInterrupt
             outputs = train_step(next(loader))

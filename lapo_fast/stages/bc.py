@@ -35,7 +35,7 @@ def run(ctx: StageContext, cfg: BCConfig) -> str:
     return f"final checkpoint {train_bc(ctx.data, ctx.run, cfg, progress=ctx.progress)}"
 
 
-def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None, progress: bool = True) -> Path:
+def train_bc(data_dir, run_dir, cfg: BCConfig, *, progress: bool = True) -> Path:
     """Trains (or resumes) stage 2; returns the final checkpoint. Under torchrun each rank draws
     its own batches and DDP averages the gradients; rank 0 writes."""
     run = RunDir(run_dir)
@@ -72,7 +72,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, stop_after: int | None = None,
                         train_step=lambda b: train_step({"obs": b["obs"], "target": b["target"]}), loader=loader,
                         names=("loss",), schedule=schedule, log=log,
                         save=lambda at: save_checkpoint_all_ranks(out, at, policy, optimizer, schedule, loader.rng),
-                        out=out, batch_size=cfg.batch_size, world=world, rank=rank, stop_after=stop_after,
+                        out=out, batch_size=cfg.batch_size, world=world, rank=rank,
                         progress=progress)
     return latest_checkpoint(out)
 

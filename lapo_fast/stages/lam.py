@@ -43,11 +43,9 @@ def run(ctx: StageContext, cfg: LAMConfig) -> str:
     return f"final checkpoint {train_lam(ctx.data, ctx.run, cfg, test_data=ctx.test_data, progress=ctx.progress)}"
 
 
-def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: int | None = None,
-              progress: bool = True) -> Path:
+def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, progress: bool = True) -> Path:
     """Trains (or resumes) stage 1; returns the final checkpoint. `test_data` (a dataset of other
-    episodes) gives the held-out FDM loss; `stop_after` ends early after that many steps of this
-    call, as an interruption would (for tests). Under torchrun, each rank draws its own batches,
+    episodes) gives the held-out FDM loss. Under torchrun, each rank draws its own batches,
     DDP averages gradients and the VQ op all-reduces its statistics; rank 0 writes."""
     run = RunDir(run_dir)
     out = run.stage("lam")
@@ -114,7 +112,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, stop_after: 
             "stage 1 (lam)", cfg, step=step, train_step=step_fn, loader=loader,
             names=("loss", "fdm_loss", "vq_loss", "perplexity"), schedule=schedule, log=log,
             save=lambda at: save_checkpoint_all_ranks(out, at, model, optimizer, schedule, loader.rng), out=out,
-            batch_size=cfg.batch_size, world=world, rank=rank, stop_after=stop_after, progress=progress,
+            batch_size=cfg.batch_size, world=world, rank=rank, progress=progress,
             log_first=True, extra=extra, checkpointed=checkpointed)  # step 1 logged: the codes in use at the start
         # The stage is done only with its final probe written: a run killed during it (or a rerun of a
         # finished run that lacks it) makes it now, from the final weights.
