@@ -214,13 +214,34 @@ def _lam_setup(preset: str, device, batch: int, overrides: dict | None = None):
     return cfg, model, opt, schedule
 
 
+class StaticBuffers:
+    """An eager TrainStep run through a CUDA graph's plumbing without the capture: its inputs copied
+    into fixed buffers, its outputs copied out into fixed tensors (CPU stand-in for graph mode)."""
+
+    def __init__(self, step):
+        self.step, self.inputs, self.outputs = step, None, None
+
+    def __call__(self, inputs: dict) -> dict:
+        from lapo_fast.runtime.step import fill_static
+
+        self.inputs = fill_static(self.inputs, inputs, self.step.name)
+        out = {k: v.detach() for k, v in self.step(self.inputs).items()}
+        if self.outputs is None:
+            self.outputs = {k: v.clone() for k, v in out.items()}
+        for k, v in out.items():
+            self.outputs[k].copy_(v)
+        return self.outputs
+
+
 def _lam_losses(preset, device, batch, steps, mode="eager", overrides=None):
-    """Stage 1's step (stages/lam.make_step) run `steps` times: (losses, model, seconds per step)."""
+    """Stage 1's step (stages/lam.make_step) run `steps` times: (losses, model, seconds per step);
+    mode "static": eager through StaticBuffers."""
     from lapo_fast.stages.lam import make_step
 
     cfg, model, opt, schedule = _lam_setup(preset, device, batch, overrides)
     model.train()
-    step = make_step(model, model, opt, schedule, cfg, torch.device(device), mode)
+    step = make_step(model, model, opt, schedule, cfg, torch.device(device), "eager" if mode == "static" else mode)
+    step = StaticBuffers(step) if mode == "static" else step
     gen = torch.Generator().manual_seed(0)
     windows = [{"obs": torch.randint(0, 256, (cfg.batch_size, cfg.context + 2, 64, 64, 3), dtype=torch.uint8,
                                      generator=gen)} for _ in range(steps)]

@@ -9,7 +9,6 @@ import torch
 from lapo_fast import selftest
 from lapo_fast.cli import main
 from lapo_fast.ops import vq as vq_op
-from lapo_fast.runtime.step import TrainStep
 
 CUDA_ONLY = ("graphs capture", "data DALI inflate", "data NVDEC ingest", "stage 1 (lam) fp32", "stage 2 (bc) fp32",
              "stage 3b update fp32")
@@ -69,11 +68,12 @@ def test_a_perturbed_codebook_update_fails_the_vq_check(monkeypatch):
 
 
 def test_static_buffers_that_are_not_refilled_fail_the_graph_check(monkeypatch):
-    def stale(self, inputs):  # the buffers keep the first step's inputs
-        if self._inputs is None:
-            self._inputs = {k: v.detach().clone() for k, v in inputs.items()}
+    from lapo_fast.runtime import step
 
-    monkeypatch.setattr(TrainStep, "_fill", stale)
+    def stale(buffers, inputs, name):  # the buffers keep the first step's inputs
+        return {k: v.detach().clone() for k, v in inputs.items()} if buffers is None else buffers
+
+    monkeypatch.setattr(step, "fill_static", stale)
     rows = selftest.run("cpu", checks=(selftest.check_graphs,), echo=lambda _: None)
     assert {r.name: r.status for r in rows}["graphs static buffers"] == "FAIL"
 

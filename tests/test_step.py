@@ -4,6 +4,7 @@ between modes, and --cuda-graphs is refused on the CPU before any work."""
 
 import contextlib
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from lapo_fast.models import DecodedPolicy, LatentPolicy
 from lapo_fast.runtime.optim import adamw_warmup_decay
 from lapo_fast.runtime.ppo import make_ppo_step
 from lapo_fast.runtime.step import TrainStep, _optimizer_for, graph_mode
+from lapo_fast.selftest import StaticBuffers
 from lapo_fast.stages import bc
 from lapo_fast.stages.lam import train_lam
 
@@ -24,9 +26,10 @@ def _bc_run(mode, steps=5):
     cfg = resolve(BCConfig, "smoke", {"batch_size": 6, "grad_clip": 1.0})
     torch.manual_seed(0)
     policy = LatentPolicy(impala_scale=1).to(memory_format=torch.channels_last)
-    opt, schedule = adamw_warmup_decay(policy.parameters(), lr=1e-3, weight_decay=cfg.weight_decay,
-                                       warmup_steps=2, steps=steps, warmup_from=0.1, final_lr=0.0)
-    step = bc.make_step(policy, policy, opt, schedule, cfg, torch.device("cpu"), mode)
+    opt, schedule = replace(cfg, lr=1e-3, warmup_steps=2, steps=steps, warmup_from=0.1,
+                            final_lr=0.0).optimizer(policy.parameters())
+    step = bc.make_step(policy, policy, opt, schedule, cfg, torch.device("cpu"))
+    step = StaticBuffers(step) if mode == "static" else step
     gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
@@ -53,7 +56,8 @@ def _ppo_run(mode):
         policy.action_head.weight.normal_(0, 0.1)
     params = [p for m in (policy.action_head, policy.value_head, policy.fc_rl) for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3)
-    step = make_ppo_step(policy, opt, params, cfg, torch.device("cpu"), features=lambda f: f, mode=mode)
+    step = make_ppo_step(policy, opt, params, cfg, torch.device("cpu"), features=lambda f: f)
+    step = StaticBuffers(step) if mode == "static" else step
     gen = torch.Generator().manual_seed(2)
     stats = []
     for _ in range(4):
@@ -75,8 +79,8 @@ def test_ppo_update_through_static_buffers_equals_eager():
 
 def test_a_step_whose_input_shapes_change_is_refused_in_static_mode():
     lin = torch.nn.Linear(4, 1)
-    step = TrainStep(lambda i: {"loss": lin(i["x"]).pow(2).mean()}, lin.parameters(),
-                     torch.optim.AdamW(lin.parameters()), grad_clip=0, device="cpu", mode="static")
+    step = StaticBuffers(TrainStep(lambda i: {"loss": lin(i["x"]).pow(2).mean()}, lin.parameters(),
+                                   torch.optim.AdamW(lin.parameters()), grad_clip=0, device="cpu"))
     step({"x": torch.randn(3, 4)})
     with pytest.raises(ValueError, match="fixed shapes"):
         step({"x": torch.randn(5, 4)})

@@ -12,9 +12,8 @@ GPU's work, so the GPU waits unless the step is a graph. Modes:
   replays it. Inputs are copied into static buffers; the outputs are the same tensors each step
   (read them before the next call). The optimiser runs with capturable=True and its lr as a device
   tensor the schedule fills, so nothing in the step reads the device back. If capture fails the
-  step says so in one line and runs eagerly from then on.
-- static: the graph mode's buffers without a capture (its inputs copied into static tensors, its
-  outputs copied out into static tensors): on the CPU it shows the plumbing gives eager's numbers.
+  step says so in one line and runs eagerly from then on. (The selftest's StaticBuffers runs an
+  eager step through the same buffers on a CPU: the plumbing gives eager's numbers.)
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 from .distributed import autocast
 from .optim import optimizer_step
 
-MODES = ("eager", "graph", "static")
+MODES = ("eager", "graph")
 
 
 def graph_mode(cuda_graphs: bool, device: torch.device, name: str) -> str:
@@ -64,9 +63,6 @@ class TrainStep:
         self.steps += 1
         if self.mode == "eager":
             out = self._step(inputs)
-        elif self.mode == "static":
-            self._fill(inputs)
-            out = self._copy_out(self._step(self._inputs))
         elif self.graph is not None:
             self._fill(inputs)
             self.graph.replay()
@@ -88,25 +84,7 @@ class TrainStep:
         return out
 
     def _fill(self, inputs: dict) -> None:
-        if self._inputs is None:
-            self._inputs = {k: v.detach().clone() for k, v in inputs.items()}
-            return
-        if inputs.keys() != self._inputs.keys():
-            raise ValueError(f"{self.name}: a step's inputs changed from {sorted(self._inputs)} to {sorted(inputs)}")
-        for k, v in inputs.items():
-            buf = self._inputs[k]
-            if v.shape != buf.shape or v.dtype != buf.dtype:
-                raise ValueError(f"{self.name}: input {k!r} changed from {tuple(buf.shape)} {buf.dtype} to "
-                                 f"{tuple(v.shape)} {v.dtype}; a CUDA graph replays fixed shapes")
-            buf.copy_(v, non_blocking=True)
-
-    def _copy_out(self, out: dict) -> dict:
-        if self._outputs is None:
-            self._outputs = {k: v.detach().clone() for k, v in out.items()}
-        else:
-            for k, v in out.items():
-                self._outputs[k].copy_(v.detach())
-        return self._outputs
+        self._inputs = fill_static(self._inputs, inputs, self.name)
 
     def _side_stream(self, inputs: dict) -> dict:
         """An eager step on a side stream, as capture needs its warm-up steps to run."""
@@ -136,6 +114,22 @@ class TrainStep:
         self.graph, self._outputs = graph, {k: v for k, v in outputs.items()}
         graph.replay()  # capture records the step; this runs it
         return self._outputs
+
+
+def fill_static(buffers: dict | None, inputs: dict, name: str) -> dict:
+    """Copies a step's inputs into fixed buffers (a CUDA graph's; made from the first inputs), refusing
+    other keys, shapes or dtypes: a graph replays what it captured. Returns the buffers."""
+    if buffers is None:
+        return {k: v.detach().clone() for k, v in inputs.items()}
+    if inputs.keys() != buffers.keys():
+        raise ValueError(f"{name}: a step's inputs changed from {sorted(buffers)} to {sorted(inputs)}")
+    for k, v in inputs.items():
+        buf = buffers[k]
+        if v.shape != buf.shape or v.dtype != buf.dtype:
+            raise ValueError(f"{name}: input {k!r} changed from {tuple(buf.shape)} {buf.dtype} to "
+                             f"{tuple(v.shape)} {v.dtype}; a CUDA graph replays fixed shapes")
+        buf.copy_(v, non_blocking=True)
+    return buffers
 
 
 def _optimizer_for(optimizer, *, capturable: bool, device: torch.device) -> None:
