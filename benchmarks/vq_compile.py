@@ -25,7 +25,6 @@ import sys
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="lapo-fast-aot-"))
@@ -42,36 +41,16 @@ import lapo_fast.kernels.vq as KV  # noqa: E402
 from lapo_fast.ops import vq as vq_op  # noqa: E402
 if __package__ in (None, ""):  # `python benchmarks/vq_compile.py`: the repository root on the path, not benchmarks/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import TOKENIZER_CASES  # noqa: E402
-from benchmarks.common import VQ_CASES as BENCH_CASES  # noqa: E402  (name, layout, B, G, K, d, L)
+from lapo_fast.ops.gpus import GPUS as BY_NAME  # noqa: E402
+from lapo_fast.ops.gpus import Gpu  # noqa: E402
+from lapo_fast.ops.vq_cases import TOKENIZER_CASES  # noqa: E402
+from lapo_fast.ops.vq_cases import VQ_CASES as BENCH_CASES  # noqa: E402
 
 KERNELS = ("vq_search_resident_kernel", "vq_search_kernel", "vq_code_norms_kernel", "vq_search_gemm_kernel",
            "vq_gemm_rows_kernel", "vq_finalize_kernel", "vq_backward_kernel")
 
 
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    sms: int
-    bandwidth: float      # HBM bytes/s
-    fp32: float           # FP32 lane-instructions/s (FMA or simple op): SMs x 128 lanes x clock
-    tf32: float           # dense TF32 tensor-core flop/s
-    atomics: float        # L2 reductions/s (about one per clock per L2 slice)
-    launch_s: float       # GPU time of a back-to-back small kernel
-    clock: float = 1.41e9  # boost clock, Hz
-    regs: int = 65536     # registers per SM
-    smem_sm: int = 0      # shared memory per SM
-    smem_block: int = 0   # the most one program may ask for (the launch fails above it)
-    warps: int = 64
-    blocks: int = 32
-
-
-GPUS = {  # public data-sheet figures (SXM parts)
-    80: Gpu("A100", 108, 2.04e12, 108 * 128 * 1.41e9, 156e12, 80 * 1.41e9, 2.5e-6, clock=1.41e9,
-            smem_sm=164 * 1024, smem_block=166912),
-    90: Gpu("H100", 132, 3.35e12, 132 * 128 * 1.98e9, 495e12, 96 * 1.75e9, 2.0e-6, clock=1.98e9,
-            smem_sm=228 * 1024, smem_block=232448),
-}
+GPUS = {80: BY_NAME["A100"], 90: BY_NAME["H100"]}  # the compile targets' GPUs (lapo_fast/ops/gpus.py)
 SCHEDULERS = 4     # warp schedulers per SM: at most one warp-instruction each per clock
 SUSTAINED = 0.9    # of the data-sheet bandwidth that streaming kernels reach on these parts
 MIN_WARPS_PER_SM = 16

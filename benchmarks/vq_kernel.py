@@ -21,9 +21,8 @@ import torch
 
 if __package__ in (None, ""):  # `python benchmarks/vq_kernel.py`: the repository root on the path, not benchmarks/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import TOKENIZER_CASES
-from benchmarks.common import VQ_CASES as CASES
 from benchmarks.common import dump_json, median_time, print_table
+from lapo_fast.ops.vq_cases import TOKENIZER_CASES, VQ_CASES
 
 warnings.filterwarnings("ignore")
 
@@ -95,7 +94,7 @@ def main() -> None:
     rows = []
     for device in devices:
         sync = torch.cuda.synchronize if device == "cuda" else None
-        for case in TOKENIZER_CASES if args.tokenizer else CASES:
+        for case in TOKENIZER_CASES if args.tokenizer else VQ_CASES:
             name, layout, B, G, K, d, L = case
             if (args.cases and not any(c in name for c in args.cases)) or (args.quick and B * K * d > 2**23):
                 continue

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from . import __version__
 from .envs.games import DEFAULT_DISTRIBUTION_MODE, OBS_SHAPE
-from .registry import COMMANDS, ENGINE, LOOP
+from .registry import COMMANDS, ENGINE, LOOP, STAGES
 
 
 def _cmd_envs(args: argparse.Namespace) -> int:
@@ -94,10 +94,12 @@ _NEEDS = {"collect": LOOP + ENGINE, "data": ("lz4", "zstandard"), "sweep": ("sub
 
 def _check_needs(command: str, subcommand: str = "") -> None:
     """A command whose optional dependencies are missing stops before any work, naming the extra."""
-    from .extras import TRAIN, missing_message
+    from .extras import missing_message
 
-    needs = TRAIN if command == "train" else ("tyro", *COMMANDS[command].needs) if command in COMMANDS else \
-        _NEEDS.get(command, ())
+    if command == "train":  # every stage's (the registry's records), and tyro for the flags
+        needs = tuple(dict.fromkeys(["tyro", *(m for s in STAGES for m in s.needs)]))
+    else:
+        needs = ("tyro", *COMMANDS[command].needs) if command in COMMANDS else _NEEDS.get(command, ())
     if command == "data" and subcommand == "ingest":
         needs = needs + ("av", "PIL")
     message = missing_message(needs, f"lapo-fast {command}")

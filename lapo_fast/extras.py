@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 
-# Top-level module -> the extra that installs it (pyproject.toml's optional-dependencies).
+# Top-level module -> the extra that installs it. pyproject.toml's optional-dependencies are the
+# lists of packages; tests/test_packaging.py checks that each module's package is in its extra there.
 EXTRA_OF = {"procgen": "procgen", "gym": "procgen", "gym3": "procgen", "gymnasium": "procgen",
             "av": "video", "PIL": "video", "matplotlib": "report", "umap": "report",
             "safetensors": "train", "lz4": "train", "zstandard": "train", "tqdm": "train", "tensorboard": "train",
             "tyro": "train", "submitit": "sweep", "rliable": "sweep", "nvidia.dali": "dali"}
-
-# What the method's commands import, beyond the core.
-TRAIN = ("safetensors", "lz4", "zstandard", "tqdm", "tyro", "procgen", "gym3", "gymnasium", "av", "PIL",
-         "matplotlib", "umap")
 
 
 def missing_message(modules, what: str) -> str | None:

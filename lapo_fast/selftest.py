@@ -90,9 +90,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- 1. the VQ op against the PyTorch reference ---------------------------------------------------
 
-# (name, layout, codebooks, codes, dim, latents, batch): LAPO's shape at three batches, and a tokenizer's.
-VQ_CASES = [("lapo B=128", "lapo", 2, 64, 16, 4, 128), ("lapo B=4096", "lapo", 2, 64, 16, 4, 4096),
-            ("lapo B=65536", "lapo", 2, 64, 16, 4, 65536), ("tokenizer K=1024 d=64", "grouped", 1, 1024, 64, 1, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VQ_RTOL = 1e-5   # loss, EMA state, gradients: fp32 accumulation in another order
 TIE_RTOL = 1e-5  # a mismatched index is a near-tie when its distance is this close to the reference's
@@ -101,7 +98,7 @@ TIE_RTOL = 1e-5  # a mismatched index is a near-tie when its distance is this cl
 def _vq_run(x, state, case, training: bool, deterministic: bool, backend: str):
     from lapo_fast.ops import vq_ema
 
-    _, layout, G, K, d, L, _ = case
+    _, layout, _, G, K, d, L = case
     state = [t.clone() for t in state]
     xi = x.clone().requires_grad_(training)
     out = vq_ema(xi, *state, layout=layout, num_latents=L, training=training, deterministic=deterministic,
@@ -120,7 +117,7 @@ def _near_ties(x, idx_ours, idx_ref, codebook, case) -> tuple[int, int]:
     distance |x|^2 - 2 x.c + |c|^2 decides such a row either way)."""
     from lapo_fast.ops.vq_layout import Layout
 
-    _, layout, G, K, d, L, _ = case
+    _, layout, _, G, K, d, L = case
     lay = Layout.for_shape(tuple(x.shape), G, d, layout, L)
 
     def groups(idx):  # (G, rows), in to_groups' row order
@@ -138,10 +135,12 @@ def _near_ties(x, idx_ours, idx_ref, codebook, case) -> tuple[int, int]:
 
 
 def check_vq(ctx: Context):
-    cases = [c for c in VQ_CASES if not (ctx.quick and c[-1] > 4096)]
+    from lapo_fast.ops.vq_cases import SELFTEST_CASES
+
+    cases = [c for c in SELFTEST_CASES if not (ctx.quick and c.B > 4096)]
     kernel = "Triton" if ctx.cuda else "C++"
     for case in cases:
-        name, layout, G, K, d, L, B = case
+        name, layout, B, G, K, d, L = case
         gen = torch.Generator().manual_seed(B + K)
         x32 = torch.randn(B, G * d * L, generator=gen).to(ctx.device)
         codebook = torch.randn(G, K, d, generator=gen).to(ctx.device)
@@ -175,14 +174,10 @@ def check_vq(ctx: Context):
         yield _vq_timing(ctx, case, x32, state)
 
 
-# Public data-sheet HBM bandwidths (bytes/s) of GPUs we know; a floor needs the GPU's.
-BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L40S": 0.864e12, "B200": 8.0e12}
-
-
 def _vq_timing(ctx: Context, case, x, state) -> Check:
     from lapo_fast.ops import vq_ema
 
-    name, layout, G, K, d, L, B = case
+    name, layout, B, G, K, d, L = case
     reps = 3 if ctx.quick else 10
 
     def run(backend):
@@ -192,8 +187,10 @@ def _vq_timing(ctx: Context, case, x, state) -> Check:
     ours, ref = ctx.timed(run("auto"), reps), ctx.timed(run("reference"), reps)
     note = f"ours {ours * 1e6:.0f} us, reference {ref * 1e6:.0f} us"
     if ctx.cuda:
+        from lapo_fast.ops.gpus import gpu_named
+
         gpu = torch.cuda.get_device_name(ctx.device)
-        bw = next((v for k, v in BANDWIDTH.items() if k in gpu), None)
+        bw = getattr(gpu_named(gpu), "bandwidth", None)
         moved = x.numel() * 4 * 2 + B * G * L * 8  # x read, q written, indices written
         note += (f", memory floor {moved / (0.9 * bw) * 1e6:.1f} us (90% of {bw / 1e12:.2f} TB/s)" if bw
                  else f", no bandwidth known for {gpu}")
@@ -569,24 +566,19 @@ def check_distributed(ctx: Context):
     import torch.distributed as dist
 
     from lapo_fast.ops import VectorQuantizerEMA
-    from lapo_fast.ops import vq as vq_op
 
     if dist.is_initialized():
         yield skipped("distributed VQ all-reduce", "one-rank group", "a process group already exists")
         return
     torch.manual_seed(0)
-    vq = VectorQuantizerEMA().to(ctx.device)
+    vq = VectorQuantizerEMA(sync="always").to(ctx.device)  # "auto" skips the reduction for one rank
     x = torch.randn(256, 128, device=ctx.device)
     alone = copy.deepcopy(vq)
+    alone.sync = "never"
     want = alone(x)
 
     with _one_rank_group(ctx) as backend:
-        real = vq_op._all_reduce_fn  # the op skips its reduction for one rank: made to run it here
-        vq_op._all_reduce_fn = lambda: vq_op.sum_over_ranks
-        try:
-            got = vq(x)
-        finally:
-            vq_op._all_reduce_fn = real
+        got = vq(x)
     err = max(rel_err(got.quantized, want.quantized), rel_err(vq.codebook, alone.codebook),
               rel_err(vq.ema_count, alone.ema_count), rel_err(got.loss, want.loss))
     yield judged("distributed VQ all-reduce", f"VQ step with its statistics all-reduced over a one-rank {backend} "

@@ -24,8 +24,8 @@ def test_selftest_on_the_cpu_passes_and_says_why_cuda_checks_are_skipped(tmp_pat
     for name in CUDA_ONLY:
         assert rows[name]["status"] == "skipped" and rows[name]["note"], name
     ran = {n for n, r in rows.items() if r["status"] == "ok"}
-    for expected in ("vq lapo B=128 fp32 train", "vq lapo B=65536 bf16 train", "vq tokenizer K=1024 d=64 fp16 eval",
-                     "vq lapo B=4096 fp32 train, deterministic", "graphs static buffers", "stage 1 (lam) bf16",
+    for expected in ("vq LAPO B=128 fp32 train", "vq LAPO B=65536 bf16 train", "vq tokenizer K=1024 d=64 fp16 eval",
+                     "vq LAPO B=4096 fp32 train, deterministic", "graphs static buffers", "stage 1 (lam) bf16",
                      "data lz4 prefetch loader", "engine vs gym3", "distributed VQ all-reduce"):
         assert expected in ran, expected
     printed = capsys.readouterr().out

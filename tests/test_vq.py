@@ -184,6 +184,30 @@ def test_triton_plans_cover_both_kernels():
     assert small.programs == 1 and small.tiles == 1
 
 
+def test_every_target_is_in_the_table_and_an_unknown_gpu_is_an_error():
+    from lapo_fast.ops.vq import TARGETS, LAUNCHERS, triton_plan
+
+    lapo = Layout.for_shape((65536, 128), 2, 16, "lapo", 4)
+    for capability, target in TARGETS.items():  # every listed target plans every kind it can meet
+        plan = triton_plan(lapo, 64, 16, False, 100, capability)
+        assert plan.kind in LAUNCHERS and plan.block_n == target.tiles["float32"][0]
+        assert plan.precision == ("tf32x3" if target.tf32 else "ieee")
+    assert triton_plan(lapo, 64, 16, False, 84, 86).block_n == 16  # sm_86: sm_80's tiles, not sm_90's
+    with pytest.raises(ValueError, match=r"no Triton tiles for sm_61 .*backend='reference'"):
+        triton_plan(lapo, 64, 16, False, 28, 61)
+
+
+def test_sync_never_keeps_a_ranks_own_statistics_and_a_bad_value_is_refused():
+    state = make_state(2, 64, 16)
+    x = make_x("lapo", 8, 2, 16, 4, seed=1)
+    with pytest.raises(ValueError, match="sync must be one of"):
+        vq_ema(x, *state, layout="lapo", num_latents=4, sync="sometimes")
+    a, b = [t.clone() for t in state], [t.clone() for t in state]
+    vq_ema(x, *a, layout="lapo", num_latents=4, sync="never")
+    vq_ema(x, *b, layout="lapo", num_latents=4)  # no process group: "auto" is "never"
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def test_triton_backward_of_a_non_contiguous_input():
     """The saved x is read as flat memory by the backward kernel: a transposed x must still give
     the reference's gradient."""

@@ -1,7 +1,9 @@
 """Triton kernels of the fused EMA vector quantiser (the op and its dispatcher: lapo_fast/ops/vq.py).
 
-A training step is three launches and no host read: a zero-fill of the accumulators, a search,
-a finalize.
+A step launches a search (with the GEMM search for large codebooks: a code-norms kernel before it,
+and a rows kernel after it when it splits the codes) and a finalize, with no host read; the
+accumulators are zeroed by the allocation, or by the code-norms kernel. Which kernels, with which
+tiles, is the dispatcher's plan (lapo_fast/ops/vq.py: triton_plan, LAUNCHERS).
 
 vq_search_resident_kernel: codebooks small enough to live in registers (LAPO's 64 x 16). A
 persistent kernel: program (p, g) loads codebook g and ||c||^2 once, then walks the row tiles

@@ -22,9 +22,23 @@ checkpoint step) sees it. ``raise_nonfinite=True`` reads the flag back and raise
 host sync per call); ``check_finite=False`` turns the guard off on CUDA: non-finite values then
 count as 0 and the update goes ahead (the CPU kernel finds them anyway and raises).
 
-DDP: when torch.distributed is initialised with more than one rank, the batch counts and sums are
-all-reduced before the EMA update, so every rank ends with the codebook one process would get on
+DDP: when torch.distributed is initialised with more than one rank (``sync="auto"``), the batch
+counts and sums are all-reduced before the EMA update, so every rank ends with the codebook one process would get on
 the joined batch. Dead-code refills and k-means init are broadcast from rank 0.
+
+The Triton backend: triton_plan(shape, GPU) picks a plan (its `kind`: "resident", "gemm" or
+"general", and tiles from the GPU's entry in TARGETS); _allocate makes the outputs and
+accumulators; LAUNCHERS[plan.kind] launches the search with its arguments by name (_Launch.rows);
+_finish reduces (DDP), finalizes and updates the EMA state.
+
+Adding a kernel variant or a target (the places it touches):
+- a target (a new GPU generation): its row in TARGETS (tiles per x dtype, TF32), chosen with
+  `python benchmarks/vq_kernel.py --compile-only --arch N` (add its Gpu facts in
+  benchmarks/vq_compile.py's GPUS); an unlisted GPU is an error naming backend='reference';
+- a search variant: the @triton.jit kernel in lapo_fast/kernels/vq.py; its `kind` in triton_plan
+  (when it is chosen) and its launcher in LAUNCHERS; its name in benchmarks/vq_compile.py's KERNELS
+  (so the compile check covers it) and its cost in that file's model; tests/test_vq.py's shapes
+  that reach it (fused vs reference under the interpreter).
 """
 
 from __future__ import annotations
@@ -81,8 +95,11 @@ def vq_ema(
     check_finite: bool = True,
     raise_nonfinite: bool | None = None,
     num_threads: int | None = None,
+    sync: str = "auto",
 ) -> VQOutput:
-    """EMA vector quantisation of x against G codebooks (G, K, d); updates the state if training."""
+    """EMA vector quantisation of x against G codebooks (G, K, d); updates the state if training.
+    sync: "auto" sums the batch statistics over torch.distributed's ranks when there are two or
+    more, "always" in any initialised group (one rank too), "never": each rank its own codebook."""
     G, K, d = _check_state(codebook, ema_count, ema_weight)
     if not torch.is_floating_point(x):
         raise TypeError(f"vq_ema: x must be floating point, got {x.dtype}")
@@ -97,17 +114,16 @@ def vq_ema(
         out = vq_ema(x.float(), codebook, ema_count, ema_weight, layout=layout, num_latents=num_latents,
                      training=training, decay=decay, eps=eps, commitment=commitment, backend=backend,
                      deterministic=deterministic, check_finite=check_finite, raise_nonfinite=raise_nonfinite,
-                     num_threads=num_threads)
+                     num_threads=num_threads, sync=sync)
         return out._replace(quantized=out.quantized.double())
     backend = _resolve_backend(backend, x)
-    reduce = _all_reduce_fn() if training else None
+    reduce = _all_reduce_fn(sync) if training else None
 
     raise_nonfinite = (not x.is_cuda) if raise_nonfinite is None else raise_nonfinite
     if torch.compiler.is_compiling():  # one opaque op for the compiler (eager keeps the cheaper path below)
-        q, idx, loss, perp = _CompiledVQ.apply(
-            x, codebook, ema_count, ema_weight, layout, num_latents, training, float(decay), float(eps),
-            float(commitment), backend, deterministic, check_finite, raise_nonfinite, num_threads or _CORES)
-        return VQOutput(q, idx, loss, perp)
+        options = _OpOptions(layout, num_latents, training, float(decay), float(eps), float(commitment), backend,
+                             deterministic, check_finite, raise_nonfinite, num_threads or _CORES, sync)
+        return VQOutput(*_CompiledVQ.apply(x, codebook, ema_count, ema_weight, options))
     if backend == "reference":
         return _reference_forward(x, (codebook, ema_count, ema_weight), lay, reduce, check_finite,
                                   raise_nonfinite, training=training, decay=decay, eps=eps,
@@ -130,6 +146,9 @@ _NONFINITE = ("vq_ema: input latents contain NaN or inf (or values so large thei
 class NonFiniteError(ValueError):
     """NaN or inf in the latents given to the VQ (the codebook is left untouched); a training loop
     catches it to say that its model diverged."""
+
+    def __init__(self, message: str = _NONFINITE):
+        super().__init__(message)
 
 
 def _check_state(codebook, ema_count, ema_weight):
@@ -187,11 +206,17 @@ def _cpu_kernel_available() -> bool:
     return True
 
 
-def _all_reduce_fn():
-    """Under DDP, a function summing its tensors over the ranks in place (sum_over_ranks), else None."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+SYNCS = ("auto", "always", "never")
+
+
+def _all_reduce_fn(sync: str = "auto"):
+    """The function that sums the batch statistics over the ranks in place (sum_over_ranks), or None
+    where they stay this rank's: see vq_ema's `sync`."""
+    if sync not in SYNCS:
+        raise ValueError(f"vq_ema: sync must be one of {SYNCS}, got {sync!r}")
+    if sync == "never" or not (dist.is_available() and dist.is_initialized()):
         return None
-    return sum_over_ranks
+    return sum_over_ranks if sync == "always" or dist.get_world_size() > 1 else None
 
 
 def sum_over_ranks(*tensors):
@@ -210,7 +235,7 @@ def _reference_forward(x, state, lay, reduce, check_finite, raise_nonfinite, **k
         if reduce is not None:
             reduce(bad)
         if raise_nonfinite and bad.item() > 0:
-            raise NonFiniteError(_NONFINITE)
+            raise NonFiniteError()
     saved = [t.clone() for t in state] if bad is not None and kw["training"] else None
     with torch.autocast(x.device.type, enabled=False):
         q, idx, loss, perp = vq_ema_reference(x, *state, lay, all_reduce=reduce, **kw)
@@ -227,7 +252,7 @@ def _reference_forward(x, state, lay, reduce, check_finite, raise_nonfinite, **k
                 t.copy_(torch.where(ok, t, old))
         loss = torch.where(ok, loss, torch.full_like(loss, float("nan")))
         if raise_nonfinite and overflow.item() > 0:
-            raise NonFiniteError(_NONFINITE)
+            raise NonFiniteError()
     return VQOutput(q, idx, loss, perp)
 
 
@@ -299,7 +324,7 @@ def _fused_forward(x, spec: _Spec, backend, reduce, codebook, ema_count, ema_wei
     bad = torch.tensor([float(loss is None)])
     counts, sums, bad = reduce(counts, sums, bad)  # every rank learns of NaN/inf on any rank
     if bad.item() > 0:
-        raise NonFiniteError(_NONFINITE)
+        raise NonFiniteError()
     perplexity = perplexity_of(counts)
     if spec.training:
         _C.vq_ema_update(counts.numpy(), sums.numpy(), ema_count.numpy(), ema_weight.numpy(), codebook.numpy(),
@@ -332,7 +357,7 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     if nonfinite:  # free to detect on the CPU, so always enforced there (check_finite is a CUDA knob)
         if keep_stats:
             return out, idx, None, None, counts, sums
-        raise NonFiniteError(_NONFINITE)
+        raise NonFiniteError()
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
     # scalar_tensor is ~3x cheaper than torch.tensor for a Python float: it matters at B=128.
@@ -341,10 +366,43 @@ def _cpu_forward(x, spec: _Spec, codebook, ema=None, keep_stats: bool = False):
     return out, idx, loss, perplexity, counts, sums
 
 
+class Target(NamedTuple):
+    """A GPU generation's choices for the searches: per x dtype, (rows per tile, warps per program,
+    vector row loads), the fastest by the compile-time model at the LAPO shape without spills under
+    MAX_REGISTERS (benchmarks/vq_compile.py; docs/experiments.md); and whether tl.dot has TF32."""
+
+    tiles: dict
+    tf32: bool
+
+
+# A warp owns whole rows: a row's codes are never split across warps.
+_SM90 = {"float32": (32, 4, True), "bfloat16": (32, 4, True), "float16": (16, 4, True)}
+_SM80 = {"float32": (16, 4, False), "bfloat16": (32, 4, True), "float16": (16, 4, True)}
+# Compute capability -> its target; None: CPU tensors under the Triton interpreter. sm_86/89
+# (~99 KB shared memory per program) take sm_80's tiles, which need far less; sm_100/120 take
+# sm_90's, not yet measured there; before sm_80 tl.dot runs in fp32 FMAs.
+TARGETS: dict[int | None, Target] = {
+    None: Target(_SM90, True), 70: Target(_SM80, False), 75: Target(_SM80, False), 80: Target(_SM80, True),
+    86: Target(_SM80, True), 87: Target(_SM80, True), 89: Target(_SM80, True), 90: Target(_SM90, True),
+    100: Target(_SM90, True), 120: Target(_SM90, True),
+}
+
+
+def target_of(capability: int | None) -> Target:
+    """The target of a compute capability (e.g. 90), or an error naming the way out."""
+    if capability not in TARGETS:
+        known = ", ".join(f"sm_{c}" for c in TARGETS if c is not None)
+        raise ValueError(f"vq_ema: no Triton tiles for sm_{capability} (known: {known}); pass backend='reference', "
+                         "or add the target to lapo_fast/ops/vq.py's TARGETS (see 'Adding a kernel variant or a "
+                         "target' there)")
+    return TARGETS[capability]
+
+
 class TritonPlan(NamedTuple):
-    """What the dispatcher launches for one shape: kernel, tile sizes, programs."""
-    resident: bool     # codebook and statistics held in registers (vq_search_resident_kernel)
-    gemm: bool         # large codebooks, atomic mode: vq_code_norms_kernel + vq_search_gemm_kernel
+    """What the dispatcher launches for one shape: the search kernel (kind), tile sizes, programs."""
+    kind: str          # "resident": codebook and statistics in registers (vq_search_resident_kernel);
+    #                    "gemm": large codebooks, atomic mode (vq_code_norms_kernel + vq_search_gemm_kernel);
+    #                    "general": any K and d (vq_search_kernel)
     contiguous: bool   # rows loaded as contiguous d*L runs (vector accesses)
     block_n: int
     block_k: int
@@ -359,16 +417,18 @@ class TritonPlan(NamedTuple):
     code_splits: int = 1       # GEMM search with few row tiles: programs per row tile, each over a share of the codes
     codes_per_split: int = 0   # (a multiple of block_k)
 
+    @property
+    def resident(self) -> bool:
+        return self.kind == "resident"
+
+    @property
+    def gemm(self) -> bool:
+        return self.kind == "gemm"
+
 
 RESIDENT_MAX = 2048        # padded K x d held in registers per program (LAPO: 64 x 16 = 1,024)
 MAX_REGISTERS = 128        # per thread, so 16 warps fit an SM's 64K registers (ptxas would take ~220)
 PARTIAL_BYTES = 256 << 20  # cap on the deterministic mode's per-program partial sums
-# Per architecture and x's type (rows per tile, warps per program, vector row loads): the tiles
-# fastest by the compile-time model at the LAPO shape without spills under MAX_REGISTERS
-# (benchmarks/vq_compile.py; docs/experiments.md). A warp owns whole rows: a row's codes are
-# never split across warps.
-_TILES = {(90, "float32"): (32, 4, True), (90, "bfloat16"): (32, 4, True), (90, "float16"): (16, 4, True),
-          (80, "float32"): (16, 4, False), (80, "bfloat16"): (32, 4, True), (80, "float16"): (16, 4, True)}
 # The GEMM search's tile (rows, codes, dims per chunk when d is too wide for one, warps): the
 # fastest without spills by the compile-time model over the tokenizer shapes (docs/experiments.md).
 GEMM_TILE = (128, 64, 16, 8)
@@ -384,16 +444,16 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
     """sms, capability (e.g. 90): the GPU's; None for CPU tensors (the interpreter), where a few
     programs each walk several tiles (so tests exercise the persistent loop) with sm_90's tiles.
     x_dtype: x's (the searches' tiles differ by it)."""
-    arch = 90 if capability is None or capability >= 90 else 80
-    block_n, warps, vector_rows = _TILES[arch, str(x_dtype).removeprefix("torch.")]
+    target = target_of(capability)
+    block_n, warps, vector_rows = target.tiles[str(x_dtype).removeprefix("torch.")]
     pk, pd = max(16, _pow2(K)), max(16, _pow2(d))
-    resident = pk * pd <= RESIDENT_MAX and pk <= 128 and pd <= 64
-    gemm = not resident and not deterministic
-    if resident:
+    kind = ("resident" if pk * pd <= RESIDENT_MAX and pk <= 128 and pd <= 64
+            else "general" if deterministic else "gemm")
+    if kind == "resident":
         block_k, block_d = pk, pd
         block_n = block_n if pk * pd <= 1024 else min(block_n, 16)  # wider codebooks: 32 rows would spill
         contiguous = vector_rows and d == pd and _pow2(lay.L) == lay.L and lay.L <= block_n
-    elif gemm:  # a GEMM tile with an argmin epilogue (the deterministic mode keeps vq_search_kernel's partials)
+    elif kind == "gemm":  # a GEMM tile with an argmin epilogue (the deterministic mode keeps vq_search_kernel's)
         block_n, block_k, warps = GEMM_TILE[0], min(pk, GEMM_TILE[1]), GEMM_TILE[3]
         # small d: x loaded (and split) once per row tile (fp32 x: two halves, so up to 16 dims)
         block_d = pd if pd <= (16 if x_dtype == torch.float32 else 32) else GEMM_TILE[2]
@@ -402,17 +462,17 @@ def triton_plan(lay: Layout, K: int, d: int, deterministic: bool, sms: int | Non
         block_k, block_d = min(pk, 64), min(pd, 32)
         contiguous = False
     tiles = max(1, _cdiv(lay.rows, block_n))
-    programs = min(tiles, 3 if sms is None else sms * (16 // warps))  # 16 resident warps per SM
-    if deterministic and not resident:
+    full = 3 if sms is None else sms * (16 // warps)  # programs that fill the GPU: 16 resident warps per SM
+    programs = min(tiles, full)
+    if deterministic and kind != "resident":
         programs = max(1, min(programs, PARTIAL_BYTES // (4 * lay.G * K * (d + 1))))
-    tensor_cores = capability is None or capability >= 80  # TF32 from sm_80
     fk = min(64, pk)
     splits, per = 1, _cdiv(K, block_k)  # code tiles per split
-    if gemm and tiles < (target := 3 if sms is None else sms * (16 // warps)):  # idle SMs: split the codes too
-        per = _cdiv(per, min(per, target // tiles))
+    if kind == "gemm" and tiles < full:  # idle SMs: split the codes too
+        per = _cdiv(per, min(per, full // tiles))
         splits = _cdiv(_cdiv(K, block_k), per)
-    return TritonPlan(resident, gemm, contiguous, block_n, block_k, block_d, tiles, programs,
-                      "tf32x3" if tensor_cores else "ieee", warps, fk, min(32, pd), _cdiv(K, fk), splits,
+    return TritonPlan(kind, contiguous, block_n, block_k, block_d, tiles, programs,
+                      "tf32x3" if target.tf32 else "ieee", warps, fk, min(32, pd), _cdiv(K, fk), splits,
                       per * block_k)
 
 
@@ -434,96 +494,154 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
-    """Zero-fill, search, finalize; no host read unless spec.raise_nonfinite."""
-    from lapo_fast.kernels import vq as kernels
+class _Launch(NamedTuple):
+    """One call's tensors and sizes, for the launchers: what each kernel takes, by its parameters' names."""
+    x: torch.Tensor
+    out: torch.Tensor
+    idx: torch.Tensor
+    codebook: torch.Tensor
+    ema_count: torch.Tensor
+    counts: torch.Tensor         # (G, K), or (P, G, K) partials in the deterministic mode
+    sums: torch.Tensor | None    # (G, K, d) or partials; None unless training
+    stats: torch.Tensor          # [loss, perplexity, bad rows, (per-group loss, perplexity: deterministic)]
+    err: torch.Tensor            # (G, P) squared error per program
+    old_total: torch.Tensor      # (G,) the old EMA counts' sum
+    flat: torch.Tensor | None    # the atomic mode's one buffer (what DDP all-reduces: flat[2:stat_end])
+    stat_end: int
+    lay: Layout
+    plan: TritonPlan
+    spec: _Spec
 
-    lay = spec.layout
+    def rows(self) -> dict:
+        """The arguments every search kernel takes, by name."""
+        G, K, d = self.codebook.shape
+        strides = dict(zip(("stride_b", "stride_g", "stride_k", "stride_l"), self.lay.strides()))
+        return dict(x_ptr=self.x, out_ptr=self.out, idx_ptr=self.idx, codebook_ptr=self.codebook,
+                    counts_ptr=self.counts, sums_ptr=self.counts if self.sums is None else self.sums,
+                    stats_ptr=self.stats, err_ptr=self.err, n_batch=self.lay.batch, K=K, d=d, G=G, L=self.lay.L,
+                    num_tiles=self.plan.tiles, **strides,
+                    ACCUMULATE_SUMS=self.spec.training, BLOCK_N=self.plan.block_n, BLOCK_D=self.plan.block_d)
+
+
+def _allocate(x, spec: _Spec, plan: TritonPlan, codebook, ema_count) -> _Launch:
+    """The outputs and accumulators: per-program partials (deterministic), or one zero-filled buffer
+    [loss, perplexity, bad rows | counts | sums | err | old totals] (+ the GEMM search's operands,
+    which vq_code_norms_kernel zeroes) -- one allocation: host time counts at B=128."""
+    lay, dev, P = spec.layout, x.device, plan.programs
     G, K, d = codebook.shape
-    dev = x.device
-    plan = triton_plan(lay, K, d, spec.deterministic, *_launch_facts(dev), x.dtype)
-    P = plan.programs
-    out = torch.empty_like(x)
-    idx = torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
-    sums_numel = G * K * d if spec.training else 0
-    if spec.deterministic:  # per-program partials, summed below in a fixed order
-        stats = torch.zeros(3 + 2 * G, device=dev)
-        err, old_total = torch.empty(G, P, device=dev), torch.empty(G, device=dev)
+    out, idx = torch.empty_like(x), torch.empty(lay.indices_shape, dtype=torch.int64, device=dev)
+    if spec.deterministic:  # summed by the finisher in a fixed order
         fill = torch.zeros if not plan.resident else torch.empty  # resident programs overwrite theirs
-        counts = fill(P, G, K, device=dev)
-        sums = fill(P, G, K, d, device=dev) if spec.training else None
-    else:  # one zero-filled buffer [loss, perplexity, bad rows | counts | sums | err | old totals]
-        stat_end = 3 + G * K + sums_numel  # the atomics' part (and under DDP the all-reduced part)
-        if plan.gemm:  # and the GEMM search's operands; vq_code_norms_kernel zeroes the atomics' part
-            k_pad, d_pad = _cdiv(K, plan.block_k) * plan.block_k, _cdiv(d, plan.block_d) * plan.block_d
-            flat = torch.empty(stat_end + G * P + G + G * k_pad * (1 + 2 * d_pad), device=dev)
-            operands = flat[stat_end + G * P + G:]
-            cnorm, c_split = operands[:G * k_pad].view(G, k_pad), operands[G * k_pad:].view(2, G, d_pad, k_pad)
-        else:
-            flat = torch.zeros(stat_end + G * P + G, device=dev)  # one allocation: host time counts at B=128
-        stats, counts = flat[:3], flat[3:3 + G * K].view(G, K)
-        sums = flat[3 + G * K:stat_end].view(G, K, d) if spec.training else None
-        err, old_total = flat[stat_end:stat_end + G * P].view(G, P), flat[stat_end + G * P:stat_end + G * P + G]
-    sums_arg = counts if sums is None else sums  # a pointer the kernel does not touch without sums
-    with _device_guard(dev):
-        common = (x, out, idx, codebook, ema_count, counts, sums_arg, stats, err, old_total,
-                  lay.batch, K, d, G, lay.L, plan.tiles, *lay.strides())
-        if plan.gemm:  # padded operands, so that the search's tiles load without masks
-            kernels.vq_code_norms_kernel[(G, k_pad // plan.block_k)](
-                codebook, ema_count, cnorm, c_split, old_total, counts, sums_arg, stats, K, d, G, k_pad, d_pad,
-                ZERO_SUMS=sums is not None, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d)
-            splits, rows_pad = plan.code_splits, plan.tiles * plan.block_n
-            part_val = part_idx = cnorm  # (untouched without a split)
-            if splits > 1:  # each split's nearest code and distance per row, for vq_gemm_rows_kernel
-                parts = torch.empty(2, splits, G, rows_pad, device=dev)
-                part_val, part_idx = parts[0], parts[1].view(torch.int32)
-            kernels.vq_search_gemm_kernel[(P, G, splits)](
-                x, out, idx, codebook, cnorm, c_split, counts, sums_arg, stats, err, part_val, part_idx,
-                lay.batch, K, d, G, lay.L, plan.tiles, k_pad, d_pad, plan.codes_per_split, rows_pad,
-                *lay.strides(), ACCUMULATE_SUMS=spec.training,
-                SPLIT_X=x.dtype == torch.float32 and plan.precision == "tf32x3", ONE_CHUNK=d <= plan.block_d,
-                SPLIT_CODES=splits > 1, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d,
-                PRECISION="ieee" if plan.precision == "ieee" else "tf32", CHECK_FINITE=spec.check_finite,
-                num_warps=plan.num_warps)
-            if splits > 1:
-                kernels.vq_gemm_rows_kernel[(P, G)](
-                    x, out, idx, codebook, counts, sums_arg, stats, err, part_val, part_idx, lay.batch, K, d, G,
-                    lay.L, plan.tiles, rows_pad, *lay.strides(), SPLITS=splits, ACCUMULATE_SUMS=spec.training,
-                    CHECK_FINITE=spec.check_finite, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, num_warps=4)
-        elif plan.resident:
-            kernels.vq_search_resident_kernel[(P, G)](
-                *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
-                # (the deterministic mode's partials leave no registers for the constant divisor on sm_80)
-                CONTIGUOUS=plan.contiguous, L_C=lay.L if plan.contiguous or not spec.deterministic else 1,
-                BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
-                CHECK_FINITE=spec.check_finite, NARROW=not spec.deterministic and plan.block_k * plan.block_d <= 1024,
-                num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
-        else:
-            kernels.vq_search_kernel[(P, G)](
-                *common, ACCUMULATE_SUMS=spec.training, DETERMINISTIC=spec.deterministic,
-                BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, PRECISION=plan.precision,
-                num_warps=plan.num_warps)  # any K and d: not register-capped (it would spill)
-        if spec.deterministic:
-            counts = counts.sum(0)
-            sums = sums.sum(0) if sums is not None else None
-        if reduce is not None:  # all ranks: counts, sums and the NaN count
-            if spec.deterministic:
-                reduce(stats[2:3], counts, sums)
-            else:
-                reduce(flat[2:stat_end])
-        update = spec.training
-        unused = counts
-        kernels.vq_finalize_kernel[(G, plan.finalize_blocks if update else 1)](
-            counts, sums if update else unused, ema_count if update else unused,
-            ema_weight if update else unused, codebook, stats, err, old_total,
-            K, d, G, P, max(x.numel(), 1), spec.decay, 1.0 - spec.decay, spec.eps, spec.commitment,
-            UPDATE=update, GUARD=spec.check_finite, PER_GROUP=spec.deterministic,
-            BLOCK_K=plan.finalize_block_k, BLOCK_D=plan.finalize_block_d, BLOCK_T=1024)
-    if spec.raise_nonfinite and spec.check_finite and stats[2].item() > 0:
-        raise NonFiniteError(_NONFINITE)
+        return _Launch(x, out, idx, codebook, ema_count, fill(P, G, K, device=dev),
+                       fill(P, G, K, d, device=dev) if spec.training else None, torch.zeros(3 + 2 * G, device=dev),
+                       torch.empty(G, P, device=dev), torch.empty(G, device=dev), None, 0, lay, plan, spec)
+    stat_end = 3 + G * K + (G * K * d if spec.training else 0)
+    extra = G * _cdiv(K, plan.block_k) * plan.block_k * (1 + 2 * _cdiv(d, plan.block_d) * plan.block_d) \
+        if plan.gemm else 0
+    flat = (torch.empty if plan.gemm else torch.zeros)(stat_end + G * P + G + extra, device=dev)
+    sums = flat[3 + G * K:stat_end].view(G, K, d) if spec.training else None
+    return _Launch(x, out, idx, codebook, ema_count, flat[3:3 + G * K].view(G, K), sums, flat[:3],
+                   flat[stat_end:stat_end + G * P].view(G, P), flat[stat_end + G * P:stat_end + G * P + G], flat,
+                   stat_end, lay, plan, spec)
+
+
+def _launch_resident(s: _Launch) -> None:
+    plan, spec = s.plan, s.spec
+    vq_kernels().vq_search_resident_kernel[(plan.programs, s.lay.G)](
+        **s.rows(), ema_count_ptr=s.ema_count, old_total_ptr=s.old_total, DETERMINISTIC=spec.deterministic,
+        # (the deterministic mode's partials leave no registers for the constant divisor on sm_80)
+        CONTIGUOUS=plan.contiguous, L_C=s.lay.L if plan.contiguous or not spec.deterministic else 1,
+        BLOCK_K=plan.block_k, PRECISION=plan.precision, CHECK_FINITE=spec.check_finite,
+        NARROW=not spec.deterministic and plan.block_k * plan.block_d <= 1024,
+        num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
+
+
+def _launch_general(s: _Launch) -> None:
+    plan = s.plan
+    vq_kernels().vq_search_kernel[(plan.programs, s.lay.G)](
+        **s.rows(), ema_count_ptr=s.ema_count, old_total_ptr=s.old_total, DETERMINISTIC=s.spec.deterministic,
+        BLOCK_K=plan.block_k, PRECISION=plan.precision,
+        num_warps=plan.num_warps)  # any K and d: not register-capped (it would spill)
+
+
+def _launch_gemm(s: _Launch) -> None:
+    """The codes' norms and TF32 halves into padded operands (so the search's tiles load without
+    masks), the GEMM search, and with code splits the rows kernel that combines them."""
+    kernels, plan, spec = vq_kernels(), s.plan, s.spec
+    G, K, d = s.codebook.shape
+    k_pad, d_pad = _cdiv(K, plan.block_k) * plan.block_k, _cdiv(d, plan.block_d) * plan.block_d
+    operands = s.flat[s.stat_end + G * plan.programs + G:]
+    cnorm, c_split = operands[:G * k_pad].view(G, k_pad), operands[G * k_pad:].view(2, G, d_pad, k_pad)
+    rows = s.rows()
+    kernels.vq_code_norms_kernel[(G, k_pad // plan.block_k)](
+        codebook_ptr=s.codebook, ema_count_ptr=s.ema_count, cnorm_ptr=cnorm, c_split_ptr=c_split,
+        old_total_ptr=s.old_total, counts_ptr=s.counts, sums_ptr=rows["sums_ptr"], stats_ptr=s.stats, K=K, d=d, G=G,
+        K_PAD=k_pad, D_PAD=d_pad, ZERO_SUMS=s.sums is not None, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d)
+    splits, rows_pad = plan.code_splits, plan.tiles * plan.block_n
+    part_val = part_idx = cnorm  # (untouched without a split)
+    if splits > 1:  # each split's nearest code and distance per row, for vq_gemm_rows_kernel
+        parts = torch.empty(2, splits, G, rows_pad, device=s.x.device)
+        part_val, part_idx = parts[0], parts[1].view(torch.int32)
+    kernels.vq_search_gemm_kernel[(plan.programs, G, splits)](
+        **rows, cnorm_ptr=cnorm, c_split_ptr=c_split, part_val_ptr=part_val, part_idx_ptr=part_idx, K_PAD=k_pad,
+        D_PAD=d_pad, codes_per_split=plan.codes_per_split, rows_pad=rows_pad,
+        SPLIT_X=s.x.dtype == torch.float32 and plan.precision == "tf32x3", ONE_CHUNK=d <= plan.block_d,
+        SPLIT_CODES=splits > 1, BLOCK_K=plan.block_k, PRECISION="ieee" if plan.precision == "ieee" else "tf32",
+        CHECK_FINITE=spec.check_finite, num_warps=plan.num_warps)
+    if splits > 1:
+        kernels.vq_gemm_rows_kernel[(plan.programs, G)](
+            **rows, part_val_ptr=part_val, part_idx_ptr=part_idx, rows_pad=rows_pad, SPLITS=splits,
+            CHECK_FINITE=spec.check_finite, num_warps=4)
+
+
+# One launcher per plan kind (TritonPlan.kind).
+LAUNCHERS = {"resident": _launch_resident, "gemm": _launch_gemm, "general": _launch_general}
+
+
+def _finish(s: _Launch, reduce, ema_count, ema_weight) -> None:
+    """The deterministic partials summed in a fixed order, the DDP all-reduce (counts, sums and the
+    NaN count), then the finalize: loss, perplexity and, training, the EMA update."""
+    spec, plan = s.spec, s.plan
+    G, K, d = s.codebook.shape
+    counts, sums = s.counts, s.sums
     if spec.deterministic:
-        return out, idx, stats[3:3 + G].sum(), stats[3 + G:].sum()
-    return out, idx, stats[0], stats[1]
+        counts = counts.sum(0)
+        sums = sums.sum(0) if sums is not None else None
+    if reduce is not None:
+        if spec.deterministic:
+            reduce(s.stats[2:3], counts, sums)
+        else:
+            reduce(s.flat[2:s.stat_end])
+    update = spec.training
+    unused = counts  # a pointer the kernel does not touch without the update
+    vq_kernels().vq_finalize_kernel[(G, plan.finalize_blocks if update else 1)](
+        counts, sums if update else unused, ema_count if update else unused,
+        ema_weight if update else unused, s.codebook, s.stats, s.err, s.old_total,
+        K, d, G, plan.programs, max(s.x.numel(), 1), spec.decay, 1.0 - spec.decay, spec.eps, spec.commitment,
+        UPDATE=update, GUARD=spec.check_finite, PER_GROUP=spec.deterministic,
+        BLOCK_K=plan.finalize_block_k, BLOCK_D=plan.finalize_block_d, BLOCK_T=1024)
+
+
+def vq_kernels():
+    """lapo_fast.kernels.vq, imported on first use (triton is imported only by the Triton backend)."""
+    from lapo_fast.kernels import vq
+
+    return vq
+
+
+def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
+    """Plan, allocate, search (the plan's launcher), finish; no host read unless spec.raise_nonfinite."""
+    G, K, d = codebook.shape
+    plan = triton_plan(spec.layout, K, d, spec.deterministic, *_launch_facts(x.device), x.dtype)
+    s = _allocate(x, spec, plan, codebook, ema_count)
+    with _device_guard(x.device):
+        LAUNCHERS[plan.kind](s)
+        _finish(s, reduce, ema_count, ema_weight)
+    if spec.raise_nonfinite and spec.check_finite and s.stats[2].item() > 0:
+        raise NonFiniteError()
+    if spec.deterministic:
+        return s.out, s.idx, s.stats[3:3 + G].sum(), s.stats[3 + G:].sum()
+    return s.out, s.idx, s.stats[0], s.stats[1]
 
 
 # -- the op as torch.compile sees it: custom ops with fake (shape-only) implementations --------------
@@ -532,11 +650,11 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
 def _vq_ema_forward_op(x: torch.Tensor, codebook: torch.Tensor, ema_count: torch.Tensor, ema_weight: torch.Tensor,
                        layout: str, num_latents: int, training: bool, decay: float, eps: float, commitment: float,
                        backend: str, deterministic: bool, check_finite: bool, raise_nonfinite: bool,
-                       num_threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       num_threads: int, sync: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """vq_ema's forward (search, EMA update of the state in place) as one op; the same code as eager."""
     G, K, d = codebook.shape
     lay = Layout.for_shape(tuple(x.shape), G, d, layout, num_latents)
-    reduce = _all_reduce_fn() if training else None
+    reduce = _all_reduce_fn(sync) if training else None
     if backend == "reference":
         q, idx, loss, perp = _reference_forward(x.detach(), (codebook, ema_count, ema_weight), lay, reduce,
                                                 check_finite, raise_nonfinite, training=training, decay=decay,
@@ -549,7 +667,7 @@ def _vq_ema_forward_op(x: torch.Tensor, codebook: torch.Tensor, ema_count: torch
 
 @_vq_ema_forward_op.register_fake
 def _(x, codebook, ema_count, ema_weight, layout, num_latents, training, decay, eps, commitment, backend,
-      deterministic, check_finite, raise_nonfinite, num_threads):
+      deterministic, check_finite, raise_nonfinite, num_threads, sync):
     G, K, d = codebook.shape
     lay = Layout.for_shape(tuple(x.shape), G, d, layout, num_latents)
     scalar = x.new_empty((), dtype=torch.float32)
@@ -567,16 +685,32 @@ def _(grad_q, x, q, grad_loss, coef, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+class _OpOptions(NamedTuple):
+    """vq_ema's settings as the custom ops take them, in their order after the four tensors."""
+    layout: str
+    num_latents: int
+    training: bool
+    decay: float
+    eps: float
+    commitment: float
+    backend: str
+    deterministic: bool
+    check_finite: bool
+    raise_nonfinite: bool
+    num_threads: int
+    sync: str
+
+
 class _CompiledVQ(torch.autograd.Function):
     """The op under torch.compile: the forward op (it mutates the state, so autograd is attached
     here rather than to it) and the backward op, both opaque to the compiler."""
 
     @staticmethod
-    def forward(ctx, x, codebook, ema_count, ema_weight, *args):
-        out = torch.ops.lapo_fast.vq_ema_forward(x, codebook, ema_count, ema_weight, *args)
-        commitment, backend = args[5], args[6]
-        return _saved_for_backward(ctx, x, out, commitment, backend)
+    def forward(ctx, x, codebook, ema_count, ema_weight, options: _OpOptions):
+        out = torch.ops.lapo_fast.vq_ema_forward(x, codebook, ema_count, ema_weight, *options)
+        return _saved_for_backward(ctx, x, out, options.commitment, options.backend)
 
     @staticmethod
     def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_perp):
-        return (_input_grad(ctx, grad_q, grad_loss, torch.ops.lapo_fast.vq_ema_backward),) + (None,) * 14
+        grad_x = _input_grad(ctx, grad_q, grad_loss, torch.ops.lapo_fast.vq_ema_backward)
+        return grad_x, None, None, None, None  # the state learns by EMA; the options are not tensors

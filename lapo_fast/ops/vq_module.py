@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .vq import _NONFINITE, NonFiniteError, VQOutput, vq_ema
+from .vq import NonFiniteError, VQOutput, vq_ema
 from .vq_layout import Layout
 
 
@@ -38,6 +38,7 @@ class VectorQuantizerEMA(nn.Module):
         backend: str = "auto",
         deterministic: bool = False,
         seed: int = 0,
+        sync: str = "auto",
     ):
         super().__init__()
         if min(num_codebooks, codebook_size, dim, num_latents) < 1:
@@ -49,7 +50,7 @@ class VectorQuantizerEMA(nn.Module):
         self.decay, self.eps, self.commitment = decay, eps, commitment
         self.dead_code_threshold = dead_code_threshold
         self.kmeans_iters = kmeans_iters
-        self.backend, self.deterministic = backend, deterministic
+        self.backend, self.deterministic, self.sync = backend, deterministic, sync
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -73,7 +74,7 @@ class VectorQuantizerEMA(nn.Module):
         out = vq_ema(
             x, self.codebook, self.ema_count, self.ema_weight, layout=self.layout,
             num_latents=self.num_latents, training=self.training, decay=self.decay, eps=self.eps,
-            commitment=self.commitment, backend=self.backend, deterministic=self.deterministic,
+            commitment=self.commitment, backend=self.backend, deterministic=self.deterministic, sync=self.sync,
         )
         if self.training and self.dead_code_threshold > 0:
             self._replace_dead_codes(x, torch.isfinite(out.loss))
@@ -113,7 +114,7 @@ class VectorQuantizerEMA(nn.Module):
     def _kmeans_init(self, x: torch.Tensor) -> None:
         rows = self._rows(x)
         if not torch.isfinite(rows).all():  # checked before any state is written, as the update path does
-            raise NonFiniteError(_NONFINITE)
+            raise NonFiniteError()
         G, N, d = rows.shape
         K = self.codebook_size
         for g in range(G):
