@@ -14,6 +14,7 @@ are and load what earlier stages made; no other module spells a run-directory fi
     RUN/decode/decoder-N.safetensors, results.json
     RUN/eval/results.json         RUN/umap/umap.{png,npz}
     RUN/report.{md,json}, RUN/<plot>.png
+    RUN/sweep-job.json            a sweep launcher's record of the run's job (lapo_fast.sweep)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
 from lapo_fast.registry import command_of, folder_config
 from lapo_fast.runtime.files import read_json, write_json
+from lapo_fast.runtime.runlog import RunLog, read_metrics
 
 
 class RunDir:
@@ -42,6 +44,7 @@ class RunDir:
         self.labels = self.stage("bc") / "labels.npz"        # stage 2's cached IDM latents
         self.umap_points = self.stage("umap") / "umap.npz"
         self.umap_plot = self.stage("umap") / "umap.png"
+        self.job = self.path / "sweep-job.json"              # a sweep launcher's record of the run's job
 
     def __fspath__(self) -> str:  # a RunDir goes wherever a path does
         return str(self.path)
@@ -68,6 +71,26 @@ class RunDir:
     def run_config_path(self, stage: str) -> Path:
         """`train`'s record of a stage's config (written before the stage runs)."""
         return self.path / f"config.{stage}.json"
+
+    def saved_configs(self) -> dict[str, list[Path]]:
+        """stage -> its saved configs: `train`'s record (config.<stage>.json), then its own."""
+        out: dict[str, list[Path]] = {}
+        for path in sorted(self.path.glob("config.*.json")):
+            out.setdefault(path.name.split(".")[1], []).append(path)
+        for path in sorted(self.path.glob("*/config.json")):
+            out.setdefault(path.parent.name, []).append(path)
+        return out
+
+    def metrics(self, stage: str) -> Path:
+        """A stage's metrics, one JSON object per log line (runtime/runlog.py)."""
+        return self.stage(stage) / "metrics.jsonl"
+
+    def run_log(self, stage: str, *, enabled: bool = True) -> RunLog:
+        """The run log a stage writes: its metrics file and TensorBoard events (RUN/<stage>/tb)."""
+        return RunLog(self.metrics(stage), self.stage(stage) / "tb", stage, enabled=enabled)
+
+    def read_metrics(self, stage: str) -> list[dict]:
+        return read_metrics(self.metrics(stage))
 
     def decoder(self, labelled: int) -> Path:
         return self.stage("decode") / f"decoder-{labelled}.safetensors"

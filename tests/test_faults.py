@@ -291,21 +291,21 @@ def test_a_damaged_stage_config_is_one_line_naming_it(data, tmp_path, capsys, co
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_a_torn_middle_line_is_named(tmp_path, capsys):
-    log = RunLog(tmp_path, "lam")
+    path = tmp_path / "metrics.jsonl"
+    log = RunLog(path, None, "lam")
     for step in (1, 2):
         log.log({"step": step, "loss": 0.5})
     log.close()
-    path = tmp_path / "metrics.jsonl"
     with open(path, "a") as f:
         f.write('{"step": 3, "lo')  # a crash mid-write
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert f"{path}: dropped its torn last line 3" in capsys.readouterr().out
-    RunLog(tmp_path, "lam").truncate(2)  # resume repairs the file
+    RunLog(path, None, "lam").truncate(2)  # resume repairs the file
     assert path.read_text().endswith("}\n") and len(path.read_text().splitlines()) == 2
     lines = path.read_text().splitlines()
     path.write_text(lines[0] + "\n" + '{"step": 2, "lo\n' + lines[1] + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is damaged"):
-        read_metrics(tmp_path)
+        read_metrics(path)
 
 
 def test_a_torn_metrics_line_does_not_block_resume_or_report(data, tmp_path, capsys):
@@ -315,7 +315,7 @@ def test_a_torn_metrics_line_does_not_block_resume_or_report(data, tmp_path, cap
         f.write('{"step": 5, "fdm')
     assert main(["report", "--out", str(run)]) == 0
     assert main(_lam(data, run, "--steps", "6", "--checkpoint-every", "2", "--log-every", "1")) == 0
-    assert [r["step"] for r in read_metrics(run / "lam") if "fdm_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in RunDir(run).read_metrics("lam") if "fdm_loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 # 13. Ctrl-C ---------------------------------------------------------------------------------------------

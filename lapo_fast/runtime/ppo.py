@@ -22,7 +22,6 @@ from .acting import sample_actions
 from .checkpoint import latest_checkpoint, resume, save_checkpoint
 from .distributed import autocast
 from .metrics import StepMeans
-from .runlog import RunLog
 from .step import TrainStep, graph_mode
 
 STATS = ("policy_loss", "value_loss", "entropy", "clip_frac")
@@ -185,7 +184,7 @@ class PPOSession:
         from lapo_fast.envs.wrappers import ScaleRewards
 
         cfg = self.cfg
-        self.log = RunLog(self.out, self.name)
+        self.log = self.run.run_log(self.name)
         state = resume(self.out, policy, optimizer, schedule, self.log, key="update")
         update = state.get("update", 0)
         if state:

@@ -1,5 +1,6 @@
-"""What every stage writes beside its checkpoints: metrics.jsonl (one JSON object per log line,
-the source of the report's curves) and TensorBoard events."""
+"""What every stage writes beside its checkpoints: a metrics file (JSON lines, one object per log
+line, the source of the report's curves) and TensorBoard events; where they go is the RunDir's
+(RunDir.run_log, RunDir.read_metrics)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ from .files import atomic_write
 
 
 class RunLog:
-    """Appends metrics to DIR/metrics.jsonl and DIR/tb. On resume, `truncate(step)` drops lines
-    logged after the checkpoint being resumed, so curves never hold the same step twice."""
+    """Appends metrics to the JSON-lines file `path` and TensorBoard events to `events` (None: none).
+    On resume, `truncate(step)` drops lines logged after the checkpoint being resumed, so curves
+    never hold the same step twice."""
 
-    def __init__(self, directory: Path, tag: str, *, enabled: bool = True):
-        self.path = Path(directory) / "metrics.jsonl"
+    def __init__(self, path: Path, events: Path | None, tag: str, *, enabled: bool = True):
+        self.path = Path(path)
         self.tag = tag
         self.enabled = enabled
         self.writer = None
-        if enabled:
+        if enabled and events is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard missing: metrics.jsonl still has everything
                 pass
             else:
-                self.writer = SummaryWriter(str(Path(directory) / "tb"))
+                self.writer = SummaryWriter(str(events))
 
     def truncate(self, step: int, key: str = "step") -> None:
         """Keeps the lines up to `step` (and drops a torn last line)."""
@@ -57,8 +59,9 @@ class RunLog:
         self.close()
 
 
-def read_metrics(directory: Path) -> list[dict]:
-    path = Path(directory) / "metrics.jsonl"
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics file ([] when there is none)."""
+    path = Path(path)
     if not path.exists():
         return []
     return _rows(path)

@@ -26,7 +26,6 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
 from lapo_fast.runtime.checkpoint import latest_checkpoint, resume, save_checkpoint_all_ranks
 from lapo_fast.runtime.loop import supervised_loop
-from lapo_fast.runtime.runlog import RunLog
 from lapo_fast.runtime.step import TrainStep, graph_mode
 
 
@@ -57,7 +56,7 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, progress: bool = True) -> Path
         head.requires_grad_(False)                         # needs every trainable parameter used)
     optimizer, schedule = cfg.optimizer(policy.parameters())
 
-    with RunLog(out, "bc", enabled=rank == 0) as log:  # closed however the stage ends
+    with run.run_log("bc", enabled=rank == 0) as log:  # closed however the stage ends
         state = resume(out, policy, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
         step = state.get("step", 0)
         loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on

@@ -71,7 +71,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, progress: bo
     optimizer, schedule = cfg.optimizer(model.parameters())
 
     # Resume: weights, optimiser, schedule, and every rank's sampler stream.
-    with RunLog(out, "lam", enabled=rank == 0) as log:  # closed however the stage ends
+    with run.run_log("lam", enabled=rank == 0) as log:  # closed however the stage ends
         state = resume(out, model, optimizer, schedule, log, verbose=rank == 0, rng=sampler.rng, rank=rank)
         step = state.get("step", 0)
         loader = make_loader(sampler, plan, device)  # its rng: the stream as of the last batch trained on

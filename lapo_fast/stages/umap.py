@@ -17,6 +17,7 @@ from lapo_fast.data import FrameDataset, valid_starts
 from lapo_fast.data.planner import frames_for
 from lapo_fast.envs.games import ACTION_NAMES, NOOP, OBS_SHAPE
 from lapo_fast.latent import idm_latents
+from lapo_fast.eval.plots import pyplot, save_plot
 from lapo_fast.registry import StageContext
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime import distributed
@@ -65,11 +66,7 @@ def project_latents(data_dir, run_dir, cfg: UmapConfig | None = None) -> Path:
 
 
 def plot_umap(xy: np.ndarray, actions: np.ndarray, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
     cmap = plt.get_cmap("tab20")
     for a in np.unique(actions):
@@ -79,7 +76,5 @@ def plot_umap(xy: np.ndarray, actions: np.ndarray, path: Path) -> Path:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    atomic_write(path, fig.savefig)
-    plt.close(fig)
+    save_plot(fig, path)
     return path

@@ -20,7 +20,7 @@ from lapo_fast.envs.games import GAMES
 from lapo_fast.eval.returns import normalized_return
 from lapo_fast.runtime.files import atomic_write, read_json, write_json
 from lapo_fast.rundir import RunDir
-from lapo_fast.stages.report import SCRATCH_RUNS, pyplot, save_plot, training_curve
+from lapo_fast.eval.plots import SCRATCH_RUNS, pyplot, save_plot, training_curve
 
 from .launch import run_state
 
@@ -46,7 +46,7 @@ def find_runs(directory: Path) -> list[dict]:
 def _eval_scores(run: dict) -> tuple[dict[str, float], dict[str, float]]:
     """policy -> return normalised by the paper's table, and by the run's own demonstrator (where
     it beats the random policy), from the run's evaluation."""
-    results = read_json(run["dir"] / "eval" / "results.json")
+    results = read_json(RunDir(run["dir"]).results("eval"))
     if not isinstance(results, dict) or not isinstance(results.get("policies"), dict):
         return {}, {}
     scores, to_demo = {}, {}
@@ -66,7 +66,7 @@ def _curve(run: dict, stage: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _decode_curve(run: dict) -> dict[int, float]:
-    results = read_json(run["dir"] / "decode" / "results.json")
+    results = read_json(RunDir(run["dir"]).results("decode"))
     if not isinstance(results, dict):
         return {}
     return {int(e["labelled"]): float(normalized_return(e["mean_return"], run["game"]))

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lapo_fast.envs.games import GAMES, check_game
+from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.files import read_json, write_json
 
 EXECUTORS = ("local", "slurm")
-JOB_FILE = "sweep-job.json"
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def train_job(argv: list[str], directory: str) -> str:
     """What each job runs (on the node): `lapo-fast train ...` in a subprocess, its output passed
     through to the job's log, its state recorded in RUN/sweep-job.json. Raises when it fails, so
     the launcher (and SLURM's accounting) sees the failure."""
-    path = Path(directory) / JOB_FILE
+    path = RunDir(directory).job
     Path(directory).mkdir(parents=True, exist_ok=True)
     record = {**(read_json(path) or {}), "state": "running", "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.time(), "job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
@@ -191,9 +191,10 @@ def run_state(directory: Path) -> tuple[str, str]:
     """(state, detail) of one run: done, failed (its last error line), running, died (its process is
     gone without a word: killed, out of memory, out of time), submitted, or pending."""
     directory = Path(directory)
-    record = read_json(directory / JOB_FILE) or {}
-    if (directory / "report.md").exists() and record.get("state", "done") == "done":
-        return "done", str(directory / "report.md")
+    run = RunDir(directory)
+    record = read_json(run.job) or {}
+    if run.report("md").exists() and record.get("state", "done") == "done":
+        return "done", str(run.report("md"))
     state = record.get("state")
     if state == "failed":
         return "failed", record.get("error", "")
@@ -205,7 +206,7 @@ def run_state(directory: Path) -> tuple[str, str]:
         return "running", f"on {record.get('host')} since {since}{job}"
     if state == "submitted":
         return "submitted", f"job {record.get('job_id')}"
-    return ("pending", "") if not (directory / "run.json").exists() else ("stopped", "started, not finished")
+    return ("pending", "") if not run.identity.exists() else ("stopped", "started, not finished")
 
 
 def _alive(pid) -> bool:
@@ -295,7 +296,7 @@ def _launch_slurm(out: Path, spec: SweepSpec, todo: list[tuple[str, int]]) -> No
     with executor.batch():  # one job array
         jobs = [executor.submit(TrainJob(), train_argv(spec, out, g, s), str(run_dir(out, g, s))) for g, s in todo]
     for (g, s), job in zip(todo, jobs):
-        path = run_dir(out, g, s) / JOB_FILE
+        path = RunDir(run_dir(out, g, s)).job
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"state": "submitted", "job_id": job.job_id, "submitted": time.time()})
     print(f"sweep: submitted {len(jobs)} run(s) as SLURM job {jobs[0].job_id.split('_')[0]}; "
