@@ -80,3 +80,10 @@ def write_video(path, frames: int = 90, codec: str = "libvpx-vp9") -> Path:
         for packet in stream.encode():
             out.mux(packet)
     return Path(path)
+
+
+def write_lapo_chunk(path, obs, done, actions=None) -> None:
+    """A chunk of the reference code's dataset format (obs, ta, done, rewards, ep_returns, values)."""
+    n = len(obs)
+    np.savez(path, obs=obs, ta=(np.zeros((n, 1), np.int64) if actions is None else actions[:, None]), done=done,
+             rewards=np.zeros(n), ep_returns=np.zeros(n), values=np.zeros(n))

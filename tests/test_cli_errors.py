@@ -1,0 +1,161 @@
+"""What a user sees instead of a traceback: one line naming the thing and the fix, before any work
+(sizes that cannot work, wrong shapes and media, bad devices, full disks, a missing stage)."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import cli_error, write_dataset, write_lapo_chunk
+
+from lapo_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("faults") / "ds", episodes=3, length=12)
+
+
+def test_stages_refuse_frames_of_another_shape(tmp_path, capsys):
+    path = write_dataset(tmp_path / "ds", env=None)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["frame_shape"] = [32, 128, 3]  # the same bytes per frame: only the shape betrays it
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    err = cli_error(["lam", "--data", str(path), "--out", str(tmp_path / "run"), "--preset", "smoke"], capsys)
+    assert "frames are 32x128x3, the stages take 64x64x3" in err
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("[]", "a JSON object expected"), ("null", "a JSON object expected"),
+    ("2D frames", r"frame_shape must be \[height, width, channels\] \(e.g. \[64, 64, 3\]\), got \[64, 64\]")])
+def test_malformed_manifests_are_one_line_errors(tmp_path, capsys, manifest, message):
+    path = write_dataset(tmp_path / "ds", env=None)
+    if manifest == "2D frames":
+        manifest = (path / "manifest.json").read_text().replace('"frame_shape": [\n  64,\n  64,\n  3\n ]',
+                                                                '"frame_shape": [64, 64]')
+        assert "[64, 64]" in manifest
+    (path / "manifest.json").write_text(manifest)
+    assert pytest.importorskip("re").search(message, cli_error(["data", "verify", str(path)], capsys))
+
+
+def test_damaged_files_name_themselves(tmp_path, capsys):
+    path = write_dataset(tmp_path / "ds", env=None)
+    (path / "shards" / "00000.idx.npy").write_bytes(b"\x93NUMPY garbled header")
+    assert "00000.idx.npy: unreadable or damaged .npy file" in cli_error(["data", "verify", str(path)], capsys)
+    path = write_dataset(tmp_path / "ds2", env=None)
+    (path / "shards" / "00000.bin").unlink()
+    (path / "shards" / "00000.bin").mkdir()  # a shard that cannot be read
+    assert "00000.bin" in cli_error(["data", "verify", str(path)], capsys)
+    src = tmp_path / "lapo" / "train"
+    src.mkdir(parents=True)
+    write_lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.isin(np.arange(10), [0, 6]))
+    (src / "0.npz").write_bytes((src / "0.npz").read_bytes()[:3000])  # truncated
+    assert "0.npz: not a LAPO data chunk" in cli_error(["data", "import-lapo", str(tmp_path / "lapo"), "--out",
+                                                          str(tmp_path / "out")], capsys)
+
+
+def test_bad_media_are_one_line_errors(tmp_path, capsys):
+    import av
+
+    audio = tmp_path / "talk.mp4"
+    with av.open(str(audio), "w") as out:
+        stream = out.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in list(stream.encode(frame)) + list(stream.encode()):
+            out.mux(packet)
+    assert "no video stream" in cli_error(["data", "ingest", str(audio), "--out", str(tmp_path / "a")], capsys)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert "0.png: not a readable image" in cli_error(["data", "ingest", str(folder), "--out", str(tmp_path / "b")],
+                                                       capsys)
+    assert "--size must be a positive" in cli_error(["data", "ingest", str(folder), "--out", str(tmp_path / "c"),
+                                                      "--size", "0"], capsys)
+
+
+def test_small_ingest_then_a_stage_is_refused_clearly(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((64, 64, 3), i, np.uint8)).save(folder / f"{i}.png")
+    assert main(["data", "ingest", str(folder), "--out", str(tmp_path / "ds"), "--size", "32"]) == 0
+    err = cli_error(["lam", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--preset", "smoke"],
+                     capsys)
+    assert "frames are 32x32x3, the stages take 64x64x3 (ingest again with --size 64)" in err
+
+
+def test_second_import_names_the_cli_way_out(tmp_path, capsys):
+    src = tmp_path / "lapo" / "train"
+    src.mkdir(parents=True)
+    write_lapo_chunk(src / "0.npz", np.zeros((10, 64, 64, 3), np.uint8), np.isin(np.arange(10), [0, 6]))
+    argv = ["data", "import-lapo", str(tmp_path / "lapo"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "already holds a dataset: import into a new --out" in cli_error(argv, capsys)
+
+
+@pytest.mark.parametrize("device, message", [("banana", "is not a torch device"), ("cuda", "no CUDA device")])
+def test_bad_devices_are_one_line_errors(tmp_path, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = write_dataset(tmp_path / "ds", env=None)
+    assert message in cli_error(["lam", "--data", str(path), "--out", str(tmp_path / "run"), "--preset", "smoke",
+                                  "--device", device], capsys)
+
+
+def test_too_many_envs_and_full_disks_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    assert "use fewer envs" in cli_error(["collect", "--env", "starpilot", "--frames", "10", "--out",
+                                           str(tmp_path / "a"), "--num-envs", "100000000"], capsys)
+    import lapo_fast.data.writer as writer
+
+    def full(path, content):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(writer, "atomic_write", full)
+    err = cli_error(["collect", "--env", "starpilot", "--frames", "100", "--num-envs", "4", "--out",
+                      str(tmp_path / "b")], capsys)
+    assert "No space left on device (the disk is full" in err
+
+
+def test_num_envs_and_threads_are_checked():
+    from lapo_fast.envs import ProcgenVecEnv
+
+    with pytest.raises(ValueError, match="num_envs must be a positive int, got True"):
+        ProcgenVecEnv("starpilot", True)
+    env = ProcgenVecEnv("starpilot", 8, num_threads=10_000, envs_per_instance=4)
+    assert env.num_threads == 2  # one per libenv instance at most
+    env.close()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["collect", "--env", "starpilot", "--frames", "0"], "frames must be a positive number of frames"),
+    (["collect", "--env", "starpilot", "--frames", "-5"], "frames must be a positive number of frames"),
+    (["ppo", "--env", "starpilot", "--preset", "smoke", "--env-steps", "0"], "PPOConfig.env_steps must be >= 1, got 0"),
+    (["lam", "--log-every", "0"], "LAMConfig.log_every must be >= 1, got 0"),
+    (["lam", "--checkpoint-every", "0"], "LAMConfig.checkpoint_every must be >= 1, got 0"),
+    (["bc", "--log-every", "0"], "BCConfig.log_every must be >= 1, got 0"),
+    (["bc", "--checkpoint-every", "0"], "BCConfig.checkpoint_every must be >= 1, got 0"),
+    (["lam", "--impala-scale", "0"], "LAMConfig.impala_scale must be >= 1, got 0"),
+    (["bc", "--label-batch", "0"], "BCConfig.label_batch must be >= 1, got 0"),
+    (["umap", "--points", "0"], "UmapConfig.points must be >= 16, got 0"),
+    (["lam", "--batch-size", "-1"], "LAMConfig.batch_size must be >= 1, got -1"),
+    (["train", "--env", "starpilot", "--record.frames", "0"], "RecordConfig.frames must be >= 1, got 0"),
+    (["train", "--env", "starpilot", "--finetune.decoder-every", "0"], "FinetuneConfig.decoder_every must be >= 1"),
+    (["decode", "--labelled", "8", "0"], "DecodeConfig.labelled must be >= 1, got 0"),
+    (["finetune", "--env", "starpilot", "--fc-ramp", "9", "3"], "FinetuneConfig.fc_ramp: need start <= end, got 9 3"),
+])
+def test_sizes_that_cannot_work_are_refused_before_any_work(data, tmp_path, capsys, argv, message):
+    if argv[0] in ("lam", "bc", "umap", "decode"):
+        argv = argv[:1] + ["--data", str(data), "--preset", "smoke"] + argv[1:]
+    elif argv[0] in ("train", "finetune"):
+        argv = argv + ["--preset", "smoke"]
+    assert message in cli_error(argv + ["--out", str(tmp_path / "run")], capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_without_a_policy_names_the_stage_to_run(tmp_path, capsys):
+    err = cli_error(["eval", "--env", "starpilot", "--out", str(tmp_path), "--preset", "smoke"], capsys)
+    assert "no policy to evaluate yet: run stage 2 (`lapo-fast bc`)" in err
