@@ -275,9 +275,173 @@ void scatter_lapo(const float* codes, const int32_t* best, const int64_t* x_off,
 
 }  // namespace
 
-ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads,
-                      const EmaUpdate* update) {
-  const int64_t rows = p.batch * p.L;
+ChunkPlan plan_chunks(const Problem& p) {
+  ChunkPlan plan;
+  plan.rows = p.batch * p.L;
+  // Enough work per task to be worth a thread (by work, not rows: a large codebook gives few rows
+  // much work), few enough chunks that the per-chunk partial sums stay within budget.
+  const size_t code_floats = static_cast<size_t>(p.K) * p.d;
+  const int64_t max_chunks = std::max<int64_t>(1, static_cast<int64_t>(kPartialBudget / code_floats / p.G));
+  const auto min_rows = std::max(kMinRowsPerTask, static_cast<int64_t>(std::ceil(kMinTaskWork / static_cast<double>(code_floats))));
+  plan.rows_per_chunk = std::max<int64_t>(min_rows, (plan.rows + max_chunks - 1) / max_chunks);
+  // LAPO's view: a sample's 4 latents of 16 dims in a group are one dense 16x4 block (dim-major),
+  // moved 4 rows at a time with 4x4 transposes instead of 64 strided scalar loads and stores.
+  plan.lapo_blocks = p.d == 16 && p.L == 4 && p.stride_k == 4 && p.stride_l == 1;
+  if (plan.lapo_blocks) plan.rows_per_chunk = (plan.rows_per_chunk + 3) / 4 * 4;  // chunks hold whole samples
+  plan.chunks = std::max<int64_t>(1, (plan.rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk);
+  plan.tasks = static_cast<int>(plan.chunks * p.G);
+  plan.parallel = static_cast<double>(plan.rows) * p.G * p.K * p.d >= kParallelWork;
+  return plan;
+}
+
+namespace {
+
+// Task t of the plan: group t / chunks, rows of chunk t % chunks. Its rows' nearest codes, the
+// quantised output and indices, and its partials (squared error, non-finite count, per-code counts
+// and, with sums, per-code sums of x).
+void search_task(const Problem& p, const ChunkPlan& plan, const PackedCodebook& cb, int t, Partials& parts) {
+  const int g = static_cast<int>(t / plan.chunks);
+  const int64_t begin = (t % plan.chunks) * plan.rows_per_chunk, end = std::min(plan.rows, begin + plan.rows_per_chunk);
+  const int n = static_cast<int>(end - begin);
+  const int d = p.d;
+  const size_t code_floats = static_cast<size_t>(p.K) * d;
+  const float* codes = p.codebook + static_cast<size_t>(g) * code_floats;
+  const bool lapo_blocks = plan.lapo_blocks;
+  Scratch& sc = scratch();
+  sc.resize(n, d);
+  float* __restrict xbuf = sc.x.data();
+  // Everything the loops read is copied to locals first: the int64 index stores below could
+  // otherwise alias p's int64 fields and force a reload of each on every row.
+  const float* __restrict x = p.x;
+  float* __restrict out = p.out;
+  int64_t* __restrict indices = p.indices;
+  int64_t* __restrict x_off = sc.x_off.data();
+  int64_t* __restrict i_off = sc.i_off.data();
+  int32_t* __restrict best = sc.best.data();
+  const int64_t sb = p.stride_b, sg = p.stride_g, sk = p.stride_k, sl = p.stride_l;
+  const int L = p.L, G = p.G;
+  // Walk (b, l) incrementally: no division per row.
+  int64_t b = begin / L, l = begin % L;
+  for (int r = 0; r < n; ++r) {
+    x_off[r] = b * sb + g * sg + l * sl;
+    i_off[r] = (b * G + g) * L + l;
+    if (++l == L) l = 0, ++b;
+  }
+  int64_t bad;
+  if (lapo_blocks) {
+    bad = gather_lapo(x, x_off, n, xbuf);
+  } else {
+    bad = 0;
+    for (int r = 0; r < n; ++r) {
+      const float* __restrict src = x + x_off[r];
+      float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
+      uint32_t nonfinite_bits = 0;  // an all-ones exponent marks NaN or inf
+      for (int j = 0; j < d; ++j) {
+        const float v = src[j * sk];
+        xr[j] = v;
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        nonfinite_bits |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+      }
+      bad += nonfinite_bits;
+    }
+  }
+  nearest_rows(cb, xbuf, n, best, sc);
+
+  float* __restrict cnt = parts.counts.data() + static_cast<size_t>(t) * p.K;
+  float* __restrict sm = parts.sums.empty() ? nullptr : parts.sums.data() + static_cast<size_t>(t) * code_floats;
+  if (lapo_blocks) scatter_lapo(codes, best, x_off, n, out);
+  double err = 0.0;
+  int64_t overflow = 0;  // rows whose distance to their code is not finite (|x| near 1e19 and up)
+  for (int r = 0; r < n; ++r) {
+    const int k = best[r];
+    indices[i_off[r]] = k;
+    const float* __restrict c = codes + static_cast<size_t>(k) * d;
+    const float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
+    float row_err = 0.f;
+#pragma omp simd reduction(+ : row_err)
+    for (int j = 0; j < d; ++j) {
+      const float diff = xr[j] - c[j];
+      row_err += diff * diff;
+    }
+    err += row_err;
+    overflow += !std::isfinite(row_err);
+    if (!lapo_blocks) {
+      float* __restrict o = out + x_off[r];
+      for (int j = 0; j < d; ++j) o[j * sk] = c[j];
+    }
+    cnt[k] += 1.f;
+    if (sm) {
+      float* __restrict dst = sm + static_cast<size_t>(k) * d;
+      for (int j = 0; j < d; ++j) dst[j] += xr[j];
+    }
+  }
+  parts.sq_err[t] = err;
+  // NaN/inf in x always makes its row's distance non-finite, so overflow counts those rows too.
+  parts.nonfinite[t] = std::max(bad, overflow);
+}
+
+}  // namespace
+
+Partials search(const Problem& p, const ChunkPlan& plan, bool with_sums, int num_threads) {
+  if (p.stride_b == static_cast<int64_t>(p.G) * p.L * p.d)  // dense output: one extent to advise
+    prefer_huge_pages(p.out, static_cast<size_t>(p.batch) * p.stride_b * sizeof(float));
+  prefer_huge_pages(p.indices, static_cast<size_t>(plan.rows) * p.G * sizeof(int64_t));
+  std::vector<PackedCodebook> packed;
+  packed.reserve(p.G);
+  for (int g = 0; g < p.G; ++g) packed.emplace_back(p.codebook + static_cast<size_t>(g) * p.K * p.d, p.K, p.d);
+  Partials parts;
+  parts.sq_err.assign(plan.tasks, 0.0);
+  parts.nonfinite.assign(plan.tasks, 0);
+  parts.counts.assign(static_cast<size_t>(plan.tasks) * p.K, 0.f);
+  if (with_sums) parts.sums.assign(static_cast<size_t>(plan.tasks) * p.K * p.d, 0.f);
+  pool(plan.parallel ? num_threads : 1).parallel_for(plan.tasks, [&](int t) {
+    search_task(p, plan, packed[t / plan.chunks], t, parts);
+  });
+  return parts;
+}
+
+ForwardResult reduce(const Problem& p, const ChunkPlan& plan, const Partials& parts, float* counts, float* sums,
+                     int num_threads) {
+  ForwardResult result;
+  for (int t = 0; t < plan.tasks; ++t) {
+    result.sq_err += parts.sq_err[t];
+    result.nonfinite += parts.nonfinite[t];
+  }
+  if (result.nonfinite) return result;
+  // The chunks' partials added in chunk order, in parallel over (group, slice of codes).
+  const size_t code_floats = static_cast<size_t>(p.K) * p.d;
+  const int64_t chunks = plan.chunks;
+  const int slices = std::min(p.K, 8);
+  const int per_slice = (p.K + slices - 1) / slices;
+  pool(plan.parallel ? num_threads : 1).parallel_for(p.G * slices, [&](int t) {
+    const int g = t / slices;
+    const int k0 = (t % slices) * per_slice, k1 = std::min(p.K, k0 + per_slice);
+    for (int k = k0; k < k1; ++k) {
+      float c = 0.f;
+      for (int64_t ch = 0; ch < chunks; ++ch) c += parts.counts[static_cast<size_t>(g * chunks + ch) * p.K + k];
+      counts[static_cast<size_t>(g) * p.K + k] = c;
+      if (!sums) continue;
+      float* dst = sums + (static_cast<size_t>(g) * p.K + k) * p.d;
+      std::fill(dst, dst + p.d, 0.f);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const float* src = parts.sums.data() + static_cast<size_t>(g * chunks + ch) * code_floats + static_cast<size_t>(k) * p.d;
+        for (int j = 0; j < p.d; ++j) dst[j] += src[j];
+      }
+    }
+  });
+  for (int g = 0; g < p.G; ++g) {
+    double entropy = 0.0;
+    for (int k = 0; k < p.K; ++k) {
+      const double prob = plan.rows > 0 ? counts[static_cast<size_t>(g) * p.K + k] / static_cast<double>(plan.rows) : 0.0;
+      entropy -= prob * std::log(prob + 1e-10);
+    }
+    result.perplexity += std::exp(entropy);
+  }
+  return result;
+}
+
+ForwardResult forward(const Problem& p, float* counts, float* sums, int num_threads, const EmaUpdate* update) {
   std::vector<float> own_counts, own_sums;
   if (!counts) {
     own_counts.resize(static_cast<size_t>(p.G) * p.K);
@@ -287,149 +451,10 @@ ForwardResult forward(const Problem& p, float* counts, float* sums, int num_thre
     own_sums.resize(static_cast<size_t>(p.G) * p.K * p.d);
     sums = own_sums.data();
   }
-  if (p.stride_b == static_cast<int64_t>(p.G) * p.L * p.d)  // dense output: one extent to advise
-    prefer_huge_pages(p.out, static_cast<size_t>(p.batch) * p.stride_b * sizeof(float));
-  prefer_huge_pages(p.indices, static_cast<size_t>(rows) * p.G * sizeof(int64_t));
-  std::vector<PackedCodebook> packed;
-  packed.reserve(p.G);
-  for (int g = 0; g < p.G; ++g) packed.emplace_back(p.codebook + static_cast<size_t>(g) * p.K * p.d, p.K, p.d);
-
-  // Row chunks per group: enough work per task to be worth a thread (by work, not rows: a large
-  // codebook gives few rows much work), few enough chunks that the per-chunk partial sums stay
-  // within budget. Depends on the problem only, so results don't depend on thread count.
-  const size_t code_floats = static_cast<size_t>(p.K) * p.d;
-  const int64_t max_chunks = std::max<int64_t>(1, static_cast<int64_t>(kPartialBudget / code_floats / p.G));
-  const auto min_rows = std::max(kMinRowsPerTask, static_cast<int64_t>(std::ceil(kMinTaskWork / static_cast<double>(code_floats))));
-  int64_t rows_per_chunk = std::max<int64_t>(min_rows, (rows + max_chunks - 1) / max_chunks);
-  // LAPO's view: a sample's 4 latents of 16 dims in a group are one dense 16x4 block (dim-major),
-  // moved 4 rows at a time with 4x4 transposes instead of 64 strided scalar loads and stores.
-  const bool lapo_blocks = p.d == 16 && p.L == 4 && p.stride_k == 4 && p.stride_l == 1;
-  if (lapo_blocks) rows_per_chunk = (rows_per_chunk + 3) / 4 * 4;  // chunks hold whole samples
-  const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
-  const int tasks = static_cast<int>(chunks * p.G);
-  std::vector<double> sq_err(tasks, 0.0);
-  std::vector<int64_t> nonfinite(tasks, 0);
-  std::vector<float> part_counts(static_cast<size_t>(tasks) * p.K, 0.f);
-  std::vector<float> part_sums(sums ? static_cast<size_t>(tasks) * code_floats : 0, 0.f);
-  const bool parallel = static_cast<double>(rows) * p.G * p.K * p.d >= kParallelWork;
-  ThreadPool& workers = pool(parallel ? num_threads : 1);
-
-  workers.parallel_for(tasks, [&](int t) {
-    const int g = static_cast<int>(t / chunks);
-    const int64_t begin = (t % chunks) * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
-    const int n = static_cast<int>(end - begin);
-    const int d = p.d;
-    const float* codes = p.codebook + static_cast<size_t>(g) * code_floats;
-    Scratch& sc = scratch();
-    sc.resize(n, d);
-    float* __restrict xbuf = sc.x.data();
-    // Everything the loops read is copied to locals first: the int64 index stores below could
-    // otherwise alias p's int64 fields and force a reload of each on every row.
-    const float* __restrict x = p.x;
-    float* __restrict out = p.out;
-    int64_t* __restrict indices = p.indices;
-    int64_t* __restrict x_off = sc.x_off.data();
-    int64_t* __restrict i_off = sc.i_off.data();
-    int32_t* __restrict best = sc.best.data();
-    const int64_t sb = p.stride_b, sg = p.stride_g, sk = p.stride_k, sl = p.stride_l;
-    const int L = p.L, G = p.G;
-    // Walk (b, l) incrementally: no division per row.
-    int64_t b = begin / L, l = begin % L;
-    for (int r = 0; r < n; ++r) {
-      x_off[r] = b * sb + g * sg + l * sl;
-      i_off[r] = (b * G + g) * L + l;
-      if (++l == L) l = 0, ++b;
-    }
-    int64_t bad;
-    if (lapo_blocks) {
-      bad = gather_lapo(x, x_off, n, xbuf);
-    } else {
-      bad = 0;
-      for (int r = 0; r < n; ++r) {
-        const float* __restrict src = x + x_off[r];
-        float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
-        uint32_t nonfinite_bits = 0;  // an all-ones exponent marks NaN or inf
-        for (int j = 0; j < d; ++j) {
-          const float v = src[j * sk];
-          xr[j] = v;
-          uint32_t bits;
-          std::memcpy(&bits, &v, sizeof bits);
-          nonfinite_bits |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-        }
-        bad += nonfinite_bits;
-      }
-    }
-    nearest_rows(packed[g], xbuf, n, best, sc);
-
-    float* __restrict cnt = part_counts.data() + static_cast<size_t>(t) * p.K;
-    float* __restrict sm = sums ? part_sums.data() + static_cast<size_t>(t) * code_floats : nullptr;
-    if (lapo_blocks) scatter_lapo(codes, best, x_off, n, out);
-    double err = 0.0;
-    int64_t overflow = 0;  // rows whose distance to their code is not finite (|x| near 1e19 and up)
-    for (int r = 0; r < n; ++r) {
-      const int k = best[r];
-      indices[i_off[r]] = k;
-      const float* __restrict c = codes + static_cast<size_t>(k) * d;
-      const float* __restrict xr = xbuf + static_cast<size_t>(r) * d;
-      float row_err = 0.f;
-#pragma omp simd reduction(+ : row_err)
-      for (int j = 0; j < d; ++j) {
-        const float diff = xr[j] - c[j];
-        row_err += diff * diff;
-      }
-      err += row_err;
-      overflow += !std::isfinite(row_err);
-      if (!lapo_blocks) {
-        float* __restrict o = out + x_off[r];
-        for (int j = 0; j < d; ++j) o[j * sk] = c[j];
-      }
-      cnt[k] += 1.f;
-      if (sm) {
-        float* __restrict dst = sm + static_cast<size_t>(k) * d;
-        for (int j = 0; j < d; ++j) dst[j] += xr[j];
-      }
-    }
-    sq_err[t] = err;
-    // NaN/inf in x always makes its row's distance non-finite, so overflow counts those rows too.
-    nonfinite[t] = std::max(bad, overflow);
-  });
-
-  ForwardResult result;
-  for (int t = 0; t < tasks; ++t) {
-    result.sq_err += sq_err[t];
-    result.nonfinite += nonfinite[t];
-  }
-  if (result.nonfinite) return result;
-
-  // Reduce the chunks' partials in chunk order, in parallel over (group, slice of codes).
-  const int slices = std::min(p.K, 8);
-  const int per_slice = (p.K + slices - 1) / slices;
-  workers.parallel_for(p.G * slices, [&](int t) {
-    const int g = t / slices;
-    const int k0 = (t % slices) * per_slice, k1 = std::min(p.K, k0 + per_slice);
-    for (int k = k0; k < k1; ++k) {
-      float c = 0.f;
-      for (int64_t ch = 0; ch < chunks; ++ch) c += part_counts[static_cast<size_t>(g * chunks + ch) * p.K + k];
-      counts[static_cast<size_t>(g) * p.K + k] = c;
-      if (!sums) continue;
-      float* dst = sums + (static_cast<size_t>(g) * p.K + k) * p.d;
-      std::fill(dst, dst + p.d, 0.f);
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const float* src = part_sums.data() + static_cast<size_t>(g * chunks + ch) * code_floats + static_cast<size_t>(k) * p.d;
-        for (int j = 0; j < p.d; ++j) dst[j] += src[j];
-      }
-    }
-  });
-
-  for (int g = 0; g < p.G; ++g) {
-    double entropy = 0.0;
-    for (int k = 0; k < p.K; ++k) {
-      const double prob = rows > 0 ? counts[static_cast<size_t>(g) * p.K + k] / static_cast<double>(rows) : 0.0;
-      entropy -= prob * std::log(prob + 1e-10);
-    }
-    result.perplexity += std::exp(entropy);
-  }
-  if (update)
+  const ChunkPlan plan = plan_chunks(p);
+  const Partials parts = search(p, plan, sums != nullptr, num_threads);
+  const ForwardResult result = reduce(p, plan, parts, counts, sums, num_threads);
+  if (update && !result.nonfinite)
     ema_update(p.G, p.K, p.d, counts, sums, update->ema_count, update->ema_weight, update->codebook,
                update->decay, update->rate, update->eps);
   return result;

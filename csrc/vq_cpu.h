@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace lapo::vq {
 
@@ -32,6 +33,34 @@ struct EmaUpdate {
   float* codebook;    // (G, K, d): Problem::codebook, rewritten once the search is done
   float decay, rate, eps;  // rate: 1 - decay, rounded once from the host's double (as torch does)
 };
+
+// forward() in three steps, each testable alone (csrc/tests/test_vq_cpu.cpp):
+// 1. planning: the rows cut into tasks (group x chunk of rows), by the problem only, never by the
+//    thread count, so the reduction adds the same partials in the same order for any thread count;
+struct ChunkPlan {
+  int64_t rows = 0;            // batch * L, per group
+  int64_t rows_per_chunk = 0;  // a multiple of 4 in LAPO blocks (whole samples)
+  int64_t chunks = 0;          // per group
+  int tasks = 0;               // chunks * G; task t: group t / chunks, chunk t % chunks
+  bool lapo_blocks = false;    // d 16, L 4, dense: moved with 4x4 transposes
+  bool parallel = false;       // enough work for the pool (else one thread)
+};
+ChunkPlan plan_chunks(const Problem& p);
+
+// 2. search: every task's nearest codes (ties to the lowest index), output and indices, and its
+//    partials;
+struct Partials {
+  std::vector<double> sq_err;      // [task]
+  std::vector<int64_t> nonfinite;  // [task]: values (or rows' distances) that are NaN or inf
+  std::vector<float> counts;       // [task][k]
+  std::vector<float> sums;         // [task][k][j], empty without sums
+};
+Partials search(const Problem& p, const ChunkPlan& plan, bool with_sums, int num_threads);
+
+// 3. reduction: the partials added in chunk order into counts (G, K) and sums (G, K, d; may be
+//    nullptr), and the perplexity; counts and sums are left unwritten when a value is not finite.
+ForwardResult reduce(const Problem& p, const ChunkPlan& plan, const Partials& parts, float* counts, float* sums,
+                     int num_threads);
 
 // Nearest code per row (ties to the lowest index), quantised output and indices, and the batch's
 // per-code counts[g][k] (and sums[g][k][:] when sums != nullptr); either may be nullptr when the
