@@ -35,13 +35,13 @@ def idm_latents(idm, frames, starts: np.ndarray, context: int, *, batch: int = 5
 
 
 def window_labels(run, ds, frames=None, *, batch: int = 512, device="cpu", progress: bool = True, rank: int = 0,
-                  world: int = 1):
+                  world: int = 1, caller: str = "bc"):
     """(starts, latents, context) of stage 2 in run directory `run` (a RunDir): for every window
     inside an episode of `ds`, its first frame and the frozen stage-1 IDM's pre-quantisation latent;
     the policy's input is frame start + context. Computed once (from `frames`, as a planner opened
     them; default: the compressed shards) and saved in run.labels; recomputed when the dataset or
     the stage-1 checkpoint changed. Under DDP every rank calls it: each labels 1/world of the
-    windows, all get every label, rank 0 saves them."""
+    windows, all get every label, rank 0 saves them. `caller`: the stage its lines name."""
     from lapo_fast.data import CompressedFrames, valid_starts
     from lapo_fast.runtime.distributed import all_gather_rows
 
@@ -51,7 +51,7 @@ def window_labels(run, ds, frames=None, *, batch: int = 512, device="cpu", progr
         blob = np.load(run.labels)
         if "data" in blob and str(blob["data"]) == ds.identity() and blob["lam_step"] == lam_step:
             return blob["starts"], blob["latents"], context
-        print(f"bc: {run.labels} is stale (dataset or stage-1 checkpoint changed); recomputing")
+        print(f"{caller}: {run.labels} is stale (dataset or stage-1 checkpoint changed); recomputing")
     frames = CompressedFrames(ds) if frames is None else frames
     starts = valid_starts(ds.episodes, context + 2)
     share = np.array_split(starts, world)[rank]

@@ -52,7 +52,7 @@ def train_decoders(data_dir, run_dir, cfg: DecodeConfig, *, env_name: str | None
     device = distributed.device(cfg.device)
     # Frames are read only to label the windows, once (stage 2 has usually done it already).
     frames = None if run.labels.exists() else frames_for("decode", ds, cfg.loader, device)[1]
-    starts, latents, context = window_labels(run, ds, frames, device=device, progress=progress)
+    starts, latents, context = window_labels(run, ds, frames, device=device, progress=progress, caller="decode")
     actions = np.asarray(ds.meta("action"))[starts + context]
     sizes = labelled_sizes(cfg)
     if len(starts) < cfg.held_out + max(sizes):
