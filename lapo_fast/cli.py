@@ -264,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envs", help="list the Procgen games and their distribution modes")
     p.set_defaults(func=_cmd_envs)
 
+    for add in (_add_collect, _add_data, _add_stages, _add_check_reference, _add_selftest, _add_sweep, _add_aggregate):
+        add(sub)
+    return parser
+
+
+def _add_collect(sub) -> None:
+    """`lapo-fast collect`."""
     p = sub.add_parser("collect", help="record a frame dataset with the batched engine")
     p.add_argument("--env", required=True, help="Procgen game")
     p.add_argument("--policy", default="random",
@@ -279,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="lz4", choices=["lz4", "zstd"])
     p.set_defaults(func=_cmd_collect)
 
+
+def _add_data(sub) -> None:
+    """`lapo-fast data info|verify|cache|import-lapo|ingest`."""
     p = sub.add_parser("data", help="inspect, verify, import and ingest frame datasets")
     data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     q = data.add_parser("info", help="summarise a dataset")
@@ -301,20 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: DALI/NVDEC on a GPU when installed, else PyAV on the CPU")
     p.set_defaults(func=_cmd_data)
 
-    from .config import PRESETS
 
-    # The stage commands and train parse their own flags (tyro: _stage_command, _train_command);
-    # listed here for `lapo-fast --help`.
+def _add_stages(sub) -> None:
+    """The stage commands and `train`: listed for --help; they parse their own flags (tyro)."""
     for name, stage in COMMANDS.items():
         sub.add_parser(name, help=stage.help, add_help=False)
     sub.add_parser("train", help="the whole method on one game, in one run directory (resumable); every stage's "
                                  "settings as --STAGE.FIELD VALUE", add_help=False)
 
+
+def _add_check_reference(sub) -> None:
+    """`lapo-fast check-reference`."""
     p = sub.add_parser("check-reference", help="run our models on the reference LAPO code's saved weights and inputs, "
                                                "compare every output (exit 1 on a mismatch or an unchecked fixture)")
     p.add_argument("dir", help="a folder of reference fixtures (shared/fixtures/lapo_reference)")
     p.set_defaults(func=_cmd_check_reference)
 
+
+def _add_selftest(sub) -> None:
+    """`lapo-fast selftest`."""
     p = sub.add_parser("selftest", help="check every path this device has (VQ kernels, CUDA graphs, the stages' steps "
                                         "at paper size, loaders, engine, process group) against a reference; exit 1 "
                                         "on a FAIL. Run it first on a new GPU machine")
@@ -324,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also torch.compile a stage-1 step on the CPU (~80 s on "
                                                           "2 cores; always tried on CUDA without --quick)")
     p.set_defaults(func=_cmd_selftest)
+
+
+def _add_sweep(sub) -> None:
+    """`lapo-fast sweep`."""
+    from .config import PRESETS
 
     p = sub.add_parser("sweep", help="one `train` run per (game, seed), on this machine or as a SLURM job array "
                                      "(resumable); `sweep status DIR`: how each run stands",
@@ -354,13 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the runs (and for slurm the sbatch script); launch nothing")
     p.set_defaults(func=_cmd_sweep)
 
+
+def _add_aggregate(sub) -> None:
+    """`lapo-fast aggregate`."""
     p = sub.add_parser("aggregate", help="a sweep's runs as the paper's table: per-game normalised returns, IQM/mean/"
                                          "median with 95%% bootstrap CIs (rliable), curves (markdown, JSON, plots)")
     p.add_argument("dir", help="the sweep's folder (<game>/seed<k>/ runs)")
     p.add_argument("--out", default=None, help="report folder (default DIR/aggregate)")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
     p.set_defaults(func=_cmd_aggregate)
-    return parser
 
 
 def _close_progress_bars() -> None:

@@ -59,12 +59,7 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, progress: bo
     true_action = cfg.fdm_action == "true"
     sampler = WindowSampler(frames, ds.episodes, context=cfg.context, batch_size=cfg.batch_size,
                             seed=cfg.seed + 1_000 * rank, meta=_actions(ds, true_action))
-    test = None
-    if test_data is not None and rank == 0:
-        tds = FrameDataset(test_data, frame_shape=OBS_SHAPE)
-        _, test_frames = frames_for("lam (held-out data)", tds, cfg.loader, device)
-        test = WindowSampler(test_frames, tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed,
-                             meta=_actions(tds, true_action))
+    test = _held_out(test_data, cfg, device, true_action) if test_data is not None and rank == 0 else None
 
     # Model and optimiser: AdamW, the reference's warm-up from warmup_from x lr, then linear to final_lr x lr.
     model = build_lam(cfg).to(device)
@@ -124,6 +119,14 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, progress: bo
                 print(f"lam: no latent probe: {no_probe}")
         distributed.barrier()
     return latest_checkpoint(out)
+
+
+def _held_out(test_data, cfg: LAMConfig, device, true_action: bool) -> WindowSampler:
+    """Windows of the held-out episodes, for the held-out FDM losses."""
+    tds = FrameDataset(test_data, frame_shape=OBS_SHAPE)
+    _, test_frames = frames_for("lam (held-out data)", tds, cfg.loader, device)
+    return WindowSampler(test_frames, tds.episodes, context=cfg.context, batch_size=cfg.batch_size, seed=cfg.seed,
+                         meta=_actions(tds, true_action))
 
 
 def make_step(model: LatentActionModel, ddp, optimizer, schedule, cfg: LAMConfig, device, mode: str = "eager"

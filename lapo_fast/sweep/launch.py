@@ -134,17 +134,19 @@ def _upgrade(spec: dict) -> dict:
 
 # -- one run, as a job -----------------------------------------------------------------------------
 
-def train_job(argv: list[str], directory: str) -> str:
+def train_job(argv: list[str], directory: str, threads: int | None = None) -> str:
     """What each job runs (on the node): `lapo-fast train ...` in a subprocess, its output passed
     through to the job's log, its state recorded in RUN/sweep-job.json. Raises when it fails, so
-    the launcher (and SLURM's accounting) sees the failure."""
+    the launcher (and SLURM's accounting) sees the failure. `threads`: torch's CPU threads in the
+    run (runs sharing a machine each take their share, instead of every run taking every core)."""
     path = RunDir(directory).job
     Path(directory).mkdir(parents=True, exist_ok=True)
     record = {**(read_json(path) or {}), "state": "running", "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.time(), "job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
-              "argv": argv}
+              "argv": argv, "threads": threads}
     write_json(path, record)
-    proc = subprocess.Popen([sys.executable, "-m", "lapo_fast.cli", *argv], stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    proc = subprocess.Popen([sys.executable, "-m", "lapo_fast.cli", *argv], stderr=subprocess.PIPE, env=env)
     tail = _pass_through(proc.stderr)
     code = proc.wait()
     if code == 0:
@@ -309,6 +311,7 @@ def _launch_local(out: Path, spec: SweepSpec, todo: list[tuple[str, int]], poll_
 
     executor = submitit.LocalExecutor(folder=Path(out) / "submitit")
     slots = list(range(spec.max_parallel))
+    threads = max(1, (os.cpu_count() or 1) // spec.max_parallel)  # the runs share this machine's cores
     running: dict[int, tuple[object, tuple[str, int]]] = {}
     queue = list(todo)
     while queue or running:
@@ -317,7 +320,7 @@ def _launch_local(out: Path, spec: SweepSpec, todo: list[tuple[str, int]], poll_
             game, seed = queue.pop(0)
             gpus = list(range(slot * spec.gpus_per_run, (slot + 1) * spec.gpus_per_run))
             executor.update_parameters(timeout_min=spec.time_min, gpus_per_node=spec.gpus_per_run, visible_gpus=gpus)
-            job = executor.submit(train_job, train_argv(spec, out, game, seed), str(run_dir(out, game, seed)))
+            job = executor.submit(train_job, train_argv(spec, out, game, seed), str(run_dir(out, game, seed)), threads)
             running[slot] = (job, (game, seed))
         time.sleep(poll_s)
         for slot, (job, (game, seed)) in list(running.items()):
