@@ -61,3 +61,24 @@ def test_a_new_record_is_a_command_with_its_settings_flags(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         main(["hello", "--out", str(tmp_path)])  # a required input missing: tyro names it
     assert e.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,config,run,error", [
+    ("my-probe", LAMConfig, "m:run", "must be a Python identifier .*use e.g. 'my_probe'"),
+    ("class", LAMConfig, "m:run", "must be a Python identifier"),
+    ("probe", dict, "m:run", "must be a @dataclass subclassing lapo_fast.config.StageConfig"),
+    ("probe", LAMConfig, "lapo_fast.stages.probe.run", "must be 'module:function'"),
+])
+def test_a_record_that_breaks_a_stage_rule_is_refused_when_made(name, config, run, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        Stage(name, config, run, "a stage that breaks a rule")
+
+
+def test_every_stage_config_says_how_far_a_finished_run_goes():
+    """The resume check reads planned_steps (not a `steps` field): stages 1-2 their steps, PPO its
+    updates, the rest None (no step checkpoints)."""
+    from lapo_fast.config import BCConfig, DecodeConfig
+
+    assert LAMConfig(steps=7).planned_steps() == 7 and BCConfig(steps=9).planned_steps() == 9
+    assert PPOConfig(env_steps=1000, num_envs=4, rollout=32, minibatches=2).planned_steps() == 8  # 7.8 updates
+    assert DecodeConfig().planned_steps() is None
