@@ -135,6 +135,12 @@ def _preset(argv: list[str], command: str) -> str:
     return preset
 
 
+def _check_out(argv: list[str]) -> None:
+    """An empty --out would be the current folder: a run's files among whatever is there."""
+    if _flag(argv, "--out") is not None and not _flag(argv, "--out").strip():
+        raise ValueError("--out is empty: name the run directory (e.g. --out runs/starpilot)")
+
+
 def _parse(command: str, argv: list[str], args: dict, settings=None, preset: str = "", description: str = ""):
     """tyro's parse of `lapo-fast <command>`: the named arguments ({name: (type, help[, default])}),
     and the settings (a config instance: the preset's) whose fields are the other flags -- unprefixed
@@ -164,6 +170,7 @@ def _stage_command(stage, argv: list[str]) -> int:
     from .registry import StageContext
     from .rundir import RunDir
 
+    _check_out(argv)
     args = {i.name: (i.type, i.help) if i.required else (i.type, i.help, None) for i in stage.inputs}
     args["out"] = (Path, "run directory")
     preset = _preset(argv, stage.name) if stage.config is not None else ""
@@ -182,6 +189,7 @@ def _train_command(argv: list[str]) -> int:
     from .pipeline import run_all
     from .registry import run_preset
 
+    _check_out(argv)
     preset = _preset(argv, "train")
     try:
         seed = int(_flag(argv, "--seed") or 0)  # every stage's seed is offset by it in the defaults

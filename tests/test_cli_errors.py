@@ -159,3 +159,31 @@ def test_sizes_that_cannot_work_are_refused_before_any_work(data, tmp_path, caps
 def test_eval_without_a_policy_names_the_stage_to_run(tmp_path, capsys):
     err = cli_error(["eval", "--env", "starpilot", "--out", str(tmp_path), "--preset", "smoke"], capsys)
     assert "no policy to evaluate yet: run stage 2 (`lapo-fast bc`)" in err
+
+
+@pytest.mark.parametrize("argv", [["train", "--env", "starpilot", "--out", ""], ["lam", "--data", "d", "--out="]])
+def test_an_empty_out_is_refused_not_the_current_folder(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "--out is empty: name the run directory" in cli_error(argv, capsys)
+    assert not list(tmp_path.iterdir())  # nothing written where the user stood
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sweep", "--envs", "starpilot,starpilot", "--out", "sw", "--dry-run"], "names starpilot more than once"),
+    (["sweep", "--envs", "all", "--seeds", "1000000000", "--out", "sw", "--dry-run"], "--seeds must be in [1, 10,000]"),
+    (["aggregate", "sw", "--reps", "0"], "--reps (bootstrap resamples) must be an int >= 1, got 0"),
+])
+def test_sweep_and_aggregate_sizes_that_cannot_work_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sw").mkdir()
+    assert message in cli_error(argv, capsys)
+
+
+def test_a_bad_process_group_timeout_names_its_variable(monkeypatch):
+    from lapo_fast.runtime.distributed import _timeout_s
+
+    monkeypatch.setenv("LAPO_FAST_DIST_TIMEOUT_S", "abc")
+    with pytest.raises(ValueError, match="LAPO_FAST_DIST_TIMEOUT_S='abc': must be a positive number of seconds"):
+        _timeout_s()
+    monkeypatch.setenv("LAPO_FAST_DIST_TIMEOUT_S", "90")
+    assert _timeout_s() == 90.0

@@ -131,3 +131,30 @@ def test_overflow_under_the_cuda_policy_skips_the_update_and_makes_the_loss_nan(
     assert torch.isnan(out.loss)
     for t, old in zip(state, before):
         assert torch.equal(t, old)
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("eps", 0.0, "eps must be a positive finite number"), ("eps", float("nan"), "eps must be a positive"),
+    ("eps", -1e-5, "eps must be a positive"), ("decay", 1.0, "decay must be in"),
+    ("decay", float("nan"), "decay must be in"), ("commitment", float("inf"), "commitment must be a finite"),
+])
+def test_the_ops_settings_are_checked_by_name_before_the_state_is_touched(setting, value, message):
+    codebook = torch.randn(2, 64, 16)
+    state = (codebook.clone(), torch.zeros(2, 64), codebook.clone())
+    with pytest.raises(ValueError, match=message):
+        vq_ema(torch.randn(8, 128), *state, layout="lapo", num_latents=4, **{setting: value})
+    with pytest.raises(ValueError, match=message):
+        VectorQuantizerEMA(**{setting: value})
+    assert torch.equal(state[0], codebook) and not state[1].any()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_a_second_derivative_through_the_kernels_is_an_error_not_a_wrong_number(backend):
+    codebook = torch.randn(2, 64, 16)
+    x = torch.randn(8, 128, requires_grad=True)
+    out = vq_ema(x, codebook.clone(), torch.zeros(2, 64), codebook.clone(), layout="lapo", num_latents=4,
+                 backend=backend)
+    with pytest.raises(RuntimeError, match=f"no second derivative through the {backend} backend"):
+        torch.autograd.grad(out.loss, x, create_graph=True)
+    (g,) = torch.autograd.grad(out.loss, x)  # the first derivative is unchanged
+    assert torch.isfinite(g).all()

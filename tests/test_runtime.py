@@ -134,3 +134,17 @@ def test_the_process_group_waits_for_long_single_rank_work(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: got.update(kw, backend=backend))
     distributed.init()
     assert got["timeout"].total_seconds() >= 3600
+
+
+def test_threads_follow_the_cpus_this_process_may_use():
+    """A job limited to some cores (SLURM, taskset) gets that many threads by default, not the node's."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {0}); "
+            "from lapo_fast.machine import available_cpus; from lapo_fast.envs import ProcgenVecEnv; "
+            "from lapo_fast.ops import vq; env = ProcgenVecEnv('starpilot', 4, seed=0); "
+            "print(available_cpus(), env.num_threads, vq._CORES); env.close()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1", "1"]

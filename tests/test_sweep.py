@@ -17,6 +17,7 @@ import torch
 
 from lapo_fast.cli import main
 from lapo_fast.eval import normalized_return
+from lapo_fast.machine import available_cpus
 
 GAMES = ("starpilot", "coinrun")
 TINY = ["--decode.labelled", "4", "8", "--decode.deploy", "8", "--lam.steps", "6", "--lam.checkpoint-every", "6",
@@ -61,7 +62,7 @@ def test_a_local_sweep_runs_every_game_and_seed_and_reports_the_failure(sweep, c
     assert seeds1["lam"] == 1 and seeds1["record"] == 1 and seeds1["demo"] == 1 and seeds1["eval"] == 12346
     assert "Seeds: " in (sweep / "starpilot" / "seed1" / "report.md").read_text()
     job = json.loads((sweep / "starpilot" / "seed0" / "sweep-job.json").read_text())
-    assert job["threads"] == max(1, os.cpu_count() // 2)  # two runs at once: each on its share of the cores
+    assert job["threads"] == max(1, available_cpus() // 2)  # two runs at once: each on its share of the cores
     from lapo_fast.data import FrameDataset
 
     a, b = (FrameDataset(sweep / "starpilot" / f"seed{s}" / "data" / "train") for s in (0, 1))

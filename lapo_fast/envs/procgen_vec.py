@@ -27,6 +27,8 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from lapo_fast.machine import available_cpus
+
 from .games import DEFAULT_DISTRIBUTION_MODE, DISTRIBUTION_MODES, NUM_ACTIONS, OBS_SHAPE, check_game, check_mode
 
 ActionsLike = Any  # numpy or torch integer array of shape (num_envs,)
@@ -121,7 +123,7 @@ class ProcgenVecEnv(VectorEnv):
         if not _is_int(envs_per_instance) or envs_per_instance < 1:
             raise ValueError(f"envs_per_instance must be a positive int, got {envs_per_instance!r}")
         if num_threads is None:
-            num_threads = os.cpu_count() or 1
+            num_threads = available_cpus()
         if not _is_int(num_threads) or num_threads < 1:
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
         # A thread steps whole libenv instances: more threads than instances would only idle.

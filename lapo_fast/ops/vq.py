@@ -51,6 +51,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from lapo_fast.machine import available_cpus
+
 from .vq_layout import Layout
 from .vq_reference import perplexity_of, vq_ema_reference
 
@@ -75,7 +77,7 @@ class _Spec(NamedTuple):  # a NamedTuple: built on every call, and ~4x cheaper t
 
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
-_CORES = os.cpu_count() or 1
+_CORES = available_cpus()
 
 
 def vq_ema(
@@ -105,8 +107,7 @@ def vq_ema(
         raise TypeError(f"vq_ema: x must be floating point, got {x.dtype}")
     if x.device != codebook.device:
         raise ValueError(f"vq_ema: x is on {x.device} but the codebook is on {codebook.device}")
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"vq_ema: decay must be in [0, 1), got {decay}")
+    _check_scalars(decay, eps, commitment)
     lay = Layout.for_shape(tuple(x.shape), G, d, layout, num_latents)
     if x.numel() == 0:
         raise ValueError(f"vq_ema: x of shape {tuple(x.shape)} holds no latents; pass at least one row")
@@ -149,6 +150,17 @@ class NonFiniteError(ValueError):
 
     def __init__(self, message: str = _NONFINITE):
         super().__init__(message)
+
+
+def _check_scalars(decay: float, eps: float, commitment: float) -> None:
+    """The op's settings, once, by name: eps 0 on a fresh state divides a never-used code by 0, and a
+    NaN setting turns every code NaN; neither would raise later."""
+    if not 0.0 <= decay < 1.0:  # (a NaN fails every comparison)
+        raise ValueError(f"vq_ema: decay must be in [0, 1), got {decay}")
+    if not 0.0 < eps < float("inf"):
+        raise ValueError(f"vq_ema: eps must be a positive finite number (Laplace smoothing of the counts), got {eps}")
+    if not 0.0 <= commitment < float("inf"):
+        raise ValueError(f"vq_ema: commitment must be a finite number >= 0, got {commitment}")
 
 
 def _check_state(codebook, ema_count, ema_weight):
@@ -267,6 +279,9 @@ class _VQFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_perp):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative, which the kernels lack
+            raise RuntimeError(f"vq_ema: no second derivative through the {ctx.backend} backend (create_graph=True); "
+                               "use backend='reference' for double backward")
         return _input_grad(ctx, grad_q, grad_loss, _grad_x), None, None, None, None, None, None
 
 

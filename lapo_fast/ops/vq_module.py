@@ -41,6 +41,12 @@ class VectorQuantizerEMA(nn.Module):
         sync: str = "auto",
     ):
         super().__init__()
+        from .vq import _check_scalars
+
+        _check_scalars(decay, eps, commitment)
+        if not 0.0 <= dead_code_threshold < float("inf") or kmeans_iters < 1:
+            raise ValueError(f"VectorQuantizerEMA: dead_code_threshold must be a finite number >= 0 and kmeans_iters "
+                             f">= 1, got {dead_code_threshold} and {kmeans_iters}")
         if min(num_codebooks, codebook_size, dim, num_latents) < 1:
             raise ValueError("num_codebooks, codebook_size, dim and num_latents must be >= 1")
         if layout == "grouped" and num_latents != 1:

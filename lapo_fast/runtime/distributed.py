@@ -26,7 +26,15 @@ def _wanted() -> bool:
 
 # One rank may work alone for a while (rank 0 decoding a large dataset's frame cache): the
 # collectives' default 10-minute timeout would kill the others mid-wait.
-TIMEOUT_S = float(os.environ.get("LAPO_FAST_DIST_TIMEOUT_S", 6 * 3600))
+def _timeout_s() -> float:
+    text = os.environ.get("LAPO_FAST_DIST_TIMEOUT_S", str(6 * 3600))
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"LAPO_FAST_DIST_TIMEOUT_S={text!r}: must be a positive number of seconds (unset: 21600)")
+    return value
 
 
 def init() -> None:
@@ -39,7 +47,7 @@ def init() -> None:
                                  "device(s): start at most that many processes per node (torchrun --nproc-per-node)")
             torch.cuda.set_device(local)  # NCCL uses the current device
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+                                timeout=datetime.timedelta(seconds=_timeout_s()))
 
 
 def launched_rank() -> int:

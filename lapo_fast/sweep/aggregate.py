@@ -89,6 +89,8 @@ def _intervals(score_dict: dict[str, np.ndarray], func, reps: int, seed: int):
 
 
 def aggregate(directory, out=None, *, reps: int = 2000, seed: int = 0, points: int = 50) -> Path:
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"aggregate: --reps (bootstrap resamples) must be an int >= 1, got {reps!r}")
     """Reads every run of the sweep at `directory`; writes the report; returns aggregate.md's path."""
     from rliable import metrics
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lapo_fast.envs.games import GAMES, check_game
+from lapo_fast.machine import available_cpus
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.files import read_json, write_json
 
@@ -53,8 +54,12 @@ class SweepSpec:
             check_game(game)
         if not self.envs:
             raise ValueError("sweep: no games (--envs all, or GAME,GAME)")
-        if self.seeds < 1:
-            raise ValueError(f"sweep: --seeds must be >= 1, got {self.seeds}")
+        twice = sorted({g for g in self.envs if self.envs.count(g) > 1})
+        if twice:
+            raise ValueError(f"sweep: --envs names {', '.join(twice)} more than once (each game is one set of run "
+                             "directories): name each game once")
+        if not 1 <= self.seeds <= MAX_SEEDS:
+            raise ValueError(f"sweep: --seeds must be in [1, {MAX_SEEDS:,}], got {self.seeds}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"sweep: --executor {self.executor!r}; choose one of {list(EXECUTORS)}")
         if self.max_parallel < 1 or self.gpus_per_run < 0 or self.cpus_per_run < 1 or self.time_min < 1:
@@ -65,6 +70,9 @@ class SweepSpec:
 
     def runs(self) -> list[tuple[str, int]]:
         return [(game, seed) for game in self.envs for seed in range(self.seeds)]
+
+
+MAX_SEEDS = 10_000  # runs per game a sweep may plan (each is a run directory)
 
 
 def parse_envs(text: str) -> tuple[str, ...]:
@@ -311,7 +319,7 @@ def _launch_local(out: Path, spec: SweepSpec, todo: list[tuple[str, int]], poll_
 
     executor = submitit.LocalExecutor(folder=Path(out) / "submitit")
     slots = list(range(spec.max_parallel))
-    threads = max(1, (os.cpu_count() or 1) // spec.max_parallel)  # the runs share this machine's cores
+    threads = max(1, available_cpus() // spec.max_parallel)  # the runs share this process's cores
     running: dict[int, tuple[object, tuple[str, int]]] = {}
     queue = list(todo)
     while queue or running:
