@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -137,8 +138,16 @@ def _near_ties(x, idx_ours, idx_ref, codebook, case) -> tuple[int, int]:
 def check_vq(ctx: Context):
     from lapo_fast.ops.vq_cases import SELFTEST_CASES
 
+    from lapo_fast.ops import vq as vq_op
+
     cases = [c for c in SELFTEST_CASES if not (ctx.quick and c.B > 4096)]
-    kernel = "Triton" if ctx.cuda else "C++"
+    kernel, backend = ("Triton", "triton") if ctx.cuda else ("C++", "cpu")
+    if not (vq_op._triton_available() if ctx.cuda else vq_op._cpu_kernel_available()):
+        # "auto" would fall back to the reference and compare it with itself: the subject is missing.
+        yield Check("vq kernels", f"the {kernel} VQ kernel", status="FAIL",
+                    note=f"{'lapo_fast.kernels.vq (triton)' if ctx.cuda else 'lapo_fast._C'} does not import: "
+                         "reinstall lapo-fast (the build of its extension failed, or triton is missing)")
+        return
     for case in cases:
         name, layout, B, G, K, d, L = case
         gen = torch.Generator().manual_seed(B + K)
@@ -152,7 +161,7 @@ def check_vq(ctx: Context):
                 if det and dname != "fp32":
                     continue
                 t0 = time.perf_counter()
-                ours, s_ours, g_ours = _vq_run(x, state, case, training, det, "auto")
+                ours, s_ours, g_ours = _vq_run(x, state, case, training, det, backend)
                 ref, s_ref, g_ref = _vq_run(x, state, case, training, det, "reference")
                 mismatched, ties = _near_ties(x, ours.indices, ref.indices, state[0], case)
                 errs = {"loss": rel_err(ours.loss, ref.loss)}
@@ -171,10 +180,10 @@ def check_vq(ctx: Context):
                     c.status, c.note = "FAIL", f"{mismatched - ties} indices differ beyond near-ties; " + c.note
                 c.seconds = time.perf_counter() - t0
                 yield c
-        yield _vq_timing(ctx, case, x32, state)
+        yield _vq_timing(ctx, case, x32, state, backend)
 
 
-def _vq_timing(ctx: Context, case, x, state) -> Check:
+def _vq_timing(ctx: Context, case, x, state, backend: str) -> Check:
     from lapo_fast.ops import vq_ema
 
     name, layout, B, G, K, d, L = case
@@ -184,7 +193,7 @@ def _vq_timing(ctx: Context, case, x, state) -> Check:
         s = [t.clone() for t in state]
         return lambda: vq_ema(x, *s, layout=layout, num_latents=L, backend=backend)
 
-    ours, ref = ctx.timed(run("auto"), reps), ctx.timed(run("reference"), reps)
+    ours, ref = ctx.timed(run(backend), reps), ctx.timed(run("reference"), reps)
     note = f"ours {ours * 1e6:.0f} us, reference {ref * 1e6:.0f} us"
     if ctx.cuda:
         from lapo_fast.ops.gpus import gpu_named
@@ -630,6 +639,11 @@ def run(device: str = "", *, quick: bool = False, compile: bool = False, json_ou
     from lapo_fast.runtime.distributed import device as pick_device
 
     dev = pick_device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"selftest: --device {device}: it checks cpu or cuda (cuda:N) devices")
+    if json_out and not os.access(Path(json_out).resolve().parent, os.W_OK):
+        raise ValueError(f"selftest: --json {json_out}: its folder does not exist or is not writable (checked before "
+                         "the checks run, so that their results are not lost)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     info = facts(dev)
@@ -647,8 +661,12 @@ def run(device: str = "", *, quick: bool = False, compile: bool = False, json_ou
                     echo(row.line())
                     t0 = time.perf_counter()
             except ModuleNotFoundError as e:
-                if extra_of(e) is None:
-                    raise
+                if extra_of(e) is None:  # one of ours (the C++ extension) missing: the subject of the check
+                    row = Check(check.__name__.removeprefix("check_"), "ran to the end", status="FAIL",
+                                note=f"{e.name} does not import: reinstall lapo-fast (its extension failed to build)")
+                    rows.append(row)
+                    echo(row.line())
+                    continue
                 row = skipped(check.__name__.removeprefix("check_"), "the rest of this check",
                               f"{e.name} is not installed: pip install 'lapo-fast[{extra_of(e)}]'")
                 rows.append(row)

@@ -158,3 +158,13 @@ def test_a_second_derivative_through_the_kernels_is_an_error_not_a_wrong_number(
         torch.autograd.grad(out.loss, x, create_graph=True)
     (g,) = torch.autograd.grad(out.loss, x)  # the first derivative is unchanged
     assert torch.isfinite(g).all()
+
+
+def test_a_codebook_that_requires_grad_or_a_meta_tensor_is_named():
+    codebook = torch.randn(2, 64, 16)
+    with pytest.raises(ValueError, match="vq_ema: codebook requires grad, but the codebook learns by EMA"):
+        vq_ema(torch.randn(8, 128), codebook.clone().requires_grad_(), torch.zeros(2, 64), codebook.clone(),
+               layout="lapo", num_latents=4)
+    meta = [t.to("meta") for t in (codebook, torch.zeros(2, 64), codebook)]
+    with pytest.raises(NotImplementedError, match="vq_ema: meta tensors are not supported"):
+        vq_ema(torch.randn(8, 128, device="meta"), *meta, layout="lapo", num_latents=4)

@@ -100,3 +100,27 @@ def test_selftest_on_a_machine_without_that_gpu_is_one_line(device, capsys):
     with pytest.raises(SystemExit) as e:
         main(["selftest", "--device", device])
     assert e.value.code == 2 and "--device cuda" in capsys.readouterr().err
+
+
+def test_a_missing_kernel_or_extension_is_a_fail_never_the_reference_against_itself(monkeypatch):
+    from lapo_fast.ops import vq as vq_op
+
+    monkeypatch.setattr(vq_op, "_cpu_kernel_available", lambda: False)  # as when lapo_fast._C failed to build
+
+    def engine_without_extension(ctx):
+        raise ModuleNotFoundError("No module named 'lapo_fast._C'", name="lapo_fast._C")
+        yield
+
+    rows = selftest.run("cpu", quick=True, checks=(selftest.check_vq, engine_without_extension), echo=lambda _: None)
+    assert [(r.name, r.status) for r in rows] == [("vq kernels", "FAIL"), ("engine_without_extension", "FAIL")]
+    assert "lapo_fast._C does not import" in rows[0].note and "lapo_fast._C does not import" in rows[1].note
+
+
+@pytest.mark.parametrize("kwargs,message", [({"device": "meta"}, "--device meta: it checks cpu or cuda"),
+                                            ({"json_out": "/no/such/folder/out.json"}, "its folder does not exist")])
+def test_a_bad_device_or_json_path_is_refused_before_any_check(kwargs, message):
+    ran = []
+    with pytest.raises(ValueError, match=message):
+        selftest.run(**{"device": "cpu", **kwargs}, checks=(lambda ctx: ran.append(1) or iter(()),),
+                     echo=lambda _: None)
+    assert not ran

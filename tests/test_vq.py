@@ -654,3 +654,26 @@ def test_torch_compile_fullgraph_of_vq_ema_and_its_nonfinite_error():
         f(x, *state)
     for a, b in zip(state, twin):  # untouched by the refused batch
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiler,backend", [("inductor", "cpu"), ("aot_eager", "reference")])
+def test_torch_compile_with_changing_batch_sizes_equals_eager(compiler, backend):
+    """A compiled training loop whose batch size changes (a smaller last batch): the second size is
+    compiled with a symbolic batch (automatic dynamic shapes), which the layout's per-shape cache
+    could not hash; every size matches eager."""
+    import copy
+
+    torch._dynamo.reset()  # the other compile tests' graphs of the same code count toward its recompile limit
+    torch.manual_seed(0)
+    net = _VQNet(backend)
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(net, fullgraph=True, backend=compiler)
+    for B in (16, 12, 7):
+        x = torch.randn(B, 128)
+        (lc, oc), (le, oe) = compiled(x), eager(x)
+        lc.backward()
+        le.backward()
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+        assert torch.equal(oc.indices, oe.indices)
+        torch.testing.assert_close(net.lin.weight.grad, eager.lin.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net.vq.codebook, eager.vq.codebook, rtol=1e-5, atol=1e-6)

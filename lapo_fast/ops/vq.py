@@ -171,7 +171,8 @@ def _check_state(codebook, ema_count, ema_weight):
     if (codebook.dtype == ema_count.dtype == ema_weight.dtype == torch.float32
             and ema_count.shape == (G, K) and ema_weight.shape == (G, K, d)
             and codebook.is_contiguous() and ema_count.is_contiguous() and ema_weight.is_contiguous()
-            and codebook.device == ema_count.device == ema_weight.device):
+            and codebook.device == ema_count.device == ema_weight.device
+            and not (codebook.requires_grad or ema_count.requires_grad or ema_weight.requires_grad)):
         return G, K, d
     expected = (("codebook", codebook, (G, K, d)), ("ema_count", ema_count, (G, K)),
                 ("ema_weight", ema_weight, (G, K, d)))
@@ -181,12 +182,18 @@ def _check_state(codebook, ema_count, ema_weight):
                              f"got {t.dtype} {tuple(t.shape)}")
         if t.device != codebook.device:
             raise ValueError(f"vq_ema: {name} is on {t.device}, codebook on {codebook.device}")
+        if t.requires_grad:
+            raise ValueError(f"vq_ema: {name} requires grad, but the codebook learns by EMA, not by gradient: "
+                             "pass a buffer (register_buffer) or a detached tensor")
     raise AssertionError("unreachable")
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"vq_ema: unknown backend {backend!r}; choose from {BACKENDS}")
+    if x.device.type == "meta":
+        raise NotImplementedError("vq_ema: meta tensors are not supported (torch.compile traces the op with its "
+                                  "fake implementation; call it on cpu or cuda tensors)")
     if backend == "auto":
         if x.is_cuda:
             return "triton" if _triton_available() else "reference"

@@ -33,24 +33,12 @@ class Layout:
         return Layout.for_shape(tuple(x.shape), G, d, kind, num_latents)
 
     @staticmethod
-    @functools.lru_cache(maxsize=256)  # checked and built once per shape: the op calls it every step
     def for_shape(shape: tuple, G: int, d: int, kind: str, num_latents: int = 1) -> "Layout":
-        if kind == "grouped":
-            if len(shape) < 1 or shape[-1] != G * d:
-                raise ValueError(
-                    f"grouped layout wants x of shape (..., {G * d}) for {G} codebooks of dim {d}, "
-                    f"got {shape}"
-                )
-            return Layout("grouped", shape[:-1], G, d, 1)
-        if kind == "lapo":
-            L = num_latents
-            if len(shape) != 2 or shape[1] != G * d * L:
-                raise ValueError(
-                    f"lapo layout wants x of shape (B, {G * d * L}) = (B, codebooks*dim*latents = "
-                    f"{G}*{d}*{L}), got {shape}"
-                )
-            return Layout("lapo", (shape[0],), G, d, L)
-        raise ValueError(f"unknown layout {kind!r}; use 'grouped' or 'lapo'")
+        """The layout of x's shape, checked; cached per shape (the op calls it every step), except
+        for symbolic shapes (torch.compile's dynamic batch sizes), which are not hashable."""
+        if all(type(s) is int for s in shape):
+            return _cached_layout(shape, G, d, kind, num_latents)
+        return _layout(shape, G, d, kind, num_latents)
 
     @property
     def batch(self) -> int:
@@ -85,3 +73,21 @@ class Layout:
         if self.kind == "grouped":
             return idx.transpose(0, 1).reshape(self.indices_shape)
         return idx.reshape(self.G, self.batch, self.L).transpose(0, 1).contiguous()
+
+
+def _layout(shape: tuple, G: int, d: int, kind: str, num_latents: int = 1) -> Layout:
+    if kind == "grouped":
+        if len(shape) < 1 or shape[-1] != G * d:
+            raise ValueError(f"grouped layout wants x of shape (..., {G * d}) for {G} codebooks of dim {d}, "
+                             f"got {shape}")
+        return Layout("grouped", tuple(shape[:-1]), G, d, 1)
+    if kind == "lapo":
+        L = num_latents
+        if len(shape) != 2 or shape[1] != G * d * L:
+            raise ValueError(f"lapo layout wants x of shape (B, {G * d * L}) = (B, codebooks*dim*latents = "
+                             f"{G}*{d}*{L}), got {shape}")
+        return Layout("lapo", (shape[0],), G, d, L)
+    raise ValueError(f"unknown layout {kind!r}; use 'grouped' or 'lapo'")
+
+
+_cached_layout = functools.lru_cache(maxsize=256)(_layout)  # checked and built once per shape
