@@ -121,6 +121,56 @@ def test_aggregate_without_runs_is_a_clear_error(tmp_path, capsys):
     assert "no runs (<game>/seed<k>/ folders)" in capsys.readouterr().err
 
 
+def _fake_sweep(out: Path, returns: dict, presets: dict | None = None) -> Path:
+    """A sweep directory with results but no training: sweep.json planning starpilot and coinrun x 2
+    seeds; a run per (game, seed) in `returns` ({(game, seed): finetuned mean return}), each done."""
+    from lapo_fast.sweep.launch import SweepSpec, claim_sweep, train_argv
+
+    spec = SweepSpec(envs=GAMES, seeds=2, preset="smoke", train_args=("--lam.steps", "6"))
+    claim_sweep(out, spec)
+    for (game, seed), ret in returns.items():
+        run = out / game / f"seed{seed}"
+        (run / "eval").mkdir(parents=True)
+        argv = train_argv(dataclasses.replace(spec, preset=(presets or {}).get((game, seed), "smoke")), out, game,
+                          seed)
+        (run / "sweep-job.json").write_text(json.dumps({"state": "done", "argv": argv}))
+        (run / "report.md").write_text("# report\n")
+        policies = {"finetuned": {"mean_return": ret}, "demonstrator": {"mean_return": 30.0},
+                    "decoded (8 labels)": {"mean_return": 10.0 + seed}}
+        (run / "eval" / "results.json").write_text(json.dumps({"policies": policies}))
+    return out
+
+
+def test_the_aggregate_says_what_it_is_over_and_names_what_it_left_out(tmp_path):
+    from lapo_fast.sweep.aggregate import aggregate
+
+    out = _fake_sweep(tmp_path / "sw", {("starpilot", 0): 20.0, ("starpilot", 1): float("nan"),
+                                        ("coinrun", 0): 5.0})
+    (out / "starpilot" / "seed01").mkdir()  # would have been a second seed 1
+    aggregate(out, reps=50)
+    report = json.loads((out / "aggregate" / "aggregate.json").read_text())
+    missing = {(m["game"], m["seed"]): m for m in report["missing"]}
+    assert missing[("coinrun", 1)]["state"] == "not started"  # planned, never started: listed, not dropped
+    assert "its mean return is NaN/inf" in "; ".join(missing[("starpilot", 1)]["lacks"])
+    assert report["ignored"] == [{"game": "starpilot", "folder": "seed01",
+                                  "why": "not a run folder name (seed<k>, k without leading zeros)"}]
+    assert report["aggregate"]["finetuned"]["seeds"] == [0]  # only seed 0 has both games
+    assert report["preset"] == "smoke" and report["train_flags"] == ["--lam.steps", "6"]
+    md = (out / "aggregate" / "aggregate.md").read_text()
+    assert "Over the plan: starpilot, coinrun x seeds 0..1; preset smoke, train flags --lam.steps 6" in md
+    assert "| starpilot | seed01 |" in md
+
+
+def test_the_aggregate_refuses_to_pool_runs_of_another_preset(tmp_path):
+    from lapo_fast.sweep.aggregate import aggregate
+
+    out = _fake_sweep(tmp_path / "sw", {("starpilot", 0): 20.0, ("coinrun", 0): 5.0},
+                      presets={("coinrun", 0): "paper"})
+    with pytest.raises(ValueError, match=r"different settings \(preset paper with --lam.steps 6: coinrun/seed0; "
+                                         r"preset smoke with --lam.steps 6: starpilot/seed0\)"):
+        aggregate(out, reps=50)  # (runs in folder order: coinrun first)
+
+
 # -- SLURM, without a cluster ---------------------------------------------------------------------
 
 def _slurm_argv(out):

@@ -22,7 +22,7 @@ from lapo_fast.runtime.files import atomic_write, read_json, write_json
 from lapo_fast.rundir import RunDir
 from lapo_fast.eval.plots import SCRATCH_RUNS, pyplot, save_plot, training_curve
 
-from .launch import run_state
+from .launch import load_spec, run_state, train_setup
 
 # The policies of a run's evaluation (eval/results.json), as the table names them.
 POLICIES = {"decoded": "decoded latent policy (stage 3a)", "finetuned": "LAPO fine-tuned (stage 3b)",
@@ -30,33 +30,66 @@ POLICIES = {"decoded": "decoded latent policy (stage 3a)", "finetuned": "LAPO fi
 METRICS = ("IQM", "mean", "median")
 
 
-def find_runs(directory: Path) -> list[dict]:
-    """Every run directory DIR/<game>/seed<k>/ (one that has started: run.json, or a launcher record)."""
+def find_runs(directory: Path, ignored: list | None = None) -> list[dict]:
+    """Every run directory DIR/<game>/seed<k>/ (k as the launcher writes it: `seed1`, never `seed01`,
+    which would be a second seed 1); other seed folders go to `ignored`, with why."""
     runs = []
     for game_dir in sorted(p for p in Path(directory).iterdir() if p.is_dir() and p.name in GAMES):
         for run in sorted(p for p in game_dir.iterdir() if p.is_dir() and p.name.startswith("seed")):
-            try:
-                seed = int(run.name[4:])
-            except ValueError:
+            suffix = run.name[4:]
+            if not suffix.isdigit() or str(int(suffix)) != suffix:
+                if ignored is not None:
+                    ignored.append({"game": game_dir.name, "folder": run.name,
+                                    "why": "not a run folder name (seed<k>, k without leading zeros)"})
                 continue
-            runs.append({"game": game_dir.name, "seed": seed, "dir": run})
+            runs.append({"game": game_dir.name, "seed": int(suffix), "dir": run})
     return runs
 
 
-def _eval_scores(run: dict) -> tuple[dict[str, float], dict[str, float]]:
+def run_setup(run_dir: Path) -> tuple[str | None, tuple[str, ...]]:
+    """(preset, train flags) a run was made with: from its sweep job record, else `train`'s record
+    of its stages' configs (the preset; flags unknown: ())."""
+    run = RunDir(run_dir)
+    argv = (read_json(run.job) or {}).get("argv")
+    if isinstance(argv, list) and argv[:1] == ["train"]:
+        return train_setup(argv)
+    for paths in run.saved_configs().values():
+        for path in paths:
+            payload = read_json(path)
+            if isinstance(payload, dict) and payload.get("preset"):
+                return payload["preset"], ()
+    return None, ()
+
+
+def _check_one_setup(runs: list[dict]) -> tuple[str | None, tuple[str, ...]]:
+    """The preset and train flags every run shares; runs made otherwise are refused, named."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run_setup(run["dir"]), []).append(f"{run['game']}/seed{run['seed']}")
+    if len(groups) > 1:
+        described = "; ".join(f"preset {p or '?'}{' with ' + ' '.join(f) if f else ''}: {', '.join(names)}"
+                              for (p, f), names in groups.items())
+        raise ValueError(f"aggregate: the runs were made with different settings ({described}); pooled, their IQM "
+                         "would mean nothing: aggregate each setting's runs in a sweep directory of their own")
+    return next(iter(groups)) if groups else (None, ())
+
+
+def _eval_scores(run: dict) -> tuple[dict[str, float], dict[str, float], set[str]]:
     """policy -> return normalised by the paper's table, and by the run's own demonstrator (where
-    it beats the random policy), from the run's evaluation."""
+    it beats the random policy), from the run's evaluation; and the policies whose return is NaN/inf."""
     results = read_json(RunDir(run["dir"]).results("eval"))
     if not isinstance(results, dict) or not isinstance(results.get("policies"), dict):
-        return {}, {}
+        return {}, {}, set()
     scores, to_demo = {}, {}
+    nonfinite = {("decoded" if k.startswith("decoded") else k) for k, r in results["policies"].items()
+                 if isinstance(r.get("mean_return"), float) and not np.isfinite(r["mean_return"])}
     for name, r in results["policies"].items():
         key = "decoded" if name.startswith("decoded") else name
-        if key in POLICIES and r.get("mean_return") is not None:
+        if key in POLICIES and r.get("mean_return") is not None and np.isfinite(r["mean_return"]):
             scores[key] = float(normalized_return(r["mean_return"], run["game"]))
             if r.get("normalized_to_demonstrator") is not None and key != "demonstrator":
                 to_demo[key] = float(r["normalized_to_demonstrator"])
-    return scores, to_demo
+    return scores, to_demo, nonfinite
 
 
 def _curve(run: dict, stage: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -89,32 +122,43 @@ def _intervals(score_dict: dict[str, np.ndarray], func, reps: int, seed: int):
 
 
 def aggregate(directory, out=None, *, reps: int = 2000, seed: int = 0, points: int = 50) -> Path:
-    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
-        raise ValueError(f"aggregate: --reps (bootstrap resamples) must be an int >= 1, got {reps!r}")
-    """Reads every run of the sweep at `directory`; writes the report; returns aggregate.md's path."""
+    """Reads every run of the sweep at `directory`; writes the report; returns aggregate.md's path.
+    The report says what it is over: the sweep's plan (sweep.json), the preset and train flags the
+    runs share (runs made otherwise are refused), and every planned run left out, with why."""
     from rliable import metrics
 
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"aggregate: --reps (bootstrap resamples) must be an int >= 1, got {reps!r}")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such sweep directory")
     out = Path(out) if out else directory / "aggregate"
-    runs = find_runs(directory)
+    ignored: list[dict] = []
+    runs = find_runs(directory, ignored)
     if not runs:
         raise ValueError(f"{directory}: no runs (<game>/seed<k>/ folders); launch them with `lapo-fast sweep`")
+    preset, flags = _check_one_setup(runs)
+    plan = load_spec(directory) if (directory / "sweep.json").exists() else None
 
     missing, curves, decoding = [], {"finetuned": {}, "scratch": {}}, {}
+    found = {(r["game"], r["seed"]) for r in runs}
+    for game, s in plan.runs() if plan else ():
+        if (game, s) not in found:
+            missing.append({"game": game, "seed": s, "state": "not started", "detail": "planned in sweep.json",
+                            "lacks": ["every result"]})
     scores, to_demo = {p: {} for p in POLICIES}, {p: {} for p in POLICIES}
     for run in runs:
         state, detail = run_state(run["dir"])
         key, lacks = (run["game"], run["seed"]), []
-        got, got_demo = _eval_scores(run)
+        got, got_demo, nonfinite = _eval_scores(run)
         for policy, value in got_demo.items():
             to_demo[policy][key] = value
         for policy in POLICIES:
             if policy in got:
                 scores[policy][key] = got[policy]
             elif policy != "scratch":  # a dedicated from-scratch run exists only with a given demonstrator
-                lacks.append(f"eval of the {policy} policy")
+                lacks.append(f"eval of the {policy} policy" + (" (its mean return is NaN/inf)" if policy in nonfinite
+                                                                 else ""))
         finetune = _curve(run, "finetune")
         scratch = next((c for c in (_curve(run, s) for s in SCRATCH_RUNS) if c is not None), None)
         if finetune is None:
@@ -134,6 +178,8 @@ def aggregate(directory, out=None, *, reps: int = 2000, seed: int = 0, points: i
 
     games = sorted({r["game"] for r in runs})
     report: dict = {"sweep": str(directory), "games": games, "runs": len(runs), "reps": reps, "missing": missing,
+                    "ignored": ignored, "preset": preset, "train_flags": list(flags),
+                    "plan": None if plan is None else {"games": list(plan.envs), "seeds": plan.seeds},
                     "per_game": _per_game(scores, games), "per_game_vs_demonstrator": _per_game(to_demo, games),
                     "aggregate": {}, "curves": {}, "plots": {}}
 
@@ -274,7 +320,13 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _markdown(r: dict) -> str:
+    plan = r.get("plan")
+    over = (f"the plan: {', '.join(plan['games'])} x seeds 0..{plan['seeds'] - 1}" if plan
+            else "no sweep.json: the run folders found")
     lines = [f"# LAPO sweep: {r['sweep']}", "",
+             f"Over {over}; preset {r.get('preset') or 'unknown'}, train flags "
+             f"{' '.join(r.get('train_flags') or []) or 'none'}. {len(r['missing'])} planned run(s) lack results "
+             f"and {len(r.get('ignored', []))} folder(s) were ignored (both listed at the end).", "",
              f"{r['runs']} run(s) over {len(r['games'])} game(s). Normalised return: (R - R_random) / "
              "(R_expert - R_random), the paper's table. Aggregates: rliable's IQM, mean and median with 95% "
              f"stratified-bootstrap confidence intervals ({r['reps']} resamples).", ""]
@@ -319,6 +371,9 @@ def _markdown(r: dict) -> str:
         lines += [f"| {m['game']} | {m['seed']} | {m['state']} | {m['detail']} | {'; '.join(m['lacks']) or '-'} |"
                   for m in r["missing"]]
         lines.append("")
+    if r.get("ignored"):
+        lines += ["## Folders ignored", "", "| game | folder | why |", "|---|---|---|"]
+        lines += [f"| {i['game']} | {i['folder']} | {i['why']} |" for i in r["ignored"]] + [""]
     if r["plots"]:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in r["plots"].items()] + [""]
     return "\n".join(lines)

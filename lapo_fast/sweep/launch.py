@@ -84,6 +84,20 @@ def run_dir(out: Path, game: str, seed: int) -> Path:
     return Path(out) / game / f"seed{seed}"
 
 
+def train_setup(argv: list[str]) -> tuple[str | None, tuple[str, ...]]:
+    """(preset, the other train flags) of a run's `train` command line (train_argv's), without what
+    differs from run to run (--env, --seed, --out)."""
+    preset, flags, rest = None, [], list(argv[1:])
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("--env", "--seed", "--out", "--preset") and rest:
+            value = rest.pop(0)
+            preset = value if arg == "--preset" else preset
+        else:
+            flags.append(arg)
+    return preset, tuple(flags)
+
+
 def train_argv(spec: SweepSpec, out: Path, game: str, seed: int) -> list[str]:
     """The `lapo-fast` command line of one run."""
     argv = ["train", "--env", game, "--seed", str(seed), "--preset", spec.preset,
