@@ -486,6 +486,12 @@ def load(cls, path: Path):
     payload = read_json(path)
     if payload is None:
         raise FileNotFoundError(f"{path}: no saved config")
+    return from_saved(cls, payload, path)
+
+
+def from_saved(cls, payload, where):
+    """load()'s config from its JSON payload ({"type", "config"}); `where` names it in errors."""
+    path = where
     if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
         raise ValueError(f"{path}: not a lapo-fast config (a JSON object with 'type' and 'config' expected); "
                          "restore it, or delete the stage's folder to start that stage again")

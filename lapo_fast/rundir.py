@@ -23,6 +23,7 @@ import dataclasses
 from pathlib import Path
 
 from lapo_fast.config import FinetuneConfig, LAMConfig
+from lapo_fast.config import from_saved
 from lapo_fast.config import load as load_config
 from lapo_fast.config import resumable, shape_settings
 from lapo_fast.config import save as save_config
@@ -133,8 +134,8 @@ class RunDir:
                 raise ValueError(f"{self.path} is a run of {what[0]}, not {what[1]}: "
                                  "use a new --out for that (or pass this run's own "
                                  f"--{'env' if key == 'game' else 'data'})")
-        if stage is not None and cfg is not None and self.has(stage):
-            saved = self.config(stage)
+        if stage is not None and cfg is not None and (self.has(stage) or self.latest_checkpoint(stage) is not None):
+            saved = self.config(stage) if self.has(stage) else self._checkpoint_config(stage, cfg)
             for name in shape_settings(type(cfg)):
                 if getattr(saved, name) != getattr(cfg, name):
                     raise ValueError(f"{self.stage(stage)} was trained with {name}={getattr(saved, name)!r}, this "
@@ -168,6 +169,21 @@ class RunDir:
         if planned is not None and step > planned:
             raise ValueError(f"{self.stage(stage)} has already trained {step:,} steps, more than the {planned:,} "
                              "these settings ask for: ask for at least as many, or use a new --out")
+
+    @staticmethod
+    def checkpoint_record(cfg) -> dict:
+        """What a stage's checkpoints carry of its settings, so that a resume is checked against them
+        even when config.json is gone."""
+        return {"config": dataclasses.asdict(cfg), "config_type": type(cfg).__name__}
+
+    def _checkpoint_config(self, stage: str, cfg):
+        """The settings the latest checkpoint of a stage was trained with (config.json is missing)."""
+        state = read_json(self.latest_checkpoint(stage) / "state.json", {})
+        if not isinstance(state.get("config"), dict) or state.get("config_type") != type(cfg).__name__:
+            raise ValueError(f"{self.stage(stage)} has checkpoints but no config.json recording their settings: "
+                             "restore config.json, or delete the folder to start that stage again")
+        return from_saved(type(cfg), {"type": state["config_type"], "config": state["config"]},
+                          self.latest_checkpoint(stage))
 
     def training_data(self, stage: str, cfg, data_dir, *, rank: int = 0):
         """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim): under

@@ -270,3 +270,15 @@ def test_a_real_full_disk_during_a_checkpoint(tmp_path):
         assert not list(mount.iterdir())
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_resume_without_config_json_is_checked_against_the_checkpoints_settings(data, tmp_path, capsys):
+    """config.json deleted mid-run: the checkpoint carries the settings it was trained with, so the
+    resume is still refused another lr, and a resume with the same settings writes config.json again."""
+    run = tmp_path / "run"
+    assert main(_lam(data, run, "--steps", "4", "--checkpoint-every", "2")) == 0
+    RunDir(run).config_path("lam").unlink()
+    err = cli_error(_lam(data, run, "--steps", "6", "--checkpoint-every", "2", "--lr", "0.001"), capsys)
+    assert "lam was trained with lr=0.0003; this run asks for lr=0.001" in err
+    assert main(_lam(data, run, "--steps", "6", "--checkpoint-every", "2")) == 0
+    assert RunDir(run).config("lam").lr == 3e-4 and RunDir(run).checkpoint_step("lam") == 6

@@ -57,15 +57,17 @@ def _write_errors(folder: Path, nbytes: int):
                       f"could not write a checkpoint ({type(e).__name__}: {e})", str(folder)) from e
 
 
-def save_checkpoint_all_ranks(directory: Path, step: int, model, optimizer, scheduler, rng) -> Path | None:
+def save_checkpoint_all_ranks(directory: Path, step: int, model, optimizer, scheduler, rng,
+                              state: dict | None = None) -> Path | None:
     """Called by every rank together: gathers each rank's numpy `rng` stream, and rank 0 saves
-    the checkpoint with them (so every rank resumes its own stream). The path on rank 0, else None."""
+    the checkpoint with them (so every rank resumes its own stream) and `state`. The path on rank 0,
+    else None."""
     from .distributed import gather_object, rank_and_world
 
     streams = gather_object(rng.bit_generator.state)
     if rank_and_world()[0] != 0:
         return None
-    return save_checkpoint(directory, step, model, optimizer, scheduler, {"rng": streams})
+    return save_checkpoint(directory, step, model, optimizer, scheduler, {**(state or {}), "rng": streams})
 
 
 def checkpoints(directory: Path) -> list[Path]:

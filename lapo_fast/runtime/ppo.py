@@ -219,7 +219,8 @@ class PPOSession:
         if update % self.cfg.checkpoint_every == 0 or update == self.updates:
             normalizer = self.env.state_dict() if self.cfg.normalize_rewards else None
             self.last = save_checkpoint(self.out, update, policy, optimizer, schedule,
-                                        {"update": update, "normalizer": normalizer})
+                                        {"update": update, "normalizer": normalizer,
+                                         **self.run.checkpoint_record(self.cfg)})
 
     def close(self) -> Path:
         """Closes the envs, the bar and the log; the last checkpoint."""

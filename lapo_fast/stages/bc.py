@@ -70,7 +70,8 @@ def train_bc(data_dir, run_dir, cfg: BCConfig, *, progress: bool = True) -> Path
         supervised_loop("stage 2 (bc)", cfg, step=step,
                         train_step=lambda b: train_step({"obs": b["obs"], "target": b["target"]}), loader=loader,
                         names=("loss",), schedule=schedule, log=log,
-                        save=lambda at: save_checkpoint_all_ranks(out, at, policy, optimizer, schedule, loader.rng),
+                        save=lambda at: save_checkpoint_all_ranks(out, at, policy, optimizer, schedule, loader.rng,
+                                                                  run.checkpoint_record(cfg)),
                         out=out, batch_size=cfg.batch_size, world=world, rank=rank,
                         progress=progress)
     return latest_checkpoint(out)

@@ -106,7 +106,8 @@ def train_lam(data_dir, run_dir, cfg: LAMConfig, *, test_data=None, progress: bo
         step = supervised_loop(
             "stage 1 (lam)", cfg, step=step, train_step=step_fn, loader=loader,
             names=("loss", "fdm_loss", "vq_loss", "perplexity"), schedule=schedule, log=log,
-            save=lambda at: save_checkpoint_all_ranks(out, at, model, optimizer, schedule, loader.rng), out=out,
+            save=lambda at: save_checkpoint_all_ranks(out, at, model, optimizer, schedule, loader.rng,
+                                                      run.checkpoint_record(cfg)), out=out,
             batch_size=cfg.batch_size, world=world, rank=rank, progress=progress,
             log_first=True, extra=extra, checkpointed=checkpointed)  # step 1 logged: the codes in use at the start
         # The stage is done only with its final probe written: a run killed during it (or a rerun of a
