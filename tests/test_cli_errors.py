@@ -3,6 +3,9 @@
 
 import errno
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -187,3 +190,23 @@ def test_a_bad_process_group_timeout_names_its_variable(monkeypatch):
         _timeout_s()
     monkeypatch.setenv("LAPO_FAST_DIST_TIMEOUT_S", "90")
     assert _timeout_s() == 90.0
+
+
+def test_a_process_group_left_in_the_environment_is_a_one_line_error_in_seconds(data, tmp_path):
+    """WORLD_SIZE=2 left in a shell by an earlier torchrun: the stage says what it waits for and gives
+    up after LAPO_FAST_DIST_JOIN_TIMEOUT_S, instead of waiting silently for hours."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "LAPO_FAST_DIST_JOIN_TIMEOUT_S": "3", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-m", "lapo_fast.cli", "lam", "--data", str(data), "--out",
+                          str(tmp_path / "run"), "--preset", "smoke"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "waiting up to 3 s (LAPO_FAST_DIST_JOIN_TIMEOUT_S) for the other ranks" in out.stdout
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("lapo-fast: error: the other ranks of WORLD_SIZE=2 did not join")
+    assert "unset WORLD_SIZE" in last

@@ -77,7 +77,14 @@ def test_rerunning_a_sweep_skips_finished_runs(sweep, capsys):
     assert "launching 1 run(s) (3 finished)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(_sweep_argv(sweep) + ["--lam.lr", "0.1"])  # another sweep's settings in the same folder
-    assert "is a sweep with train_args=" in capsys.readouterr().err
+    assert "is a sweep with train flags --decode.labelled 4 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a dry run says the same, instead of "1 run(s) to launch"
+        main(_sweep_argv(sweep, "--dry-run") + ["--lam.lr", "0.1"])
+    assert "is a sweep with train flags" in capsys.readouterr().err
+    reordered = TINY[3:] + TINY[:3]  # the same settings in another order and spelling: the same sweep
+    reordered[reordered.index("--lam.steps"):reordered.index("--lam.steps") + 2] = ["--lam.steps=6"]
+    assert main(_sweep_argv(sweep, "--dry-run")[:-len(TINY)] + reordered) == 0
+    assert "1 run(s) to launch (3 finished)" in capsys.readouterr().out
 
 
 def _decoded(sweep, game, seed) -> float:

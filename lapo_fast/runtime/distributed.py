@@ -26,15 +26,18 @@ def _wanted() -> bool:
 
 # One rank may work alone for a while (rank 0 decoding a large dataset's frame cache): the
 # collectives' default 10-minute timeout would kill the others mid-wait.
-def _timeout_s() -> float:
-    text = os.environ.get("LAPO_FAST_DIST_TIMEOUT_S", str(6 * 3600))
+def _timeout_s(name: str = "LAPO_FAST_DIST_TIMEOUT_S", default: float = 6 * 3600) -> float:
+    text = os.environ.get(name, str(default))
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not 0 < value < float("inf"):
-        raise ValueError(f"LAPO_FAST_DIST_TIMEOUT_S={text!r}: must be a positive number of seconds (unset: 21600)")
+        raise ValueError(f"{name}={text!r}: must be a positive number of seconds (unset: {default:g})")
     return value
+
+
+JOIN_TIMEOUT = "LAPO_FAST_DIST_JOIN_TIMEOUT_S"  # waiting for the other ranks to start: minutes, not hours
 
 
 def init() -> None:
@@ -46,8 +49,28 @@ def init() -> None:
                 raise ValueError(f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} CUDA "
                                  "device(s): start at most that many processes per node (torchrun --nproc-per-node)")
             torch.cuda.set_device(local)  # NCCL uses the current device
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(seconds=_timeout_s()))
+        backend, timeout = "nccl" if torch.cuda.is_available() else "gloo", datetime.timedelta(seconds=_timeout_s())
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun: its agent started every rank
+            dist.init_process_group(backend, timeout=timeout)
+            return
+        _join_by_hand(backend, timeout)
+
+
+def _join_by_hand(backend: str, timeout: datetime.timedelta) -> None:
+    """A group described by WORLD_SIZE/RANK/MASTER_* set by hand (or left in a shell by an earlier
+    torchrun): say what this rank waits for, and give up in minutes if the others never come."""
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", "0"))
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    join = _timeout_s(JOIN_TIMEOUT, 300)
+    print(f"rank {rank}: joining a process group of WORLD_SIZE={world} at {host}:{port}; waiting up to {join:g} s "
+          f"({JOIN_TIMEOUT}) for the other ranks", flush=True)
+    try:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=join))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError is a RuntimeError
+        raise ValueError(f"the other ranks of WORLD_SIZE={world} did not join {host}:{port} within {join:g} s "
+                         f"({type(e).__name__}): start every rank (torchrun), or unset WORLD_SIZE and RANK if they "
+                         "were left from an earlier torchrun") from None
 
 
 def launched_rank() -> int:

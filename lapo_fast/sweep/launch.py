@@ -105,22 +105,33 @@ def train_argv(spec: SweepSpec, out: Path, game: str, seed: int) -> list[str]:
     return argv + list(spec.train_args)
 
 
-def claim_sweep(out: Path, spec: SweepSpec) -> None:
-    """Records the sweep in DIR/sweep.json; a rerun may add games and seeds, but the preset and the
-    overrides every run shares must stay what the finished runs used."""
+def check_sweep(out: Path, spec: SweepSpec) -> None:
+    """A rerun of the sweep at `out` may add games and seeds, but its runs' settings -- the preset
+    and what the train flags resolve to (in any order or spelling) -- must stay the finished runs'."""
+    from lapo_fast.registry import resolve_run
+
     path = Path(out) / "sweep.json"
     had = read_json(path)
-    if had is not None:
-        if not isinstance(had, dict) or "spec" not in had:
-            raise ValueError(f"{path}: not a sweep record; use a new --out")
-        had_spec = _upgrade(had["spec"])
-        for key in ("preset", "train_args"):
-            old, new = had_spec.get(key), getattr(spec, key)
-            if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, tuple) else new):
-                raise ValueError(f"{out} is a sweep with {key}={old!r}, this one asks for {new!r}: use a new --out "
-                                 "(or the same settings to continue it)")
+    if had is None:
+        return
+    if not isinstance(had, dict) or "spec" not in had:
+        raise ValueError(f"{path}: not a sweep record; use a new --out")
+    had_spec = _upgrade(had["spec"])
+    old_preset, old_args = had_spec.get("preset"), tuple(had_spec.get("train_args", ()))
+    if old_preset != spec.preset:
+        raise ValueError(f"{out} is a sweep with preset={old_preset!r}, this one asks for {spec.preset!r}: use a new "
+                         "--out (or the same settings to continue it)")
+    if old_args != spec.train_args and resolve_run(spec.preset, old_args) != resolve_run(spec.preset, spec.train_args):
+        raise ValueError(f"{out} is a sweep with train flags {' '.join(old_args) or '(none)'}, this one asks for "
+                         f"{' '.join(spec.train_args) or '(none)'}: use a new --out (or the same settings to "
+                         "continue it)")
+
+
+def claim_sweep(out: Path, spec: SweepSpec) -> None:
+    """Records the sweep in DIR/sweep.json (check_sweep first)."""
+    check_sweep(out, spec)
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_json(path, {"spec": dataclasses.asdict(spec)})
+    write_json(Path(out) / "sweep.json", {"spec": dataclasses.asdict(spec)})
 
 
 def load_spec(out: Path) -> SweepSpec:
@@ -290,6 +301,7 @@ def launch(out: Path, spec: SweepSpec, *, dry_run: bool = False, poll_s: float =
     """Launches every unfinished run of the sweep; returns the status rows (local: when all ended;
     slurm: as submitted)."""
     out = Path(out)
+    check_sweep(out, spec)  # a dry run says what the real one would: refused, or these runs
     todo = [(g, s) for g, s in spec.runs() if run_state(run_dir(out, g, s))[0] != "done"]
     skipped = len(spec.runs()) - len(todo)
     if dry_run:
