@@ -141,6 +141,22 @@ def _check_out(argv: list[str]) -> None:
         raise ValueError("--out is empty: name the run directory (e.g. --out runs/starpilot)")
 
 
+def _check_paths(parsed, names=("out", "data", "test_data")) -> None:
+    """The command's folders, before any work: no symlink loop (Path.resolve would raise deep in the
+    run), and the datasets it reads exist."""
+    for name in names:
+        path = getattr(parsed, name, None)
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        try:
+            Path(path).resolve(strict=False)
+        except (RuntimeError, OSError) as e:  # RuntimeError: "Symlink loop" (Python < 3.13)
+            raise ValueError(f"{flag} {path}: a symlink loop ({e}); point it at a real folder") from None
+        if name != "out" and not Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: no such folder (a dataset from `lapo-fast collect` or `data ingest`)")
+
+
 def _parse(command: str, argv: list[str], args: dict, settings=None, preset: str = "", description: str = ""):
     """tyro's parse of `lapo-fast <command>`: the named arguments ({name: (type, help[, default])}),
     and the settings (a config instance: the preset's) whose fields are the other flags -- unprefixed
@@ -176,6 +192,7 @@ def _stage_command(stage, argv: list[str]) -> int:
     preset = _preset(argv, stage.name) if stage.config is not None else ""
     settings = preset_config(stage.config, preset) if preset else None
     parsed = _parse(stage.name, argv, args, settings, preset, stage.help)
+    _check_paths(parsed)
     cfg = getattr(parsed, "settings", None)
     ctx = StageContext(run=RunDir(parsed.out), **{i.name: getattr(parsed, i.name) for i in stage.inputs})
     with _holding(parsed.out) if stage.name != "report" else contextlib.nullcontext():
@@ -206,6 +223,7 @@ def _train_command(argv: list[str]) -> int:
                     "The whole method on one game, in one run directory (resumable). Every stage's settings: "
                     "--STAGE.FIELD VALUE, e.g. --lam.steps 500 --decode.labelled 16 64")
     check_game(parsed.env)
+    _check_paths(parsed)
     out = parsed.out or f"runs/{parsed.env}-{preset}" + (f"-seed{parsed.seed}" if parsed.seed else "")
     print(f"train: run directory {out}")
     run_all(parsed.env, out, parsed.settings, preset=preset, demonstrator=parsed.demonstrator, data=parsed.data,

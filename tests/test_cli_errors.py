@@ -210,3 +210,20 @@ def test_a_process_group_left_in_the_environment_is_a_one_line_error_in_seconds(
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("lapo-fast: error: the other ranks of WORLD_SIZE=2 did not join")
     assert "unset WORLD_SIZE" in last
+
+
+@pytest.mark.parametrize("flag", ["--out", "--data"])
+def test_a_symlink_loop_is_one_line_naming_the_flag(flag, data, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop")
+    argv = ["lam", "--data", str(loop if flag == "--data" else data), "--out",
+            str(loop if flag == "--out" else tmp_path / "run"), "--preset", "smoke"]
+    err = cli_error(argv, capsys)
+    assert f"{flag} {loop}: a symlink loop" in err and "point it at a real folder" in err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_a_missing_dataset_is_named_before_the_run_folder_is_made(tmp_path, capsys):
+    err = cli_error(["lam", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--preset", "smoke"],
+                    capsys)
+    assert f"--data {tmp_path / 'nope'}: no such folder" in err and not (tmp_path / "run").exists()

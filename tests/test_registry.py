@@ -55,8 +55,10 @@ def test_a_new_record_is_a_command_with_its_settings_flags(tmp_path, monkeypatch
     monkeypatch.setitem(globals(), "_HELLO", hello)
     record = Stage("hello", LAMConfig, f"{__name__}:_HELLO", "a stage added in a test", inputs=(registry.DATA,))
     monkeypatch.setitem(COMMANDS, "hello", record)
-    assert main(["hello", "--data", "d", "--out", str(tmp_path), "--preset", "smoke", "--steps", "3"]) == 0
-    assert len(seen) == 1 and seen[0][0] == tmp_path and str(seen[0][1]) == "d" and seen[0][2:] == (3, 1)
+    (tmp_path / "d").mkdir()
+    assert main(["hello", "--data", str(tmp_path / "d"), "--out", str(tmp_path), "--preset", "smoke", "--steps",
+                 "3"]) == 0
+    assert len(seen) == 1 and seen[0][0] == tmp_path and seen[0][1] == tmp_path / "d" and seen[0][2:] == (3, 1)
     assert "hello: hello" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["hello", "--out", str(tmp_path)])  # a required input missing: tyro names it
