@@ -157,6 +157,43 @@ def _check_paths(parsed, names=("out", "data", "test_data")) -> None:
             raise ValueError(f"{flag} {path}: no such folder (a dataset from `lapo-fast collect` or `data ingest`)")
 
 
+def _flag_kinds(settings, prefix: str = "") -> dict[str, tuple[str, object]]:
+    """flag -> (its yes-form, bool) or (flag, length) for a config's bool and fixed-length tuple
+    settings, as tyro spells them (--lam.quantize / --lam.no-quantize, --finetune.fc-ramp START END)."""
+    import typing
+
+    out = {}
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        value, name = getattr(settings, f.name), f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value):
+            out.update(_flag_kinds(value, f"{prefix}{f.name}."))
+        elif hints[f.name] is bool:
+            out[f"--{prefix}{name}"] = out[f"--{prefix}no-{name}"] = (f"--{prefix}{name}", bool)
+        elif typing.get_origin(hints[f.name]) is tuple and Ellipsis not in typing.get_args(hints[f.name]):
+            out[f"--{prefix}{name}"] = (f"--{prefix}{name}", len(typing.get_args(hints[f.name])))
+    return out
+
+
+def _check_flag_forms(argv: list[str], settings) -> None:
+    """Bool flags given a value and tuple flags of the wrong length, named with their form (tyro
+    would only say 'Unrecognized options: true')."""
+    kinds = _flag_kinds(settings)
+    for i, token in enumerate(argv):
+        name, eq, _ = token.partition("=")
+        if name not in kinds:
+            continue
+        flag, kind = kinds[name]
+        if kind is bool:
+            if eq or (i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0")):
+                stage, _, field = flag[2:].rpartition(".")
+                raise ValueError(f"{name} takes no value: write {flag} or --{stage + '.' if stage else ''}no-{field}")
+            continue
+        count = next((j for j, t in enumerate(argv[i + 1:]) if t.startswith("--")), len(argv) - i - 1)
+        if not eq and count != kind:
+            raise ValueError(f"{flag} takes {kind} numbers (e.g. {flag} {' '.join(['1000'] * kind)}), got {count}")
+
+
 def _parse(command: str, argv: list[str], args: dict, settings=None, preset: str = "", description: str = ""):
     """tyro's parse of `lapo-fast <command>`: the named arguments ({name: (type, help[, default])}),
     and the settings (a config instance: the preset's) whose fields are the other flags -- unprefixed
@@ -171,6 +208,8 @@ def _parse(command: str, argv: list[str], args: dict, settings=None, preset: str
         fields.append(("preset", Literal[PRESETS], dataclasses.field(default=preset, metadata={"help": PRESET_HELP})))
         fields.append(("settings", Annotated[type(settings), tyro.conf.arg(name="")],
                        dataclasses.field(default_factory=lambda: settings)))
+    if settings is not None:
+        _check_flag_forms(argv, settings)
     cls = dataclasses.make_dataclass(f"{command.replace('-', '_')}_command", fields, kw_only=True)
     with unchecked():  # checked below, so that a bad value is one line (tyro would box it)
         parsed = tyro.cli(cls, args=argv, prog=f"lapo-fast {command}", description=description)
@@ -234,7 +273,7 @@ def _train_command(argv: list[str]) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .config import default_preset
     from .registry import resolve_run
-    from .sweep.launch import SweepSpec, launch, load_spec, parse_envs, status, status_table
+    from .sweep.launch import SweepSpec, launch, load_spec, parse_envs, split_train_args, status, status_table
 
     if args.action:
         if len(args.action) != 2 or args.action[0] != "status":
@@ -256,7 +295,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                          executor=args.executor, max_parallel=args.max_parallel, gpus_per_run=gpus,
                          cpus_per_run=args.cpus_per_run, mem_gb=args.mem_gb, time_min=args.time_min,
                          partition=args.partition, setup=tuple(args.setup), slurm_args=tuple(args.slurm_arg))
-    resolve_run(spec.preset, spec.train_args)  # every run's settings checked before anything is launched
+    resolve_run(spec.preset, split_train_args(spec.train_args)[0])  # every run's settings checked before any launch
     rows = launch(args.out, spec, dry_run=args.dry_run)
     if not args.dry_run:
         print(status_table(rows))
@@ -374,8 +413,9 @@ def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="one `train` run per (game, seed), on this machine or as a SLURM job array "
                                      "(resumable); `sweep status DIR`: how each run stands",
                        usage="lapo-fast sweep [options] [-- TRAIN_FLAGS] | lapo-fast sweep status DIR",
-                       epilog="TRAIN_FLAGS, after --, go to every run's `lapo-fast train`: e.g. -- --lam.steps 500 "
-                              "--decode.labelled 16 64")
+                       epilog="TRAIN_FLAGS, after --, go to every run's `lapo-fast train`: its settings "
+                              "(-- --lam.steps 500 --decode.labelled 16 64) and its own --data, --test-data and "
+                              "--demonstrator (one dataset or policy for every run)")
     p.add_argument("action", nargs="*", metavar="status DIR", help="`status DIR`: done / running / failed per run")
     p.add_argument("--envs", default=None,
                    help="all (the 16 games) or GAME,GAME (default: the sweep recorded in --out)")

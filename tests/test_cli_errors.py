@@ -227,3 +227,18 @@ def test_a_missing_dataset_is_named_before_the_run_folder_is_made(tmp_path, caps
     err = cli_error(["lam", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--preset", "smoke"],
                     capsys)
     assert f"--data {tmp_path / 'nope'}: no such folder" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--env", "starpilot", "--lam.no-quantize", "true"],
+     "--lam.no-quantize takes no value: write --lam.quantize or --lam.no-quantize"),
+    (["train", "--env", "starpilot", "--decode.online", "False"], "--decode.online takes no value"),
+    (["lam", "--data", "d", "--quantize=false"], "--quantize takes no value: write --quantize or --no-quantize"),
+    (["train", "--env", "starpilot", "--finetune.action-head-ramp", "1", "2", "3"],
+     "--finetune.action-head-ramp takes 2 numbers (e.g. --finetune.action-head-ramp 1000 1000), got 3"),
+])
+def test_a_flag_in_the_wrong_form_is_named_with_its_form(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    assert message in cli_error(argv + ["--preset", "smoke"], capsys)
+    assert not (tmp_path / "runs").exists()

@@ -298,3 +298,18 @@ def test_stage_1_across_two_torchrun_nodes_keeps_one_codebook(tmp_path):
     assert a["world"] == b["world"] == 2
     assert torch.equal(a["codebook"], b["codebook"]) and torch.equal(a["count"], b["count"])
     assert (tmp_path / "run" / "lam" / "step-00000003").exists()
+
+
+def test_a_sweep_passes_trains_own_flags_to_every_run(tmp_path, capsys):
+    """-- --data DS: every run trains on the given dataset (train's own flag), checked to exist first."""
+    data = tmp_path / "ds"
+    data.mkdir()
+    argv = ["sweep", "--envs", "starpilot", "--seeds", "2", "--preset", "smoke", "--out", str(tmp_path / "sw"),
+            "--dry-run", "--", "--lam.steps", "6", "--data", str(data)]
+    assert main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("lapo-fast train")]
+    assert len(lines) == 2 and all(f"--data {data}" in ln for ln in lines)
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + [str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert f"sweep: --data {tmp_path / 'missing'}: no such file or folder" in err

@@ -84,6 +84,29 @@ def run_dir(out: Path, game: str, seed: int) -> Path:
     return Path(out) / game / f"seed{seed}"
 
 
+TRAIN_INPUTS = ("--data", "--test-data", "--demonstrator")  # train's own flags a sweep passes to every run
+
+
+def split_train_args(args) -> tuple[tuple[str, ...], dict[str, str]]:
+    """A sweep's train flags as (the --STAGE.FIELD settings, train's own inputs {flag: path}):
+    the settings resolve to every run's configs, the inputs must exist."""
+    settings, inputs, rest = [], {}, list(args)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if name in TRAIN_INPUTS:
+            if not eq:
+                if not rest:
+                    raise ValueError(f"sweep: {name} needs a path after it")
+                value = rest.pop(0)
+            if not Path(value).exists():
+                raise ValueError(f"sweep: {name} {value}: no such file or folder (every run reads it)")
+            inputs[name] = value
+        else:
+            settings.append(arg)
+    return tuple(settings), inputs
+
+
 def train_setup(argv: list[str]) -> tuple[str | None, tuple[str, ...]]:
     """(preset, the other train flags) of a run's `train` command line (train_argv's), without what
     differs from run to run (--env, --seed, --out)."""
@@ -121,7 +144,9 @@ def check_sweep(out: Path, spec: SweepSpec) -> None:
     if old_preset != spec.preset:
         raise ValueError(f"{out} is a sweep with preset={old_preset!r}, this one asks for {spec.preset!r}: use a new "
                          "--out (or the same settings to continue it)")
-    if old_args != spec.train_args and resolve_run(spec.preset, old_args) != resolve_run(spec.preset, spec.train_args):
+    (old_settings, old_inputs), (settings, inputs) = split_train_args(old_args), split_train_args(spec.train_args)
+    if old_args != spec.train_args and (old_inputs != inputs or resolve_run(spec.preset, old_settings)
+                                        != resolve_run(spec.preset, settings)):
         raise ValueError(f"{out} is a sweep with train flags {' '.join(old_args) or '(none)'}, this one asks for "
                          f"{' '.join(spec.train_args) or '(none)'}: use a new --out (or the same settings to "
                          "continue it)")
