@@ -313,3 +313,46 @@ def test_a_sweep_passes_trains_own_flags_to_every_run(tmp_path, capsys):
         main(argv[:-1] + [str(tmp_path / "missing")])
     err = capsys.readouterr().err
     assert f"sweep: --data {tmp_path / 'missing'}: no such file or folder" in err
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from lapo_fast.runtime.lock import folder_lock
+    with folder_lock(sys.argv[1], sys.argv[2]):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+def _holding(folder, what):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), what], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_one_launcher_per_sweep_and_a_run_held_by_a_live_job_is_not_relaunched(tmp_path, capsys):
+    """A second launcher on the same --out is refused naming the first; a run whose folder a live
+    process holds (an orphaned job of a killed launcher) is 'running', not failed, and not relaunched."""
+    from lapo_fast.sweep.launch import run_state
+
+    out = tmp_path / "sw"
+    argv = ["sweep", "--envs", "starpilot", "--seeds", "2", "--preset", "smoke", "--out", str(out)]
+    orphan = _holding(out / "starpilot" / "seed1", "lapo-fast train (orphaned)")
+    try:
+        assert run_state(out / "starpilot" / "seed1")[0] == "running"
+        assert main(argv + ["--dry-run"]) == 0
+        printed = capsys.readouterr().out
+        assert "1 run(s) still being trained by a live process, not relaunched: starpilot/seed1" in printed
+        assert "1 run(s) to launch" in printed and "--seed 1 " not in printed
+        launcher = _holding(out, "lapo-fast sweep (launcher)")
+        try:
+            with pytest.raises(SystemExit):
+                main(argv)
+            assert "is in use by pid" in capsys.readouterr().err
+        finally:
+            launcher.kill()
+            launcher.wait()
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert run_state(out / "starpilot" / "seed1")[0] == "pending"  # its holder gone: the lock goes with it

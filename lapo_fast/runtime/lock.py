@@ -25,6 +25,21 @@ class FolderInUse(ValueError):
     """Another process holds the folder."""
 
 
+def holder_of(folder) -> str | None:
+    """Who holds `folder`'s lock now ("pid N (command)"), or None: free, or no lock file there."""
+    path = Path(folder) / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 def _command() -> str:
     """This process's command line, short: what the other process's error names."""
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:3]]) if sys.argv and sys.argv[0] else "python"

@@ -248,9 +248,22 @@ def _pass_through(stream) -> list[str]:
 # -- state of the runs --------------------------------------------------------------------------------
 
 def run_state(directory: Path) -> tuple[str, str]:
-    """(state, detail) of one run: done, failed (its last error line), running, died (its process is
-    gone without a word: killed, out of memory, out of time), submitted, or pending."""
+    """(state, detail) of one run: done, failed (its last error line), running (by its job record,
+    or held by a live process: an orphaned job of a killed launcher is not failed), died (its
+    process is gone without a word: killed, out of memory, out of time), submitted, or pending."""
+    from lapo_fast.runtime.lock import holder_of
+
     directory = Path(directory)
+    state, detail = _recorded_state(directory)
+    if state in ("failed", "died", "stopped", "pending") and directory.exists():
+        holder = holder_of(directory)
+        if holder is not None:
+            return "running", f"held by {holder}"
+    return state, detail
+
+
+def _recorded_state(directory: Path) -> tuple[str, str]:
+    """run_state by the run's files and its job record alone."""
     run = RunDir(directory)
     record = read_json(run.job) or {}
     if run.report("md").exists() and record.get("state", "done") == "done":
@@ -327,8 +340,13 @@ def launch(out: Path, spec: SweepSpec, *, dry_run: bool = False, poll_s: float =
     slurm: as submitted)."""
     out = Path(out)
     check_sweep(out, spec)  # a dry run says what the real one would: refused, or these runs
-    todo = [(g, s) for g, s in spec.runs() if run_state(run_dir(out, g, s))[0] != "done"]
-    skipped = len(spec.runs()) - len(todo)
+    states = {(g, s): run_state(run_dir(out, g, s))[0] for g, s in spec.runs()}
+    todo = [r for r in spec.runs() if states[r] not in ("done", "running")]  # a live job's run is not relaunched
+    live = [r for r in spec.runs() if states[r] == "running"]
+    if live:
+        print(f"sweep: {len(live)} run(s) still being trained by a live process, not relaunched: "
+              + ", ".join(f"{g}/seed{s}" for g, s in live))
+    skipped = len(spec.runs()) - len(todo) - len(live)
     if dry_run:
         print(f"sweep: {len(todo)} run(s) to launch ({skipped} finished) with the {spec.executor} executor:")
         for g, s in todo:
@@ -337,6 +355,13 @@ def launch(out: Path, spec: SweepSpec, *, dry_run: bool = False, poll_s: float =
             print("\nsbatch script (one job array; each task unpickles its run's command):\n")
             print(sbatch_script(out, spec, len(todo)))
         return [{"game": g, "seed": s, "state": "would launch"} for g, s in todo]
+    from lapo_fast.runtime.lock import folder_lock
+
+    with folder_lock(out, "lapo-fast sweep (launcher)"):  # one launcher per sweep directory
+        return _launch(out, spec, todo, skipped, poll_s)
+
+
+def _launch(out: Path, spec: SweepSpec, todo: list, skipped: int, poll_s: float) -> list[dict]:
     claim_sweep(out, spec)
     if not todo:
         print(f"sweep: all {skipped} runs are finished")
