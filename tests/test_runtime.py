@@ -148,3 +148,17 @@ def test_threads_follow_the_cpus_this_process_may_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "1", "1"]
+
+
+def test_a_runs_share_of_the_cores_is_its_threads_default(monkeypatch):
+    """LAPO_FAST_CPUS (what a local sweep gives each parallel run) caps the default threads; a bad
+    value names the variable."""
+    from lapo_fast.machine import available_cpus
+
+    monkeypatch.setenv("LAPO_FAST_CPUS", "1")
+    assert available_cpus() == 1
+    monkeypatch.setenv("LAPO_FAST_CPUS", "999")
+    assert available_cpus() == len(__import__("os").sched_getaffinity(0))  # never more than the affinity
+    monkeypatch.setenv("LAPO_FAST_CPUS", "half")
+    with pytest.raises(ValueError, match="LAPO_FAST_CPUS='half': must be a whole number of cores"):
+        available_cpus()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lapo_fast.envs.games import GAMES, check_game
-from lapo_fast.machine import available_cpus
+from lapo_fast.machine import CPUS_ENV, available_cpus
 from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.files import read_json, write_json
 
@@ -203,7 +203,7 @@ def train_job(argv: list[str], directory: str, threads: int | None = None) -> st
               "started": time.time(), "job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
               "argv": argv, "threads": threads}
     write_json(path, record)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), CPUS_ENV: str(threads)} if threads else None
     proc = subprocess.Popen([sys.executable, "-m", "lapo_fast.cli", *argv], stderr=subprocess.PIPE, env=env)
     tail = _pass_through(proc.stderr)
     code = proc.wait()
