@@ -217,3 +217,14 @@ def test_cached_frames_read_what_the_cache_holds(tmp_path):
     with pytest.raises(DatasetError, match="holds 0 bytes"):
         open(tmp_path / "empty.u8", "wb").close()
         CachedFrames(tmp_path / "empty.u8", cache.shape)
+
+
+def test_window_loader_names_a_bad_seed_and_a_missing_cuda(tmp_path):
+    from lapo_fast.data import window_loader
+
+    ds = FrameDataset(write_dataset(tmp_path / "ds", episodes=2, length=8))
+    with pytest.raises(ValueError, match="window_loader: seed must be an int >= 0, got -1"):
+        window_loader(ds, seed=-1)
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ValueError, match="this torch build or machine has no CUDA device; use --device cpu"):
+            window_loader(ds, device="cuda")

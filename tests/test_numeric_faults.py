@@ -168,3 +168,17 @@ def test_a_codebook_that_requires_grad_or_a_meta_tensor_is_named():
     meta = [t.to("meta") for t in (codebook, torch.zeros(2, 64), codebook)]
     with pytest.raises(NotImplementedError, match="vq_ema: meta tensors are not supported"):
         vq_ema(torch.randn(8, 128, device="meta"), *meta, layout="lapo", num_latents=4)
+
+
+def test_vmap_and_func_grad_are_said_to_be_unsupported():
+    from torch.func import grad, vmap
+
+    codebook = torch.randn(2, 64, 16)
+
+    def loss(x):
+        return vq_ema(x, codebook.clone(), torch.zeros(2, 64), codebook.clone(), layout="lapo", num_latents=4,
+                      training=False).loss
+
+    for transform, x in ((vmap(loss), torch.randn(3, 8, 128)), (grad(loss), torch.randn(8, 128))):
+        with pytest.raises(NotImplementedError, match="vq_ema: not supported under torch.func transforms"):
+            transform(x)

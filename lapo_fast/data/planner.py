@@ -162,8 +162,13 @@ def window_loader(ds: FrameDataset, device="cpu", *, loader: str = "auto", conte
                   seed: int = 0, meta: dict | None = None):
     """Batches of windows (o_{t-k}..o_t, o_{t+1}) of `ds` on `device`, uint8, its frames read as
     the planner decides for `loader` (printed)."""
+    from lapo_fast.runtime.distributed import device as checked_device
+
     from .windows import WindowSampler
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"window_loader: seed must be an int >= 0, got {seed!r}")
+    device = checked_device(str(device))  # "cuda" on a CPU build: one line naming the way out
     plan, frames = frames_for("data", ds, loader, device)
     sampler = WindowSampler(frames, ds.episodes, context=context, batch_size=batch_size, seed=seed, meta=meta)
     return make_loader(sampler, plan, device)

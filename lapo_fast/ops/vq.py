@@ -102,6 +102,9 @@ def vq_ema(
     """EMA vector quantisation of x against G codebooks (G, K, d); updates the state if training.
     sync: "auto" sums the batch statistics over torch.distributed's ranks when there are two or
     more, "always" in any initialised group (one rank too), "never": each rank its own codebook."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        raise NotImplementedError("vq_ema: not supported under torch.func transforms (vmap, grad, jacrev): it updates "
+                                  "its EMA state in place; call it on a whole batch, and torch.autograd for gradients")
     G, K, d = _check_state(codebook, ema_count, ema_weight)
     if not torch.is_floating_point(x):
         raise TypeError(f"vq_ema: x must be floating point, got {x.dtype}")
