@@ -656,8 +656,9 @@ def test_torch_compile_fullgraph_of_vq_ema_and_its_nonfinite_error():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("compiler,backend", [("inductor", "cpu"), ("aot_eager", "reference")])
-def test_torch_compile_with_changing_batch_sizes_equals_eager(compiler, backend):
+@pytest.mark.parametrize("compiler,backend,dynamic", [("inductor", "cpu", None), ("aot_eager", "reference", None),
+                                                      ("aot_eager", "cpu", True)])
+def test_torch_compile_with_changing_batch_sizes_equals_eager(compiler, backend, dynamic):
     """A compiled training loop whose batch size changes (a smaller last batch): the second size is
     compiled with a symbolic batch (automatic dynamic shapes), which the layout's per-shape cache
     could not hash; every size matches eager."""
@@ -667,7 +668,7 @@ def test_torch_compile_with_changing_batch_sizes_equals_eager(compiler, backend)
     torch.manual_seed(0)
     net = _VQNet(backend)
     eager = copy.deepcopy(net)
-    compiled = torch.compile(net, fullgraph=True, backend=compiler)
+    compiled = torch.compile(net, fullgraph=True, backend=compiler, dynamic=dynamic)
     for B in (16, 12, 7):
         x = torch.randn(B, 128)
         (lc, oc), (le, oe) = compiled(x), eager(x)
