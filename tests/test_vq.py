@@ -622,14 +622,21 @@ class _VQNet(torch.nn.Module):
                                               ("aot_eager", "triton")])
 def test_torch_compile_fullgraph_of_the_module_equals_eager(compiler, backend):
     """One graph (fullgraph=True): forward, the EMA update and dead-code refills in place, backward."""
+    _compiled_matches_eager(compiler, backend, sizes=(64, 64, 64))
+
+
+def _compiled_matches_eager(compiler: str, backend: str, sizes, dynamic=None) -> None:
+    """_VQNet compiled as one graph vs eager over batches of `sizes`: losses, indices, the linear
+    layer's gradient and the VQ's state (codebook, EMA statistics, refills)."""
     import copy
 
+    torch._dynamo.reset()  # the other compile tests' graphs of the same code count toward its recompile limit
     torch.manual_seed(0)
     eager = _VQNet(backend)
     net = copy.deepcopy(eager)
-    compiled = torch.compile(net, fullgraph=True, backend=compiler)
-    for step in range(3):
-        x = torch.randn(64, 128)
+    compiled = torch.compile(net, fullgraph=True, backend=compiler, dynamic=dynamic)
+    for B in sizes:
+        x = torch.randn(B, 128)
         (lc, oc), (le, oe) = compiled(x), eager(x)
         lc.backward()
         le.backward()
@@ -662,19 +669,4 @@ def test_torch_compile_with_changing_batch_sizes_equals_eager(compiler, backend,
     """A compiled training loop whose batch size changes (a smaller last batch): the second size is
     compiled with a symbolic batch (automatic dynamic shapes), which the layout's per-shape cache
     could not hash; every size matches eager."""
-    import copy
-
-    torch._dynamo.reset()  # the other compile tests' graphs of the same code count toward its recompile limit
-    torch.manual_seed(0)
-    net = _VQNet(backend)
-    eager = copy.deepcopy(net)
-    compiled = torch.compile(net, fullgraph=True, backend=compiler, dynamic=dynamic)
-    for B in (16, 12, 7):
-        x = torch.randn(B, 128)
-        (lc, oc), (le, oe) = compiled(x), eager(x)
-        lc.backward()
-        le.backward()
-        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
-        assert torch.equal(oc.indices, oe.indices)
-        torch.testing.assert_close(net.lin.weight.grad, eager.lin.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(net.vq.codebook, eager.vq.codebook, rtol=1e-5, atol=1e-6)
+    _compiled_matches_eager(compiler, backend, sizes=(16, 12, 7), dynamic=dynamic)
