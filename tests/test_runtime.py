@@ -122,18 +122,28 @@ def test_checkpoints_load_onto_the_cpu_whatever_device_saved_them(tmp_path, monk
     assert seen and all(m == "cpu" for m in seen)
 
 
-def test_the_process_group_waits_for_long_single_rank_work(monkeypatch):
-    """Rank 0 may decode a dataset alone for longer than the collectives' default 10 minutes."""
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_the_process_group_waits_for_long_single_rank_work(monkeypatch, torchrun):
+    """Rank 0 may decode a dataset alone for longer than the collectives' default 10 minutes, under
+    torchrun (its agent's store) and in a group described by hand (our store, its join timeout apart)."""
     import torch.distributed as dist
 
     from lapo_fast.runtime import distributed
 
-    got = {}
+    got, stores = {}, []
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: got.update(kw, backend=backend))
+    monkeypatch.setattr(dist, "TCPStore", lambda *a, **kw: stores.append(kw["timeout"]) or "store")
     distributed.init()
     assert got["timeout"].total_seconds() >= 3600
+    if not torchrun:
+        assert got["store"] == "store" and stores[0].total_seconds() == 300  # joining: minutes, not hours
 
 
 def test_threads_follow_the_cpus_this_process_may_use():
