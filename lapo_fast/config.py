@@ -489,9 +489,8 @@ def load(cls, path: Path):
     return from_saved(cls, payload, path)
 
 
-def from_saved(cls, payload, where):
-    """load()'s config from its JSON payload ({"type", "config"}); `where` names it in errors."""
-    path = where
+def from_saved(cls, payload, path):
+    """load()'s config from its JSON payload (as payload() makes it); `path` names it in errors."""
     if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
         raise ValueError(f"{path}: not a lapo-fast config (a JSON object with 'type' and 'config' expected); "
                          "restore it, or delete the stage's folder to start that stage again")
@@ -526,5 +525,10 @@ def _config_types(cls) -> list[type]:
     return [cls] + [t for sub in cls.__subclasses__() for t in _config_types(sub)]
 
 
+def payload(cfg) -> dict:
+    """A config as saved ({"type", "config"}): what save() writes and from_saved() reads back."""
+    return {"config": dataclasses.asdict(cfg), "type": type(cfg).__name__}
+
+
 def save(cfg, path: Path, **extra) -> None:
-    write_json(path, {"config": dataclasses.asdict(cfg), "type": type(cfg).__name__, **extra})
+    write_json(path, {**payload(cfg), **extra})

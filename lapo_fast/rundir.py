@@ -25,6 +25,7 @@ from pathlib import Path
 from lapo_fast.config import FinetuneConfig, LAMConfig
 from lapo_fast.config import from_saved
 from lapo_fast.config import load as load_config
+from lapo_fast.config import payload as config_payload
 from lapo_fast.config import resumable, shape_settings
 from lapo_fast.config import save as save_config
 from lapo_fast.runtime.checkpoint import latest_checkpoint, load_latest
@@ -172,18 +173,18 @@ class RunDir:
 
     @staticmethod
     def checkpoint_record(cfg) -> dict:
-        """What a stage's checkpoints carry of its settings, so that a resume is checked against them
-        even when config.json is gone."""
-        return {"config": dataclasses.asdict(cfg), "config_type": type(cfg).__name__}
+        """What a stage's checkpoints carry of its settings (config.json's payload), so that a resume
+        is checked against them even when config.json is gone."""
+        return {"settings": config_payload(cfg)}
 
     def _checkpoint_config(self, stage: str, cfg):
         """The settings the latest checkpoint of a stage was trained with (config.json is missing)."""
-        state = read_json(self.latest_checkpoint(stage) / "state.json", {})
-        if not isinstance(state.get("config"), dict) or state.get("config_type") != type(cfg).__name__:
+        last = self.latest_checkpoint(stage)
+        settings = read_json(last / "state.json", {}).get("settings")
+        if not isinstance(settings, dict):
             raise ValueError(f"{self.stage(stage)} has checkpoints but no config.json recording their settings: "
                              "restore config.json, or delete the folder to start that stage again")
-        return from_saved(type(cfg), {"type": state["config_type"], "config": state["config"]},
-                          self.latest_checkpoint(stage))
+        return from_saved(type(cfg), settings, last)
 
     def training_data(self, stage: str, cfg, data_dir, *, rank: int = 0):
         """The dataset a stage trains on (64x64x3 frames), claimed for this run (see claim): under

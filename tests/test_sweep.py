@@ -131,10 +131,10 @@ def test_aggregate_without_runs_is_a_clear_error(tmp_path, capsys):
 def _fake_sweep(out: Path, returns: dict, presets: dict | None = None) -> Path:
     """A sweep directory with results but no training: sweep.json planning starpilot and coinrun x 2
     seeds; a run per (game, seed) in `returns` ({(game, seed): finetuned mean return}), each done."""
-    from lapo_fast.sweep.launch import SweepSpec, claim_sweep, train_argv
+    from lapo_fast.sweep.launch import SweepSpec, record_sweep, train_argv
 
     spec = SweepSpec(envs=GAMES, seeds=2, preset="smoke", train_args=("--lam.steps", "6"))
-    claim_sweep(out, spec)
+    record_sweep(out, spec)
     for (game, seed), ret in returns.items():
         run = out / game / f"seed{seed}"
         (run / "eval").mkdir(parents=True)

@@ -23,12 +23,13 @@ host sync per call); ``check_finite=False`` turns the guard off on CUDA: non-fin
 count as 0 and the update goes ahead (the CPU kernel finds them anyway and raises).
 
 DDP: when torch.distributed is initialised with more than one rank (``sync="auto"``), the batch
-counts and sums are all-reduced before the EMA update, so every rank ends with the codebook one process would get on
-the joined batch. Dead-code refills and k-means init are broadcast from rank 0.
+counts and sums are all-reduced before the EMA update, so every rank ends with the codebook one
+process would get on the joined batch. Dead-code refills and k-means init are broadcast from rank 0.
 
 The Triton backend: triton_plan(shape, GPU) picks a plan (its `kind`: "resident", "gemm" or
 "general", and tiles from the GPU's entry in TARGETS); _allocate makes the outputs and
-accumulators; LAUNCHERS[plan.kind] launches the search with its arguments by name (_Launch.rows);
+accumulators; LAUNCHERS[plan.kind] launches the search with its arguments by name
+(_Launch.search_args);
 _finish reduces (DDP), finalizes and updates the EMA state.
 
 Adding a kernel variant or a target (the places it touches):
@@ -533,19 +534,25 @@ class _Launch(NamedTuple):
     old_total: torch.Tensor      # (G,) the old EMA counts' sum
     flat: torch.Tensor | None    # the atomic mode's one buffer (what DDP all-reduces: flat[2:stat_end])
     stat_end: int
-    lay: Layout
+    operands: torch.Tensor | None  # the GEMM search's padded operands (the tail of flat), else None
     plan: TritonPlan
     spec: _Spec
 
-    def rows(self) -> dict:
+    def search_args(self) -> dict:
         """The arguments every search kernel takes, by name."""
         G, K, d = self.codebook.shape
-        strides = dict(zip(("stride_b", "stride_g", "stride_k", "stride_l"), self.lay.strides()))
+        lay = self.spec.layout
+        strides = dict(zip(("stride_b", "stride_g", "stride_k", "stride_l"), lay.strides()))
         return dict(x_ptr=self.x, out_ptr=self.out, idx_ptr=self.idx, codebook_ptr=self.codebook,
                     counts_ptr=self.counts, sums_ptr=self.counts if self.sums is None else self.sums,
-                    stats_ptr=self.stats, err_ptr=self.err, n_batch=self.lay.batch, K=K, d=d, G=G, L=self.lay.L,
+                    stats_ptr=self.stats, err_ptr=self.err, n_batch=lay.batch, K=K, d=d, G=G, L=lay.L,
                     num_tiles=self.plan.tiles, **strides,
                     ACCUMULATE_SUMS=self.spec.training, BLOCK_N=self.plan.block_n, BLOCK_D=self.plan.block_d)
+
+
+def _gemm_pads(plan: TritonPlan, K: int, d: int) -> tuple[int, int]:
+    """(K, d) padded to the GEMM search's tiles: its operands load without masks."""
+    return _cdiv(K, plan.block_k) * plan.block_k, _cdiv(d, plan.block_d) * plan.block_d
 
 
 def _allocate(x, spec: _Spec, plan: TritonPlan, codebook, ema_count) -> _Launch:
@@ -559,23 +566,22 @@ def _allocate(x, spec: _Spec, plan: TritonPlan, codebook, ema_count) -> _Launch:
         fill = torch.zeros if not plan.resident else torch.empty  # resident programs overwrite theirs
         return _Launch(x, out, idx, codebook, ema_count, fill(P, G, K, device=dev),
                        fill(P, G, K, d, device=dev) if spec.training else None, torch.zeros(3 + 2 * G, device=dev),
-                       torch.empty(G, P, device=dev), torch.empty(G, device=dev), None, 0, lay, plan, spec)
+                       torch.empty(G, P, device=dev), torch.empty(G, device=dev), None, 0, None, plan, spec)
     stat_end = 3 + G * K + (G * K * d if spec.training else 0)
-    extra = G * _cdiv(K, plan.block_k) * plan.block_k * (1 + 2 * _cdiv(d, plan.block_d) * plan.block_d) \
-        if plan.gemm else 0
-    flat = (torch.empty if plan.gemm else torch.zeros)(stat_end + G * P + G + extra, device=dev)
+    k_pad, d_pad = _gemm_pads(plan, K, d) if plan.gemm else (0, 0)
+    flat = (torch.empty if plan.gemm else torch.zeros)(stat_end + G * P + G + G * k_pad * (1 + 2 * d_pad), device=dev)
     sums = flat[3 + G * K:stat_end].view(G, K, d) if spec.training else None
     return _Launch(x, out, idx, codebook, ema_count, flat[3:3 + G * K].view(G, K), sums, flat[:3],
                    flat[stat_end:stat_end + G * P].view(G, P), flat[stat_end + G * P:stat_end + G * P + G], flat,
-                   stat_end, lay, plan, spec)
+                   stat_end, flat[stat_end + G * P + G:] if plan.gemm else None, plan, spec)
 
 
 def _launch_resident(s: _Launch) -> None:
     plan, spec = s.plan, s.spec
-    vq_kernels().vq_search_resident_kernel[(plan.programs, s.lay.G)](
-        **s.rows(), ema_count_ptr=s.ema_count, old_total_ptr=s.old_total, DETERMINISTIC=spec.deterministic,
+    _kernels().vq_search_resident_kernel[(plan.programs, spec.layout.G)](
+        **s.search_args(), ema_count_ptr=s.ema_count, old_total_ptr=s.old_total, DETERMINISTIC=spec.deterministic,
         # (the deterministic mode's partials leave no registers for the constant divisor on sm_80)
-        CONTIGUOUS=plan.contiguous, L_C=s.lay.L if plan.contiguous or not spec.deterministic else 1,
+        CONTIGUOUS=plan.contiguous, L_C=spec.layout.L if plan.contiguous or not spec.deterministic else 1,
         BLOCK_K=plan.block_k, PRECISION=plan.precision, CHECK_FINITE=spec.check_finite,
         NARROW=not spec.deterministic and plan.block_k * plan.block_d <= 1024,
         num_warps=plan.num_warps, maxnreg=MAX_REGISTERS)
@@ -583,8 +589,8 @@ def _launch_resident(s: _Launch) -> None:
 
 def _launch_general(s: _Launch) -> None:
     plan = s.plan
-    vq_kernels().vq_search_kernel[(plan.programs, s.lay.G)](
-        **s.rows(), ema_count_ptr=s.ema_count, old_total_ptr=s.old_total, DETERMINISTIC=s.spec.deterministic,
+    _kernels().vq_search_kernel[(plan.programs, s.spec.layout.G)](
+        **s.search_args(), ema_count_ptr=s.ema_count, old_total_ptr=s.old_total, DETERMINISTIC=s.spec.deterministic,
         BLOCK_K=plan.block_k, PRECISION=plan.precision,
         num_warps=plan.num_warps)  # any K and d: not register-capped (it would spill)
 
@@ -592,12 +598,11 @@ def _launch_general(s: _Launch) -> None:
 def _launch_gemm(s: _Launch) -> None:
     """The codes' norms and TF32 halves into padded operands (so the search's tiles load without
     masks), the GEMM search, and with code splits the rows kernel that combines them."""
-    kernels, plan, spec = vq_kernels(), s.plan, s.spec
+    kernels, plan, spec = _kernels(), s.plan, s.spec
     G, K, d = s.codebook.shape
-    k_pad, d_pad = _cdiv(K, plan.block_k) * plan.block_k, _cdiv(d, plan.block_d) * plan.block_d
-    operands = s.flat[s.stat_end + G * plan.programs + G:]
-    cnorm, c_split = operands[:G * k_pad].view(G, k_pad), operands[G * k_pad:].view(2, G, d_pad, k_pad)
-    rows = s.rows()
+    k_pad, d_pad = _gemm_pads(plan, K, d)
+    cnorm, c_split = s.operands[:G * k_pad].view(G, k_pad), s.operands[G * k_pad:].view(2, G, d_pad, k_pad)
+    rows = s.search_args()
     kernels.vq_code_norms_kernel[(G, k_pad // plan.block_k)](
         codebook_ptr=s.codebook, ema_count_ptr=s.ema_count, cnorm_ptr=cnorm, c_split_ptr=c_split,
         old_total_ptr=s.old_total, counts_ptr=s.counts, sums_ptr=rows["sums_ptr"], stats_ptr=s.stats, K=K, d=d, G=G,
@@ -623,7 +628,7 @@ def _launch_gemm(s: _Launch) -> None:
 LAUNCHERS = {"resident": _launch_resident, "gemm": _launch_gemm, "general": _launch_general}
 
 
-def _finish(s: _Launch, reduce, ema_count, ema_weight) -> None:
+def _finish(s: _Launch, reduce, ema_weight) -> None:
     """The deterministic partials summed in a fixed order, the DDP all-reduce (counts, sums and the
     NaN count), then the finalize: loss, perplexity and, training, the EMA update."""
     spec, plan = s.spec, s.plan
@@ -639,15 +644,15 @@ def _finish(s: _Launch, reduce, ema_count, ema_weight) -> None:
             reduce(s.flat[2:s.stat_end])
     update = spec.training
     unused = counts  # a pointer the kernel does not touch without the update
-    vq_kernels().vq_finalize_kernel[(G, plan.finalize_blocks if update else 1)](
-        counts, sums if update else unused, ema_count if update else unused,
+    _kernels().vq_finalize_kernel[(G, plan.finalize_blocks if update else 1)](
+        counts, sums if update else unused, s.ema_count if update else unused,
         ema_weight if update else unused, s.codebook, s.stats, s.err, s.old_total,
         K, d, G, plan.programs, max(s.x.numel(), 1), spec.decay, 1.0 - spec.decay, spec.eps, spec.commitment,
         UPDATE=update, GUARD=spec.check_finite, PER_GROUP=spec.deterministic,
         BLOCK_K=plan.finalize_block_k, BLOCK_D=plan.finalize_block_d, BLOCK_T=1024)
 
 
-def vq_kernels():
+def _kernels():
     """lapo_fast.kernels.vq, imported on first use (triton is imported only by the Triton backend)."""
     from lapo_fast.kernels import vq
 
@@ -661,7 +666,7 @@ def _triton_forward(x, spec: _Spec, reduce, codebook, ema_count, ema_weight):
     s = _allocate(x, spec, plan, codebook, ema_count)
     with _device_guard(x.device):
         LAUNCHERS[plan.kind](s)
-        _finish(s, reduce, ema_count, ema_weight)
+        _finish(s, reduce, ema_weight)
     if spec.raise_nonfinite and spec.check_finite and s.stats[2].item() > 0:
         raise NonFiniteError()
     if spec.deterministic:

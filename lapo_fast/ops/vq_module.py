@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .vq import NonFiniteError, VQOutput, vq_ema
+from .vq import NonFiniteError, VQOutput, _check_scalars, vq_ema
 from .vq_layout import Layout
 
 
@@ -41,8 +41,6 @@ class VectorQuantizerEMA(nn.Module):
         sync: str = "auto",
     ):
         super().__init__()
-        from .vq import _check_scalars
-
         _check_scalars(decay, eps, commitment)
         if not 0.0 <= dead_code_threshold < float("inf") or kmeans_iters < 1:
             raise ValueError(f"VectorQuantizerEMA: dead_code_threshold must be a finite number >= 0 and kmeans_iters "

@@ -80,12 +80,12 @@ def _eval_scores(run: dict) -> tuple[dict[str, float], dict[str, float], set[str
     results = read_json(RunDir(run["dir"]).results("eval"))
     if not isinstance(results, dict) or not isinstance(results.get("policies"), dict):
         return {}, {}, set()
-    scores, to_demo = {}, {}
-    nonfinite = {("decoded" if k.startswith("decoded") else k) for k, r in results["policies"].items()
-                 if isinstance(r.get("mean_return"), float) and not np.isfinite(r["mean_return"])}
+    scores, to_demo, nonfinite = {}, {}, set()
     for name, r in results["policies"].items():
         key = "decoded" if name.startswith("decoded") else name
-        if key in POLICIES and r.get("mean_return") is not None and np.isfinite(r["mean_return"]):
+        if key in POLICIES and r.get("mean_return") is not None and not np.isfinite(r["mean_return"]):
+            nonfinite.add(key)
+        elif key in POLICIES and r.get("mean_return") is not None:
             scores[key] = float(normalized_return(r["mean_return"], run["game"]))
             if r.get("normalized_to_demonstrator") is not None and key != "demonstrator":
                 to_demo[key] = float(r["normalized_to_demonstrator"])

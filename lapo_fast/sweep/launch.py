@@ -29,6 +29,7 @@ from lapo_fast.rundir import RunDir
 from lapo_fast.runtime.files import read_json, write_json
 
 EXECUTORS = ("local", "slurm")
+MAX_SEEDS = 10_000  # runs per game a sweep may plan (each is a run directory)
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,6 @@ class SweepSpec:
 
     def runs(self) -> list[tuple[str, int]]:
         return [(game, seed) for game in self.envs for seed in range(self.seeds)]
-
-
-MAX_SEEDS = 10_000  # runs per game a sweep may plan (each is a run directory)
 
 
 def parse_envs(text: str) -> tuple[str, ...]:
@@ -152,9 +150,8 @@ def check_sweep(out: Path, spec: SweepSpec) -> None:
                          "continue it)")
 
 
-def claim_sweep(out: Path, spec: SweepSpec) -> None:
-    """Records the sweep in DIR/sweep.json (check_sweep first)."""
-    check_sweep(out, spec)
+def record_sweep(out: Path, spec: SweepSpec) -> None:
+    """Records the sweep in DIR/sweep.json (after check_sweep)."""
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json(Path(out) / "sweep.json", {"spec": dataclasses.asdict(spec)})
 
@@ -362,7 +359,7 @@ def launch(out: Path, spec: SweepSpec, *, dry_run: bool = False, poll_s: float =
 
 
 def _launch(out: Path, spec: SweepSpec, todo: list, skipped: int, poll_s: float) -> list[dict]:
-    claim_sweep(out, spec)
+    record_sweep(out, spec)  # (checked by launch)
     if not todo:
         print(f"sweep: all {skipped} runs are finished")
         return status(out)
