@@ -208,6 +208,31 @@ def test_sync_never_keeps_a_ranks_own_statistics_and_a_bad_value_is_refused():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+def test_sync_always_reduces_in_a_one_rank_group_and_auto_does_not(monkeypatch):
+    """In a group of one rank a sum over ranks changes no number, so the reduction is watched: sync
+    "always" all-reduces the batch statistics (the selftest's check of the reduction path), "auto"
+    leaves a lone rank alone."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k))
+        x = make_x("lapo", 8, 2, 16, 4, seed=1)
+        for sync, reduced in (("auto", False), ("always", True)):
+            calls.clear()
+            vq_ema(x, *make_state(2, 64, 16), layout="lapo", num_latents=4, sync=sync)
+            assert bool(calls) == reduced, (sync, calls)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_triton_backward_of_a_non_contiguous_input():
     """The saved x is read as flat memory by the backward kernel: a transposed x must still give
     the reference's gradient."""
