@@ -265,8 +265,9 @@ class PPOConfig(StageConfig):
     device: str = setting("", "torch device ('' = cuda if available, else cpu)", resumable=True)
 
     def planned_steps(self) -> int:
-        """Updates of num_envs x rollout env steps (checkpoints count updates); the last may run past env_steps."""
-        return -(-self.env_steps // (self.num_envs * self.rollout))
+        """Updates of num_envs x rollout env steps (checkpoints count updates): env_steps // that, as
+        the reference's ppo.train and CleanRL count them (4M / 4,096 -> 976), at least one."""
+        return max(1, self.env_steps // (self.num_envs * self.rollout))
 
 
 @dataclass

@@ -82,5 +82,7 @@ def test_every_stage_config_says_how_far_a_finished_run_goes():
     from lapo_fast.config import BCConfig, DecodeConfig
 
     assert LAMConfig(steps=7).planned_steps() == 7 and BCConfig(steps=9).planned_steps() == 9
-    assert PPOConfig(env_steps=1000, num_envs=4, rollout=32, minibatches=2).planned_steps() == 8  # 7.8 updates
+    assert PPOConfig(env_steps=1000, num_envs=4, rollout=32, minibatches=2).planned_steps() == 7  # 7.8: floored
+    # The reference's ppo.train: num_updates = steps // batch_size (4M / (64 x 64) -> 976, not 977).
+    assert FinetuneConfig().planned_steps() == 976
     assert DecodeConfig().planned_steps() is None

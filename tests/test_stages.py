@@ -336,7 +336,7 @@ def test_runs_saved_before_tuple_settings_still_load(tmp_path):
         run.claim("decode", resolve(DecodeConfig, "smoke", {"held_out": 9}))
 
 
-def test_online_decoder_labels_windows_inside_episodes_only():
+def test_online_decoder_labels_windows_inside_episodes_only_and_across_rollouts():
     """Stage 3b's labels: the IDM's latent of (o_{t-1}, o_t, o_{t+1}) for t in 1..T-1, with a_t,
     and none whose window crosses an episode end (dones[t-1] or dones[t])."""
     from lapo_fast.models import LatentIDM
@@ -359,6 +359,21 @@ def test_online_decoder_labels_windows_inside_episodes_only():
         expected = idm(normalize(frames[n, t - 1:t + 2][None])).latent
     i = labels.actions[0].tolist().index(int(actions[t, n]))
     torch.testing.assert_close(labels.latents[0][i], expected[0], rtol=1e-4, atol=1e-5)
+
+    # The next rollout's first transition is labelled, its o_{t-1} the last rollout's o_{T-1} (as the
+    # reference's buffer spans rollouts); env 1's window crosses an end at its step 0.
+    frames2 = torch.randint(0, 256, (N, T + 1, 64, 64, 3), dtype=torch.uint8)
+    frames2[:, 0] = frames[:, -1]
+    dones2 = torch.zeros(T, N)
+    dones2[0, 1] = 1
+    labels.add(frames2, actions + 100, dones2)
+    hits = torch.nonzero((actions + 100)[:, :, None] == labels.actions[1], as_tuple=True)[:2]
+    assert sorted(zip(*[x.tolist() for x in hits])) == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
+    with torch.no_grad():
+        window = torch.cat([frames[0, -2:], frames2[0, 1:2]])[None]
+        expected = idm(normalize(window)).latent
+    i = labels.actions[1].tolist().index(100 + int(actions[0, 0]))
+    torch.testing.assert_close(labels.latents[1][i], expected[0], rtol=1e-4, atol=1e-5)
 
 
 def test_the_paper_presets_demonstrator_is_the_papers_50m_step_expert():

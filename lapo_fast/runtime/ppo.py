@@ -159,6 +159,14 @@ def ppo_step(policy, optimizer, clip_params, cfg, feats, actions, old_logp, adv,
     return (*(out[k] for k in STATS), out.get("grad_norm"))
 
 
+def scaled_rewards(env, cfg):
+    """The env whose rewards PPO trains on: Cobbe et al.'s scaling (ScaleRewards at cfg.gamma)
+    when cfg.normalize_rewards, as the reference's setup_procgen_env does."""
+    from lapo_fast.envs.wrappers import ScaleRewards  # gymnasium: imported where an env is made
+
+    return ScaleRewards(env, cfg.gamma) if cfg.normalize_rewards else env
+
+
 # -- around the loop -----------------------------------------------------------------------------------
 
 class PPOSession:
@@ -181,7 +189,6 @@ class PPOSession:
     def start(self, policy, optimizer, schedule) -> tuple[int, object, np.ndarray]:
         """Resumes from the last checkpoint (if any) and opens the envs: (update, env, first obs)."""
         from lapo_fast.envs import ProcgenVecEnv
-        from lapo_fast.envs.wrappers import ScaleRewards
 
         cfg = self.cfg
         self.log = self.run.run_log(self.name)
@@ -194,10 +201,9 @@ class PPOSession:
                              env=self.env_name, device=str(self.device))
         env = ProcgenVecEnv(self.env_name, cfg.num_envs, seed=cfg.seed * 100_003 + update,
                             distribution_mode=cfg.distribution_mode)
-        if cfg.normalize_rewards:
-            env = ScaleRewards(env, cfg.gamma)
-            if state.get("normalizer"):
-                env.load_state_dict(state["normalizer"])
+        env = scaled_rewards(env, cfg)
+        if cfg.normalize_rewards and state.get("normalizer"):
+            env.load_state_dict(state["normalizer"])
         from tqdm import tqdm
 
         self.bar = tqdm(total=self.updates * self.batch, initial=update * self.batch, disable=not self.progress,

@@ -33,6 +33,7 @@ from collections import OrderedDict, deque
 from functools import partial
 from itertools import chain
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -631,6 +632,357 @@ def run_stage3_ppo_updates(ns, obs, actions, la, updates: int = 2, at_step: int 
     return out
 
 
+# ----------------------------------------------------------------------------- training trajectories
+# Several steps of each stage's training on distinct batches, with what makes each term of the maths
+# observable: every loss term, every step's gradients, Adam's state at the end, the lr schedule at
+# many steps, and starting weights under which each gradient clip fires (the reference's initial
+# gradients are far below its clips: stage 1's norm is 0.2-0.4 against a clip of 2).
+
+TRAIN_STEPS = 5
+# The steps' index in the schedule: past the warm-ups, at the peak lr, where AdamW's weight decay
+# (lr x 1e-2 x p per step) is ~100 float32 ulps of p over the steps, and so observable.
+TRAIN_FROM = dict(stage1=1_000, stage2=1_500)
+# PPO's per-update gradients of the 2048x256 fc are left out of the small files (its lr is 0 at
+# PPO_AT_STEP; its Adam state is kept)
+BIG = ("fc_rl.weight",)
+TRAIN_BATCH = 8
+STAGE1_CLIP_SCALE = 30.0  # the FDM's last conv x this: stage 1's gradient norm rises above its clip of 2
+STAGE2_TARGET_SCALE = 30.0  # the IDM's head x this: stage 2's targets (and gradients) larger than at init
+PPO_BATCH = 32
+PPO_UPDATES = 4
+PPO_AT_STEP = 11 * 4_096  # an update's env step (64 envs x 64): the action head's lr (2/3 of its ramp) differs from the value head's (4/5)
+STAGE1_LR_AT = [0, 1, 25, 49, 50, 51, 1_000, 25_000, 49_999, 50_000, 50_001]
+STAGE2_LR_AT = [0, 1, 500, 999, 1_000, 1_001, 30_000, 59_999, 60_000, 60_001]
+STAGE3_LR_AT = [u * 4_096 for u in (0, 1, 6, 7, 8, 9, 11, 12, 13, 15, 25, 48, 49, 50, 488, 975, 976)]
+
+
+def train_windows(data, step: int, n: int = TRAIN_BATCH):
+    """Windows (B, 3, C, H, W) uint8 of 3 consecutive frames inside one episode, a different set per
+    step (drawn from the recorded frames), and the action taken at each window's middle frame."""
+    frames, firsts, actions = data["all_frames_hwc"], data["firsts"], data["all_actions"]
+    ok = [(b, t) for t in range(frames.shape[1] - 2) for b in range(frames.shape[0])
+          if not firsts[b, t + 1] and not firsts[b, t + 2]]
+    rng = np.random.default_rng(1_000 + step)
+    pick = [ok[i] for i in rng.choice(len(ok), n, replace=False)]
+    win = np.stack([frames[b, t:t + 3] for b, t in pick])  # (n, 3, H, W, C)
+    return torch.from_numpy(win).permute(0, 1, 4, 2, 3).contiguous(), torch.tensor([actions[t + 1, b] for b, t in pick])
+
+
+def adam_state(opt, named: dict, selected) -> dict:
+    """exp_avg / exp_avg_sq / step of each (selected) parameter, by name."""
+    out = OrderedDict()
+    for k, p in named.items():
+        if selected is not None and k not in selected:
+            continue
+        st = opt.state.get(p, {})
+        for field in ("exp_avg", "exp_avg_sq"):
+            if field in st:
+                out[f"output/adam/{field}/{k}"] = to_np(st[field])
+        if "step" in st:
+            out[f"output/adam/step/{k}"] = np.asarray(float(st["step"]), np.float64)
+    return out
+
+
+def lr_table(make_sched, at: list) -> dict:
+    """The reference schedule's lr of each group at each step of `at` (a fresh optimiser)."""
+    opt, sched = make_sched()
+    rows = []
+    for s in at:
+        sched.step(s)
+        rows.append([g["lr"] for g in opt.param_groups])
+    return {"output/schedule/at": np.asarray(at, np.int64), "output/schedule/lr": np.asarray(rows, np.float64)}
+
+
+def run_stage1_train(cfg, idm0, wm0, data, selected) -> dict:
+    """TRAIN_STEPS of stage1_idm.py's train_step from step TRAIN_FROM, each on its own windows, from the
+    reference's weights with the FDM's last conv scaled (the clip fires)."""
+    picked = pick_statements("stage1_idm.py", STAGE1_SELECTORS)
+    idm, wm = copy.deepcopy(idm0), copy.deepcopy(wm0)
+    with torch.no_grad():
+        wm.final_conv[-1].weight.mul_(STAGE1_CLIP_SCALE)
+    out = OrderedDict((k.replace("param/", "param/idm.", 1).replace("buffer/", "buffer/idm.", 1), v)
+                      for k, v in state_arrays(idm).items())
+    out.update((k.replace("param/", "param/wm.", 1).replace("buffer/", "buffer/wm.", 1), v)
+               for k, v in state_arrays(wm).items())
+    batches = [train_windows(data, i)[0] for i in range(TRAIN_STEPS)]
+    tds = [TensorDict(dict(obs=data_loader.normalize_obs(b)), batch_size=len(b)) for b in batches]
+    logged = {}
+    named = {f"idm.{k}": p for k, p in idm.named_parameters()} | {f"wm.{k}": p for k, p in wm.named_parameters()}
+    keep = None if selected is None else {f"{m}.{k}" for m, ks in selected.items() for k in ks}
+    grads = {}
+    for k, p in named.items():
+        if keep is None or k in keep:
+            p.register_post_accumulate_grad_hook(lambda param, k=k: grads.__setitem__(k, param.grad.detach().clone()))
+    ns = dict(__name__="lapo_stage1_fixture", doy=doy, torch=torch, cfg=cfg, idm=idm, wm=wm, train_iter=iter(tds),
+              step=0, logger=lambda step, **kw: logged.update(kw))
+    exec_nodes("stage1_idm.py", [p[1] for p in picked], ns)
+    out["input/start_step"] = np.asarray(TRAIN_FROM["stage1"], np.int64)
+    for i in range(TRAIN_STEPS):
+        ns["step"] = TRAIN_FROM["stage1"] + i
+        out[f"input/step{i}/obs_uint8"] = to_np(batches[i])
+        ns["train_step"]()
+        for k in ("wm_loss", "vq_loss", "vq_perp", "grad_norm"):
+            out[f"output/step{i}/{k}"] = to_np(logged[k])
+        out[f"output/step{i}/lr"] = np.asarray(logged["lr_all"], np.float64)
+        out[f"output/step{i}/la_qinds"] = to_np(tds[i]["la_qinds"])
+        for k, g in grads.items():
+            out[f"output/step{i}/grad_pre_clip/{k}"] = to_np(g)
+        grads.clear()
+    for k, p in named.items():
+        if keep is None or k in keep:
+            out[f"output/param_after/{k}"] = to_np(p)
+    for prefix, model in (("idm", idm), ("wm", wm)):
+        for k, b in model.named_buffers():
+            out[f"output/buffer_after/{prefix}.{k}"] = to_np(b)
+    out.update(adam_state(ns["opt"], named, keep))
+
+    def fresh():
+        n2 = dict(doy=doy, cfg=cfg, idm=copy.deepcopy(idm0), wm=copy.deepcopy(wm0))
+        exec_nodes("stage1_idm.py", [picked[0][1]], n2)
+        return n2["opt"], n2["lr_sched"]
+
+    out.update(lr_table(fresh, STAGE1_LR_AT))
+    return out
+
+
+def run_stage2_train(cfg, policy0, idm0, data, selected) -> dict:
+    """TRAIN_STEPS of stage2_bc.py's loop body from step TRAIN_FROM, each on its own windows; the IDM's head
+    scaled (larger targets: the gradient norms exceed any clip a mutant could add)."""
+    picked = pick_statements("stage2_bc.py", STAGE2_SELECTORS)
+    body = picked[1][1].body[:9]
+    policy, idm = copy.deepcopy(policy0), copy.deepcopy(idm0)
+    with torch.no_grad():
+        idm.policy_head.weight.mul_(STAGE2_TARGET_SCALE)
+        idm.policy_head.bias.mul_(STAGE2_TARGET_SCALE)
+    idm.eval()
+    out = OrderedDict((k.replace("param/", "param/policy.", 1).replace("buffer/", "buffer/policy.", 1), v)
+                      for k, v in state_arrays(policy).items())
+    out.update((k.replace("param/", "param/idm.", 1).replace("buffer/", "buffer/idm.", 1), v)
+               for k, v in state_arrays(idm).items())
+    batches = [train_windows(data, 100 + i)[0] for i in range(TRAIN_STEPS)]
+    tds = [TensorDict(dict(obs=data_loader.normalize_obs(b)), batch_size=len(b)) for b in batches]
+    named = dict(policy.named_parameters())
+    ns = dict(__name__="lapo_stage2_fixture", doy=doy, torch=torch, F=F, cfg=cfg, policy=policy, idm=idm,
+              train_iter=iter(tds), step=0)
+    exec_nodes("stage2_bc.py", [picked[0][1]], ns)
+    out["input/start_step"] = np.asarray(TRAIN_FROM["stage2"], np.int64)
+    for i in range(TRAIN_STEPS):
+        ns["step"] = TRAIN_FROM["stage2"] + i
+        out[f"input/step{i}/obs_uint8"] = to_np(batches[i])
+        exec_nodes("stage2_bc.py", body, ns)
+        out[f"output/step{i}/la_target"] = to_np(tds[i]["la"])
+        out[f"output/step{i}/loss"] = to_np(ns["loss"])
+        out[f"output/step{i}/lr"] = np.asarray(ns["lr_sched"].get_state()["lr_policy"], np.float64)
+        for k, p in named.items():
+            if p.grad is not None and (selected is None or k in selected):
+                out[f"output/step{i}/grad/{k}"] = to_np(p.grad)
+    for k, p in named.items():
+        if selected is None or k in selected:
+            out[f"output/param_after/{k}"] = to_np(p)
+    out.update(adam_state(ns["opt"], named, selected))
+
+    def fresh():
+        n2 = dict(doy=doy, cfg=cfg, policy=copy.deepcopy(policy0))
+        exec_nodes("stage2_bc.py", [picked[0][1]], n2)
+        return n2["opt"], n2["lr_sched"]
+
+    out.update(lr_table(fresh, STAGE2_LR_AT))
+    return out
+
+
+class _RecordingDataset(TensorDataset):
+    """TensorDataset that records the order its items are read in (the DataLoader's shuffle)."""
+
+    order: list = []
+
+    def __getitem__(self, i):
+        _RecordingDataset.order.append(int(i))
+        return super().__getitem__(i)
+
+    def __getitems__(self, idxs):
+        return [self[i] for i in idxs]
+
+
+def run_stage3_train(cfg, policy0, idm0, data) -> dict:
+    """Stage 3b's maths beyond one step: post_update_hook's whole decoder retraining (reset, Adam,
+    512-batches, 3 epochs, label smoothing) on 1,100 labelled latents, with the shuffle order and the
+    reset weights recorded; PPO_UPDATES of ppo.batch_update on PPO_BATCH observations at env step
+    PPO_AT_STEP, with the old log-probs and values perturbed (the ratio and value clips fire), every
+    loss term, the trained heads' gradients before the clip and Adam's state; the lr schedules; and
+    ppo._bootstrap's GAE on a made-up rollout with episode ends."""
+    import ppo  # reference
+
+    ns, _ = build_stage3_policy(cfg, policy0, idm0)
+    policy, opt = ns["policy"], ns["opt"]
+    out = OrderedDict()
+    gen = torch.Generator().manual_seed(SEED + 7)
+    # -- the decoder's retraining
+    la = torch.randn(11 * 100, cfg.model.la_dim, generator=gen)
+    ta = torch.randint(0, cfg.model.ta_dim, (13, 100), generator=gen)
+    ns["buf_la"][:] = list(la.split(100))
+    ns["buf_ta"][:] = list(ta)
+    reset_weights = {}
+    original_reset = ns["reset_decoder"]
+
+    def recording_reset(decoder):
+        original_reset(decoder)
+        reset_weights.update({k: to_np(v) for k, v in decoder.state_dict().items()})
+
+    ns["reset_decoder"] = recording_reset
+    ns["TensorDataset"] = _RecordingDataset
+    _RecordingDataset.order = []
+    losses = []
+    real_ce = F.cross_entropy
+    ns["F"] = type("F", (), {"cross_entropy": staticmethod(lambda *a, **k: losses.append(real_ce(*a, **k)) or losses[-1]),
+                             "relu": F.relu})
+    torch.manual_seed(SEED + 11)
+    ns["post_update_hook"](1, 20_000)
+    ns["F"] = F
+    out["input/decoder/latents"] = to_np(torch.stack(ns["buf_la"]).flatten(0, 1))
+    out["input/decoder/actions"] = to_np(torch.stack(ns["buf_ta"])[1:-1].flatten(0, 1))
+    out["input/decoder/order"] = np.asarray(_RecordingDataset.order, np.int64)
+    for k, v in reset_weights.items():
+        out[f"input/decoder/reset/{k}"] = v
+    out["output/decoder/losses"] = to_np(torch.stack([x.detach() for x in losses]))
+    for k, v in policy.decoder.state_dict().items():
+        out[f"output/decoder/param_after/{k}"] = to_np(v)
+    # -- PPO updates, from the policy as the decoder's retraining left it
+    out.update(state_arrays(policy))
+    out.update(lr_table(lambda: (opt, ns["lr_sched"]), STAGE3_LR_AT))
+    ns["lr_sched"].step(PPO_AT_STEP)
+    for g, name in zip(opt.param_groups, ("policy_head", "value_head", "linear_layer")):
+        out[f"output/ppo/lr/{name}"] = np.array(g["lr"], np.float64)
+    raw, actions = train_windows(data, 200, PPO_BATCH)
+    raw, actions = raw[:, 1].contiguous(), actions
+    obs = data_loader.normalize_obs(raw)
+    with torch.no_grad():
+        _, logprobs, _, values = ns["action_selection_hook"](obs, action=actions)
+    batch = TensorDict(dict(obs=raw, actions=actions, logprobs=logprobs + 0.3 * torch.randn(PPO_BATCH, generator=gen),
+                            values=values.flatten() + 0.3 * torch.randn(PPO_BATCH, generator=gen),
+                            adv=torch.randn(PPO_BATCH, generator=gen) + 0.5,
+                            returns=values.flatten() + torch.randn(PPO_BATCH, generator=gen)), batch_size=[PPO_BATCH])
+    out["input/ppo/obs_u8"] = to_np(raw)
+    out["input/ppo/actions"] = to_np(actions)
+    for k in ("adv", "returns", "logprobs", "values"):
+        out[f"input/ppo/{k}"] = to_np(batch[k])
+    heads = {f"{m}.{k}": p for m in ("policy_head_rl", "value_head", "fc_rl") for k, p in getattr(policy, m).named_parameters()}
+    grads = {}
+    for k, p in heads.items():
+        p.register_post_accumulate_grad_hook(lambda param, k=k: grads.__setitem__(k, param.grad.detach().clone()))
+    norms, real_clip = [], nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *a, **k):
+        norms.append(real_clip(params, max_norm, *a, **k).detach().clone())
+        return norms[-1]
+
+    nn.utils.clip_grad_norm_ = recording_clip
+    try:
+        for u in range(PPO_UPDATES):
+            terms = ppo.batch_update(policy, opt, batch.clone(), ns["cfg"].stage3, ns["action_selection_hook"])
+            for name, v in zip(("approx_kl", "clipfrac", "pg_loss", "v_loss", "entropy"), terms):
+                out[f"output/ppo/update{u}/{name}"] = np.asarray(float(v), np.float64)
+            for k, g in grads.items():
+                if k not in BIG:
+                    out[f"output/ppo/update{u}/grad_pre_clip/{k}"] = to_np(g)
+            grads.clear()
+    finally:
+        nn.utils.clip_grad_norm_ = real_clip
+    out["output/ppo/clip_total_norm"] = to_np(torch.stack(norms))
+    for k, p in heads.items():
+        out[f"output/ppo/param_after/{k}"] = to_np(p)
+    out.update({k.replace("output/adam/", "output/ppo/adam/"): v for k, v in adam_state(opt, heads, None).items()})
+    # -- GAE
+    T, N = 16, 4
+    rewards = torch.randn(T, N, generator=gen)
+    dones = (torch.rand(T, N, generator=gen) < 0.15).float()
+    values_r = torch.randn(T, N, generator=gen)
+    next_value, next_done = torch.randn(N, generator=gen), (torch.rand(N, generator=gen) < 0.3).float()
+    buf = TensorDict(dict(rewards=rewards, dones=dones, values=values_r), batch_size=T)
+    stub = type("Stub", (), {"get_value": lambda self, x: next_value})()
+    s3 = ns["cfg"].stage3
+    ppo._bootstrap(stub, buf, torch.zeros(N, dtype=torch.uint8), next_done, SimpleNamespace(num_steps=T, gamma=s3.gamma,
+                                                                         gae_lambda=s3.gae_lambda))
+    for k, v in (("rewards", rewards), ("dones", dones), ("values", values_r), ("next_value", next_value),
+                 ("next_done", next_done)):
+        out[f"input/gae/{k}"] = to_np(v)
+    out["output/gae/adv"], out["output/gae/returns"] = to_np(buf["adv"]), to_np(buf["returns"])
+    # -- the update count: ppo.train's own statement, on stage 3's settings
+    train_src = ast.parse(inspect.getsource(ppo.train))
+    stmt = next(n for n in ast.walk(train_src) if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "num_updates")
+    out["output/ppo/num_updates"] = np.asarray(eval(ast.unparse(stmt.value), {"rl_cfg": s3}), np.int64)
+    out["output/ppo/env_steps"] = np.asarray(s3.steps, np.int64)
+    # -- rewards as setup_procgen_env scales them (NormalizeReward, then the clip), on made-up rewards
+    out.update(reward_scaling(s3.gamma, gen))
+    # -- the online decoder's labels over two rollouts, as the action-selection hook collects them
+    out.update(online_labels(cfg, policy0, idm0, data))
+    return out
+
+
+def reward_scaling(gamma: float, gen) -> dict:
+    """env_utils.setup_procgen_env's reward wrappers (gym's NormalizeReward at the stage's gamma and
+    TransformReward's clip to +-10, its own lambda) around a stub vector env replaying rewards and
+    dones: small rewards, episode ends, and a large one late, which the clip cuts."""
+    import env_utils  # reference
+    import gym
+
+    T, N = 48, 4
+    rewards = (torch.rand(T, N, generator=gen) < 0.3).double() * 0.1
+    rewards[40, 1], rewards[41, 2] = 50.0, -30.0
+    dones = torch.rand(T, N, generator=gen) < 0.05
+
+    class Stub(gym.Env):
+        observation_space = gym.spaces.Box(0, 1, (1,))
+        action_space = gym.spaces.Discrete(2)
+        num_envs, is_vector_env, t = N, True, 0
+
+        def step(self, action):
+            self.t += 1
+            return np.zeros((N, 1)), rewards[self.t - 1].numpy(), dones[self.t - 1].numpy(), [{}] * N
+
+        def reset(self, **kw):
+            return np.zeros((N, 1))
+
+    src = inspect.getsource(env_utils.setup_procgen_env)
+    assert "gym.wrappers.NormalizeReward(envs, gamma=gamma)" in src and "np.clip(reward, -10, 10)" in src
+    envs = gym.wrappers.NormalizeReward(Stub(), gamma=gamma)
+    envs = gym.wrappers.TransformReward(envs, lambda reward: np.clip(reward, -10, 10))
+    scaled = np.stack([envs.step(np.zeros(N, np.int64))[1] for _ in range(T)])
+    assert (np.abs(scaled) == 10).any(), "the clip never fired: change the made-up rewards"
+    return {"input/rewards/rewards": rewards.numpy(), "input/rewards/dones": dones.numpy(),
+            "output/rewards/scaled": scaled.astype(np.float64)}
+
+
+def online_labels(cfg, policy0, idm0, data) -> dict:
+    """stage3_decoding.py's action-selection hook over two rollouts of 16 steps of recorded frames
+    (no episode ends): the actions it samples, and the (latent, action) pairs post_update_hook then
+    trains its decoder on (every transition but the first and the last seen)."""
+    ns, _ = build_stage3_policy(cfg, policy0, idm0)
+    T = 16
+    frames = data["all_frames_hwc"][:, :2 * T + 1]  # (N, 2T+1, H, W, C)
+    assert not data["firsts"][:, 1:2 * T + 1].any(), "an episode ends inside the labelled frames"
+    torch.manual_seed(SEED + 13)
+    actions = []
+    with torch.no_grad():
+        for t in range(2 * T):
+            obs = data_loader.normalize_obs(torch.from_numpy(frames[:, t]).permute(0, 3, 1, 2).contiguous())
+            actions.append(ns["action_selection_hook"](obs, global_step=t)[0])
+    out = OrderedDict((f"input/labels/idm/{k}", v) for k, v in
+                      ((k, to_np(v)) for k, v in ns["idm"].state_dict().items()))
+    out["input/labels/frames"] = np.ascontiguousarray(frames)
+    out["input/labels/actions"] = to_np(torch.stack(actions))  # (2T, N)
+    seen = []
+
+    class Seen(TensorDataset):  # what post_update_hook builds its decoder's dataset from
+        def __init__(self, *tensors):
+            seen.extend(tensors)
+            super().__init__(*tensors)
+
+    ns["TensorDataset"] = Seen
+    ns["post_update_hook"](1, 20_000)
+    out["output/labels/train_la"], out["output/labels/train_ta"] = to_np(seen[0]), to_np(seen[1])
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -644,6 +996,15 @@ def save_npz(path: Path, arrays: dict, manifest: dict):
         (k, dict(shape=list(v.shape), dtype=str(v.dtype), sha256=sha(v))) for k, v in arrays.items()
     )
     return path.stat().st_size
+
+
+def _cpu_flags() -> str:
+    """The vector instruction sets of this CPU (from /proc/cpuinfo, Linux)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx"))))
 
 
 def _other_versions():
@@ -695,6 +1056,12 @@ def main():
         warmup_steps=WARMUP_STEPS,
         others=_other_versions(),
     )
+
+    # What the fixtures' round-off depends on: the torch build and the CPU kernels it picked.
+    made_by = dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   cpu=platform.processor() or platform.machine(), cpu_flags=_cpu_flags(),
+                   torch_config=torch.__config__.show())
+    info["env"]["cpu_flags"] = made_by["cpu_flags"]
 
     # ---- data
     data = make_frames()
@@ -931,6 +1298,14 @@ def main():
             entropy=to_np(entropy).tolist(),
             decoder_sl_loss=float(dec_loss),
         )
+
+        # ---------------- training trajectories (stages 1, 2, 3b)
+        for kind, arrays in (("stage1_train", run_stage1_train(cfg, idm0, wm0, data, selected)),
+                             ("stage2_train", run_stage2_train(cfg, policy0, idm0, data, sel2)),
+                             ("stage3_train", run_stage3_train(cfg, policy0, idm0, data))):
+            arrays["input/made_by"] = np.frombuffer(json.dumps(made_by).encode(), np.uint8).copy()
+            fname = f"{kind}_{size}.npz"
+            sizes[fname] = save_npz(out_dir / fname, arrays, manifest)
 
         print(f"[{size}] idm={sinfo['idm']['n_params']:,} fdm={sinfo['fdm']['n_params']:,} "
               f"policy={sinfo['policy']['n_params']:,} stage3={sinfo['stage3']['n_params_unique']:,} "
