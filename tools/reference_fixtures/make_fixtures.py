@@ -710,9 +710,10 @@ def run_stage1_train(cfg, idm0, wm0, data, selected) -> dict:
     named = {f"idm.{k}": p for k, p in idm.named_parameters()} | {f"wm.{k}": p for k, p in wm.named_parameters()}
     keep = None if selected is None else {f"{m}.{k}" for m, ks in selected.items() for k in ks}
     grads = {}
+    # every gradient, at both sizes (170 MB at the paper size): check-reference replays them through
+    # its optimiser and forces its own steps onto that trajectory, which a selection cannot do
     for k, p in named.items():
-        if keep is None or k in keep:
-            p.register_post_accumulate_grad_hook(lambda param, k=k: grads.__setitem__(k, param.grad.detach().clone()))
+        p.register_post_accumulate_grad_hook(lambda param, k=k: grads.__setitem__(k, param.grad.detach().clone()))
     ns = dict(__name__="lapo_stage1_fixture", doy=doy, torch=torch, cfg=cfg, idm=idm, wm=wm, train_iter=iter(tds),
               step=0, logger=lambda step, **kw: logged.update(kw))
     exec_nodes("stage1_idm.py", [p[1] for p in picked], ns)
