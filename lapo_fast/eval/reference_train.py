@@ -344,12 +344,13 @@ def _close_bound(report: Report, fixture: str, name: str, ours, theirs: np.ndarr
 
 
 def _zero_gradient(module, prefix: str) -> set[str]:
-    """The parameters whose true gradient is zero by construction: a conv's bias right before a
-    BatchNorm (in training), whose batch mean the normalisation subtracts."""
+    """The parameters whose true gradient is zero by construction: a conv's (or transposed conv's)
+    bias right before a BatchNorm (in training), whose batch mean the normalisation subtracts."""
     found = set()
     for mname, m in module.named_modules():
         conv, norm = getattr(m, "conv", None), getattr(m, "norm", None)
-        if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d) and conv.bias is not None:
+        if isinstance(conv, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and isinstance(norm, torch.nn.BatchNorm2d) \
+                and conv.bias is not None:
             found.add(f"{prefix}{mname}.conv.bias".replace("..", "."))
     return found
 
