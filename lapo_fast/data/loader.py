@@ -39,8 +39,10 @@ def normalize(obs: torch.Tensor) -> torch.Tensor:
 
 def prepare_obs(obs: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, C) -> normalised float (N, C, H, W) in channels_last memory (the layout the
-    convolutions run fastest in), as the policies take them."""
-    return normalize(obs).contiguous(memory_format=torch.channels_last)
+    convolutions run fastest in; lapo_fast.layout), as the policies take them."""
+    from lapo_fast.layout import memory_format
+
+    return normalize(obs).contiguous(memory_format=memory_format())
 
 
 def in_order(frames, batches: list[np.ndarray], device):

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from lapo_fast.config import BCConfig, FinetuneConfig, LAMConfig, resolve
 from lapo_fast.models import DecodedPolicy, LapoFDM, LatentActionModel, LatentIDM, LatentPolicy, build_lam, stack_frames
-from lapo_fast.models.lam import reference_layout
+from lapo_fast.layout import reference_layout
 from lapo_fast.runtime.optim import optimizer_step
 from lapo_fast.runtime.ppo import ppo_step
 
@@ -186,58 +186,40 @@ def _lam_model(idm_d, fdm_d) -> tuple[LatentActionModel, LAMConfig]:
 
 
 def check_stage1(d, name: str, report: Report, idm_d, fdm_d) -> None:
-    """One or two of our stage-1 steps (the paper preset's optimiser and schedule) on the batch."""
-    model, cfg = _lam_model(idm_d, fdm_d)
-    optimizer, schedule = cfg.optimizer(model.parameters())
-    obs = torch.from_numpy(d["input/obs"])
-    steps = ["step0", "step1"] if "output/step1/loss" in d.files else [""]
-    model.train()
-    first_in = []  # the FDM's first conv input, for the bound on its BatchNorm statistics below
-    model.fdm.down[0].conv.register_forward_pre_hook(lambda m, args: first_in.append(args[0].detach()))
-    names, params = zip(*model.named_parameters())
-    from .reference_train import _zero_gradient, _zero_row
+    """One or two of our stage-1 steps from the reference's initial weights, all on one batch: the
+    training trajectories' check (reference_train.check_stage1_train) on the older files' layout."""
+    from .reference_train import check_stage1_train
 
-    zero = _zero_gradient(model.fdm, "fdm.")
-    for step in steps:
-        o = f"output/{step}/" if step else "output/"
-        lr = schedule.get_last_lr()[0]
-        loss, recon, idm, _ = model(obs)
-        grads: dict = {}
-        norm = optimizer_step(loss, list(params), optimizer, schedule, cfg.grad_clip, record=grads)
-        for key, ours in (("loss", loss), ("wm_loss", recon), ("vq_loss", idm.vq_loss), ("vq_perp", idm.perplexity),
-                          ("grad_norm", norm), ("lr", lr)):
-            report.close(name, f"{step or 'step'}/{key}", ours, d[o + key])
-        for when in ("pre_clip", "post_clip"):
-            mine = dict(zip(names, grads[when]))
-            for key in (k for k in d.files if k.startswith(f"{o}grad_{when}/")):
-                theirs = key.rsplit("/", 1)[1]  # idm.<reference name> or wm.<reference name>
-                row = f"{step or 'step'}/grad_{when}/{theirs}"
-                if _ours_stage1(theirs) in zero:  # its true gradient is zero: round-off on both sides
-                    _zero_row(report, name, row, mine[_ours_stage1(theirs)], d[key], float(d[o + "grad_norm"]))
-                    continue
-                report.relative(name, row, mine[_ours_stage1(theirs)], d[key], scale=float(d[o + "grad_norm"]))
-    # Each side's Adam moves an element by at most 1.1 lr a step (reference_train.ADAM_UNIT / 2),
-    # whatever its gradient: a gradient that is round-off (a bias before a BatchNorm) can land anywhere.
-    lr_bound = 2.2 * sum(float(d[f"output/{s}/lr" if s else "output/lr"]) for s in steps)
-    mine = dict(model.named_parameters())
-    for key in d.files:
-        if key.startswith("output/param_after/"):
-            theirs = key.split("/", 2)[2]  # idm.<reference name> or wm.<reference name>
-            report.close(name, f"param_after/{theirs}", mine[_ours_stage1(theirs)], d[key], rtol=0.0, atol=lr_bound)
-    # After a second step, the first BatchNorm's running mean inherits the +-lr freedom of the
-    # first step's weights: each channel's batch mean can move by up to lr_bound x sum |mean input|
-    # over the conv's fan-in (momentum 0.1 of it lands in the running mean).
-    x = first_in[-1]
-    fan_in = float(x.abs().mean(dim=(0, 2, 3)).sum()) * model.fdm.down[0].conv.kernel_size[0] ** 2
-    first_bn = ATOL + (0.1 * lr_bound * fan_in if len(steps) > 1 else lr_bound)
-    buffers = {"idm.vq.embedding": model.idm.vq.codebook, "idm.vq.ema_count": model.idm.vq.ema_count,
-               "idm.vq.ema_weight": model.idm.vq.ema_weight}
-    buffers.update({f"wm.{k}": v for k, v in model.fdm.state_dict().items() if "running" in k})
-    for theirs, ours in buffers.items():
-        key = f"output/buffer_after/{theirs}"
-        if key in d.files:
-            atol = first_bn if theirs == "wm.down.0.norm.running_mean" else ATOL
-            report.close(name, f"buffer_after/{theirs}", ours, d[key], atol=atol)
+    check_stage1_train(_OlderStage1(d, idm_d, fdm_d), name, report)
+
+
+class _OlderStage1:
+    """stage1_step / stage1_2steps files read as a stage1_train one: the weights from the idm and
+    fdm files, the same windows at every step from step 0, 'output/' for a single step's 'output/step0/'."""
+
+    def __init__(self, d, idm_d, fdm_d):
+        self.d, self.steps = d, (2 if "output/step1/loss" in d.files else 1)
+        self.extra = {f"{k.split('/')[0]}/{model}.{k.split('/', 1)[1]}": f[k]
+                      for model, f in (("idm", idm_d), ("wm", fdm_d)) for k in f.files
+                      if k.startswith(("param/", "buffer/"))}
+        self.extra["input/start_step"] = np.asarray(0)
+        for i in range(self.steps):
+            self.extra[f"input/step{i}/obs_uint8"] = idm_d["input/obs_uint8"]
+        self.files = list(self.extra) + [self._new(k) for k in d.files]
+
+    def _new(self, key: str) -> str:
+        if self.steps == 1 and key.startswith("output/") and not key.startswith(("output/param_after/",
+                                                                                 "output/buffer_after/")):
+            key = "output/step0/" + key.removeprefix("output/")
+        return key.replace("/batch/la_qinds", "/la_qinds")
+
+    def __getitem__(self, key: str):
+        if key in self.extra:
+            return self.extra[key]
+        old = key.replace("/la_qinds", "/batch/la_qinds")
+        if self.steps == 1 and old.startswith("output/step0/"):
+            old = "output/" + old.removeprefix("output/step0/")
+        return self.d[old]
 
 
 def _ours_stage1(theirs: str) -> str:

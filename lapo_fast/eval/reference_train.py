@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lapo_fast.config import BCConfig, FinetuneConfig, LAMConfig, resolve
+from lapo_fast.layout import memory_format
 from lapo_fast.models import DecodedPolicy, LatentIDM, LatentPolicy, build_lam
 
 from .reference import _IDM_MAP, _POLICY_MAP, ATOL, GRAD_FLOOR, GRAD_RTOL, Report, _load, _mapped, _scale
@@ -105,6 +106,7 @@ def _check_adam(report: Report, fixture: str, prefix: str, optimizer, named: dic
             if key in d.files:
                 mine = state.get(field)
                 extra = roundoff[ours_name][i] if roundoff and ours_name in roundoff else 0.0
+                extra = min(extra, power * ROUNDOFF_CAP * float(np.linalg.norm(d[key])))
                 report.relative(fixture, f"adam/{field}/{ref}", mine, d[key], rtol=power * rtol,
                                 floor=GRAD_FLOOR ** power, scale=scale ** power, roundoff=extra)
         key = f"{prefix}step/{ref}"
@@ -114,6 +116,8 @@ def _check_adam(report: Report, fixture: str, prefix: str, optimizer, named: dic
 
 def _check_schedule(report: Report, fixture: str, d, lr_at) -> None:
     """The lr of each group at each step the fixture tabulates (lr_at(step) -> one lr per group)."""
+    if "output/schedule/at" not in d.files:  # the older one- and two-step files: their lr rows say it
+        return
     at, table = d["output/schedule/at"], d["output/schedule/lr"]
     ours = np.array([lr_at(int(s)) for s in at], np.float64).reshape(table.shape)
     report.close(fixture, "schedule/lr at " + ",".join(str(int(s)) for s in at), ours, table, rtol=1e-6, atol=1e-12)
@@ -231,15 +235,15 @@ def check_stage1_train(d, name: str, report: Report) -> None:
             theirs = theirs.numpy()
             step_ours[k], step_theirs[k] = named[k].grad.detach().numpy().copy(), theirs * ref_coef
             step_twin[k] = twin_pre[k].numpy() * twin_coef
-            roundoff = ROUNDOFF_K * float(torch.linalg.vector_norm(pre[k] - twin_pre[k]))
+            roundoff = _allowance(pre[k], twin_pre[k], theirs)
             if k in zero:
                 _zero_row(report, name, f"step{i}/zero-gradient (bias before BatchNorm)/{to_ref(k)}", pre.get(k),
-                          theirs, scale, roundoff)
+                          theirs, scale, ROUNDOFF_K * float(torch.linalg.vector_norm(pre[k] - twin_pre[k])))
                 continue
             report.relative(name, f"step{i}/grad_pre_clip/{to_ref(k)}", pre.get(k), theirs, scale=scale,
                             roundoff=roundoff)
             report.relative(name, f"step{i}/grad_post_clip/{to_ref(k)}", named[k].grad, theirs * ref_coef,
-                            scale=scale * ref_coef, roundoff=ROUNDOFF_K * float(np.linalg.norm(step_ours[k] - step_twin[k])))
+                            scale=scale * ref_coef, roundoff=_allowance(step_ours[k], step_twin[k], theirs * ref_coef))
         ours_post.append(step_ours)
         theirs_post.append(step_theirs)
         twin_post.append(step_twin)
@@ -270,6 +274,16 @@ def check_stage1_train(d, name: str, report: Report) -> None:
 # same step in the reference's (contiguous) layout, measured per tensor and step (_RoundOff). The
 # FDM's BatchNorms on 8 windows amplify round-off: up to ~2% of a gradient at the paper size.
 ROUNDOFF_K = 3.0
+# ... and never more than this fraction of the reference's tensor: with GRAD_RTOL, a 5% error in one
+# tensor always fails. A larger layout difference (a ReLU or VQ choice flipped: a near-tie) is left to
+# check_reference's second pass in the reference's layout.
+ROUNDOFF_CAP = 0.02
+
+
+def _allowance(ours, twin, theirs) -> float:
+    """The round-off allowance of one tensor: ROUNDOFF_K x |ours - twin|, capped (ROUNDOFF_CAP)."""
+    diff = float(np.linalg.norm(np.asarray(ours, np.float64) - np.asarray(twin, np.float64)))
+    return min(ROUNDOFF_K * diff, ROUNDOFF_CAP * float(np.linalg.norm(theirs)))
 
 
 class _RoundOff:
@@ -278,7 +292,7 @@ class _RoundOff:
     tensor (it is not an error: a wrong line of maths moves both alike)."""
 
     def __init__(self, model, cfg):
-        from lapo_fast.models.lam import reference_layout
+        from lapo_fast.layout import reference_layout
 
         self.layout = reference_layout
         with reference_layout():
@@ -306,10 +320,10 @@ def _adam_roundoff(ours: list[dict], twin: list[dict], betas) -> dict[str, tuple
     T, out = len(ours), {}
     for k in ours[0]:
         m = sum((1 - b1) * b1 ** (T - 1 - t) * (ours[t][k].astype(np.float64) - twin[t][k]) for t in range(T))
-        v = sum((1 - b2) * b2 ** (T - 1 - t) * (np.square(ours[t][k], dtype=np.float64) - np.square(twin[t][k], dtype=np.float64))
-                for t in range(T))
+        v = sum((1 - b2) * b2 ** (T - 1 - t)
+                * (np.square(ours[t][k], dtype=np.float64) - np.square(twin[t][k], dtype=np.float64)) for t in range(T))
         out[k] = (ROUNDOFF_K * float(np.linalg.norm(m)), ROUNDOFF_K * float(np.linalg.norm(v)))
-    return out
+    return out  # capped where compared (_check_adam)
 
 
 def _stage1_buffers(model) -> dict[str, torch.Tensor]:
@@ -408,6 +422,7 @@ def check_stage2_train(d, name: str, report: Report) -> None:
     pol_state = _prefixed(d, "policy", _POLICY_MAP)
     cfg = replace(resolve(BCConfig, "paper"), impala_scale=pol_state["trunk.stages.0.conv.weight"].shape[0] // 16)
     policy = _load(LatentPolicy(impala_scale=cfg.impala_scale), pol_state, ("action_head.",))
+    policy, idm = policy.to(memory_format=memory_format()), idm.to(memory_format=memory_format())  # as the stages
     for head in (policy.action_head, policy.value_head):  # as stage 2 does
         head.requires_grad_(False)
     named = {k: p for k, p in policy.named_parameters() if p.requires_grad}
@@ -507,7 +522,7 @@ def _agent(d) -> DecodedPolicy:
     missing, unexpected = agent.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"stage-3 key map incomplete: ours missing {missing[:5]}, theirs unused {unexpected[:5]}")
-    return agent
+    return agent.to(memory_format=memory_format())  # as stage 3b
 
 
 def check_stage3_train(d, name: str, report: Report) -> None:
@@ -524,8 +539,8 @@ def check_stage3_train(d, name: str, report: Report) -> None:
     online = OnlineDecoder(LatentIDM(impala_scale=1), cfg, "cpu")
     online.latents = [torch.from_numpy(d["input/decoder/latents"])]
     online.actions = [torch.from_numpy(d["input/decoder/actions"])]
-    agent.decoder.load_state_dict({"net." + k: torch.from_numpy(d[f"input/decoder/reset/{k}"])
-                                   for k in (f.split("/", 3)[3] for f in d.files if f.startswith("input/decoder/reset/"))})
+    reset = [f.split("/", 3)[3] for f in d.files if f.startswith("input/decoder/reset/")]
+    agent.decoder.load_state_dict({"net." + k: torch.from_numpy(d[f"input/decoder/reset/{k}"]) for k in reset})
     orders = iter(torch.from_numpy(d["input/decoder/order"]).split(len(d["input/decoder/actions"])))
 
     def recorded(n: int) -> torch.Tensor:
@@ -639,7 +654,7 @@ def _check_stage3_rest(d, name: str, report: Report, cfg: FinetuneConfig) -> Non
     state = {_mapped(k.split("/", 3)[3], _IDM_MAP): torch.from_numpy(d[k]) for k in d.files
              if k.startswith("input/labels/idm/")}
     idm = _load(LatentIDM(frames=3, impala_scale=state["encoder.stages.0.conv.weight"].shape[0] // 16), state,
-                ("vq.initialized", "vq.refills"))
+                ("vq.initialized", "vq.refills")).to(memory_format=memory_format())
     online = OnlineDecoder(idm, cfg, "cpu")
     frames, actions = torch.from_numpy(d["input/labels/frames"]), torch.from_numpy(d["input/labels/actions"])
     T, N = len(actions) // 2, actions.shape[1]

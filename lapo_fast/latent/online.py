@@ -64,6 +64,7 @@ class OnlineDecoder:
             order = permutation(len(actions)).to(self.device)
             for i in range(0, len(order), c.decoder_batch):
                 idx = order[i:i + c.decoder_batch]
-                _, loss = decoder_step(decoder, optimizer, latents[idx], actions[idx], label_smoothing=c.label_smoothing)
+                _, loss = decoder_step(decoder, optimizer, latents[idx], actions[idx],
+                                       label_smoothing=c.label_smoothing)
                 losses.append(loss.detach())
         return torch.stack(losses)

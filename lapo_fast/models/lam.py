@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -14,30 +13,16 @@ from lapo_fast.choices import FdmAction, values
 from lapo_fast.ops import VectorQuantizerEMA
 from lapo_fast.ops.vq_reference import perplexity_of
 
+from lapo_fast.layout import memory_format, reference_layout  # noqa: F401 (reference_layout: re-exported)
+
 from .fdm import ARCHS, LapoFDM, UNetFDM
 from .impala import ImpalaEncoder
 
 
-# The memory layout of stage 1's convolutions: channels_last (several times faster on CPUs and
-# GPUs). The reference code's is contiguous; the two differ by round-off only, so check-reference
-# runs both (reference_layout) to tell a near-tie that round-off flips from a real difference.
-_LAYOUT = [torch.channels_last]
-
-
-@contextlib.contextmanager
-def reference_layout():
-    """Within the block, stack_frames and build_lam use contiguous memory, as the reference code."""
-    _LAYOUT.append(torch.contiguous_format)
-    try:
-        yield
-    finally:
-        _LAYOUT.pop()
-
-
 def stack_frames(window: torch.Tensor) -> torch.Tensor:
     """(B, T, C, H, W) -> (B, T*C, H, W): frames stacked on channels, as the CNNs take them, in
-    channels_last memory (see _LAYOUT)."""
-    return window.flatten(1, 2).contiguous(memory_format=_LAYOUT[-1])
+    channels_last memory (lapo_fast.layout)."""
+    return window.flatten(1, 2).contiguous(memory_format=memory_format())
 
 
 class IDMOutput(NamedTuple):
@@ -130,7 +115,7 @@ class LatentActionModel(nn.Module):
 
 
 def build_lam(cfg) -> LatentActionModel:
-    """Stage 1's model from its config (a LAMConfig), in channels_last memory (see _LAYOUT)."""
+    """Stage 1's model from its config (a LAMConfig), in channels_last memory (lapo_fast.layout)."""
     return LatentActionModel(
         frames=cfg.context + 2, impala_scale=cfg.impala_scale, fdm_arch=cfg.fdm_arch, fdm_width=cfg.fdm_width,
         fdm_norm=cfg.fdm_norm, fdm_action=cfg.fdm_action,
@@ -138,4 +123,4 @@ def build_lam(cfg) -> LatentActionModel:
         codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, num_latents=cfg.num_latents,
         quantize=cfg.quantize, decay=cfg.vq_decay, commitment=cfg.commitment,
         dead_code_threshold=cfg.dead_code_threshold,
-    ).to(memory_format=_LAYOUT[-1])
+    ).to(memory_format=memory_format())

@@ -40,19 +40,23 @@ M = Mutant
 MUTANTS = [
     # -- stage 1: the loss, the VQ bottleneck
     M("lam-vq-loss-sign", "models/lam.py", "return recon + out.vq_loss, recon", "return recon - out.vq_loss, recon"),
-    M("lam-vq-loss-coef", "models/lam.py", "return recon + out.vq_loss, recon", "return recon + 2 * out.vq_loss, recon"),
+    M("lam-vq-loss-coef", "models/lam.py", "return recon + out.vq_loss, recon",
+      "return recon + 2 * out.vq_loss, recon"),
     M("lam-fdm-loss-coef", "models/lam.py", "recon = F.mse_loss(pred, window[:, -1])",
       "recon = 0.5 * F.mse_loss(pred, window[:, -1])"),
-    M("lam-fdm-target", "models/lam.py", "recon = F.mse_loss(pred, window[:, -1])", "recon = F.mse_loss(pred, window[:, -2])"),
+    M("lam-fdm-target", "models/lam.py", "recon = F.mse_loss(pred, window[:, -1])",
+      "recon = F.mse_loss(pred, window[:, -2])"),
     M("vq-commitment", "config.py", 'commitment: float = setting(0.05,', 'commitment: float = setting(0.25,'),
-    M("vq-commitment-grad-coef", "ops/vq.py", "ctx.coef, ctx.backend = 2.0 * commitment", "ctx.coef, ctx.backend = 1.0 * commitment"),
+    M("vq-commitment-grad-coef", "ops/vq.py", "ctx.coef, ctx.backend = 2.0 * commitment",
+      "ctx.coef, ctx.backend = 1.0 * commitment"),
     M("vq-commitment-grad-sign", "ops/vq.py", "(grad_q.float() + coef * (x.float() - q.float()))",
       "(grad_q.float() - coef * (x.float() - q.float()))"),
     M("vq-straight-through", "ops/vq.py", "(grad_q.float() + coef * (x.float() - q.float()))",
       "(0.5 * grad_q.float() + coef * (x.float() - q.float()))"),
     M("vq-decay", "config.py", 'vq_decay: float = setting(0.999,', 'vq_decay: float = setting(0.99,'),
     M("vq-laplace-eps", "ops/vq_module.py", "eps: float = 1e-5,", "eps: float = 1e-3,"),
-    M("vq-dead-code-refill", "config.py", 'dead_code_threshold: float = setting(0.0,', 'dead_code_threshold: float = setting(1.0,'),
+    M("vq-dead-code-refill", "config.py", 'dead_code_threshold: float = setting(0.0,',
+      'dead_code_threshold: float = setting(1.0,'),
     # -- stages 1-2: AdamW, its schedule, the clip
     M("lam-lr", "config.py", 'lr: float = setting(3e-4, "peak AdamW learning rate (the reference',
       'lr: float = setting(2e-4, "peak AdamW learning rate (the reference'),
@@ -86,7 +90,8 @@ MUTANTS = [
     M("ppo-pg-min", "runtime/ppo.py", "pg = -torch.min(ratio * a,", "pg = -torch.max(ratio * a,"),
     M("ppo-ratio-clip-high", "runtime/ppo.py", "ratio.clamp(1 - cfg.clip, 1 + cfg.clip)",
       "ratio.clamp(1 - cfg.clip, 1 + 2 * cfg.clip)"),
-    M("ppo-clip", "config.py", 'clip: float = setting(0.2, "PPO ratio clip")', 'clip: float = setting(0.1, "PPO ratio clip")'),
+    M("ppo-clip", "config.py", 'clip: float = setting(0.2, "PPO ratio clip")',
+      'clip: float = setting(0.1, "PPO ratio clip")'),
     M("ppo-value-err", "runtime/ppo.py", "v_err = (value.float() - ret).pow(2)", "v_err = (value.float() - ret).abs()"),
     M("ppo-value-clip-range", "runtime/ppo.py", "(value.float() - old_value).clamp(-cfg.clip, cfg.clip)",
       "(value.float() - old_value).clamp(-2 * cfg.clip, 2 * cfg.clip)"),
@@ -114,20 +119,25 @@ MUTANTS = [
     M("ppo-updates-rounding", "config.py", "return max(1, self.env_steps // (self.num_envs * self.rollout))",
       "return -(-self.env_steps // (self.num_envs * self.rollout))"),
     # -- stage 3b: GAE, rewards
-    M("gae-gamma", "config.py", 'gamma: float = setting(0.999, "discount")', 'gamma: float = setting(0.99, "discount")'),
+    M("gae-gamma", "config.py", 'gamma: float = setting(0.999, "discount")',
+      'gamma: float = setting(0.99, "discount")'),
     M("gae-lambda", "config.py", 'gae_lambda: float = setting(0.95,', 'gae_lambda: float = setting(0.9,'),
     M("gae-trace", "runtime/ppo.py", "last = delta + gamma * lam * live * last", "last = delta + gamma * live * last"),
     M("gae-bootstrap-done", "runtime/ppo.py", "delta = rewards[t] + gamma * values[t + 1] * live - values[t]",
       "delta = rewards[t] + gamma * values[t + 1] - values[t]"),
-    M("rewards-normalize-off", "config.py", 'normalize_rewards: bool = setting(True,', 'normalize_rewards: bool = setting(False,'),
+    M("rewards-normalize-off", "config.py", 'normalize_rewards: bool = setting(True,',
+      'normalize_rewards: bool = setting(False,'),
     M("rewards-clip", "envs/wrappers.py", "clip: float = 10.0", "clip: float = 5.0"),
-    M("rewards-return-discount", "envs/wrappers.py", "self.ret = self.ret * self.gamma + reward", "self.ret = self.ret + reward"),
+    M("rewards-return-discount", "envs/wrappers.py", "self.ret = self.ret * self.gamma + reward",
+      "self.ret = self.ret + reward"),
     # -- stage 3b: the online decoder
-    M("decoder-smoothing", "config.py", 'label_smoothing: float = setting(0.05,', 'label_smoothing: float = setting(0.0,'),
+    M("decoder-smoothing", "config.py", 'label_smoothing: float = setting(0.05,',
+      'label_smoothing: float = setting(0.0,'),
     M("decoder-lr", "config.py", 'decoder_lr: float = setting(1e-3,', 'decoder_lr: float = setting(1e-2,'),
     M("decoder-epochs", "config.py", 'decoder_epochs: int = setting(3,', 'decoder_epochs: int = setting(2,'),
     M("decoder-batch", "config.py", 'decoder_batch: int = setting(512,', 'decoder_batch: int = setting(256,'),
-    M("decoder-step-smoothing", "latent/decoders.py", "F.cross_entropy(outputs, actions, label_smoothing=label_smoothing)",
+    M("decoder-step-smoothing", "latent/decoders.py",
+      "F.cross_entropy(outputs, actions, label_smoothing=label_smoothing)",
       "F.cross_entropy(outputs, actions)"),
     M("decoder-first-transition", "latent/online.py", "if self._last is not None:", "if False:"),
 ]
@@ -170,7 +180,8 @@ def run(mutant: Mutant, fixtures: Path, source: Path) -> tuple[str, str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", type=Path, default=FIXTURES, help="fixture folder (default: the shipped small ones)")
     ap.add_argument("--only", default="", help="run the mutants whose name starts with this")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="mutants run at once")
@@ -201,7 +212,8 @@ def main(argv=None) -> int:
         print(f"{m.name:<{width}}  {verdict:<8}  {why}  [{seconds:.0f} s]")
     killed = sum(v == "killed" for v, _, _ in results)
     applied = sum(v != "n/a" for v, _, _ in results)
-    print(f"mutation score: {killed} of {applied} killed" + (f" ({len(chosen) - applied} n/a)" if applied < len(chosen) else ""))
+    missing = f" ({len(chosen) - applied} n/a)" if applied < len(chosen) else ""
+    print(f"mutation score: {killed} of {applied} killed{missing}")
     return 0 if killed == len(chosen) else 1
 
 
