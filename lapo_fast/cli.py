@@ -69,6 +69,11 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
 
     report = check_reference(args.dir)
     print(report.table())
+    if report.made_by:  # where the fixtures' round-off came from, and where it is checked
+        import torch
+
+        print(f"fixtures made with {report.made_by}; checked with torch {torch.__version__} on "
+              f"{torch.backends.cpu.get_cpu_capability()}")
     failed = sum(not ok for *_, ok in report.rows)
     ties = len(report.near_ties)
     print(f"check-reference: {len(report.rows) - failed} of {len(report.rows)} outputs match the reference code"

@@ -42,7 +42,7 @@ def train_finetune(run_dir, env_name: str, cfg: FinetuneConfig, policy: DecodedP
     session = PPOSession(RunDir(run_dir), env_name, cfg, name, progress=progress)
     device = session.device
     policy = policy.to(device).to(memory_format=torch.channels_last)
-    optimizer, schedule, trained = _optimizer(policy, cfg, session.batch)
+    optimizer, schedule, trained = heads_optimizer(policy, cfg, session.batch)
     # The reference clips over all of policy.parameters(): its trunk and decoder are outside the
     # optimiser but take PPO's gradients, which nothing clears (the decoder's, at each of its own
     # training steps), and their norm counts (a resumed run restarts those sums from zero).
@@ -72,7 +72,7 @@ def train_finetune(run_dir, env_name: str, cfg: FinetuneConfig, policy: DecodedP
     return session.close()
 
 
-def _optimizer(policy: DecodedPolicy, cfg: FinetuneConfig, batch: int):
+def heads_optimizer(policy: DecodedPolicy, cfg: FinetuneConfig, batch: int):
     """(Adam, its schedule, the trained parameters): the action head, value head and fc each get an
     lr that is 0 until its ramp starts, rises linearly to its fraction of head_lr at the ramp's end,
     then falls linearly to 0 at env_steps (the schedule is stepped once per update of `batch` steps)."""
