@@ -959,8 +959,9 @@ def online_labels(cfg, policy0, idm0, data) -> dict:
     trains its decoder on (every transition but the first and the last seen)."""
     ns, _ = build_stage3_policy(cfg, policy0, idm0)
     T = 16
-    frames = data["all_frames_hwc"][:, :2 * T + 1]  # (N, 2T+1, H, W, C)
-    assert not data["firsts"][:, 1:2 * T + 1].any(), "an episode ends inside the labelled frames"
+    envs = [b for b in range(BATCH) if not data["firsts"][b, 1:2 * T + 1].any()]  # no episode end inside
+    assert envs, "every env's episode ends inside the labelled frames: another --procgen-seed"
+    frames = data["all_frames_hwc"][envs, :2 * T + 1]  # (N, 2T+1, H, W, C)
     torch.manual_seed(SEED + 13)
     actions = []
     with torch.no_grad():
