@@ -65,7 +65,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_reference(args: argparse.Namespace) -> int:
-    from .eval.reference import check_reference
+    from .fidelity.reference import check_reference
 
     report = check_reference(args.dir)
     print(report.table())

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lapo_fast"
-LAYERS = {"cli": 4, "sweep": 3, "pipeline": 3, "selftest": 3, "stages": 2, "models": 1, "data": 1, "eval": 1,
+LAYERS = {"cli": 4, "sweep": 3, "pipeline": 3, "selftest": 3, "fidelity": 3,
+          "stages": 2, "models": 1, "data": 1, "eval": 1,
           "rundir": 1, "runtime": 1, "latent": 1, "registry": 1,
           "config": 1, "ops": 0, "envs": 0, "kernels": 0, "_C": 0, "demonstrators": 0,
-          "extras": 0, "choices": 0, "machine": 0}
+          "extras": 0, "choices": 0, "machine": 0, "layout": 0}
 
 
 def _part(module: str) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import lapo_fast.eval.reference as reference
+import lapo_fast.fidelity.reference as reference
 from lapo_fast.cli import main
 from lapo_fast.config import BCConfig
 
@@ -143,7 +143,7 @@ def test_the_training_fixtures_make_every_clip_fire():
 def test_the_replay_sees_an_optimiser_setting_adams_moves_would_hide(tmp_path, monkeypatch):
     """AdamW's weight decay moves a parameter by lr x 1e-2 x p a step (~1e-6 of it): far inside
     Adam's +-lr, but our optimiser replaying the reference's own gradients ends elsewhere."""
-    import lapo_fast.eval.reference_train as train
+    import lapo_fast.fidelity.training as train
 
     real = train.resolve
     monkeypatch.setattr(train, "resolve", lambda cls, preset, *a: (
@@ -172,7 +172,7 @@ def test_the_measured_roundoff_never_hides_a_wrong_gradient(tmp_path, capsys):
 def test_zero_gradient_parameters_are_found_from_the_model():
     """The conv biases right before a BatchNorm (their true gradient is zero) are found by walking
     the FDM, and checked as zero gradients on both sides instead of Adam's round-off moves."""
-    import lapo_fast.eval.reference_train as train
+    import lapo_fast.fidelity.training as train
     from lapo_fast.models import LapoFDM
 
     found = train._zero_gradient(LapoFDM(6, 128, width=2), "fdm.")

@@ -9,7 +9,7 @@ tensor ||ours - theirs|| <= 1e-2 ||theirs|| + 3e-6 x the step's gradient norm (G
 GRAD_FLOOR); parameters after one step from the same weights within 2.2 x lr (Adam moves each
 element by about lr whatever its gradient: only the gradients prove it). The training
 trajectories (several steps, stage 1's older one- and two-step files among them) are checked by
-reference_train.py, with bounds derived from the gradients and the round-off it measures.
+training.py, with bounds derived from the gradients and the round-off it measures.
 
 Key maps: the reference's parameter names -> ours. The FDM (LapoFDM) uses the reference's names.
 Our LatentPolicy has a true-action head the reference's stage-2 policy lacks (stage 3 adds it), and
@@ -179,8 +179,8 @@ def check_policy(d, name: str, report: Report) -> None:
 
 def check_stage1(d, name: str, report: Report, idm_d, fdm_d) -> None:
     """One or two of our stage-1 steps from the reference's initial weights, all on one batch: the
-    training trajectories' check (reference_train.check_stage1_train) on the older files' layout."""
-    from .reference_train import check_stage1_train
+    training trajectories' check (training.check_stage1_train) on the older files' layout."""
+    from .training import check_stage1_train
 
     check_stage1_train(_OlderStage1(d, idm_d, fdm_d), name, report)
 
@@ -381,7 +381,7 @@ def check_reference(directory) -> Report:
 
 
 def _check_all(directory) -> Report:
-    from .reference_train import check_stage1_train, check_stage2_train, check_stage3_train
+    from .training import check_stage1_train, check_stage2_train, check_stage3_train
 
     directory = Path(directory)
     if not directory.is_dir():
