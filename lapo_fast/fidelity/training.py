@@ -198,8 +198,7 @@ def check_stage1_train(d, name: str, report: Report) -> None:
     step = stage.make_step(model, model, optimizer, schedule, cfg, "cpu")
     lrs = _start(optimizer, schedule, d)
     steps = _steps(d)
-    ref_pre = [{k: torch.from_numpy(d[f"output/step{i}/grad_pre_clip/{to_ref(k)}"]) for k in named
-                if f"output/step{i}/grad_pre_clip/{to_ref(k)}" in d.files} for i in range(steps)]
+    ref_pre = _stored_grads(d, "grad_pre_clip", named, to_ref, steps)
     # every gradient stored (the small size): the replay, and our steps forced onto it
     replay = _Replay(start, cfg.optimizer, cfg.grad_clip, d) if all(len(g) == len(named) for g in ref_pre) else None
     zero = _zero_gradient(model.fdm, "fdm.")
@@ -260,12 +259,7 @@ def check_stage1_train(d, name: str, report: Report) -> None:
     bounds = {}
     for k in stored:
         theirs = d[f"output/param_after/{to_ref(k)}"]
-        if len(ours_post) == steps and all(k in s for s in ours_post):
-            bound = adam_bound(lrs, [s[k] for s in ours_post], [s[k] for s in theirs_post], beta2=betas[1],
-                               eps=optimizer.defaults["eps"], param=theirs)
-        else:  # not every step's gradient stored: Adam's largest move
-            bound = np.full(theirs.shape, ADAM_UNIT * sum(lrs))
-        bounds[k] = bound
+        bound = bounds[k] = _param_bound(k, lrs, ours_post, theirs_post, optimizer, theirs)
         _close_bound(report, name, f"param_after/{to_ref(k)}", named[k], theirs, bound)
     _check_stage1_buffers(report, name, buffers, d, bounds, {k: ROUNDOFF_K * v for k, v in allowance.items()})
     _check_schedule(report, name, d, lambda s: [cfg.lr * schedule.lr_lambdas[0](s)])
@@ -335,6 +329,21 @@ def _stage1_buffers(model) -> dict[str, torch.Tensor]:
            "idm.vq.ema_weight": model.idm.vq.ema_weight}
     out.update({f"wm.{k}": v for k, v in model.fdm.state_dict().items() if "running" in k})
     return out
+
+
+def _stored_grads(d, kind: str, named: dict, to_ref, steps: int) -> list[dict[str, torch.Tensor]]:
+    """Each step's gradients the fixture stores (output/step<i>/<kind>/<reference name>), by our name."""
+    return [{k: torch.from_numpy(d[f"output/step{i}/{kind}/{to_ref(k)}"]) for k in named
+             if f"output/step{i}/{kind}/{to_ref(k)}" in d.files} for i in range(steps)]
+
+
+def _param_bound(k: str, lrs, ours: list[dict], theirs: list[dict], optimizer, param: np.ndarray) -> np.ndarray:
+    """Parameter k's bound after the steps: derived from both sides' gradients at every step
+    (adam_bound), or, where not every step's gradient is compared, Adam's largest move."""
+    if len(ours) == len(lrs) and all(k in s for s in ours) and all(k in s for s in theirs):
+        return adam_bound(lrs, [s[k] for s in ours], [s[k] for s in theirs], beta2=optimizer.defaults["betas"][1],
+                          eps=optimizer.defaults["eps"], param=param)
+    return np.full(param.shape, ADAM_UNIT * sum(lrs))
 
 
 def _steps(d) -> int:
@@ -435,8 +444,7 @@ def check_stage2_train(d, name: str, report: Report) -> None:
     step = stage.make_step(policy, policy, optimizer, schedule, cfg, "cpu")
     lrs = _start(optimizer, schedule, d)
     steps = _steps(d)
-    ref = [{k: torch.from_numpy(d[f"output/step{i}/grad/{to_ref(k)}"]) for k in named
-            if f"output/step{i}/grad/{to_ref(k)}" in d.files} for i in range(steps)]
+    ref = _stored_grads(d, "grad", named, to_ref, steps)
     replay = _Replay(start, cfg.optimizer, cfg.grad_clip, d) if all(len(g) == len(named) for g in ref) else None
     grads = _Grads(named)
     ours_g, theirs_g = [], []
@@ -471,11 +479,7 @@ def check_stage2_train(d, name: str, report: Report) -> None:
         if key not in d.files:
             continue
         theirs = d[key]
-        if len(ours_g) == steps and all(k in s for s in theirs_g):
-            bound = adam_bound(lrs, [s[k] for s in ours_g], [s[k] for s in theirs_g],
-                               beta2=optimizer.defaults["betas"][1], eps=optimizer.defaults["eps"], param=theirs)
-        else:  # not every step's gradient stored: Adam's largest move
-            bound = np.full(theirs.shape, ADAM_UNIT * sum(lrs))
+        bound = _param_bound(k, lrs, ours_g, theirs_g, optimizer, theirs)
         _close_bound(report, name, f"param_after/{to_ref(k)}", p, theirs, bound)
     _check_schedule(report, name, d, lambda s: [cfg.lr * schedule.lr_lambdas[0](s)])
     if replay is not None:
@@ -625,11 +629,7 @@ def check_stage3_train(d, name: str, report: Report) -> None:
     for k, p in heads.items():
         theirs = d[f"output/ppo/param_after/{k}"]
         lr = [row[group_of[k]] for row in step_lrs]
-        if all(k in s for s in theirs_g):
-            bound = adam_bound(lr, [s[k] for s in ours_g], [s[k] for s in theirs_g], beta2=0.999, eps=cfg.adam_eps,
-                               param=theirs)
-        else:
-            bound = np.full(theirs.shape, ADAM_UNIT * sum(lr))
+        bound = _param_bound(k, lr, ours_g, theirs_g, optimizer, theirs)
         _close_bound(report, name, f"ppo/param_after/{k}", p, theirs, bound)
     # -- GAE (the reference's dones[t]: o_t starts an episode; ours: the episode ended with step t)
     g = {k: torch.from_numpy(d[f"input/gae/{k}"]) for k in ("rewards", "dones", "values", "next_value", "next_done")}

@@ -25,12 +25,12 @@ class OnlineDecoder:
         after it), its actions and dones (T, N): labels for t in 0..T-1 (from 1 in the first
         rollout) whose window crosses no episode end."""
         dones = dones.cpu()
+        first = 1 if self._last is None else 0  # the first t labelled (t = 0 needs o_{-1})
         last = (frames[:, -2].clone(), dones[-1].clone())
         if self._last is not None:  # o_{-1} and dones[-1] from the rollout before
             frames = torch.cat([self._last[0][:, None], frames], 1)
             dones = torch.cat([self._last[1][None], dones])
         self._last = last
-        first = 1 if len(dones) == len(actions) else 0  # the row of dones[t-1] for t = 1 (or t = 0)
         keep = ((dones[:-1] == 0) & (dones[1:] == 0))  # (rows-1, N): no end at t-1 nor at t
         t, n = torch.nonzero(keep, as_tuple=True)
         starts = (n * frames.shape[1] + t).numpy()  # o_{t-1} in the envs' concatenated frames
